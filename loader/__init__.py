@@ -1,0 +1,1 @@
+"""model-loader: parallel, verified, resumable pull of OCI model artifacts into a shared cache."""

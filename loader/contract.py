@@ -1,0 +1,65 @@
+"""The contract between the webhook and the loader, defined once.
+
+The webhook writes init containers that run ``model-loader``; the loader reads what they write. Everything both
+sides must agree on lives here: the subcommand and its flags, the cache layout paths the app mounts, the exit
+codes a pod's status shows, and where pull secrets are mounted.
+"""
+
+from __future__ import annotations
+
+import enum
+import posixpath
+
+from loader.reference import Reference, cache_key
+
+# --- the command line the webhook emits (exec form, never a shell) -------------------------------------------
+PROGRAM = "model-loader"
+PULL = "pull"
+FLAG_CACHE = "--cache"
+FLAG_DOCKER_CONFIG = "--docker-config"
+FLAG_OUTPUT = "--output"
+FLAG_CONCURRENCY = "--concurrency"
+FLAG_PLAIN_HTTP = "--plain-http"
+FLAG_INSECURE = "--insecure-skip-tls-verify"
+FLAG_MIRROR = "--mirror"
+FLAG_OFFLINE = "--offline"
+
+# --- cache layout (relative to the cache root) ------------------------------------------------------------------
+BLOBS_DIR = "blobs/sha256"  # verified blobs, read-only, named by hex digest
+PARTIAL_DIR = "partial"  # in-flight downloads and their resume state
+MODELS_DIR = "models/sha256"  # one published, read-only tree per manifest digest
+REFS_DIR = "refs"  # one symlink per reference -> ../models/sha256/<hex>
+LOCKS_DIR = "locks"
+TMP_DIR = "tmp"  # staging trees; same filesystem as models/ so publish is a rename
+LASTUSE_DIR = "lastuse"  # one file per manifest digest, mtime = last pull or hit
+
+
+def ref_subpath(ref: Reference | str) -> str:
+    """Path, relative to the cache root, at which a reference's model tree is visible once pulled.
+
+    The app container mounts the cache volume with ``subPath`` set to this; kubelet resolves the symlink (it
+    stays inside the volume) when the container starts, so the pod keeps the tree it started with even if the
+    tag later moves.
+    """
+    return posixpath.join(REFS_DIR, cache_key(ref))
+
+
+# --- where things live inside the pod -----------------------------------------------------------------------
+DEFAULT_NODE_CACHE = "/var/lib/model-cache"  # hostPath on the node for the `node` cache
+CACHE_MOUNT = "/cache"  # the cache volume inside the loader container
+DOCKER_CONFIG_MOUNT = "/run/model-cache/docker"  # each pull secret at <this>/<secret-name>/config.json
+TERMINATION_LOG = "/dev/termination-log"
+
+
+class ExitCode(enum.IntEnum):
+    """Distinct exit codes so `kubectl get pod` and scripts can tell failures apart."""
+
+    OK = 0
+    FAILURE = 1  # unexpected
+    USAGE = 2  # bad flags or a bad reference
+    AUTH = 3  # the registry refused the credentials
+    NOT_FOUND = 4  # repository, tag or blob does not exist
+    DIGEST_MISMATCH = 5  # bytes did not match their descriptor, twice
+    NO_SPACE = 6  # not enough free disk in the cache
+    NETWORK = 7  # registry unreachable or failing after retries
+    INVALID_ARTIFACT = 8  # unsafe names, unsupported media types, malformed manifests
