@@ -1,0 +1,56 @@
+"""Structured logs for the loader: one logfmt line per event on stderr (``ts=... level=info event=... k=v``).
+
+logfmt rather than JSON because the main reader is a person running ``kubectl logs`` on an init container, and
+it is still machine-parseable. Credentials never reach this module: callers pass references and hosts only.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+
+
+def _fmt(v) -> str:
+    s = str(v)
+    if s == "" or any(c in s for c in ' "=\n\t'):
+        return '"' + s.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    return s
+
+
+class Logger:
+    def __init__(self, stream=None, level: str = "info"):
+        self.stream = stream or sys.stderr
+        self.levels = {"debug": 10, "info": 20, "warning": 30, "error": 40}
+        self.min = self.levels.get(level, 20)
+        self._lock = threading.Lock()
+        self.before_write = None  # the progress bar clears its line first
+
+    def _emit(self, level: str, event: str, fields: dict) -> None:
+        if self.levels[level] < self.min:
+            return
+        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{int(time.time() * 1000) % 1000:03d}Z"
+        parts = [f"ts={ts}", f"level={level}", f"event={_fmt(event)}"]
+        parts += [f"{k}={_fmt(v)}" for k, v in fields.items() if v is not None]
+        with self._lock:
+            if self.before_write:
+                self.before_write()
+            self.stream.write(" ".join(parts) + "\n")
+            self.stream.flush()
+
+    def debug(self, event: str, **f) -> None:
+        self._emit("debug", event, f)
+
+    def info(self, event: str, **f) -> None:
+        self._emit("info", event, f)
+
+    def warning(self, event: str, **f) -> None:
+        self._emit("warning", event, f)
+
+    def error(self, event: str, **f) -> None:
+        self._emit("error", event, f)
+
+
+class NullLogger(Logger):
+    def _emit(self, level, event, fields) -> None:
+        pass
