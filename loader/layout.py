@@ -186,6 +186,7 @@ def _extract_tar(blob: Path, e: Entry, staging: Path, ref: str) -> tuple[int, in
                 if m.issym():
                     _check_link_target(base, name, m.linkname, ref, e.name)
                     os.symlink(m.linkname, dest)
+                    total_files += 1
                 elif m.islnk():
                     target = safe_name(m.linkname, f"{ref}: hard link target in layer {e.name!r}")
                     src = base / target

@@ -82,8 +82,13 @@ def pull(text: str, opts: PullOptions, log) -> PullResult:
         raise NetworkError(f"{label} is not in cache {cache.root} and --offline forbids the registry: pull it once"
                            " online, or import a bundle (model-loader import)")
 
-    client = RegistryClient(ref, plain_http=opts.plain_http, insecure=opts.insecure, credentials=opts.credentials,
-                            mirrors=opts.mirrors.get(ref.registry, []), timeout=opts.timeout, log=log)
+    with RegistryClient(ref, plain_http=opts.plain_http, insecure=opts.insecure, credentials=opts.credentials,
+                        mirrors=opts.mirrors.get(ref.registry, []), timeout=opts.timeout, log=log) as client:
+        return _pull_online(ref, client, cache, opts, log, t0, hit)
+
+
+def _pull_online(ref: Reference, client: RegistryClient, cache: Cache, opts: PullOptions, log, t0: float, hit):
+    label = str(ref)
     if not ref.digest:
         # One HEAD re-checks the tag and proves these credentials may read it.
         try:

@@ -147,6 +147,20 @@ class RegistryClient:
         self._dead_mirrors: set[Endpoint] = set()
         self.bytes_received = 0  # body bytes of blob responses, for tests and progress
         self._stats_lock = threading.Lock()
+        self._conns: list[http.client.HTTPConnection] = []  # every connection opened, closed by close()
+
+    def close(self) -> None:
+        """Close every pooled connection, in every thread's pool."""
+        with self._stats_lock:
+            conns, self._conns = self._conns, []
+        for c in conns:
+            c.close()
+
+    def __enter__(self) -> "RegistryClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # ----------------------------------------------------------------------------------------------- public
     @property
@@ -284,6 +298,8 @@ class RegistryClient:
                 conn = http.client.HTTPSConnection(netloc, timeout=self.timeout, context=self._ssl)
             else:
                 conn = http.client.HTTPConnection(netloc, timeout=self.timeout)
+            with self._stats_lock:
+                self._conns.append(conn)
 
         def release(reusable: bool) -> None:
             if reusable and key not in pool:

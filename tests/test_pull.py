@@ -1,0 +1,330 @@
+"""Pull against the real registry: the tree on disk, byte for byte, for every artifact shape; refusals; hits."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+import subprocess
+import sys
+import tarfile
+import io
+from pathlib import Path
+
+import pytest
+
+from loader import contract
+from loader.cache import Cache
+from loader.errors import ArtifactError, DigestMismatch, NetworkError, NotFoundError, UsageError
+from loader.log import NullLogger
+from loader.pull import PullOptions, pull
+from loader.reference import cache_key
+from tests.support.oci import FILEPATH, TITLE, UNPACK, Layer, file_layer, sha256, tar_bytes
+
+LOG = NullLogger()
+MP = "application/vnd.cncf.model"
+
+
+def tree(path: str | Path) -> dict[str, bytes | str]:
+    """Every entry under path: files -> bytes, symlinks -> 'link:<target>', empty dirs -> 'dir'."""
+    out: dict[str, bytes | str] = {}
+    root = Path(path)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
+            p = Path(dirpath) / name
+            rel = str(p.relative_to(root))
+            out[rel] = f"link:{os.readlink(p)}" if p.is_symlink() else p.read_bytes()
+        if not dirnames and not filenames and Path(dirpath) != root:
+            out[str(Path(dirpath).relative_to(root))] = "dir"
+    return out
+
+
+def do_pull(ref: str, cache: Path, **kw):
+    return pull(ref, PullOptions(cache=cache, progress="none", **kw), LOG)
+
+
+def _add_symlink(tf: tarfile.TarFile, name: str, target: str) -> None:
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.SYMTYPE
+    info.linkname = target
+    tf.addfile(info)
+
+
+def _add_device(tf: tarfile.TarFile, name: str) -> None:
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.CHRTYPE
+    info.devmajor, info.devminor = 1, 3
+    tf.addfile(info)
+
+
+def _add_file(tf: tarfile.TarFile, name: str, data: bytes = b"x") -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tf.addfile(info, io.BytesIO(data))
+
+
+
+WEIGHTS = os.urandom(3 << 20) + b"end"
+CONFIG = b'{"architectures": ["Phi3"]}'
+TOKENIZER = b'{"model": {"type": "BPE"}}'
+
+
+def _tar_dir(compress):
+    return tar_bytes({"tokenizer/": None, "tokenizer/tokenizer.json": TOKENIZER, "tokenizer/sub/vocab.txt": b"a\nb\n"},
+                     compress)
+
+
+CASES = {
+    "raw": (
+        [file_layer("model.safetensors", WEIGHTS), file_layer("config.json", CONFIG),
+         file_layer("tokenizer/tokenizer.json", TOKENIZER), Layer(b"no title", "application/octet-stream")],
+        {"model.safetensors": WEIGHTS, "config.json": CONFIG, "tokenizer/tokenizer.json": TOKENIZER},
+    ),
+    "tar": (
+        [file_layer("config.json", CONFIG),
+         Layer(_tar_dir(None), "application/vnd.oci.image.layer.v1.tar", {TITLE: "tokenizer", UNPACK: "true"})],
+        {"config.json": CONFIG, "tokenizer/tokenizer.json": TOKENIZER, "tokenizer/sub/vocab.txt": b"a\nb\n"},
+    ),
+    "tar+gzip": (
+        [Layer(_tar_dir("gzip"), "application/vnd.oci.image.layer.v1.tar+gzip", {TITLE: "tokenizer", UNPACK: "true"})],
+        {"tokenizer/tokenizer.json": TOKENIZER, "tokenizer/sub/vocab.txt": b"a\nb\n"},
+    ),
+    "tar+zstd": (
+        [Layer(_tar_dir("zstd"), "application/vnd.oci.image.layer.v1.tar+zstd", {TITLE: "tokenizer", UNPACK: "true"})],
+        {"tokenizer/tokenizer.json": TOKENIZER, "tokenizer/sub/vocab.txt": b"a\nb\n"},
+    ),
+    "tar-not-under-title": (
+        [Layer(tar_bytes({"a.txt": b"A", "d/b.txt": b"B"}, "gzip"), "application/vnd.oci.image.layer.v1.tar+gzip",
+               {TITLE: "bundle", UNPACK: "true"})],
+        {"bundle/a.txt": b"A", "bundle/d/b.txt": b"B"},
+    ),
+    "modelpack": (
+        [file_layer("model.safetensors", WEIGHTS, f"{MP}.weight.v1.raw", key=FILEPATH),
+         Layer(tar_bytes({"config.json": CONFIG}), f"{MP}.weight.config.v1.tar", {FILEPATH: "config.json"}),
+         Layer(tar_bytes({"docs/README.md": b"# hi"}, "zstd"), f"{MP}.doc.v1.tar+zstd", {FILEPATH: "docs/README.md"})],
+        {"model.safetensors": WEIGHTS, "config.json": CONFIG, "docs/README.md": b"# hi"},
+    ),
+    "tar-with-inner-symlink": (
+        [Layer(tar_bytes({"t/real.json": TOKENIZER}, extra=lambda tf: _add_symlink(tf, "t/alias.json", "real.json")),
+               "application/vnd.oci.image.layer.v1.tar", {TITLE: "t", UNPACK: "true"})],
+        {"t/real.json": TOKENIZER, "t/alias.json": "link:real.json"},
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_tree_is_byte_exact(case, registry, pusher, tmp_path):
+    layers, expected = CASES[case]
+    digest = pusher.push_artifact(f"trees/{case.replace('+', '-')}", "v1", layers)
+    res = do_pull(f"{registry.host}/trees/{case.replace('+', '-')}:v1", tmp_path)
+    assert tree(res.path) == expected
+    assert res.digest == digest and not res.cache_hit
+    assert res.path == str(tmp_path / "models/sha256" / digest[7:])
+    assert res.files == len(expected)
+    # The ref link is what the webhook mounts: it must resolve to the same tree.
+    link = tmp_path / contract.ref_subpath(f"{registry.host}/trees/{case.replace('+', '-')}:v1")
+    assert os.readlink(link) == f"../models/sha256/{digest[7:]}"
+    assert tree(link) == expected
+    # Read-only, and raw files share the blob's inode (no copy).
+    for rel in expected:
+        p = Path(res.path) / rel
+        if not p.is_symlink():
+            assert not os.stat(p).st_mode & 0o222, rel
+    assert not os.stat(res.path).st_mode & 0o222
+    if case == "raw":
+        blob = tmp_path / "blobs/sha256" / sha256(WEIGHTS)[7:]
+        assert os.stat(blob).st_ino == os.stat(Path(res.path) / "model.safetensors").st_ino
+
+
+def test_index_resolves_to_the_platformless_manifest(registry, pusher, tmp_path):
+    repo = "trees/index"
+    d_model = pusher.push_artifact(repo, "model", [file_layer("w.bin", b"weights")])
+    n_model = len(pusher.manifest_bytes(repo, d_model))
+    d_other = pusher.push_artifact(repo, "other", [file_layer("w.bin", b"other")])
+    n_other = len(pusher.manifest_bytes(repo, d_other))
+    idx = pusher.push_index(repo, "v1", [(d_other, n_other, {"os": "windows", "architecture": "arm"}),
+                                         (d_model, n_model, None)])
+    res = do_pull(f"{registry.host}/{repo}:v1", tmp_path)
+    assert tree(res.path) == {"w.bin": b"weights"}
+    assert res.digest == idx
+
+
+HOSTILE = {
+    "absolute-title": ([file_layer("/etc/passwd", b"x")], "is an absolute path"),
+    "dotdot-title": ([file_layer("a/../../escape", b"x")], "contains '..'"),
+    "duplicate-title": ([file_layer("a", b"x"), file_layer("a", b"y")], "two layers are both named 'a'"),
+    "file-and-dir": ([file_layer("a", b"x"), file_layer("a/b", b"y")], "'a' is both a file and the directory of 'a/b'"),
+    "tar-absolute": ([Layer(tar_bytes({}, extra=lambda tf: _add_file(tf, "/abs")), "application/vnd.oci.image.layer.v1.tar",
+                            {TITLE: "d", UNPACK: "true"})], "is an absolute path"),
+    "tar-dotdot": ([Layer(tar_bytes({}, extra=lambda tf: _add_file(tf, "d/../../x")), "application/vnd.oci.image.layer.v1.tar",
+                          {TITLE: "d", UNPACK: "true"})], "contains '..'"),
+    "tar-device": ([Layer(tar_bytes({"d/ok": b"1"}, extra=lambda tf: _add_device(tf, "d/null")),
+                          "application/vnd.oci.image.layer.v1.tar", {TITLE: "d", UNPACK: "true"})], "device or fifo"),
+    "tar-symlink-escape": ([Layer(tar_bytes({}, extra=lambda tf: _add_symlink(tf, "d/l", "../../etc")),
+                                  "application/vnd.oci.image.layer.v1.tar", {TITLE: "d", UNPACK: "true"})], "escapes the model"),
+    "tar-symlink-absolute": ([Layer(tar_bytes({}, extra=lambda tf: _add_symlink(tf, "d/l", "/etc")),
+                                    "application/vnd.oci.image.layer.v1.tar", {TITLE: "d", UNPACK: "true"})], "absolute path '/etc'"),
+    "tar-through-symlink": ([Layer(tar_bytes({}, extra=lambda tf: (_add_symlink(tf, "d/l", "."), _add_file(tf, "d/l/x"))),
+                                   "application/vnd.oci.image.layer.v1.tar", {TITLE: "d", UNPACK: "true"})], "through the symlink 'd/l'"),
+    "no-titles": ([Layer(b"anonymous")], "no layer has an org.opencontainers.image.title"),
+    "bad-tar": ([Layer(b"not a tar at all" * 100, "application/vnd.oci.image.layer.v1.tar", {TITLE: "d", UNPACK: "true"})],
+                "is not a readable tar archive"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE), ids=list(HOSTILE))
+def test_unsafe_artifacts_are_refused_and_nothing_is_published(case, registry, pusher, tmp_path):
+    layers, message = HOSTILE[case]
+    pusher.push_artifact(f"hostile/{case}", "v1", layers)
+    with pytest.raises(ArtifactError) as e:
+        do_pull(f"{registry.host}/hostile/{case}:v1", tmp_path)
+    assert message in str(e.value)
+    assert f"hostile/{case}:v1" in str(e.value)
+    assert os.listdir(tmp_path / "models/sha256") == []
+    assert os.listdir(tmp_path / "refs") == []
+    assert os.listdir(tmp_path / "tmp") == []
+    assert not (tmp_path.parent / "etc").exists() and not Path("/abs").exists()
+
+
+def test_digest_ref_hit_needs_no_network(fresh_registry, tmp_path):
+    from tests.support.oci import Pusher
+
+    d = Pusher(fresh_registry.url).push_artifact("m/x", "v1", [file_layer("w", b"123")])
+    first = do_pull(f"{fresh_registry.host}/m/x@{d}", tmp_path)
+    fresh_registry.stop()
+    again = do_pull(f"{fresh_registry.host}/m/x@{d}", tmp_path)
+    assert again.cache_hit and again.path == first.path and again.warnings == []
+    assert tree(again.path) == {"w": b"123"}
+
+
+def test_tag_hit_with_registry_down_uses_cache_with_warning(fresh_registry, tmp_path):
+    from tests.support.oci import Pusher
+
+    Pusher(fresh_registry.url).push_artifact("m/x", "v1", [file_layer("w", b"123")])
+    ref = f"{fresh_registry.host}/m/x:v1"
+    first = do_pull(ref, tmp_path)
+    fresh_registry.stop()
+    again = do_pull(ref, tmp_path)
+    assert again.cache_hit and again.path == first.path
+    assert len(again.warnings) == 1 and "unreachable" in again.warnings[0] and first.digest in again.warnings[0]
+    offline = do_pull(ref, tmp_path, offline=True)
+    assert offline.cache_hit and offline.path == first.path and offline.warnings == []
+
+
+def test_offline_miss_and_registry_down_miss_fail_clearly(fresh_registry, tmp_path):
+    ref = f"{fresh_registry.host}/m/absent:v1"
+    with pytest.raises(NetworkError, match=r"not in cache .* --offline"):
+        do_pull(ref, tmp_path, offline=True)
+    fresh_registry.stop()
+    with pytest.raises(NetworkError, match=r"could not connect to registry 127\.0\.0\.1:\d+"):
+        do_pull(ref, tmp_path)
+
+
+def test_moved_tag_republishes_and_old_tree_survives(registry, pusher, tmp_path):
+    ref = f"{registry.host}/m/moving:v1"
+    pusher.push_artifact("m/moving", "v1", [file_layer("w", b"old")])
+    old = do_pull(ref, tmp_path)
+    pusher.push_artifact("m/moving", "v1", [file_layer("w", b"new")])
+    new = do_pull(ref, tmp_path)
+    assert not new.cache_hit and new.digest != old.digest
+    assert tree(tmp_path / contract.ref_subpath(ref)) == {"w": b"new"}
+    assert tree(old.path) == {"w": b"old"}  # pods that started on the old tree keep it
+
+
+def test_not_found(registry, tmp_path):
+    with pytest.raises(NotFoundError) as e:
+        do_pull(f"{registry.host}/m/never:v1", tmp_path)
+    assert f"{registry.host}/m/never:v1" in str(e.value) and "check the repository and tag" in str(e.value)
+
+
+def test_bad_reference_is_a_usage_error(tmp_path):
+    with pytest.raises(UsageError, match="repository 'Bad/Name'"):
+        do_pull("r.io/Bad/Name:v1", tmp_path)
+
+
+def test_corrupt_blob_in_registry_is_refetched_once_then_refused(fresh_registry, tmp_path):
+    from tests.support.oci import Pusher
+
+    data = os.urandom(1 << 20)
+    Pusher(fresh_registry.url).push_artifact("m/x", "v1", [file_layer("w", data), file_layer("ok", b"fine")])
+    blob = fresh_registry.blob_path(sha256(data))
+    raw = bytearray(blob.read_bytes())
+    raw[12345] ^= 0xFF
+    blob.write_bytes(bytes(raw))
+    with pytest.raises(DigestMismatch) as e:
+        do_pull(f"{fresh_registry.host}/m/x:v1", tmp_path)
+    assert sha256(data) in str(e.value) and "twice" in str(e.value) and "nothing was published" in str(e.value)
+    assert os.listdir(tmp_path / "models/sha256") == [] and os.listdir(tmp_path / "refs") == []
+    assert not (tmp_path / "blobs/sha256" / sha256(data)[7:]).exists()
+    assert not (tmp_path / "partial" / sha256(data)[7:]).exists()
+
+
+def test_large_blob_is_split_into_ranges_and_verified(registry, pusher, tmp_path):
+    from loader import fetch
+
+    data = os.urandom(3 * fetch.MIN_CHUNK + 12345)
+    pusher.push_artifact("m/big", "v1", [file_layer("big.bin", data)])
+    res = do_pull(f"{registry.host}/m/big:v1", tmp_path, concurrency=4)
+    assert hashlib.sha256((Path(res.path) / "big.bin").read_bytes()).digest() == hashlib.sha256(data).digest()
+    M = 1 << 20
+    assert fetch.plan_ranges(len(data), fetch.target_chunk(len(data), 4)) == [
+        (0, 25 * M), (25 * M, 50 * M), (50 * M, 75 * M), (75 * M, len(data))]
+
+
+def test_cli_json_output_and_termination_log(registry, pusher, tmp_path, monkeypatch):
+    d = pusher.push_artifact("m/cli", "v1", [file_layer("w", b"abc"), file_layer("c.json", b"{}")])
+    term = tmp_path / "termination-log"
+    term.write_text("")
+    env = {**os.environ, "MODEL_LOADER_TERMINATION_LOG": str(term)}
+    cmd = [sys.executable, "-m", "loader.cli", "pull", f"{registry.host}/m/cli:v1", "--cache", str(tmp_path / "c"),
+           "--output", "json", "--progress", "none"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
+    obj = json.loads(out.stdout)
+    assert set(obj) == {"ref", "digest", "path", "bytes", "files", "seconds", "cache_hit"}
+    assert obj["ref"] == f"{registry.host}/m/cli:v1" and obj["digest"] == d and obj["bytes"] == 5
+    assert obj["files"] == 2 and obj["cache_hit"] is False
+    assert obj["path"] == str(tmp_path / "c/models/sha256" / d[7:])
+    assert term.read_text().startswith(f"loaded {registry.host}/m/cli:v1@{d[:19]} pulled")
+    again = json.loads(subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout)
+    assert again["cache_hit"] is True and again["path"] == obj["path"]
+
+
+@pytest.mark.parametrize(
+    "args,code,fragment",
+    [
+        (["r.io/Bad:v1"], contract.ExitCode.USAGE, "repository 'Bad'"),
+        (["{host}/m/none:v1"], contract.ExitCode.NOT_FOUND, "has no manifest"),
+        (["127.0.0.1:1/m/x:v1", "--timeout", "1"], contract.ExitCode.NETWORK, "could not connect to registry 127.0.0.1:1"),
+        (["{host}/m/x:v1", "--mirror", "nonsense"], contract.ExitCode.USAGE, "--mirror 'nonsense' is not HOST=URL"),
+    ],
+    ids=["bad-ref", "not-found", "unreachable", "bad-mirror"],
+)
+def test_cli_exit_codes(args, code, fragment, registry, tmp_path):
+    cmd = [sys.executable, "-m", "loader.cli", "pull", *[a.format(host=registry.host) for a in args],
+           "--cache", str(tmp_path), "--progress", "none"]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    assert out.returncode == code, out.stderr
+    assert fragment in out.stderr
+
+
+def test_full_disk_fails_early_with_numbers_and_keeps_cache_intact(registry, pusher, tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root (README: Tests that need root)")
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)], check=True)
+    try:
+        pusher.push_artifact("m/small", "v1", [file_layer("w", b"small model")])
+        small = do_pull(f"{registry.host}/m/small:v1", mnt)
+        pusher.push_artifact("m/huge", "v1", [file_layer("w", os.urandom(12 << 20))])
+        from loader.errors import NoSpaceError
+
+        with pytest.raises(NoSpaceError) as e:
+            do_pull(f"{registry.host}/m/huge:v1", mnt)
+        msg = str(e.value)
+        assert "need 12.6 MB" in msg and "MB free" in msg and str(mnt) in msg and "model-loader gc" in msg
+        assert tree(small.path) == {"w": b"small model"}
+        assert os.listdir(mnt / "models/sha256") == [small.digest[7:]]
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
