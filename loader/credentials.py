@@ -146,7 +146,7 @@ def parse_config(path: str, text: str, legacy: bool = False) -> _ConfigFile:
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as exc:  # the message quotes no content, only the position
-        raise _fail(path, f"not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+        raise _fail(path, f"not valid JSON ({exc.msg}: line {exc.lineno} column {exc.colno})") from None
     if not isinstance(doc, dict):
         raise _fail(path, "must hold a JSON object")
     if legacy:
