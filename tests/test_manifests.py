@@ -10,6 +10,7 @@ schemas, so their shape is asserted here instead.
 from __future__ import annotations
 
 import functools
+import os
 import subprocess
 from pathlib import Path
 
@@ -17,6 +18,9 @@ import celpy
 import kubernetes_validate
 import pytest
 import yaml
+
+from webhook import annotations
+from webhook.config import Settings, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 MANIFESTS = ROOT / "manifests"
@@ -245,7 +249,7 @@ def test_rbac_names_match_the_objects_and_settings(kid):
 
 NAMESPACE_SELECTOR = {
     "matchExpressions": [
-        {"key": "model.cache/enabled", "operator": "In", "values": ["true"]},
+        {"key": annotations.ENABLED_LABEL, "operator": "In", "values": ["true"]},
         {"key": "kubernetes.io/metadata.name", "operator": "NotIn", "values": ["kube-system", NAMESPACE]},
     ]
 }
@@ -321,7 +325,7 @@ def sent_to_webhook(kind: str, obj: dict, configuration: str) -> bool:
     return all(results)
 
 
-REF = {"model.cache/ref": "registry.example.com/models/phi3:v1"}
+REF = {annotations.REF: "registry.example.com/models/phi3:v1"}
 
 
 def template(annotations: dict | None) -> dict:
@@ -486,7 +490,7 @@ def test_service_443_maps_to_the_container_port(kid):
 @pytest.mark.parametrize("kid", INSTALLS)
 def test_serve_command_line(kid):
     container = webhook_container(kid)
-    assert container["image"] == "ghcr.io/model-cache/model-cache-webhook:0.1.0"
+    assert container["image"] == "ghcr.io/model-cache/webhook:0.1.0"
     assert "command" not in container  # the image's ENTRYPOINT is the console script
     assert container["args"] == [
         "serve", "--host", "0.0.0.0", "--port", "8443",
@@ -512,7 +516,7 @@ def test_certificate_secret_mounted_read_only(kid):
 
 NAMESPACE_FIELD = {"fieldRef": {"fieldPath": "metadata.namespace"}}
 BASE_SETTINGS = {
-    "MODEL_CACHE_LOADER_IMAGE": "ghcr.io/model-cache/model-loader:0.1.0",
+    "MODEL_CACHE_LOADER_IMAGE": "ghcr.io/model-cache/loader:0.1.0",
     "MODEL_CACHE_MANAGE_CERTS": "true",
     "MODEL_CACHE_TLS_SECRET": TLS_SECRET,
     "MODEL_CACHE_SERVICE_NAME": NAME,
@@ -534,6 +538,44 @@ BASE_SETTINGS = {
 )
 def test_settings(kid, expected):
     assert settings(kid) == expected
+
+
+# Settings the manifests pass for self-managed certificates (issue 4) that webhook/config.py does not define yet.
+# MODEL_CACHE_NAMESPACE comes from the downward API.
+CERT_SETTINGS = {
+    "MODEL_CACHE_MANAGE_CERTS",
+    "MODEL_CACHE_TLS_SECRET",
+    "MODEL_CACHE_SERVICE_NAME",
+    "MODEL_CACHE_WEBHOOK_CONFIGURATION",
+    "MODEL_CACHE_NAMESPACE",
+}
+
+
+@pytest.mark.parametrize("kid", INSTALLS)
+def test_settings_are_known_to_the_webhook(kid):
+    # Settings ignores unknown MODEL_CACHE_* variables, so a misspelt name here would silently do nothing.
+    names = {name for name in settings(kid) if name.startswith("MODEL_CACHE_")}
+    fields = {f"MODEL_CACHE_{field.upper()}" for field in Settings.model_fields}
+    assert names - fields <= CERT_SETTINGS
+
+
+@pytest.mark.parametrize("kid", INSTALLS)
+def test_settings_load_as_the_webhook_reads_them(kid, monkeypatch):
+    for name in [n for n in os.environ if n.startswith("MODEL_CACHE_")]:
+        monkeypatch.delenv(name)
+    for name, value in settings(kid).items():
+        if isinstance(value, str):
+            monkeypatch.setenv(name, value)
+    loaded = load_settings()
+    assert (loaded.loader_image, loaded.default_cache) == (
+        "ghcr.io/model-cache/loader:0.1.0",
+        "pvc:model-cache" if kid == "pvc-cache" else "node",
+    )
+
+
+def test_match_conditions_use_the_annotation_key_from_code():
+    assert POD_MATCH.count(f"'{annotations.REF}'") == 1
+    assert WORKLOAD_MATCH.count(f"'{annotations.REF}'") == 2
 
 
 # --- overlays --------------------------------------------------------------------------------------------------
