@@ -110,6 +110,8 @@ class Cache:
         meta = self.read_meta(digest)
         if meta is None or not path.is_dir():
             return None
+        if meta.get("boot_id") != current_boot_id() and not self.verify_after_reboot(digest):
+            return None
         return CachedModel(digest, path, meta.get("bytes", 0), meta.get("files", 0))
 
     def lookup_ref(self, ref: Reference | str) -> CachedModel | None:
@@ -128,6 +130,33 @@ class Cache:
             return json.loads(self.meta_path(digest).read_text())
         except (OSError, ValueError):
             return None
+
+    def verify_after_reboot(self, digest: str) -> bool:
+        """True when the model's blobs can be trusted on this boot.
+
+        Blobs are published without fsync (see loader.fetch), so a model published before an unclean shutdown is
+        hashed again, once, on its first use after the reboot; a torn model is removed so it is pulled again.
+        """
+        meta = self.read_meta(digest)
+        if meta is None:
+            return False
+        boot = current_boot_id()
+        if meta.get("boot_id") == boot:
+            return True
+        for blob in meta.get("blobs", []):
+            path = self.blob_path(blob)
+            try:
+                if _sha256_file(path) != blob:
+                    raise ValueError
+            except (OSError, ValueError):
+                with self.lock(f"model-{_hex(digest)}"):
+                    self.remove_tree(self.model_path(digest))
+                    self.meta_path(digest).unlink(missing_ok=True)
+                    path.unlink(missing_ok=True)
+                return False
+        meta["boot_id"] = boot
+        _write_atomic(self.meta_path(digest), json.dumps(meta, sort_keys=True).encode(), self.tmp_dir())
+        return True
 
     def new_staging(self) -> Path:
         path = self.tmp_dir() / f"stage-{uuid.uuid4().hex}"
@@ -199,6 +228,26 @@ class Cache:
                 f"not enough disk space in cache {self.root} for {what}: need {_mb(needed)}, {_mb(free)} free;"
                 " free space (model-loader gc) or give the cache volume more room"
             )
+
+
+def current_boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return "unknown"
+
+
+def _sha256_file(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    buf = bytearray(4 << 20)
+    mv = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(mv[:n])
+    return "sha256:" + h.hexdigest()
 
 
 def no_space(exc: OSError, cache: Cache, what: str) -> NoSpaceError:

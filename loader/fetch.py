@@ -14,6 +14,9 @@ How a pull spends its time on a 2-core node decides the design:
   honour ``Retry-After``; a stalled socket times out. Retries are bounded by attempts without progress.
 * ``partial/<hex>`` is preallocated (a full disk fails before any download) and ``partial/<hex>.state`` records
   each range's progress, written after the data it describes, so a SIGKILLed loader's successor resumes.
+* Blob data is not fsynced: waiting for a GiB to reach the disk would cost as much as the download. A SIGKILL
+  loses nothing (the page cache survives it); what only a power loss could tear is caught by re-verifying a
+  model's blobs on its first use after a reboot (``Cache.verify_after_reboot``).
 * Each blob is fetched under an exclusive ``flock`` on ``locks/blob-<hex>``: N loaders pulling one model fetch
   each blob once. Blobs another process holds are deferred until the end, then waited for.
 """
@@ -372,7 +375,6 @@ class Fetcher:
         with job.lock:
             job.finished = True
         if got == job.digest:
-            os.fsync(job.fd)
             os.close(job.fd)
             job.fd = -1
             self.cache.publish_blob(job.partial, job.digest)

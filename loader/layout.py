@@ -199,6 +199,8 @@ def _extract_tar(blob: Path, e: Entry, staging: Path, ref: str) -> tuple[int, in
                     with open(dest, "xb") as out:
                         while chunk := src.read(1 << 20):
                             out.write(chunk)
+                        out.flush()
+                        os.fsync(out.fileno())  # unlike blobs, extracted files cannot be re-verified after a crash
                     os.chmod(dest, 0o555 if m.mode & 0o111 else 0o444)
                     total_bytes += m.size
                     total_files += 1

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from loader import layout
-from loader.cache import Cache
+from loader.cache import Cache, current_boot_id
 from loader.errors import ArtifactError, NetworkError, TransientError, UsageError
 from loader.fetch import Blob, Fetcher
 from loader.progress import Progress
@@ -139,7 +139,7 @@ def _pull_online(ref: Reference, client: RegistryClient, cache: Cache, opts: Pul
                 nbytes, nfiles = layout.materialize(entries, staging, cache.blob_path, label)
                 meta = {"digest": digest, "refs": [label], "bytes": nbytes, "files": nfiles, "manifest": image,
                         "media_type": media_type, "blobs": sorted({e.digest for e in entries}),
-                        "created": time.time()}
+                        "created": time.time(), "boot_id": current_boot_id()}
                 cache.publish_model(digest, staging, meta)
             finally:
                 cache.remove_tree(staging)

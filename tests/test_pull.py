@@ -328,3 +328,30 @@ def test_full_disk_fails_early_with_numbers_and_keeps_cache_intact(registry, pus
         assert os.listdir(mnt / "models/sha256") == [small.digest[7:]]
     finally:
         subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_first_use_after_unclean_reboot_reverifies_and_repairs(registry, pusher, tmp_path):
+    """Blobs are published without fsync; a model from an earlier boot is hashed again before it is trusted."""
+    data = os.urandom(1 << 20)
+    ref = f"{registry.host}/m/reboot:v1"
+    pusher.push_artifact("m/reboot", "v1", [file_layer("w", data)])
+    first = do_pull(ref, tmp_path)
+    cache = Cache(tmp_path)
+    meta_path = cache.meta_path(first.digest)
+
+    def pretend_reboot():
+        meta = json.loads(meta_path.read_text())
+        meta["boot_id"] = "an-earlier-boot"
+        meta_path.write_text(json.dumps(meta))
+
+    pretend_reboot()  # intact blobs: a hit, and the model is marked as verified on this boot
+    again = do_pull(ref, tmp_path)
+    assert again.cache_hit and json.loads(meta_path.read_text())["boot_id"] != "an-earlier-boot"
+
+    pretend_reboot()  # a torn blob (what a power loss can leave): the model is dropped and pulled again
+    blob = cache.blob_path(sha256(data))
+    os.chmod(blob, 0o644)
+    with open(blob, "r+b") as f:
+        f.write(b"\0" * 4096)
+    repaired = do_pull(ref, tmp_path)
+    assert not repaired.cache_hit and tree(repaired.path) == {"w": data}
