@@ -186,7 +186,8 @@ class AuthRegistry:
 
     @property
     def verify(self) -> str | bool:
-        """What to pass as requests' ``verify=``."""
+        """What to pass as requests' ``verify=`` (per request: a Session's ``verify`` loses to REQUESTS_CA_BUNDLE
+        from the environment unless the session has ``trust_env = False``)."""
         return str(self.ca_path) if self.ca_path else True
 
     def stop(self) -> None:
