@@ -1,0 +1,264 @@
+"""The one pure seam: an AdmissionReview (a dict parsed from JSON) in, the AdmissionReview response dict out.
+
+``mutate_review`` answers the mutating webhook for Pods (a JSON patch); ``validate_review`` answers the validating
+webhook for Pods and workloads (Deployment, StatefulSet, DaemonSet, Job, CronJob, ReplicaSet, ...) by running the
+same decision on the pod template and throwing the result away, so a bad annotation fails at ``kubectl apply``
+instead of in ReplicaSet events. Both read only their arguments: the inventory snapshot and the settings.
+
+Errors: a body that is not a well-formed AdmissionReview v1 raises ``MalformedReview`` (the app answers 400); a
+policy denial is a normal response with ``allowed: false``, status code 403 and a message that names the
+annotation, the value and the fix. Nothing else escapes for any client input (property-tested).
+
+``mutate_object`` and ``decide`` serve the ``model-cache-webhook mutate -f FILE`` preview: the same mutation on a
+Pod, a workload's pod template, or each item of a List.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+from webhook import annotations as ann
+from webhook.config import Settings
+from webhook.errors import Denied, MalformedReview
+from webhook.models import (
+    AdmissionResponse,
+    AdmissionReview,
+    AdmissionReviewResponse,
+    PodShape,
+    PodTemplateShape,
+    Status,
+    shape_error,
+)
+from webhook.mutate import mutate_pod
+from webhook.patch import make_patch
+from webhook.snapshot import Snapshot
+
+DENIED_CODE = 403
+MAX_DEPTH = 64  # real pods nest ~15 levels; deeper bodies would only exercise recursion limits
+
+#: Where each kind keeps its pod template (None: the object is the pod).
+TEMPLATE_PATHS: dict[str, tuple[str, ...] | None] = {
+    "Pod": None,
+    "Deployment": ("spec", "template"),
+    "StatefulSet": ("spec", "template"),
+    "DaemonSet": ("spec", "template"),
+    "ReplicaSet": ("spec", "template"),
+    "ReplicationController": ("spec", "template"),
+    "Job": ("spec", "template"),
+    "CronJob": ("spec", "jobTemplate", "spec", "template"),
+    "PodTemplate": ("template",),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """One line for the CLI and the demo: what happened to one pod (template) and why."""
+
+    object: str  # "Deployment/web", "Pod/web-7d9f-*"
+    mode: str  # image-volume, init-container, unchanged or denied
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.object}: {self.mode} ({self.reason})"
+
+
+# --- envelope ----------------------------------------------------------------------------------------------------
+
+
+def _check_depth(value: Any, where: str) -> None:
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise MalformedReview(f"{where} is nested more than {MAX_DEPTH} levels deep")
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)
+
+
+def parse_review(body: Any) -> AdmissionReview:
+    """The review envelope, or MalformedReview naming the first bad fields."""
+    if not isinstance(body, dict):
+        raise MalformedReview(f"the body must be a JSON object (an AdmissionReview), not {type(body).__name__}")
+    _check_depth(body, "the AdmissionReview")
+    try:
+        return AdmissionReview.model_validate(body)
+    except ValidationError as exc:
+        raise MalformedReview(f"not an admission.k8s.io/v1 AdmissionReview: {shape_error(exc, '')}") from exc
+
+
+def _check_shape(obj: Mapping[str, Any], where: str, template: bool = False) -> None:
+    try:
+        (PodTemplateShape if template else PodShape).model_validate(obj)
+    except ValidationError as exc:
+        raise MalformedReview(shape_error(exc, where)) from exc
+
+
+def _respond(
+    uid: str, allowed: bool = True, ops: list[dict[str, Any]] | None = None, warnings: tuple[str, ...] | list[str] = (),
+    message: str | None = None,
+) -> dict[str, Any]:
+    response = AdmissionResponse(
+        uid=uid,
+        allowed=allowed,
+        patch=base64.b64encode(json.dumps(ops, separators=(",", ":")).encode()).decode() if ops else None,
+        patch_type="JSONPatch" if ops else None,
+        warnings=list(warnings) or None,
+        status=Status(code=DENIED_CODE, reason="Forbidden", message=message) if message is not None else None,
+    )
+    return AdmissionReviewResponse(response=response).wire()
+
+
+def _namespace(request_namespace: str | None, obj: Mapping[str, Any]) -> str:
+    # Controllers create pods with the namespace only in the request; objects in a file carry it in metadata.
+    return request_namespace or (obj.get("metadata") or {}).get("namespace") or ""
+
+
+def _labels(snapshot: Snapshot, namespace: str) -> Mapping[str, str] | None:
+    return snapshot.namespaces.get(namespace) if namespace else None
+
+
+# --- the two reviews ---------------------------------------------------------------------------------------------
+
+
+def mutate_review(body: Any, snapshot: Snapshot, settings: Settings) -> dict[str, Any]:
+    """Answer a mutating AdmissionReview for a Pod: the patch that mounts its models, or a denial."""
+    review = parse_review(body)
+    req = review.request
+    if req.operation != "CREATE" or req.kind.kind != "Pod" or req.sub_resource:
+        return _respond(req.uid)  # pods are mutated once, when created; anything else passes untouched
+    pod = req.object
+    if pod is None:
+        raise MalformedReview("request.object is missing from a CREATE review")
+    _check_shape(pod, "request.object")
+    namespace = _namespace(req.namespace, pod)
+    try:
+        outcome = mutate_pod(pod, namespace, _labels(snapshot, namespace), snapshot, settings)
+    except Denied as exc:
+        return _respond(req.uid, allowed=False, message=exc.message)
+    ops = make_patch(pod, outcome.pod) if outcome.mode is not None else []
+    return _respond(req.uid, ops=ops, warnings=outcome.warnings)
+
+
+def _template_of(obj: Mapping[str, Any], kind: str, where: str) -> Mapping[str, Any] | None:
+    path = TEMPLATE_PATHS[kind]
+    node: Any = obj
+    for i, key in enumerate(path or ()):
+        node = node.get(key) if isinstance(node, Mapping) else None
+        if node is None:
+            return None
+        if not isinstance(node, Mapping):
+            raise MalformedReview(f"{where}.{'.'.join(path[: i + 1])} must be an object")  # type: ignore[index]
+    return node
+
+
+def validate_review(body: Any, snapshot: Snapshot, settings: Settings) -> dict[str, Any]:
+    """Answer a validating AdmissionReview for a Pod or workload: allowed (with warnings) or denied; never a patch.
+
+    An UPDATE whose pod template is unchanged is not denied for a problem it already had (say, the inventory
+    changed under an explicit image-volume request): the message comes back as a warning, so scaling, rollout
+    bookkeeping and finalizer removal keep working. Objects being deleted are always allowed.
+    """
+    review = parse_review(body)
+    req = review.request
+    kind = req.kind.kind
+    if req.operation not in ("CREATE", "UPDATE") or kind not in TEMPLATE_PATHS or req.sub_resource:
+        return _respond(req.uid)
+    obj = req.object
+    if obj is None:
+        raise MalformedReview(f"request.object is missing from a {req.operation} review")
+    meta = obj.get("metadata")
+    if isinstance(meta, Mapping) and meta.get("deletionTimestamp"):
+        return _respond(req.uid)
+    template = _template_of(obj, kind, "request.object")
+    if template is None:
+        return _respond(req.uid)
+    _check_shape(template, "request.object" + "".join(f".{k}" for k in TEMPLATE_PATHS[kind] or ()), template=True)
+    namespace = _namespace(req.namespace, obj)
+    warnings: list[str] = []
+    pod = {"metadata": template.get("metadata") or {}, "spec": template.get("spec") or {}}
+    if kind != "Pod" and ann.STATUS in (pod["metadata"].get("annotations") or {}):
+        warnings.append(
+            f"model.cache: the pod template carries {ann.STATUS}, so its pods will not get their models;"
+            " remove that annotation from the template"
+        )
+    try:
+        outcome = mutate_pod(pod, namespace, _labels(snapshot, namespace), snapshot, settings)
+    except Denied as exc:
+        if req.operation == "UPDATE" and req.old_object is not None and kind in TEMPLATE_PATHS:
+            old_template = _template_of(req.old_object, kind, "request.oldObject")
+            if old_template is not None and old_template == template:
+                return _respond(req.uid, warnings=[*warnings, f"model.cache: {exc.message}"])
+        return _respond(req.uid, allowed=False, message=exc.message)
+    return _respond(req.uid, warnings=[*warnings, *outcome.warnings])
+
+
+# --- previews ----------------------------------------------------------------------------------------------------
+
+
+def _ident(obj: Mapping[str, Any], kind: str) -> str:
+    meta = obj.get("metadata") if isinstance(obj.get("metadata"), Mapping) else {}
+    name = meta.get("name") or (f"{meta['generateName']}*" if meta.get("generateName") else "(unnamed)")
+    return f"{kind}/{name}"
+
+
+def mutate_object(
+    obj: dict[str, Any], namespace_labels: Mapping[str, str] | None, snapshot: Snapshot, settings: Settings
+) -> tuple[dict[str, Any], list[str], list[Decision]]:
+    """Mutate a Pod, a workload's pod template, or every item of a List, as the webhook would.
+
+    Returns (new object, warnings, one Decision per pod or template). The argument is not changed. Raises Denied
+    when the webhook would deny, and MalformedReview when the object is not shaped like a Kubernetes object.
+    """
+    if not isinstance(obj, dict):
+        raise MalformedReview(f"expected a Kubernetes object, got {type(obj).__name__}")
+    _check_depth(obj, "the object")
+    kind = obj.get("kind")
+    if kind == "List" or (isinstance(kind, str) and kind.endswith("List") and isinstance(obj.get("items"), list)):
+        new = dict(obj)
+        items, warnings, decisions = [], [], []
+        for item in obj.get("items") or ():
+            m, w, d = mutate_object(item, namespace_labels, snapshot, settings)
+            items.append(m)
+            warnings += w
+            decisions += d
+        new["items"] = items
+        return new, warnings, decisions
+    if not isinstance(kind, str) or kind not in TEMPLATE_PATHS:
+        return obj, [], [Decision(_ident(obj, str(kind)), "unchanged", "not a Pod or a workload with a pod template")]
+    template = _template_of(obj, kind, kind)
+    if template is None:
+        return obj, [], [Decision(_ident(obj, kind), "unchanged", "no pod template")]
+    _check_shape(template, kind, template=kind != "Pod")
+    namespace = _namespace(None, obj)
+    pod = dict(template) if kind == "Pod" else {"metadata": template.get("metadata") or {}, "spec": template.get("spec") or {}}
+    outcome = mutate_pod(pod, namespace, namespace_labels, snapshot, settings)
+    decision = Decision(_ident(obj, kind), outcome.mode or "unchanged", outcome.reason)
+    if outcome.mode is None:
+        return obj, list(outcome.warnings), [decision]
+    if kind == "Pod":
+        return outcome.pod, list(outcome.warnings), [decision]
+    new = copy.deepcopy(obj)
+    target = _template_of(new, kind, kind)
+    assert isinstance(target, dict)
+    target["metadata"] = outcome.pod["metadata"]
+    target["spec"] = outcome.pod["spec"]
+    return new, list(outcome.warnings), [decision]
+
+
+def decide(
+    obj: dict[str, Any], namespace_labels: Mapping[str, str] | None, snapshot: Snapshot, settings: Settings
+) -> list[Decision]:
+    """One Decision per pod or pod template in ``obj``; a denial is a Decision with mode "denied" and its message."""
+    try:
+        return mutate_object(obj, namespace_labels, snapshot, settings)[2]
+    except Denied as exc:
+        return [Decision(_ident(obj, str(obj.get("kind"))), "denied", exc.message)]

@@ -1,0 +1,191 @@
+"""Cluster settings for the webhook, read once from ``MODEL_CACHE_*`` environment variables and validated at start-up.
+
+This is the only module that reads the environment. The result is passed to the admission functions as an
+argument, so a bad value stops the process at boot (``ConfigError``) instead of failing requests later.
+
+``MODEL_CACHE_ALLOWED_REGISTRIES`` takes a JSON list or a comma-separated string; each entry is ``host``,
+``host:port`` or ``host/repository-prefix``. Empty means every registry is allowed.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import re
+from decimal import Decimal, InvalidOperation
+from typing import Annotated, Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from loader import contract
+from loader.reference import ReferenceError, parse
+from webhook.annotations import parse_cache
+from webhook.errors import ConfigError
+
+_QUANTITY = re.compile(r"^([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei|[eE][0-9]+)?$")
+_SUFFIX = {
+    None: Decimal(1),
+    "m": Decimal("0.001"),
+    "k": Decimal(10) ** 3,
+    "M": Decimal(10) ** 6,
+    "G": Decimal(10) ** 9,
+    "T": Decimal(10) ** 12,
+    "P": Decimal(10) ** 15,
+    "E": Decimal(10) ** 18,
+    "Ki": Decimal(2) ** 10,
+    "Mi": Decimal(2) ** 20,
+    "Gi": Decimal(2) ** 30,
+    "Ti": Decimal(2) ** 40,
+    "Pi": Decimal(2) ** 50,
+    "Ei": Decimal(2) ** 60,
+}
+_VERSION = re.compile(r"^[0-9]+\.[0-9]+$")
+_HOST_PORT = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*(:[0-9]{1,5})?$|^\[[0-9a-f:.]+\](:[0-9]{1,5})?$")
+_REPO_PREFIX = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*$")
+
+
+def parse_quantity(text: str) -> Decimal:
+    """A Kubernetes resource quantity as a number ("250m" -> 0.25, "1Gi" -> 1073741824); ValueError if malformed."""
+    m = _QUANTITY.match(text)
+    if not m:
+        raise ValueError(f"{text!r} is not a Kubernetes quantity (e.g. 250m, 2, 256Mi, 1Gi)")
+    suffix = m.group(2)
+    try:
+        number = Decimal(m.group(1))
+    except InvalidOperation as exc:  # pragma: no cover - the regex admits only decimals
+        raise ValueError(f"{text!r} is not a Kubernetes quantity") from exc
+    if suffix and suffix[0] in "eE":
+        return number * Decimal(10) ** int(suffix[1:])
+    return number * _SUFFIX[suffix]
+
+
+def parse_version(text: str) -> tuple[int, int]:
+    """``"1.33"`` -> (1, 33)."""
+    if not _VERSION.match(text):
+        raise ValueError(f"{text!r} is not a MAJOR.MINOR version such as 1.33")
+    major, minor = text.split(".")
+    return int(major), int(minor)
+
+
+class Settings(BaseSettings):
+    """Everything an admin can tune. Defaults suit a cluster with a CRI-O pool and a containerd pool."""
+
+    model_config = SettingsConfigDict(env_prefix="MODEL_CACHE_", frozen=True, extra="ignore")
+
+    loader_image: str = "ghcr.io/model-cache/loader:0.1.0"
+    node_cache_path: str = contract.DEFAULT_NODE_CACHE
+    default_mount_path: str = "/models"
+    default_mode: Literal["auto", "image-volume", "init-container"] = "auto"
+    default_cache: str = "node"
+    loader_cpu_request: str = "250m"
+    loader_cpu_limit: str = "2"
+    loader_memory_request: str = "256Mi"
+    loader_memory_limit: str = "512Mi"
+    loader_concurrency: int = Field(default=8, ge=1, le=256)
+    allowed_registries: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    loader_run_as_user: int = Field(default=65532, ge=1, le=2**31 - 1)
+    image_volume_min_crio: str = "1.33"
+    image_volume_min_kubelet: str = "1.35"
+
+    @field_validator("loader_image")
+    @classmethod
+    def _image(cls, v: str) -> str:
+        try:
+            parse(v)
+        except ReferenceError as exc:
+            raise ValueError(f"loader_image: {exc}") from exc
+        return v
+
+    @field_validator("node_cache_path", "default_mount_path")
+    @classmethod
+    def _absolute(cls, v: str) -> str:
+        if not v.startswith("/") or v == "/" or ".." in v.split("/") or posixpath.normpath(v) != v:
+            raise ValueError(f"{v!r} must be a normalised absolute path other than / (e.g. /var/lib/model-cache)")
+        return v
+
+    @field_validator("default_cache")
+    @classmethod
+    def _cache(cls, v: str) -> str:
+        try:
+            parse_cache(v)
+        except ValueError as exc:
+            raise ValueError(f"default_cache {v!r}: {exc}") from exc
+        return v.strip()
+
+    @field_validator("loader_cpu_request", "loader_cpu_limit", "loader_memory_request", "loader_memory_limit")
+    @classmethod
+    def _quantity(cls, v: str) -> str:
+        parse_quantity(v)
+        return v
+
+    @field_validator("image_volume_min_crio", "image_volume_min_kubelet")
+    @classmethod
+    def _version(cls, v: str) -> str:
+        parse_version(v)
+        return v
+
+    @field_validator("allowed_registries", mode="before")
+    @classmethod
+    def _split(cls, v: object) -> object:
+        if isinstance(v, str):
+            text = v.strip()
+            if text.startswith("["):
+                try:
+                    return json.loads(text)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{text!r} is neither a JSON list nor a comma-separated list: {exc}") from exc
+            return [part for part in (p.strip() for p in text.split(",")) if part]
+        return v
+
+    @field_validator("allowed_registries")
+    @classmethod
+    def _registries(cls, v: list[str]) -> list[str]:
+        out = []
+        for entry in v:
+            entry = entry.strip().rstrip("/")
+            host, _, prefix = entry.partition("/")
+            host = host.lower()
+            if not _HOST_PORT.match(host) or (prefix and not _REPO_PREFIX.match(prefix)):
+                raise ValueError(
+                    f"allowed_registries entry {entry!r} is not host, host:port or host/repository-prefix"
+                    " (e.g. registry.example.com, 10.0.0.5:5000, ghcr.io/acme)"
+                )
+            out.append(f"{host}/{prefix}" if prefix else host)
+        return out
+
+    @model_validator(mode="after")
+    def _requests_within_limits(self) -> "Settings":
+        for what, req, lim in (
+            ("cpu", self.loader_cpu_request, self.loader_cpu_limit),
+            ("memory", self.loader_memory_request, self.loader_memory_limit),
+        ):
+            if parse_quantity(req) > parse_quantity(lim):
+                raise ValueError(f"loader_{what}_request {req} is larger than loader_{what}_limit {lim}")
+        return self
+
+    @property
+    def min_crio(self) -> tuple[int, int]:
+        return parse_version(self.image_volume_min_crio)
+
+    @property
+    def min_kubelet(self) -> tuple[int, int]:
+        return parse_version(self.image_volume_min_kubelet)
+
+
+def _msg(text: str) -> str:
+    # pydantic prefixes messages from our validators; the rest of the message already says what to do.
+    return text.removeprefix("Value error, ")
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Settings from the environment (and keyword overrides), or ConfigError listing every bad value."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"MODEL_CACHE_{'.'.join(str(p) for p in e['loc']).upper() or 'SETTINGS'}: {_msg(e['msg'])}" for e in exc.errors()
+        )
+        raise ConfigError(f"invalid model-cache settings: {problems}") from exc
+    except ValueError as exc:  # a malformed JSON list in MODEL_CACHE_ALLOWED_REGISTRIES
+        raise ConfigError(f"invalid model-cache settings: {exc}") from exc

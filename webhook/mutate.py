@@ -1,0 +1,442 @@
+"""Pure: read a pod's model.cache annotations into a plan, and rewrite the pod so the models are mounted.
+
+``mutate_pod(pod, namespace_labels, snapshot, settings)`` returns an ``Outcome`` (the new pod, warnings, the
+mode and the reason) or raises ``Denied``. It never changes its argument: it works on a deep copy of the raw dict,
+so the patch computed from the two touches only what the injectors touched.
+
+The injectors are small and each does one thing: the model volumes (image mode) or the cache and pull-secret
+volumes plus the loader init container (init mode), the read-only mounts, the environment variables, and the
+status annotation. The status annotation is the idempotency check for all of them: a pod that carries it is
+returned unchanged (``reinvocationPolicy: IfNeeded`` calls the webhook twice).
+
+Security choice for the loader: with the ``node`` cache the hostPath directory is created by kubelet owned by
+root (``DirectoryOrCreate``), so there the loader runs as uid 0 with every capability dropped, no privilege
+escalation, a read-only root filesystem and the RuntimeDefault seccomp profile (root without capabilities can
+write only to what root owns). With ``pod`` (emptyDir, world-writable) and ``pvc`` caches it runs as
+``settings.loader_run_as_user`` with ``runAsNonRoot``, which also satisfies the ``restricted`` Pod Security level;
+a claim used as a cache must be writable by that uid (or by the pod's fsGroup).
+"""
+
+from __future__ import annotations
+
+import copy
+import posixpath
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from loader import contract
+from loader.reference import Reference, ReferenceError, parse
+from webhook import annotations as ann
+from webhook.config import Settings
+from webhook.errors import Denied
+from webhook.nodes import Choice, choose_mode
+from webhook.snapshot import Snapshot
+
+LOADER_NAME = "model-loader"
+CACHE_VOLUME = "model-cache"
+PULL_SECRET_VOLUME = "model-cache-pull-"
+MODEL_VOLUME = "model-"
+LOADER_OUTPUT = "text"  # the loader's progress format in `kubectl logs`
+DOCKERCONFIGJSON_KEY = ".dockerconfigjson"
+DOCKER_CONFIG_FILE = "config.json"
+
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$")
+_NOT_DNS = re.compile(r"[^a-z0-9-]+")
+
+
+@dataclass(frozen=True, slots=True)
+class Model:
+    name: str  # directory under the mount path
+    ref: Reference
+
+    @property
+    def env(self) -> str:
+        return ann.env_name(self.name)
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What the annotations ask for, validated."""
+
+    models: tuple[Model, ...]
+    mount_path: str
+    containers: tuple[str, ...]  # target container names, resolved against the pod
+    mode: str
+    mode_explicit: bool
+    cache: str  # node, pod or pvc
+    claim: str | None
+    cache_explicit: bool
+
+    def path(self, model: Model) -> str:
+        return posixpath.join(self.mount_path, model.name)
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    pod: dict[str, Any]
+    warnings: tuple[str, ...]
+    mode: str | None  # image-volume or init-container; None when the pod was left alone
+    reason: str  # one line: why this mode (and which cache), or why the pod was left alone
+
+    @property
+    def status(self) -> str:
+        """The STATUS annotation value: ``<mode>: <reason>``."""
+        return f"{self.mode}: {self.reason}"
+
+
+# --- reading the annotations -------------------------------------------------------------------------------------
+
+
+def _registry_allowed(ref: Reference, allowed: list[str]) -> bool:
+    if not allowed:
+        return True
+    registry = ref.registry.lower()
+    for entry in allowed:
+        host, _, prefix = entry.partition("/")
+        if registry != host:
+            continue
+        if not prefix or ref.repository == prefix or ref.repository.startswith(prefix + "/"):
+            return True
+    return False
+
+
+def read_models(value: str, settings: Settings) -> tuple[Model, ...]:
+    """Parse ``model.cache/ref``: ``REF[,REF...]`` where each REF may be ``name=REF``."""
+    entries = [e.strip() for e in value.split(",")]
+    entries = [e for e in entries if e]
+    if not entries:
+        raise Denied(f"{ann.REF} is empty: set it to a model reference such as registry.example.com/models/phi3:v1")
+    models: list[Model] = []
+    for entry in entries:
+        name, eq, text = entry.partition("=")
+        if not eq:
+            name, text = "", entry
+        name, text = name.strip(), text.strip()
+        try:
+            ref = parse(text)
+        except ReferenceError as exc:
+            raise Denied(f"{ann.REF}: {exc}") from exc
+        if not _registry_allowed(ref, settings.allowed_registries):
+            raise Denied(
+                f"{ann.REF}: {text!r} is in registry {ref.registry}, which is not allowed in this cluster"
+                f" (allowed: {', '.join(settings.allowed_registries)}); push the model to an allowed registry"
+                " or ask the cluster admin to extend MODEL_CACHE_ALLOWED_REGISTRIES"
+            )
+        if eq and not name:
+            raise Denied(f"{ann.REF}: {entry!r} has an empty name before '='; write name=REF, e.g. phi3=" + text)
+        name = name or ref.name
+        if not _MODEL_NAME.match(name):
+            raise Denied(
+                f"{ann.REF}: model name {name!r} cannot be a directory name here: use 1-63 letters, digits, '.',"
+                f" '_' or '-', starting and ending with a letter or digit (set it with name=REF)"
+            )
+        models.append(Model(name, ref))
+    seen: dict[str, Model] = {}
+    envs: dict[str, Model] = {}
+    for m in models:
+        if m.name in seen:
+            raise Denied(
+                f"{ann.REF} gives two models the name {m.name!r} ({seen[m.name].ref} and {m.ref}); name them apart"
+                f" with name=REF, e.g. {m.name}-2={m.ref}"
+            )
+        if m.env in envs:
+            raise Denied(
+                f"{ann.REF}: model names {envs[m.env].name!r} and {m.name!r} both give the environment variable"
+                f" {m.env}; rename one with name=REF"
+            )
+        seen[m.name] = envs[m.env] = m
+    return tuple(models)
+
+
+def _read_mount_path(annotations: Mapping[str, str], settings: Settings) -> str:
+    raw = annotations.get(ann.MOUNT_PATH)
+    if raw is None:
+        return settings.default_mount_path
+    value = raw.strip()
+    parts = value.split("/")
+    if not value.startswith("/") or ".." in parts or posixpath.normpath(value) in ("/", "//") or "\x00" in value:
+        raise Denied(
+            f"{ann.MOUNT_PATH} is {raw!r}: use an absolute directory other than / without '..', such as /models"
+        )
+    return posixpath.normpath(value)
+
+
+def _container_names(spec: Mapping[str, Any], key: str) -> list[str]:
+    return [c["name"] for c in spec.get(key) or ()]
+
+
+def _read_containers(annotations: Mapping[str, str], spec: Mapping[str, Any]) -> tuple[str, ...]:
+    app = _container_names(spec, "containers")
+    raw = annotations.get(ann.CONTAINERS)
+    if raw is None:
+        return tuple(app)
+    init = _container_names(spec, "initContainers")
+    known = set(app) | set(init)
+    names = list(dict.fromkeys(n.strip() for n in raw.split(",") if n.strip()))
+    listing = f"containers: {', '.join(app) or '(none)'}" + (f"; init containers: {', '.join(init)}" if init else "")
+    if not names:
+        raise Denied(f"{ann.CONTAINERS} is {raw!r}, which names no container; {listing}")
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        which = ", ".join(repr(n) for n in unknown)
+        raise Denied(f"{ann.CONTAINERS} names {which}, not a container of this pod; {listing}")
+    return tuple(names)
+
+
+def read_plan(annotations: Mapping[str, str], spec: Mapping[str, Any], settings: Settings) -> tuple[Plan, tuple[str, ...]]:
+    """Validate every model.cache annotation of a pod; Denied on the first bad one. Returns (plan, warnings)."""
+    warnings = tuple(
+        f"model.cache: unknown annotation {key} is ignored (known: {', '.join(ann.USER_KEYS)})"
+        for key in annotations
+        if key.startswith(ann.PREFIX) and key not in ann.USER_KEYS and key != ann.STATUS
+    )
+    models = read_models(annotations.get(ann.REF, ""), settings)
+    mount_path = _read_mount_path(annotations, settings)
+    containers = _read_containers(annotations, spec)
+
+    raw_mode = annotations.get(ann.MODE)
+    mode = settings.default_mode if raw_mode is None else raw_mode.strip()
+    if mode not in ann.MODES:
+        raise Denied(f"{ann.MODE} is {raw_mode!r}: use auto, image-volume or init-container")
+
+    raw_cache = annotations.get(ann.CACHE)
+    try:
+        cache, claim = ann.parse_cache(settings.default_cache if raw_cache is None else raw_cache)
+    except ValueError as exc:
+        raise Denied(f"{ann.CACHE} is {raw_cache!r}: {exc}") from exc
+
+    plan = Plan(models, mount_path, containers, mode, raw_mode is not None, cache, claim, raw_cache is not None)
+    return plan, warnings
+
+
+# --- small helpers over the raw dict -----------------------------------------------------------------------------
+
+
+def _dns_label(text: str) -> str:
+    return _NOT_DNS.sub("-", text.lower()).strip("-")
+
+
+def unique_name(base: str, taken: set[str]) -> str:
+    """A DNS label from ``base`` not in ``taken`` (then added to it): ``base``, ``base-2``, ``base-3``, ..."""
+    stem = _dns_label(base)[:63].rstrip("-") or "model"
+    name, n = stem, 1
+    while name in taken:
+        n += 1
+        suffix = f"-{n}"
+        name = stem[: 63 - len(suffix)].rstrip("-") + suffix
+    taken.add(name)
+    return name
+
+
+def _targets(spec: dict[str, Any], names: tuple[str, ...]) -> list[dict[str, Any]]:
+    wanted = set(names)
+    return [c for key in ("containers", "initContainers") for c in spec.get(key) or () if c["name"] in wanted]
+
+
+def _check_mount_paths(targets: list[dict[str, Any]], plan: Plan) -> None:
+    for container in targets:
+        for mount in container.get("volumeMounts") or ():
+            for model in plan.models:
+                if posixpath.normpath(mount["mountPath"]) == plan.path(model):
+                    raise Denied(
+                        f"container {container['name']!r} already mounts volume {mount['name']!r} at"
+                        f" {plan.path(model)}, where model {model.name!r} would go; set {ann.MOUNT_PATH} to another"
+                        f" directory or rename the model with name=REF in {ann.REF}"
+                    )
+
+
+# --- injectors ---------------------------------------------------------------------------------------------------
+
+
+def _add_mounts(targets: list[dict[str, Any]], mounts: list[dict[str, Any]]) -> None:
+    for container in targets:
+        container["volumeMounts"] = [*(container.get("volumeMounts") or ()), *copy.deepcopy(mounts)]
+
+
+def _add_env(targets: list[dict[str, Any]], plan: Plan) -> list[str]:
+    wanted = [(m.env, plan.path(m)) for m in plan.models]
+    if len(plan.models) == 1:
+        wanted.insert(0, (ann.ENV_SINGLE, plan.path(plan.models[0])))
+    warnings = []
+    for container in targets:
+        env = list(container.get("env") or ())
+        have = {e["name"] for e in env}
+        kept = [name for name, _ in wanted if name in have]
+        if kept:
+            warnings.append(
+                f"model.cache: container {container['name']!r} already sets {', '.join(kept)}; left as the pod"
+                " defines it"
+            )
+        env.extend({"name": name, "value": value} for name, value in wanted if name not in have)
+        container["env"] = env
+    return warnings
+
+
+def _inject_image_volumes(spec: dict[str, Any], targets: list[dict[str, Any]], plan: Plan) -> None:
+    taken = {v["name"] for v in spec.get("volumes") or ()}
+    volumes, mounts = [], []
+    for model in plan.models:
+        name = unique_name(MODEL_VOLUME + model.name, taken)
+        volumes.append({"name": name, "image": {"reference": str(model.ref), "pullPolicy": "IfNotPresent"}})
+        mounts.append({"name": name, "mountPath": plan.path(model), "readOnly": True})
+    spec["volumes"] = [*(spec.get("volumes") or ()), *volumes]
+    _add_mounts(targets, mounts)
+
+
+def loader_security_context(as_root: bool, settings: Settings) -> dict[str, Any]:
+    uid = 0 if as_root else settings.loader_run_as_user
+    return {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": not as_root,
+        "runAsUser": uid,
+        "runAsGroup": uid,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def _cache_volume(name: str, cache: str, claim: str | None, settings: Settings) -> dict[str, Any]:
+    if cache == ann.CACHE_NODE:
+        return {"name": name, "hostPath": {"path": settings.node_cache_path, "type": "DirectoryOrCreate"}}
+    if cache == ann.CACHE_POD:
+        return {"name": name, "emptyDir": {}}
+    return {"name": name, "persistentVolumeClaim": {"claimName": claim}}
+
+
+def _inject_loader(
+    spec: dict[str, Any], targets: list[dict[str, Any]], plan: Plan, cache: str, settings: Settings
+) -> None:
+    taken = {v["name"] for v in spec.get("volumes") or ()}
+    cache_name = unique_name(CACHE_VOLUME, taken)
+    volumes = [_cache_volume(cache_name, cache, plan.claim, settings)]
+    loader_mounts = [{"name": cache_name, "mountPath": contract.CACHE_MOUNT}]
+    config_args: list[str] = []
+    for secret in dict.fromkeys(s.get("name") for s in spec.get("imagePullSecrets") or () if s.get("name")):
+        vol = unique_name(PULL_SECRET_VOLUME + secret, taken)
+        # optional: a pull secret meant only for the app image, or of the legacy .dockercfg type, must not keep the
+        # pod from starting; the loader skips a --docker-config file that is not there.
+        volumes.append(
+            {
+                "name": vol,
+                "secret": {
+                    "secretName": secret,
+                    "items": [{"key": DOCKERCONFIGJSON_KEY, "path": DOCKER_CONFIG_FILE}],
+                    "optional": True,
+                },
+            }
+        )
+        directory = posixpath.join(contract.DOCKER_CONFIG_MOUNT, secret)
+        loader_mounts.append({"name": vol, "mountPath": directory, "readOnly": True})
+        config_args += [contract.FLAG_DOCKER_CONFIG, posixpath.join(directory, DOCKER_CONFIG_FILE)]
+
+    container_names = {c["name"] for key in ("containers", "initContainers", "ephemeralContainers") for c in spec.get(key) or ()}
+    refs = list(dict.fromkeys(str(m.ref) for m in plan.models))
+    loader = {
+        "name": unique_name(LOADER_NAME, container_names),
+        "image": settings.loader_image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": [contract.PROGRAM],
+        "args": [
+            contract.PULL,
+            *refs,
+            contract.FLAG_CACHE,
+            contract.CACHE_MOUNT,
+            contract.FLAG_OUTPUT,
+            LOADER_OUTPUT,
+            contract.FLAG_CONCURRENCY,
+            str(settings.loader_concurrency),
+            *config_args,
+        ],
+        "resources": {
+            "requests": {"cpu": settings.loader_cpu_request, "memory": settings.loader_memory_request},
+            "limits": {"cpu": settings.loader_cpu_limit, "memory": settings.loader_memory_limit},
+        },
+        "securityContext": loader_security_context(cache == ann.CACHE_NODE, settings),
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "volumeMounts": loader_mounts,
+    }
+    # First among the init containers: later init containers and native sidecars may read the model.
+    spec["initContainers"] = [loader, *(spec.get("initContainers") or ())]
+    spec["volumes"] = [*(spec.get("volumes") or ()), *volumes]
+    _add_mounts(
+        targets,
+        [
+            {"name": cache_name, "mountPath": plan.path(m), "subPath": contract.ref_subpath(m.ref), "readOnly": True}
+            for m in plan.models
+        ],
+    )
+
+
+def _effective_cache(plan: Plan, namespace: str, namespace_labels: Mapping[str, str] | None) -> tuple[str, list[str]]:
+    level = (namespace_labels or {}).get(ann.PSA_ENFORCE_LABEL, "")
+    if plan.cache == ann.CACHE_NODE and level in ann.PSA_NO_HOSTPATH_LEVELS:
+        where = f"namespace {namespace!r}" if namespace else "the namespace"
+        return ann.CACHE_POD, [
+            f"model.cache: {where} enforces Pod Security {level!r}, which forbids hostPath volumes; using a"
+            " per-pod cache (emptyDir), so every pod downloads the model (use pvc:<claim> in"
+            f" {ann.CACHE} to share one)"
+        ]
+    return plan.cache, []
+
+
+# --- the whole mutation ------------------------------------------------------------------------------------------
+
+
+def _cache_text(cache: str, claim: str | None) -> str:
+    return f"pvc:{claim}" if cache == "pvc" else cache
+
+
+def plan_pod(
+    pod: Mapping[str, Any], settings: Settings, snapshot: Snapshot
+) -> tuple[Plan, Choice, tuple[str, ...]] | None:
+    """The plan and the chosen path for a pod, or None when the pod asks for nothing or was already mutated."""
+    annotations = (pod.get("metadata") or {}).get("annotations") or {}
+    if ann.STATUS in annotations or ann.REF not in annotations:
+        return None
+    spec = pod.get("spec") or {}
+    plan, warnings = read_plan(annotations, spec, settings)
+    choice = choose_mode(plan.mode, spec, snapshot, settings, explicit=plan.mode_explicit)
+    return plan, choice, warnings
+
+
+def mutate_pod(
+    pod: dict[str, Any], namespace: str, namespace_labels: Mapping[str, str] | None, snapshot: Snapshot, settings: Settings
+) -> Outcome:
+    """Rewrite a pod (a dict shaped like a Pod, e.g. from request.object) so its models are mounted.
+
+    ``namespace_labels`` is None when the namespace is not in the inventory: then no Pod Security restriction is
+    assumed. Raises Denied for invalid annotations or an impossible explicit image-volume request.
+    """
+    annotations = (pod.get("metadata") or {}).get("annotations") or {}
+    if ann.STATUS in annotations:
+        return Outcome(pod, (), None, f"already mutated ({annotations[ann.STATUS]})")
+    planned = plan_pod(pod, settings, snapshot)
+    if planned is None:
+        return Outcome(pod, (), None, f"no {ann.REF} annotation")
+    plan, choice, plan_warnings = planned
+
+    new = copy.deepcopy(pod)
+    spec = new["spec"] = new.get("spec") or {}
+    targets = _targets(spec, plan.containers)
+    _check_mount_paths(targets, plan)
+    warnings = [*plan_warnings, *choice.warnings]
+
+    if choice.mode == ann.IMAGE_VOLUME:
+        if plan.cache_explicit and plan.mode_explicit:
+            warnings.append(f"model.cache: {ann.CACHE} is ignored: the model is mounted as an image volume")
+        _inject_image_volumes(spec, targets, plan)
+        reason = choice.reason
+    else:
+        cache, psa_warnings = _effective_cache(plan, namespace, namespace_labels)
+        warnings += psa_warnings
+        _inject_loader(spec, targets, plan, cache, settings)
+        reason = f"{choice.reason}; cache {_cache_text(cache, plan.claim)}"
+    warnings += _add_env(targets, plan)
+
+    outcome = Outcome(new, tuple(warnings), choice.mode, reason)
+    meta = new["metadata"] = new.get("metadata") or {}
+    meta["annotations"] = {**(meta.get("annotations") or {}), ann.STATUS: outcome.status}
+    return outcome

@@ -1,0 +1,298 @@
+"""Pure reasoning over the node inventory: where could this pod ever run, and can all of those nodes mount images.
+
+A mutating webhook runs before the scheduler, so it cannot know the node. It can know the set of nodes the pod
+is allowed on (``spec.nodeName``, ``nodeSelector``, required node affinity, taints against tolerations) and take
+the image-volume path only when every one of them can mount an OCI artifact. Every rule here errs towards
+*including* a node, because a wrongly included node costs an init container while a wrongly excluded one can
+hand a pod a volume its node cannot mount:
+
+- the taints Kubernetes sets for transient conditions (not-ready, unreachable, pressure, network-unavailable,
+  cordoning, cloud-provider initialisation) and cordoning itself do not remove a node: a joining or recovering
+  node is exactly where a scaled-out replica lands;
+- operators this code does not know (a newer Kubernetes may add some) match instead of excluding.
+
+Image-volume capable: CRI-O 1.33+ (it mounts OCI artifacts as files) with a 1.35+ kubelet (the ImageVolume gate
+is on by default), unless the node label ``model.cache/image-volume=true|false`` says otherwise. containerd
+cannot mount non-image artifacts, whatever its version.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+from webhook import annotations as ann
+from webhook.config import Settings
+from webhook.errors import Denied
+from webhook.snapshot import NodeInfo, Snapshot, Taint
+
+TRANSIENT_TAINTS = frozenset(
+    {
+        "node.kubernetes.io/not-ready",
+        "node.kubernetes.io/unreachable",
+        "node.kubernetes.io/memory-pressure",
+        "node.kubernetes.io/disk-pressure",
+        "node.kubernetes.io/pid-pressure",
+        "node.kubernetes.io/network-unavailable",
+        "node.kubernetes.io/unschedulable",
+        "node.cloudprovider.kubernetes.io/uninitialized",  # a joining node until the cloud controller is done
+    }
+)
+BLOCKING_EFFECTS = frozenset({"NoSchedule", "NoExecute"})
+CRIO = "cri-o"
+CONTAINERD = "containerd"
+NAMES_IN_MESSAGES = 3  # then "and N more"
+_MEMO_LIMIT = 4096
+
+
+class Choice(NamedTuple):
+    mode: str  # ann.IMAGE_VOLUME or ann.INIT_CONTAINER
+    reason: str  # one line, recorded in the STATUS annotation
+    warnings: tuple[str, ...]
+
+
+# --- capability --------------------------------------------------------------------------------------------------
+
+
+class _Why(NamedTuple):
+    """Why a node can or cannot mount image volumes, phrased so counts can be put in front of it."""
+
+    singular: str  # "runs containerd 2.0"
+    plural: str  # "run containerd 2.0"
+    short: str  # "containerd 2.0", for per-node lists
+
+
+def _version_text(v: tuple[int, ...] | None) -> str:
+    return ".".join(str(p) for p in v[:2]) if v else "(version unknown)"
+
+
+def _assess(node: NodeInfo, settings: Settings) -> tuple[bool, _Why]:
+    label = node.labels.get(ann.IMAGE_VOLUME_LABEL, "").strip().lower()
+    if label in ("true", "false"):
+        text = f"labelled {ann.IMAGE_VOLUME_LABEL}={label}"
+        return label == "true", _Why(f"is {text}", f"are {text}", text)
+    runtime = node.runtime_text
+    if node.runtime != CRIO:
+        return False, _Why(f"runs {runtime}", f"run {runtime}", runtime)
+    if node.runtime_version is None or node.runtime_version[:2] < settings.min_crio:
+        text = f"cri-o {_version_text(node.runtime_version)}"
+        return False, _Why(f"runs {text}", f"run {text}", f"{text}, needs {settings.image_volume_min_crio}+")
+    if node.kubelet_version is None or node.kubelet_version[:2] < settings.min_kubelet:
+        text = f"kubelet {_version_text(node.kubelet_version)}"
+        return False, _Why(f"runs {text}", f"run {text}", f"{text}, needs {settings.image_volume_min_kubelet}+")
+    return True, _Why(f"runs {runtime}", f"run {runtime}", runtime)
+
+
+def is_image_volume_capable(node: NodeInfo, settings: Settings) -> bool:
+    """True when the node's runtime and kubelet can mount an OCI artifact as a volume (or the admin says so)."""
+    return _assess(node, settings)[0]
+
+
+# --- candidates --------------------------------------------------------------------------------------------------
+
+
+def _requirement(req: Mapping[str, Any], values: Mapping[str, str]) -> bool:
+    key, op = req.get("key") or "", req.get("operator") or ""
+    vals = req.get("values") or ()
+    present = key in values
+    if op == "In":
+        return present and values[key] in vals
+    if op == "NotIn":
+        return not present or values[key] not in vals
+    if op == "Exists":
+        return present
+    if op == "DoesNotExist":
+        return not present
+    if op in ("Gt", "Lt"):
+        # As the scheduler does: exactly one integer value, an integer label, else no match.
+        if not present or len(vals) != 1:
+            return False
+        try:
+            have, want = int(values[key]), int(vals[0])
+        except ValueError:
+            return False
+        return have > want if op == "Gt" else have < want
+    return True  # an operator newer than this code: include the node
+
+
+def _term(term: Mapping[str, Any], node: NodeInfo) -> bool:
+    exprs = term.get("matchExpressions") or ()
+    fields = term.get("matchFields") or ()
+    if not exprs and not fields:
+        return False  # Kubernetes: an empty term matches no node
+    return all(_requirement(e, node.labels) for e in exprs) and all(_requirement(f, node.fields) for f in fields)
+
+
+def _tolerates(tol: Mapping[str, Any], taint: Taint) -> bool:
+    # Kubernetes' Toleration.ToleratesTaint, except that an unknown operator tolerates (see the module docstring).
+    effect = tol.get("effect") or ""
+    if effect and effect != taint.effect:
+        return False
+    key = tol.get("key") or ""
+    if key and key != taint.key:
+        return False
+    op = tol.get("operator") or "Equal"
+    if op == "Equal":
+        return (tol.get("value") or "") == taint.value
+    return True  # Exists, or an operator newer than this code
+
+
+def blocking_taints(node: NodeInfo) -> tuple[Taint, ...]:
+    return tuple(t for t in node.taints if t.effect in BLOCKING_EFFECTS and t.key not in TRANSIENT_TAINTS)
+
+
+def _required_terms(pod_spec: Mapping[str, Any]) -> Sequence[Mapping[str, Any]] | None:
+    affinity = pod_spec.get("affinity") or {}
+    node_affinity = affinity.get("nodeAffinity") or {}
+    required = node_affinity.get("requiredDuringSchedulingIgnoredDuringExecution")
+    if required is None:
+        return None
+    return required.get("nodeSelectorTerms") or ()
+
+
+def candidate_nodes(pod_spec: Mapping[str, Any], snapshot: Snapshot) -> tuple[NodeInfo, ...]:
+    """The nodes in the snapshot this pod could ever run on (see the module docstring for what is ignored)."""
+    node_name = pod_spec.get("nodeName") or ""
+    selector = pod_spec.get("nodeSelector") or {}
+    terms = _required_terms(pod_spec)
+    tolerations = pod_spec.get("tolerations") or ()
+    out = []
+    for node in snapshot.nodes:
+        if node_name and node.name != node_name:
+            continue
+        labels = node.labels
+        if selector and any(labels.get(k) != v for k, v in selector.items()):
+            continue
+        if terms is not None and not any(_term(t, node) for t in terms):
+            continue
+        # A pod bound with nodeName bypasses the scheduler, so taints do not keep it off that node.
+        if not node_name and node.taints:
+            if not all(any(_tolerates(tol, taint) for tol in tolerations) for taint in blocking_taints(node)):
+                continue
+        out.append(node)
+    return tuple(out)
+
+
+# --- the decision ------------------------------------------------------------------------------------------------
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def _grouped(nodes: Sequence[tuple[NodeInfo, _Why]], total: int, all_capable: bool) -> str:
+    """"all 4 candidate nodes run cri-o 1.34" / "2 of 5 candidate nodes run containerd 2.0" / mixed reasons."""
+    groups = Counter(why for _, why in nodes)
+    k = len(nodes)
+    if k == total == 1:
+        head, verb_plural = "the one candidate node", False
+    elif k == total:
+        head, verb_plural = f"all {total} candidate nodes", True
+    else:
+        head, verb_plural = f"{k} of {total} candidate nodes", k != 1
+    if len(groups) == 1:
+        (why,) = groups
+        return f"{head} {why.plural if verb_plural else why.singular}"
+    parts = ", ".join(f"{n} {why.plural if n != 1 else why.singular}" for why, n in groups.most_common())
+    what = "can" if all_capable else "cannot"
+    return f"{head} {what} mount image volumes: {parts}"
+
+
+def _names(nodes: Sequence[tuple[NodeInfo, _Why]], detail: bool = True) -> str:
+    shown = ", ".join(f"{node.name} ({why.short})" if detail else node.name for node, why in nodes[:NAMES_IN_MESSAGES])
+    rest = len(nodes) - NAMES_IN_MESSAGES
+    return f"{shown} and {rest} more" if rest > 0 else shown
+
+
+def _scheduling_key(pod_spec: Mapping[str, Any]) -> str:
+    affinity = pod_spec.get("affinity") or {}
+    return json.dumps(
+        [
+            pod_spec.get("nodeName"),
+            pod_spec.get("nodeSelector"),
+            (affinity.get("nodeAffinity") or {}).get("requiredDuringSchedulingIgnoredDuringExecution"),
+            pod_spec.get("tolerations"),
+        ],
+        sort_keys=True,
+        separators=(",", ":"),
+    )
+
+
+def choose_mode(mode: str, pod_spec: Mapping[str, Any], snapshot: Snapshot, settings: Settings, explicit: bool = True) -> Choice:
+    """Pick the path for a pod: returns Choice(mode, reason, warnings), or raises Denied.
+
+    ``mode`` is what was asked for (auto, image-volume or init-container); ``explicit`` says whether the pod's
+    annotation asked (True) or the cluster default did, which only changes the wording. ``auto`` takes the image
+    volume only when every candidate node is capable. An explicit ``image-volume`` is denied when some candidate
+    is not; when the inventory cannot tell (not synced, empty, no node matches: a pool scaled to zero) the
+    request is honoured with a warning, because denying would block scale-from-zero pools.
+    """
+    key = (mode, explicit, settings.min_crio, settings.min_kubelet, _scheduling_key(pod_spec))
+    memo = snapshot.memo
+    hit = memo.get(key)
+    if hit is None:
+        try:
+            hit = _choose(mode, pod_spec, snapshot, settings, explicit)
+        except Denied as exc:
+            hit = exc
+        if len(memo) >= _MEMO_LIMIT:
+            memo.clear()
+        memo[key] = hit
+    if isinstance(hit, Denied):
+        raise Denied(hit.message)
+    return hit
+
+
+def _choose(mode: str, pod_spec: Mapping[str, Any], snapshot: Snapshot, settings: Settings, explicit: bool) -> Choice:
+    asked = f"requested by {ann.MODE}" if explicit else "the cluster default mode"
+    if mode == ann.INIT_CONTAINER:
+        return Choice(ann.INIT_CONTAINER, asked, ())
+
+    if not snapshot.synced:
+        unknown = "the node inventory has not synced yet"
+    elif not snapshot.nodes:
+        unknown = "the node inventory is empty"
+    else:
+        candidates = candidate_nodes(pod_spec, snapshot)
+        unknown = "" if candidates else "no node in the inventory matches the pod's nodeName, nodeSelector, affinity and tolerations"
+    if unknown:
+        if mode == ann.IMAGE_VOLUME:
+            return Choice(
+                ann.IMAGE_VOLUME,
+                f"{asked}; not checked: {unknown}",
+                (f"model.cache: {unknown}, so whether the pod's node can mount image volumes was not checked",),
+            )
+        return Choice(
+            ann.INIT_CONTAINER,
+            unknown,
+            (f"model.cache: {unknown}; using the init container, which works on every node",),
+        )
+
+    assessed = [(node, *_assess(node, settings)) for node in candidates]
+    capable = [(node, why) for node, ok, why in assessed if ok]
+    incapable = [(node, why) for node, ok, why in assessed if not ok]
+    total = len(candidates)
+
+    if not incapable:
+        reason = _grouped(capable, total, all_capable=True)
+        return Choice(ann.IMAGE_VOLUME, f"{asked}; {reason}" if mode == ann.IMAGE_VOLUME else reason, ())
+
+    reason = _grouped(incapable, total, all_capable=False)
+    if mode == ann.IMAGE_VOLUME:
+        where = f"{ann.MODE} is 'image-volume'" if explicit else "the cluster default mode is image-volume"
+        raise Denied(
+            f"{where} but {_plural(len(incapable), 'candidate node')} of {total} cannot mount image volumes: "
+            f"{_names(incapable)}; set {ann.MODE} to auto or init-container, or restrict the pod (nodeSelector,"
+            f" node affinity) to nodes running cri-o {settings.image_volume_min_crio}+ with kubelet"
+            f" {settings.image_volume_min_kubelet}+"
+        )
+    warnings: tuple[str, ...] = ()
+    if capable:
+        # A mixed set is actionable: the app team can narrow the pod to the capable pool.
+        warnings = (
+            f"model.cache: using an init container because {reason} ({_names(incapable, detail=False)});"
+            " restrict the pod to image-volume capable nodes to mount the model directly",
+        )
+    return Choice(ann.INIT_CONTAINER, reason, warnings)
