@@ -1,0 +1,148 @@
+"""Auth against real registries: htpasswd (basic) and token (bearer) auth, credentials from docker config files,
+token refresh, and no credential ever in a log line or an error."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import requests
+
+from loader.credentials import load_docker_configs
+from loader.errors import AuthError
+from loader.log import Logger
+from loader.pull import PullOptions, pull
+from tests.support.auth_registry import start_htpasswd_registry, start_token_registry
+from tests.support.oci import Pusher, file_layer
+from tests.test_pull import tree
+
+USERS = {"alice": "alice-secret-pw", "bob": "bob-secret-pw"}
+DATA = {"w.bin": os.urandom(3 << 20), "config.json": b"{}"}
+
+
+def docker_config(tmp_path, host, user, password, name="config.json"):
+    d = tmp_path / f"cfg-{user}"
+    d.mkdir(exist_ok=True)
+    auth = base64.b64encode(f"{user}:{password}".encode()).decode()
+    (d / name).write_text(json.dumps({"auths": {host: {"auth": auth}}}))
+    return d
+
+
+def session(reg, auth=None, bearer=None):
+    s = requests.Session()
+    s.trust_env = False
+    s.verify = reg.verify
+    if auth:
+        s.auth = auth
+    if bearer:
+        s.headers["Authorization"] = f"Bearer {bearer}"
+    return s
+
+
+def run(ref, cache, creds, **kw):
+    stream = io.StringIO()
+    opts = dict(progress="none", concurrency=4, credentials=creds)
+    opts.update(kw)
+    try:
+        return pull(ref, PullOptions(cache=cache, **opts), Logger(stream, level="debug")), stream.getvalue()
+    finally:
+        for pw in USERS.values():
+            assert pw not in stream.getvalue()
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["http", "https"])
+def basic_registry(request):
+    with start_htpasswd_registry(USERS, tls=request.param) as reg:
+        Pusher(reg.url, session=session(reg, ("alice", USERS["alice"]))).push_artifact(
+            "private/model", "v1", [file_layer(n, d) for n, d in DATA.items()])
+        reg.tls = request.param
+        yield reg
+
+
+def test_basic_auth_with_docker_config(basic_registry, tmp_path):
+    reg = basic_registry
+    creds = load_docker_configs([str(docker_config(tmp_path, reg.host, "alice", USERS["alice"]))], {})
+    res, _ = run(f"{reg.host}/private/model:v1", tmp_path / "c", creds, plain_http=not reg.tls, insecure=reg.tls)
+    assert tree(res.path) == DATA
+
+
+def test_basic_auth_missing_and_wrong_credentials(basic_registry, tmp_path):
+    reg = basic_registry
+    ref = f"{reg.host}/private/model:v1"
+    with pytest.raises(AuthError) as e:
+        run(ref, tmp_path / "c", None, plain_http=not reg.tls, insecure=reg.tls)
+    assert f"registry {reg.host} requires credentials for {ref} and none are configured" in str(e.value)
+    wrong = load_docker_configs([str(docker_config(tmp_path, reg.host, "alice", "bob-secret-pw"))], {})
+    with pytest.raises(AuthError) as e:
+        run(ref, tmp_path / "c", wrong, plain_http=not reg.tls, insecure=reg.tls)
+    assert "rejected the configured ones" in str(e.value) and "bob-secret-pw" not in str(e.value)
+
+
+@pytest.fixture(scope="module")
+def token_registry():
+    with start_token_registry(USERS, public_repos={"public/model"}) as reg:
+        ts = reg.token_server
+        for repo in ("private/model", "public/model"):
+            tok = requests.get(ts.realm, params={"service": ts.service, "scope": f"repository:{repo}:pull,push"},
+                               auth=("alice", USERS["alice"])).json()["token"]
+            Pusher(reg.url, session=session(reg, bearer=tok)).push_artifact(
+                repo, "v1", [file_layer(n, d) for n, d in DATA.items()])
+        yield reg
+
+
+def test_token_auth_private_repo_one_token_for_all_workers(token_registry, tmp_path):
+    reg, ts = token_registry, token_registry.token_server
+    creds = load_docker_configs([str(docker_config(tmp_path, reg.host, "bob", USERS["bob"]))], {})
+    before = ts.tokens_issued
+    res, _ = run(f"{reg.host}/private/model:v1", tmp_path / "c", creds)
+    assert tree(res.path) == DATA
+    assert ts.tokens_issued - before == 1  # cached per scope, shared by every download thread
+
+
+def test_token_auth_anonymous_public_repo(token_registry, tmp_path):
+    res, _ = run(f"{token_registry.host}/public/model:v1", tmp_path / "c", None)
+    assert tree(res.path) == DATA
+
+
+def test_token_auth_refused(token_registry, tmp_path):
+    reg = token_registry
+    with pytest.raises(AuthError) as e:
+        run(f"{reg.host}/private/model:v1", tmp_path / "c", None)
+    assert "anonymous access" in str(e.value) or "refused access" in str(e.value)
+    wrong = load_docker_configs([str(docker_config(tmp_path, reg.host, "bob", "nope"))], {})
+    with pytest.raises(AuthError) as e:
+        run(f"{reg.host}/private/model:v1", tmp_path / "c2", wrong)
+    assert "refused the configured credentials" in str(e.value)
+
+
+def test_expired_token_is_refreshed(token_registry, tmp_path):
+    reg, ts = token_registry, token_registry.token_server
+    creds = load_docker_configs([str(docker_config(tmp_path, reg.host, "alice", USERS["alice"]))], {})
+    ts.issue_expired = 1  # the registry rejects the first token: the loader must fetch a new one and go on
+    before = ts.tokens_issued
+    res, _ = run(f"{reg.host}/private/model:v1", tmp_path / "c", creds)
+    assert tree(res.path) == DATA
+    assert ts.tokens_issued - before == 2
+
+
+def test_cli_reads_pull_secret_mount_and_docker_config_env(token_registry, tmp_path):
+    """The webhook mounts each imagePullSecret's .dockerconfigjson in a directory and passes --docker-config."""
+    reg = token_registry
+    secret_dir = docker_config(tmp_path, reg.host, "alice", USERS["alice"], name=".dockerconfigjson")
+    base = [sys.executable, "-m", "loader.cli", "pull", f"{reg.host}/private/model:v1", "--progress", "none"]
+    out = subprocess.run(base + ["--cache", str(tmp_path / "c1"), "--docker-config", str(secret_dir)],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    env_dir = docker_config(tmp_path, reg.host, "bob", USERS["bob"])
+    env = {**os.environ, "DOCKER_CONFIG": str(env_dir)}
+    out = subprocess.run(base + ["--cache", str(tmp_path / "c2")], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    out = subprocess.run(base + ["--cache", str(tmp_path / "c3")], capture_output=True, text=True,
+                         env={**os.environ, "HOME": str(tmp_path), "DOCKER_CONFIG": str(tmp_path / "none")})
+    assert out.returncode == 3, out.stderr
+    assert "refused access" in out.stderr and "imagePullSecrets" in out.stderr and USERS["alice"] not in out.stderr
