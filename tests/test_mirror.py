@@ -1,0 +1,64 @@
+"""--mirror HOST=URL: a real pull-through mirror (a second docker-registry with proxy.remoteurl) is tried first;
+a dead or failing mirror falls back to the registry itself."""
+
+from __future__ import annotations
+
+import io
+import os
+
+import pytest
+
+from loader.log import Logger
+from loader.pull import PullOptions, pull
+from tests.support.faultproxy import FaultProxy
+from tests.support.oci import Pusher, file_layer
+from tests.support.registry import free_port, start_registry
+from tests.test_pull import tree
+
+DATA = {"w.bin": os.urandom(4 << 20), "tok/t.json": b"{}"}
+
+
+@pytest.fixture(scope="module")
+def upstream_and_mirror():
+    upstream = start_registry()
+    Pusher(upstream.url).push_artifact("models/m", "v1", [file_layer(n, d) for n, d in DATA.items()])
+    mirror = start_registry(extra_config=f"proxy: {{remoteurl: {upstream.url}}}\n")
+    yield upstream, mirror
+    mirror.cleanup()
+    upstream.cleanup()
+
+
+def run(ref, cache, mirrors):
+    stream = io.StringIO()
+    res = pull(ref, PullOptions(cache=cache, progress="none", plain_http=True, mirrors=mirrors), Logger(stream))
+    return res, stream.getvalue()
+
+
+def test_mirror_is_used_first(upstream_and_mirror, tmp_path):
+    upstream, mirror = upstream_and_mirror
+    with FaultProxy(upstream.url) as up, FaultProxy(mirror.url) as mp:
+        res, log = run(f"{up.host}/models/m:v1", tmp_path, {up.host: [mp.url]})
+        assert tree(res.path) == DATA
+        assert up.requests == []  # nothing reached the registry itself
+        assert len(mp.blob_requests()) == 2
+        assert all(f"ns={up.host}".replace(":", "%3A") in r.path for r in mp.requests)
+        assert "mirror.fallback" not in log
+
+
+def test_dead_mirror_falls_back_to_registry(upstream_and_mirror, tmp_path):
+    upstream, _ = upstream_and_mirror
+    dead = f"http://127.0.0.1:{free_port()}"
+    with FaultProxy(upstream.url) as up:
+        res, log = run(f"{up.host}/models/m:v1", tmp_path, {up.host: [dead]})
+        assert tree(res.path) == DATA
+        assert len(up.blob_requests()) == 2
+        assert f"event=mirror.fallback mirror={dead[7:]} registry={up.host}" in log
+
+
+def test_failing_mirror_falls_back_per_request(upstream_and_mirror, tmp_path):
+    upstream, mirror = upstream_and_mirror
+    with FaultProxy(upstream.url) as up, FaultProxy(mirror.url) as mp:
+        mp.set_faults(status_503=100, status_503_match="/blobs/", retry_after="0")
+        res, log = run(f"{up.host}/models/m:v1", tmp_path, {up.host: [mp.url]})
+        assert tree(res.path) == DATA
+        assert len(up.blob_requests()) == 2 and "mirror.fallback" in log
