@@ -332,12 +332,20 @@ def test_token_bad_credentials_refused(token_registry):
 
 def test_token_expired_is_refused_by_registry(token_registry):
     reg, ts = token_registry, token_registry.token_server
+    scope = ["repository:private/expiry:pull,push"]
+    push_and_pull(reg, session_for(reg, bearer=get_token(reg, scope, ("alice", "alice-pw")).json()["token"]),
+                  "private/expiry")
     ts.issue_expired = 1
-    stale = get_token(reg, ["repository:public/model:pull"], ("alice", "alice-pw")).json()["token"]
-    fresh = get_token(reg, ["repository:public/model:pull"], ("alice", "alice-pw")).json()["token"]
-    r = session_for(reg, bearer=stale).get(f"{reg.url}/v2/public/model/tags/list")
-    assert (r.status_code, r.headers["WWW-Authenticate"].endswith('error="invalid_token"')) == (401, True)
-    assert session_for(reg, bearer=fresh).get(f"{reg.url}/v2/public/model/tags/list").status_code in (200, 404)
+    stale = get_token(reg, scope, ("alice", "alice-pw")).json()["token"]
+    fresh = get_token(reg, scope, ("alice", "alice-pw")).json()["token"]
+    r = session_for(reg, bearer=stale).get(f"{reg.url}/v2/private/expiry/tags/list")
+    assert (r.status_code, r.headers["WWW-Authenticate"]) == (
+        401,
+        f'Bearer realm="{ts.realm}",service="{ts.service}",scope="repository:private/expiry:pull",'
+        'error="invalid_token"',
+    )
+    r = session_for(reg, bearer=fresh).get(f"{reg.url}/v2/private/expiry/tags/list")
+    assert (r.status_code, r.json()) == (200, {"name": "private/expiry", "tags": ["v1"]})
     assert [t.expired for t in ts.issued[-2:]] == [True, False]
 
 
