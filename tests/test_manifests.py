@@ -9,17 +9,23 @@ schemas, so their shape is asserted here instead.
 
 from __future__ import annotations
 
+import base64
 import functools
+import json
 import os
+import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import celpy
+import jsonpatch
 import kubernetes_validate
 import pytest
 import yaml
+from cryptography import x509
 
-from webhook import annotations
+from webhook import annotations, certs
 from webhook.config import Settings, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -639,3 +645,127 @@ def test_overlays_change_only_what_they_say():
     for kid in ("cert-manager", "manual-certs", "pvc-cache"):
         assert strip(kid, varying) == strip("base", varying)
 
+
+
+# --- certs/generate.sh (the manual certificate path) ------------------------------------------------------------
+
+GENERATE = ROOT / "certs" / "generate.sh"
+SERVICE_NAMES = [NAME, f"{NAME}.{NAMESPACE}", f"{NAME}.{NAMESPACE}.svc", f"{NAME}.{NAMESPACE}.svc.cluster.local"]
+
+
+def run_generate(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, Path]:
+    """Run the script with the installed model-cache-webhook and a kubectl that renders locally (create
+    --dry-run is real kubectl) and records every call that would touch a cluster."""
+    bindir, log = tmp_path / "bin", tmp_path / "kubectl.log"
+    bindir.mkdir()
+    real = shutil.which("kubectl")
+    fake = bindir / "kubectl"
+    fake.write_text(f'#!/bin/sh\nif [ "$1" = create ]; then exec {real} "$@"; fi\nprintf "%s\\n" "$*" >> {log}\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bindir}:{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    done = subprocess.run(["bash", str(GENERATE), *args], cwd=tmp_path, env=env, capture_output=True, text=True)
+    return done, log
+
+
+def pem_certs(data: bytes) -> list[x509.Certificate]:
+    return x509.load_pem_x509_certificates(data)
+
+
+def test_generate_writes_secret_and_ca_bundle_patch(tmp_path):
+    done, log = run_generate(tmp_path, "--out", "out")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "wrote out/ca.crt out/tls.crt out/tls.key out/secret.yaml out/cabundle-patch.json",
+        "install with:",
+        "  kubectl patch mutatingwebhookconfiguration model-cache --type=json --patch-file out/cabundle-patch.json",
+        "  kubectl patch validatingwebhookconfiguration model-cache --type=json --patch-file out/cabundle-patch.json",
+        "  kubectl apply -f out/secret.yaml",
+    ]
+    assert not log.exists()  # nothing touched a cluster
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == [
+        "ca-bundle.pem", "ca.crt", "cabundle-patch.json", "secret.yaml", "tls.crt", "tls.key"]
+    assert (out / "tls.key").stat().st_mode & 0o077 == 0
+
+    secret = yaml.safe_load((out / "secret.yaml").read_text())
+    for version in K8S_VERSIONS:
+        assert kubernetes_validate.validate(secret, version, strict=True) == version
+    assert secret == {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "kubernetes.io/tls",
+        "metadata": {"name": TLS_SECRET, "namespace": NAMESPACE, "creationTimestamp": None},
+        "data": {
+            "tls.crt": base64.b64encode((out / "tls.crt").read_bytes()).decode(),
+            "tls.key": base64.b64encode((out / "tls.key").read_bytes()).decode(),
+        },
+    }
+    # The Secret is the one the Deployment mounts.
+    [volume] = [v for v in one("manual-certs", "Deployment", NAME)["spec"]["template"]["spec"]["volumes"]
+                if "secret" in v]
+    assert volume["secret"]["secretName"] == secret["metadata"]["name"]
+
+    ca_pem = (out / "ca.crt").read_bytes()
+    patch = json.loads((out / "cabundle-patch.json").read_text())
+    assert patch == [{"op": "add", "path": "/webhooks/0/clientConfig/caBundle", "value": certs.ca_bundle(ca_pem)}]
+
+    # The patch applies to the installed configurations, which stay valid and now trust exactly this CA, and the
+    # serving certificate is signed by it for every name of the Service.
+    for kind in ("MutatingWebhookConfiguration", "ValidatingWebhookConfiguration"):
+        patched = jsonpatch.apply_patch(one("manual-certs", kind, NAME), patch)
+        for version in K8S_VERSIONS:
+            assert kubernetes_validate.validate(patched, version, strict=True) == version
+        assert base64.b64decode(patched["webhooks"][0]["clientConfig"]["caBundle"]) == ca_pem
+    [ca] = pem_certs(ca_pem)
+    [leaf] = pem_certs((out / "tls.crt").read_bytes())
+    leaf.verify_directly_issued_by(ca)
+    names = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)
+    assert names == SERVICE_NAMES
+
+
+def test_generate_apply_rotates_with_both_cas_trusted(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first, _ = run_generate(tmp_path / "a", "--out", "old")
+    assert first.returncode == 0, first.stderr
+    old_ca = tmp_path / "a" / "old" / "ca.crt"
+    done, log = run_generate(tmp_path / "b", "--out", "new", "--also-trust", str(old_ca), "--apply")
+    assert done.returncode == 0, done.stderr
+    kubectl = "kubectl"  # the fake one, first on PATH
+    # The caBundle widens before the Secret changes, so the pods' old and new certificates are both trusted.
+    assert log.read_text().splitlines() == [
+        "patch mutatingwebhookconfiguration model-cache --type=json --patch-file new/cabundle-patch.json",
+        "patch validatingwebhookconfiguration model-cache --type=json --patch-file new/cabundle-patch.json",
+        "apply -f new/secret.yaml",
+    ]
+    assert done.stdout.splitlines() == [
+        "wrote new/ca.crt new/tls.crt new/tls.key new/secret.yaml new/cabundle-patch.json",
+        f"+ {kubectl} patch mutatingwebhookconfiguration model-cache --type=json --patch-file new/cabundle-patch.json",
+        f"+ {kubectl} patch validatingwebhookconfiguration model-cache --type=json --patch-file new/cabundle-patch.json",
+        f"+ {kubectl} apply -f new/secret.yaml",
+        "once every webhook pod serves the new certificate (the pods re-read it within about two minutes),"
+        " drop the old CA:",
+        f"  {kubectl} patch mutatingwebhookconfiguration model-cache --type=json"
+        " --patch-file new/cabundle-final-patch.json",
+        f"  {kubectl} patch validatingwebhookconfiguration model-cache --type=json"
+        " --patch-file new/cabundle-final-patch.json",
+    ]
+    new = tmp_path / "b" / "new"
+    new_ca = (new / "ca.crt").read_bytes()
+
+    def bundle(name: str) -> bytes:
+        [op] = json.loads((new / name).read_text())
+        return base64.b64decode(op["value"])
+
+    assert bundle("cabundle-patch.json") == new_ca + old_ca.read_bytes()
+    assert bundle("cabundle-final-patch.json") == new_ca
+    assert pem_certs(new_ca) != pem_certs(old_ca.read_bytes())
+
+
+@pytest.mark.parametrize("args", [["--bogus"], ["--out"], ["--also-trust", "missing.crt"]],
+                         ids=["unknown", "missing-value", "missing-ca"])
+def test_generate_rejects_bad_arguments(tmp_path, args):
+    done, log = run_generate(tmp_path, *args)
+    assert done.returncode == 2
+    assert done.stdout == ""
+    assert not log.exists() and not (tmp_path / "out").exists()
