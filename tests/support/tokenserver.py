@@ -24,7 +24,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Iterable, Literal, Mapping
@@ -54,13 +54,6 @@ class IssuedToken:
     requested: tuple[str, ...]  # the raw scope parameters
     grant: str  # "anonymous", "basic", "password", "refresh_token"
     expired: bool
-
-
-@dataclass
-class _Policy:
-    users: dict[str, str]
-    public_repos: set[str]
-    acl: dict[str, dict[str, set[str]]] | None
 
 
 class TokenServer:
