@@ -246,7 +246,7 @@ def choose_mode(mode: str, pod_spec: Mapping[str, Any], snapshot: Snapshot, sett
 
 
 def _choose(mode: str, pod_spec: Mapping[str, Any], snapshot: Snapshot, settings: Settings, explicit: bool) -> Choice:
-    asked = f"requested by {ann.MODE}" if explicit else "the cluster default mode"
+    asked = f"requested by {ann.MODE}" if explicit else f"the cluster default mode is {mode}"
     if mode == ann.INIT_CONTAINER:
         return Choice(ann.INIT_CONTAINER, asked, ())
 

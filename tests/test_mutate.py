@@ -1,0 +1,285 @@
+"""The pod mutation, table-driven over pod fixtures and node fleets, asserting the whole mutated pod.
+
+Inputs live in tests/fixtures/pods/*.yaml (pods) and fleets.yaml (Node objects); the expected result of each case
+(the whole pod, the warnings and the status annotation) is tests/fixtures/pods/expected/<case>.yaml. After an
+intended change, regenerate with ``python -m tests.test_mutate`` and review the diff like code.
+"""
+
+from __future__ import annotations
+
+import copy
+import pathlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import yaml
+
+from webhook import annotations as ann
+from webhook.config import Settings
+from webhook.errors import Denied
+from webhook.mutate import mutate_pod, unique_name
+from webhook.snapshot import EMPTY, Snapshot, snapshot_from
+from tests.support.k8s_validate import assert_valid_pod
+
+FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "pods"
+EXPECTED = FIXTURES / "expected"
+FLEETS: dict[str, list[dict[str, Any]]] = yaml.safe_load((FIXTURES / "fleets.yaml").read_text())
+RESTRICTED = {ann.ENABLED_LABEL: "true", ann.PSA_ENFORCE_LABEL: "restricted"}
+BASELINE = {ann.ENABLED_LABEL: "true", ann.PSA_ENFORCE_LABEL: "baseline"}
+PRIVILEGED = {ann.ENABLED_LABEL: "true", ann.PSA_ENFORCE_LABEL: "privileged"}
+
+
+def load_pod(name: str) -> dict[str, Any]:
+    return yaml.safe_load((FIXTURES / f"{name}.yaml").read_text())
+
+
+def fleet(name: str, synced: bool = True) -> Snapshot:
+    return snapshot_from(FLEETS[name] if name != "none" else [], [], synced=synced)
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    pod: str
+    fleet: str
+    annotations: dict[str, str] = field(default_factory=dict)  # added to (or, with None, removed from) the pod's
+    spec: dict[str, Any] = field(default_factory=dict)  # merged into the pod's spec
+    namespace_labels: dict[str, str] | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+    synced: bool = True
+
+    def inputs(self) -> tuple[dict[str, Any], Snapshot, Settings]:
+        pod = load_pod(self.pod)
+        pod["metadata"]["annotations"].update(self.annotations)
+        pod["spec"].update(copy.deepcopy(self.spec))
+        return pod, fleet(self.fleet, self.synced), Settings(**self.settings)
+
+
+CASES = [
+    Case("single-all-crio", "single", "crio"),
+    Case("single-all-containerd", "single", "containerd"),
+    Case("single-mixed-fleet", "single", "mixed"),
+    Case("single-recovering-node-still-counts", "single", "recovering"),
+    Case("single-tainted-crio-pool-excluded", "single", "tainted"),
+    Case("single-labelled-overrides", "single", "labelled"),
+    Case("single-node-name-containerd", "single", "mixed", spec={"nodeName": "ctrd-a"}),
+    Case("single-node-name-unknown-node", "single", "crio", spec={"nodeName": "elsewhere"}),
+    Case("gpu-crio-tolerated-pool", "gpu-crio", "tainted"),
+    Case("gpu-crio-selector-in-mixed-pool", "gpu-crio", "mixed"),
+    Case("affinity-crio-pool-in-mixed-fleet", "affinity-crio", "mixed"),
+    Case("selector-hostname-narrows-mixed-fleet", "single", "mixed", spec={"nodeSelector": {"kubernetes.io/hostname": "crio-b"}}),
+    Case("affinity-not-in-narrows-mixed-fleet", "single", "mixed", spec={"affinity": {"nodeAffinity": {
+        "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [{"matchExpressions": [
+            {"key": "pool", "operator": "In", "values": ["crio"]},
+            {"key": "kubernetes.io/hostname", "operator": "NotIn", "values": ["crio-old", "kubelet-old"]}]}]}}}}),
+    Case("affinity-all-crio", "affinity-crio", "crio"),
+    Case("daemonset-match-fields", "daemonset-pod", "mixed"),
+    Case("tolerate-all-tainted-fleet", "tolerate-all", "tainted"),
+    Case("multi-all-crio", "multi", "crio"),
+    Case("multi-all-containerd", "multi", "containerd"),
+    Case("mode-init-container-on-crio", "single", "crio", annotations={ann.MODE: "init-container"}),
+    Case("mode-image-volume-on-crio", "single", "crio", annotations={ann.MODE: " image-volume ", ann.CACHE: "pod"}),
+    Case("mode-image-volume-unsynced", "single", "crio", annotations={ann.MODE: "image-volume"}, synced=False),
+    Case("default-mode-init-container", "single", "crio", settings={"default_mode": "init-container"}),
+    Case("cache-pod", "single", "containerd", annotations={ann.CACHE: "pod"}),
+    Case("cache-pvc", "single", "containerd", annotations={ann.CACHE: "pvc:model-store"}),
+    Case("psa-restricted-downgrades-node-cache", "single", "containerd", namespace_labels=RESTRICTED),
+    Case("psa-baseline-downgrades-node-cache", "single", "containerd", namespace_labels=BASELINE),
+    Case("psa-privileged-keeps-node-cache", "single", "containerd", namespace_labels=PRIVILEGED),
+    Case("psa-restricted-pvc", "single", "containerd", annotations={ann.CACHE: "pvc:model-store"}, namespace_labels=RESTRICTED),
+    Case("psa-restricted-image-volume", "single", "crio", namespace_labels=RESTRICTED),
+    Case("inventory-not-synced", "single", "crio", synced=False),
+    Case("inventory-empty", "single", "none"),
+    Case("custom-settings", "single", "containerd", settings={
+        "loader_image": "mirror.internal:5000/model-cache/loader:0.1.0", "node_cache_path": "/mnt/nvme/models",
+        "default_mount_path": "/weights", "loader_cpu_request": "100m", "loader_cpu_limit": "1",
+        "loader_memory_request": "128Mi", "loader_memory_limit": "1Gi", "loader_concurrency": 16,
+        "allowed_registries": ["registry.example.com/models"]}),
+    Case("unknown-annotation-warned", "single", "crio", annotations={"model.cache/refs": "x", "model.cache/cache_": "pod"}),
+    Case("hub-short-reference", "single", "crio", annotations={ann.REF: "ollama/llama3"}),
+]
+IDS = [c.id for c in CASES]
+
+
+def run(case: Case) -> dict[str, Any]:
+    pod, snapshot, settings = case.inputs()
+    outcome = mutate_pod(pod, "ml", case.namespace_labels, snapshot, settings)
+    return {"status": outcome.status, "warnings": list(outcome.warnings), "pod": outcome.pod}
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_mutated_pod_is_exactly_as_expected(case):
+    expected = yaml.safe_load((EXPECTED / f"{case.id}.yaml").read_text())
+    assert run(case) == expected
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_mutated_pod_is_valid_for_every_supported_kubernetes(case):
+    assert_valid_pod(run(case)["pod"])
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_idempotent_and_input_untouched(case):
+    pod, snapshot, settings = case.inputs()
+    before = copy.deepcopy(pod)
+    once = mutate_pod(pod, "ml", case.namespace_labels, snapshot, settings)
+    assert pod == before
+    twice = mutate_pod(once.pod, "ml", case.namespace_labels, snapshot, settings)
+    assert twice.pod == once.pod
+    assert (twice.mode, twice.warnings) == (None, ())
+    assert twice.reason == f"already mutated ({once.status})"
+
+
+def test_pod_without_ref_is_left_alone():
+    pod = load_pod("single")
+    del pod["metadata"]["annotations"][ann.REF]
+    outcome = mutate_pod(pod, "ml", None, fleet("crio"), Settings())
+    assert (outcome.pod, outcome.mode, outcome.warnings, outcome.reason) == (pod, None, (), "no model.cache/ref annotation")
+
+
+def test_pod_security_restricted_loader_is_non_root():
+    outcome = mutate_pod(load_pod("single"), "ml", RESTRICTED, fleet("containerd"), Settings(loader_run_as_user=1001))
+    loader = outcome.pod["spec"]["initContainers"][0]
+    assert loader["securityContext"] == {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "runAsUser": 1001,
+        "runAsGroup": 1001,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    assert [v for v in outcome.pod["spec"]["volumes"] if v["name"] == "model-cache"] == [{"name": "model-cache", "emptyDir": {}}]
+
+
+@pytest.mark.parametrize(
+    "base,taken,expected",
+    [
+        ("model-cache", set(), "model-cache"),
+        ("model-cache", {"model-cache"}, "model-cache-2"),
+        ("model-cache", {"model-cache", "model-cache-2"}, "model-cache-3"),
+        ("model-cache-pull-team.registry_creds", set(), "model-cache-pull-team-registry-creds"),
+        ("model-Phi-3.5", set(), "model-phi-3-5"),
+        ("x" * 70, set(), "x" * 63),
+        ("x" * 70, {"x" * 63}, "x" * 61 + "-2"),
+        ("---", set(), "model"),
+    ],
+    ids=["free", "taken", "taken-twice", "dots-underscores", "case-and-dots", "long", "long-taken", "nothing-left"],
+)
+def test_unique_volume_names_are_dns_labels(base, taken, expected):
+    assert unique_name(base, set(taken)) == expected
+
+
+# --- denials: every message, exactly ------------------------------------------------------------------------------
+
+DIGEST = "sha256:" + "a" * 64
+DENIALS = [
+    ("empty-ref", {ann.REF: " , "}, {}, "model.cache/ref is empty: set it to a model reference such as registry.example.com/models/phi3:v1"),
+    ("bad-reference", {ann.REF: "registry.example.com/Models/phi3:v1"}, {},
+     "model.cache/ref: reference 'registry.example.com/Models/phi3:v1' has repository 'Models/phi3': use lowercase"
+     " letters, digits and separators ('.', '_', '__', '-') between '/'-separated components"),
+    ("url-scheme", {ann.REF: "https://registry.example.com/m:v1"}, {},
+     "model.cache/ref: reference 'https://registry.example.com/m:v1' has a URL scheme: drop it and write"
+     " host/repository:tag (plain HTTP is chosen with --plain-http, or automatically for localhost)"),
+    ("duplicate-names", {ann.REF: "r.example.com/a/phi3:v1,r.example.com/b/phi3:v2"}, {},
+     "model.cache/ref gives two models the name 'phi3' (r.example.com/a/phi3:v1 and r.example.com/b/phi3:v2); name"
+     " them apart with name=REF, e.g. phi3-2=r.example.com/b/phi3:v2"),
+    ("duplicate-explicit-names", {ann.REF: f"m=r.example.com/a:v1, m=r.example.com/b@{DIGEST}"}, {},
+     f"model.cache/ref gives two models the name 'm' (r.example.com/a:v1 and r.example.com/b@{DIGEST}); name them"
+     f" apart with name=REF, e.g. m-2=r.example.com/b@{DIGEST}"),
+    ("env-collision", {ann.REF: "phi-3=r.example.com/a:v1,phi_3=r.example.com/b:v1"}, {},
+     "model.cache/ref: model names 'phi-3' and 'phi_3' both give the environment variable MODEL_PATH_PHI_3; rename"
+     " one with name=REF"),
+    ("empty-name", {ann.REF: "=r.example.com/a:v1"}, {},
+     "model.cache/ref: '=r.example.com/a:v1' has an empty name before '='; write name=REF, e.g. phi3=r.example.com/a:v1"),
+    ("bad-name", {ann.REF: "my model=r.example.com/a:v1"}, {},
+     "model.cache/ref: model name 'my model' cannot be a directory name here: use 1-63 letters, digits, '.', '_' or"
+     " '-', starting and ending with a letter or digit (set it with name=REF)"),
+    ("registry-not-allowed", {ann.REF: "evil.example.net/models/phi3:v1"}, {"allowed_registries": ["registry.example.com", "ghcr.io/acme"]},
+     "model.cache/ref: 'evil.example.net/models/phi3:v1' is in registry evil.example.net, which is not allowed in this"
+     " cluster (allowed: registry.example.com, ghcr.io/acme); push the model to an allowed registry or ask the cluster"
+     " admin to extend MODEL_CACHE_ALLOWED_REGISTRIES"),
+    ("registry-prefix-not-matched", {ann.REF: "ghcr.io/acmecorp/phi3:v1"}, {"allowed_registries": ["ghcr.io/acme"]},
+     "model.cache/ref: 'ghcr.io/acmecorp/phi3:v1' is in registry ghcr.io, which is not allowed in this cluster"
+     " (allowed: ghcr.io/acme); push the model to an allowed registry or ask the cluster admin to extend"
+     " MODEL_CACHE_ALLOWED_REGISTRIES"),
+    ("unknown-mode", {ann.MODE: "fast"}, {}, "model.cache/mode is 'fast': use auto, image-volume or init-container"),
+    ("unknown-cache", {ann.CACHE: "disk"}, {}, "model.cache/cache is 'disk': use node, pod or pvc:<claim-name>"),
+    ("bad-claim", {ann.CACHE: "pvc:Models"}, {},
+     "model.cache/cache is 'pvc:Models': claim name 'Models' is not a valid PersistentVolumeClaim name (lowercase"
+     " letters, digits, '-' and '.')"),
+    ("relative-mount-path", {ann.MOUNT_PATH: "models"}, {},
+     "model.cache/mount-path is 'models': use an absolute directory other than / without '..', such as /models"),
+    ("root-mount-path", {ann.MOUNT_PATH: "/"}, {},
+     "model.cache/mount-path is '/': use an absolute directory other than / without '..', such as /models"),
+    ("dotdot-mount-path", {ann.MOUNT_PATH: "/models/../etc"}, {},
+     "model.cache/mount-path is '/models/../etc': use an absolute directory other than / without '..', such as /models"),
+    ("unknown-container", {ann.CONTAINERS: "server,sidecar"}, {},
+     "model.cache/containers names 'sidecar', not a container of this pod; containers: server"),
+    ("no-container", {ann.CONTAINERS: " , "}, {},
+     "model.cache/containers is ' , ', which names no container; containers: server"),
+]
+
+
+def _pod_with(annotations: dict[str, str]) -> dict[str, Any]:
+    pod = load_pod("single")
+    pod["metadata"]["annotations"].update(annotations)
+    return pod
+
+
+@pytest.mark.parametrize(
+    "annotations,settings,message",
+    [d[1:] for d in DENIALS],
+    ids=[d[0] for d in DENIALS],
+)
+def test_denial_messages(annotations, settings, message):
+    with pytest.raises(Denied) as e:
+        mutate_pod(_pod_with(annotations), "ml", None, fleet("crio"), Settings(**settings))
+    assert e.value.message == message
+
+
+def test_denial_when_a_container_already_mounts_the_model_path():
+    pod = _pod_with({ann.REF: "hf=r.example.com/a:v1", ann.MOUNT_PATH: "/srv"})
+    pod["spec"]["containers"][0]["volumeMounts"].append({"name": "tmp", "mountPath": "/srv/hf/"})
+    with pytest.raises(Denied) as e:
+        mutate_pod(pod, "ml", None, fleet("crio"), Settings())
+    assert e.value.message == (
+        "container 'server' already mounts volume 'tmp' at /srv/hf, where model 'hf' would go; set"
+        " model.cache/mount-path to another directory or rename the model with name=REF in model.cache/ref"
+    )
+
+
+def test_unknown_container_lists_init_containers_too():
+    pod = load_pod("multi")
+    pod["metadata"]["annotations"][ann.CONTAINERS] = "app,warmup,nope"
+    with pytest.raises(Denied) as e:
+        mutate_pod(pod, "ml", None, fleet("crio"), Settings())
+    assert e.value.message == (
+        "model.cache/containers names 'warmup', 'nope', not a container of this pod; containers: app, metrics;"
+        " init containers: migrate, embedder"
+    )
+
+
+def test_explicit_image_volume_on_incapable_candidates_is_denied():
+    pod = _pod_with({ann.MODE: "image-volume"})
+    with pytest.raises(Denied) as e:
+        mutate_pod(pod, "ml", None, fleet("mixed"), Settings())
+    assert e.value.message == (
+        "model.cache/mode is 'image-volume' but 4 candidate nodes of 6 cannot mount image volumes: ctrd-a"
+        " (containerd 2.0), ctrd-b (containerd 2.0), crio-old (cri-o 1.32, needs 1.33+) and 1 more; set"
+        " model.cache/mode to auto or init-container, or restrict the pod (nodeSelector, node affinity) to nodes"
+        " running cri-o 1.33+ with kubelet 1.35+"
+    )
+
+
+def main() -> None:
+    """Regenerate tests/fixtures/pods/expected/ from the current code (review the diff before committing)."""
+    EXPECTED.mkdir(exist_ok=True)
+    for case in CASES:
+        text = yaml.safe_dump(run(case), sort_keys=False, width=120)
+        (EXPECTED / f"{case.id}.yaml").write_text(f"# {case.id}: generated by python -m tests.test_mutate; reviewed\n{text}")
+
+
+if __name__ == "__main__":
+    main()
