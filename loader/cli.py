@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from loader import contract
-from loader.config import LoaderSettings
+from loader.config import LoaderSettings, SettingsError
 from loader.errors import LoaderError, UsageError
 from loader.log import Logger
 
@@ -105,9 +105,9 @@ def _termination_summary(path: str, results) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        settings = LoaderSettings()
-    except Exception as exc:  # pydantic ValidationError: bad MODEL_LOADER_* value
-        print(f"model-loader: invalid settings in the environment: {exc}", file=sys.stderr)
+        settings = LoaderSettings.from_env()
+    except SettingsError as exc:
+        print(f"model-loader: invalid setting: {exc}", file=sys.stderr)
         return contract.ExitCode.USAGE
     log = Logger(level=settings.log_level)
     args = build_parser(settings).parse_args(argv)

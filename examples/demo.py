@@ -1,0 +1,224 @@
+"""`make demo`: the whole path on one machine, with nothing but Debian's registry and this repo.
+
+1. start a real registry on 127.0.0.1 and push a small sample model as an OCI artifact
+2. generate certificates and start the webhook over TLS with a sample inventory (a CRI-O and a containerd pool)
+3. send it the pod of examples/deployment.yaml twice, once per pool, and show each decision and patch
+4. run the injected init container's exact command line locally, show the model tree, run it again (warm hit)
+5. stop everything it started
+
+Exits non-zero if any step fails.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import jsonpatch
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from loader import contract  # noqa: E402
+from tests.support.oci import Pusher, file_layer  # noqa: E402
+from tests.support.registry import free_port, start_registry  # noqa: E402
+
+WORK = ROOT / ".demo"
+BIN = Path(sys.executable).parent
+BOLD, DIM, GREEN, RED, RESET = ("\x1b[1m", "\x1b[2m", "\x1b[32m", "\x1b[31m", "\x1b[0m") if sys.stdout.isatty() else ("",) * 5
+
+
+def step(title: str) -> None:
+    print(f"\n{BOLD}== {title}{RESET}", flush=True)
+
+
+def sample_model(dest: Path) -> dict[str, bytes]:
+    """A few MB that look like a Hugging Face model directory: safetensors shards, config, tokenizer."""
+    rng = __import__("random").Random(7)
+
+    def safetensors(n_floats: int) -> bytes:
+        header = json.dumps({"weight": {"dtype": "F32", "shape": [n_floats], "data_offsets": [0, 4 * n_floats]}}).encode()
+        return len(header).to_bytes(8, "little") + header + rng.randbytes(4 * n_floats)
+
+    files = {
+        "model-00001-of-00002.safetensors": safetensors(768 * 1024),
+        "model-00002-of-00002.safetensors": safetensors(512 * 1024),
+        "config.json": json.dumps({"architectures": ["Phi3ForCausalLM"], "hidden_size": 3072}, indent=2).encode(),
+        "generation_config.json": b'{"max_length": 4096}\n',
+        "tokenizer/tokenizer.json": json.dumps({"model": {"type": "BPE", "vocab": {"a": 0, "b": 1}}}).encode(),
+        "tokenizer/tokenizer_config.json": b'{"model_max_length": 4096}\n',
+    }
+    for name, data in files.items():
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
+        (dest / name).write_bytes(data)
+    return files
+
+
+def review_for(pod: dict, namespace: str) -> dict:
+    return {
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": f"demo-{time.monotonic_ns()}",
+            "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "requestKind": {"group": "", "version": "v1", "kind": "Pod"},
+            "requestResource": {"group": "", "version": "v1", "resource": "pods"},
+            "namespace": namespace,
+            "operation": "CREATE",
+            "userInfo": {"username": "system:serviceaccount:kube-system:replicaset-controller"},
+            "object": pod,
+            "oldObject": None,
+            "dryRun": False,
+            "options": {"apiVersion": "meta.k8s.io/v1", "kind": "CreateOptions"},
+        },
+    }
+
+
+def tree_lines(root: Path) -> list[str]:
+    out = []
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            out.append(f"    {p.relative_to(root)}  ({p.stat().st_size:,} bytes)")
+    return out
+
+
+def wait_ready(client: httpx.Client, url: str, proc: subprocess.Popen, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the webhook exited with {proc.returncode}")
+        try:
+            if client.get(f"{url}/readyz").status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError("the webhook did not become ready")
+
+
+def main() -> int:
+    sys.stdout.reconfigure(line_buffering=True)  # keep our lines in order with the subprocesses' output
+    t_start = time.monotonic()
+    shutil.rmtree(WORK, ignore_errors=True)
+    (WORK / "model").mkdir(parents=True)
+    registry = webhook = None
+    try:
+        step("1. a local OCI registry and a sample model")
+        registry = start_registry(root=WORK / "registry" / "data")
+        print(f"registry: Debian's docker-registry (CNCF Distribution) at {registry.url}")
+        files = sample_model(WORK / "model")
+        ref = f"{registry.host}/models/phi3-mini:v1"
+        digest = Pusher(registry.url).push_artifact(
+            "models/phi3-mini", "v1", [file_layer(n, d) for n, d in files.items()],
+            artifact_type="application/vnd.example.model.v1")
+        print(f"pushed {ref} ({sum(map(len, files.values())):,} bytes, {len(files)} files, one layer per file)")
+        print(f"  manifest {digest}")
+
+        step("2. the webhook over TLS with a sample node inventory")
+        certs = WORK / "certs"
+        ca_bundle = subprocess.run(
+            [BIN / "model-cache-webhook", "certs", "--service", "model-cache", "--namespace", "model-cache-system",
+             "--out", certs, "--san", "127.0.0.1", "--san", "localhost"],
+            check=True, capture_output=True, text=True).stdout.strip()
+        print(f"certificates in {certs.relative_to(ROOT)} (caBundle {ca_bundle[:24]}...)")
+        port = free_port()
+        env = {**os.environ, "MODEL_CACHE_LOADER_IMAGE": "ghcr.io/model-cache/loader:0.1.0"}
+        log = open(WORK / "webhook.log", "w")
+        webhook = subprocess.Popen(
+            [BIN / "model-cache-webhook", "serve", "--host", "127.0.0.1", "--port", str(port),
+             "--tls-cert", certs / "tls.crt", "--tls-key", certs / "tls.key", "--nodes-file", ROOT / "examples/nodes.yaml"],
+            stdout=log, stderr=subprocess.STDOUT, env=env)
+        url = f"https://127.0.0.1:{port}"
+        client = httpx.Client(verify=str(certs / "ca.crt"), timeout=10)
+        wait_ready(client, url, webhook)
+        print(f"webhook: {url} (ready; log in {(WORK / 'webhook.log').relative_to(ROOT)})")
+        print("inventory: examples/nodes.yaml: 3 nodes cri-o 1.34 / kubelet 1.35 (pool=crio),"
+              " 2 nodes containerd 2.0 (pool=containerd)")
+
+        step("3. the pod of examples/deployment.yaml, as its ReplicaSet creates it, once per pool")
+        deployment = yaml.safe_load((ROOT / "examples/deployment.yaml").read_text().replace("REGISTRY", registry.host))
+        template = deployment["spec"]["template"]
+        mutated = {}
+        for pool in ("crio", "containerd"):
+            pod = {"apiVersion": "v1", "kind": "Pod",
+                   "metadata": {**copy.deepcopy(template["metadata"]), "generateName": "phi3-server-7d9f8-",
+                                "namespace": "inference"},
+                   "spec": {**copy.deepcopy(template["spec"]), "nodeSelector": {"pool": pool}}}
+            resp = client.post(f"{url}/mutate", json=review_for(pod, "inference"))
+            resp.raise_for_status()
+            r = resp.json()["response"]
+            if not r["allowed"]:
+                raise RuntimeError(f"pod denied: {r['status']['message']}")
+            ops = json.loads(base64.b64decode(r["patch"]))
+            after = jsonpatch.apply_patch(pod, ops)
+            mutated[pool] = after
+            print(f"\n{BOLD}nodeSelector pool={pool}{RESET}")
+            print(f"  decision: {GREEN}{after['metadata']['annotations']['model.cache/injected']}{RESET}")
+            for w in r.get("warnings") or []:
+                print(f"  warning: {w}")
+            print(f"  patch ({len(ops)} ops):")
+            for op in ops:
+                value = json.dumps(op.get("value"), separators=(",", ":"))
+                print(f"    {op['op']:7} {op['path']:45} {DIM}{value[:110]}{'...' if len(value) > 110 else ''}{RESET}")
+
+        step("4. the injected init container, run here exactly as the pod would run it")
+        pod = mutated["containerd"]
+        init = next(c for c in pod["spec"]["initContainers"] if c["name"] == "model-loader")
+        argv = list(init.get("command", [])) + list(init.get("args", []))
+        print("init container command: " + " ".join(argv))
+        cache = WORK / "node-cache"  # stands in for the node's hostPath
+        local = [str(BIN / "model-loader") if a == contract.PROGRAM else str(cache) if a == contract.CACHE_MOUNT else a
+                 for a in argv]
+        print(f"(run locally with {contract.CACHE_MOUNT} -> {cache.relative_to(ROOT)})")
+        t0 = time.monotonic()
+        subprocess.run(local, check=True)
+        cold = time.monotonic() - t0
+        app = pod["spec"]["containers"][0]
+        mount = next(m for m in app["volumeMounts"] if m.get("subPath", "").startswith(contract.REFS_DIR))
+        seen = cache / mount["subPath"]
+        print(f"\nthe app container mounts {mount['mountPath']} (readOnly={mount.get('readOnly')}) = "
+              f"subPath {mount['subPath']} of the cache volume:")
+        print("\n".join(tree_lines(seen)))
+        env_vars = {e["name"]: e.get("value") for e in app.get("env", [])}
+        print(f"  env: " + ", ".join(f"{k}={v}" for k, v in env_vars.items() if k.startswith("MODEL_PATH")))
+        for name, data in files.items():
+            if (seen / name).read_bytes() != data:
+                raise RuntimeError(f"{name} differs from what was pushed")
+        print(f"{GREEN}every file is byte-identical to the pushed model{RESET} (cold pull {cold:.2f}s incl. start-up)")
+
+        print("\nsecond pod on the same node (warm cache):")
+        t0 = time.monotonic()
+        subprocess.run(local, check=True)
+        warm = time.monotonic() - t0
+        print(f"{GREEN}warm cache hit in {warm:.2f}s{RESET} (one manifest HEAD, no blob download)")
+        step(f"done in {time.monotonic() - t_start:.1f}s")
+        return 0
+    except (subprocess.CalledProcessError, RuntimeError, httpx.HTTPError, OSError, KeyError, StopIteration) as exc:
+        print(f"\n{RED}demo failed: {type(exc).__name__}: {exc}{RESET}", file=sys.stderr)
+        if (WORK / "webhook.log").exists():
+            print((WORK / "webhook.log").read_text()[-3000:], file=sys.stderr)
+        return 1
+    finally:
+        if webhook and webhook.poll() is None:
+            webhook.send_signal(signal.SIGTERM)
+            try:
+                webhook.wait(10)
+            except subprocess.TimeoutExpired:
+                webhook.kill()
+        if registry:
+            registry.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
