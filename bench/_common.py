@@ -156,6 +156,7 @@ class Pusher:
 class Run:
     seconds: float
     peak_rss_kib: int  # the child's own peak RSS and that of the descendants it reaped (KiB on Linux)
+    cpu_seconds: float  # user + system time of the child and the descendants it reaped
     returncode: int
     stdout: str
     stderr: str
@@ -179,7 +180,7 @@ def run_measured(argv: list[str], cwd: Path | None = None, env: dict | None = No
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, \
             tempfile.NamedTemporaryFile(prefix="rss-") as rss_file:
         timed = os.access(GNU_TIME, os.X_OK)
-        cmd = [GNU_TIME, "-f", "%M", "-o", rss_file.name, *argv] if timed else argv
+        cmd = [GNU_TIME, "-f", "%M %U %S", "-o", rss_file.name, *argv] if timed else argv
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=err, stdin=subprocess.DEVNULL)
         reaped = False
@@ -192,12 +193,14 @@ def run_measured(argv: list[str], cwd: Path | None = None, env: dict | None = No
                 proc.wait()
         seconds = time.perf_counter() - t0
         proc.returncode = os.waitstatus_to_exitcode(status)  # reaped by wait4; Popen must not wait again
-        rss_kib = usage.ru_maxrss
+        rss_kib, cpu = usage.ru_maxrss, usage.ru_utime + usage.ru_stime
         if timed:
-            # GNU time writes "Command exited with non-zero status N" before the figure when the child fails.
-            lines = Path(rss_file.name).read_text().split()
-            rss_kib = int(lines[-1]) if lines and lines[-1].isdigit() else 0
+            # GNU time writes "Command exited with non-zero status N" on a line before the figures on failure.
+            last = Path(rss_file.name).read_text().strip().splitlines()[-1:]
+            fields = last[0].split() if last else []
+            if len(fields) == 3 and fields[0].isdigit():
+                rss_kib = int(fields[0])
         out.seek(0)
         err.seek(0)
-        return Run(seconds, rss_kib, proc.returncode, out.read().decode(errors="replace"),
+        return Run(seconds, rss_kib, cpu, proc.returncode, out.read().decode(errors="replace"),
                    err.read().decode(errors="replace"))

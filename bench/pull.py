@@ -159,11 +159,12 @@ def median_s(c: Contender) -> float:
 
 def summary_rows(contenders: list[Contender], model_bytes: int) -> list[list[str]]:
     floor = next((c for c in contenders if c.name == FLOOR), None)
-    rows = [["contender", "median s", "MB/s", "x floor", "peak RSS MB", "rounds (s)"]]
+    rows = [["contender", "median s", "MB/s", "x floor", "CPU s", "peak RSS MB", "rounds (s)"]]
     for c in contenders:
         m = median_s(c)
         rows.append([c.name, f"{m:.2f}", f"{model_bytes / 1e6 / m:.0f}",
                      f"{median_s(floor) / m:.2f}" if floor else "-",
+                     f"{statistics.median(r.cpu_seconds for r in c.runs):.2f}",
                      f"{max(r.peak_rss_mb for r in c.runs):.0f}",
                      " ".join(f"{r.seconds:.2f}" for r in c.runs)])
     return rows
@@ -208,7 +209,8 @@ def measure(c: Contender, work: Path, label: str) -> Run:
         c.verify(out, run)
     finally:
         remove(out)  # each round's copy goes as soon as it is measured
-    print(f"  {label:<10} {c.name:<24} {run.seconds:7.2f} s  {run.peak_rss_mb:6.0f} MB", flush=True)
+    print(f"  {label:<10} {c.name:<24} {run.seconds:7.2f} s  CPU {run.cpu_seconds:6.2f} s  {run.peak_rss_mb:6.0f} MB",
+          flush=True)
     return run
 
 

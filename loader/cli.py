@@ -51,7 +51,8 @@ def parse_mirrors(values: list[str]) -> dict[str, list[str]]:
 def _load_credentials(paths: list[str], settings: LoaderSettings):
     from loader import credentials
 
-    env = {k: v for k, v in (("DOCKER_CONFIG", settings.docker_config), ("HOME", settings.home)) if v}
+    env = {k: v for k, v in (("DOCKER_CONFIG", settings.docker_config), ("HOME", settings.home),
+                             ("PATH", settings.path)) if v}
     try:
         return credentials.load_docker_configs(paths or None, env)
     except ValueError as exc:

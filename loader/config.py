@@ -1,6 +1,6 @@
 """Loader settings, read once at start-up from the environment (prefix ``MODEL_LOADER_``); flags override them.
 
-This is the only place the loader reads the environment. ``DOCKER_CONFIG`` and ``HOME`` keep their usual names.
+This is the only place the loader reads the environment. ``DOCKER_CONFIG``, ``HOME`` and ``PATH`` keep their usual names.
 
 Why not pydantic-settings, as the webhook uses: importing it costs ~200 ms on a 2-core node, and the loader's
 warm start (a pod whose model is already cached) must finish in well under half a second including interpreter
@@ -36,13 +36,14 @@ class LoaderSettings:
     log_level: str = "info"
     docker_config: str | None = None  # from DOCKER_CONFIG
     home: str | None = None  # from HOME
+    path: str | None = None  # from PATH: where docker-credential-* helpers are found
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "LoaderSettings":
         env = os.environ if env is None else env
         values: dict = {}
         for f in fields(cls):
-            if f.name in ("docker_config", "home"):
+            if f.name in ("docker_config", "home", "path"):
                 values[f.name] = env.get(f.name.upper()) or None
                 continue
             key = PREFIX + f.name.upper()
