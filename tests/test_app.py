@@ -1,0 +1,404 @@
+"""Transport tests: the real app under real uvicorn, over real TLS on 127.0.0.1, called with httpx verifying the CA.
+
+The decisions themselves are the core's (tested in its own tests); here the question is whether the transport
+returns exactly what the core answers, maps errors to the right status, reports readiness and metrics, speaks only
+TLS 1.2+, and picks up a rotated certificate without a restart.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+import logging
+import socket
+import ssl
+import threading
+import warnings
+
+import httpx
+import jsonpatch
+import pytest
+from cryptography import x509
+
+from tests.support.tls import SecretDir, client_context, new_bundle, peer_certificate
+from webhook import admission
+from webhook import annotations as ann
+from webhook.app import create_app
+from webhook.config import load_settings
+from webhook.errors import MalformedReview
+from webhook.inventory import Inventory
+from webhook.server import JsonFormatter, bind, make_server
+from webhook.snapshot import EMPTY, snapshot_from
+from webhook.tls import ReloadingContext
+
+SETTINGS = load_settings(loader_image="registry.example.com/model-cache/loader:0.1.0")
+
+NODES = [
+    {
+        "metadata": {"name": "crio-1", "labels": {"pool": "crio"}},
+        "status": {"nodeInfo": {"containerRuntimeVersion": "cri-o://1.34.1", "kubeletVersion": "v1.35.0"}},
+    },
+    {
+        "metadata": {"name": "containerd-1", "labels": {"pool": "containerd"}},
+        "status": {"nodeInfo": {"containerRuntimeVersion": "containerd://2.0.4", "kubeletVersion": "v1.34.2"}},
+    },
+]
+NAMESPACES = [{"metadata": {"name": "models", "labels": {"model.cache/enabled": "true"}}}]
+SYNCED = snapshot_from(NODES, NAMESPACES, synced=True)
+
+
+def pod(pool: str | None = None, ref: str = "registry.example.com/models/phi3:v1") -> dict:
+    spec: dict = {"containers": [{"name": "server", "image": "registry.example.com/app/server:1"}]}
+    if pool:
+        spec["nodeSelector"] = {"pool": pool}
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"generateName": "web-7d9f-", "namespace": "models", "annotations": {ann.REF: ref}},
+        "spec": spec,
+    }
+
+
+def review(obj, kind: str = "Pod", uid: str = "0b6e2e8a-1f7c-4d8e-9a55-3c1d2b4f6a70", operation: str = "CREATE") -> dict:
+    group, _, version = ("apps/v1" if kind != "Pod" else "v1").rpartition("/")
+    return {
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": uid,
+            "kind": {"group": group, "version": version, "kind": kind},
+            "resource": {"group": group, "version": version, "resource": kind.lower() + "s"},
+            "namespace": "models",
+            "operation": operation,
+            "object": obj,
+        },
+    }
+
+
+class Served:
+    """The app on uvicorn in a thread, on a random port, with a Secret-like certificate directory."""
+
+    def __init__(self, inventory: Inventory, secret: SecretDir) -> None:
+        self.inventory = inventory
+        self.secret = secret
+        self.tls = ReloadingContext(secret.cert_file, secret.key_file)
+        self.app = create_app(inventory, SETTINGS)
+        self.sock = bind("127.0.0.1", 0)
+        self.port = self.sock.getsockname()[1]
+        self.server = make_server(self.app, self.tls, host="127.0.0.1", port=self.port)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread.start()
+        started = threading.Event()
+        # uvicorn flips `started` once it listens; poll it without timing anything.
+        for _ in range(600):
+            if self.server.started:
+                started.set()
+                break
+            threading.Event().wait(0.05)
+        assert started.is_set(), "uvicorn did not start"
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.port}"
+
+    def client(self, ca_pem: bytes | None = None) -> httpx.Client:
+        return httpx.Client(base_url=self.url, verify=client_context(ca_pem or self.secret.ca_file.read_bytes()))
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+        self.sock.close()
+
+
+@pytest.fixture
+def secret(tmp_path) -> SecretDir:
+    d = SecretDir(tmp_path / "tls")
+    d.rotate(new_bundle())
+    return d
+
+
+@pytest.fixture
+def served(secret):
+    running = []
+
+    def start(snapshot=SYNCED) -> Served:
+        s = Served(Inventory(snapshot), secret)
+        running.append(s)
+        return s
+
+    yield start
+    for s in running:
+        s.stop()
+
+
+def decoded_patch(answer: dict) -> list:
+    return json.loads(base64.b64decode(answer["response"]["patch"]))
+
+
+# --- admission over TLS -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pool", ["crio", "containerd", None], ids=["crio-pool", "containerd-pool", "mixed"])
+def test_a_pod_review_gets_exactly_the_core_answer_and_its_patch_applies(served, pool):
+    server = served()
+    body = review(pod(pool))
+    with server.client() as client:
+        resp = client.post("/mutate", json=body)
+
+    assert resp.status_code == 200
+    assert resp.headers["content-type"] == "application/json"
+    answer = resp.json()
+    assert answer == admission.mutate_review(copy.deepcopy(body), SYNCED, SETTINGS)
+    assert answer["response"]["uid"] == body["request"]["uid"]
+    assert answer["response"]["allowed"] is True
+    assert answer["response"]["patchType"] == "JSONPatch"
+    patched = jsonpatch.apply_patch(body["request"]["object"], decoded_patch(answer))
+    expected_mode = "image-volume" if pool == "crio" else "init-container"
+    assert patched["metadata"]["annotations"][ann.STATUS].split(":")[0] == expected_mode
+
+
+def test_a_workload_review_on_validate_is_answered_without_a_patch(served):
+    server = served()
+    deployment = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "web", "namespace": "models"},
+        "spec": {"template": {"metadata": pod()["metadata"] | {"generateName": None}, "spec": pod()["spec"]}},
+    }
+    deployment["spec"]["template"]["metadata"] = {"annotations": {ann.REF: "registry.example.com/models/phi3:v1"}}
+    body = review(deployment, kind="Deployment")
+    with server.client() as client:
+        resp = client.post("/validate", json=body)
+    assert resp.status_code == 200
+    assert resp.json() == admission.validate_review(copy.deepcopy(body), SYNCED, SETTINGS)
+    assert resp.json()["response"]["allowed"] is True and "patch" not in resp.json()["response"]
+
+
+def test_a_denial_is_a_200_with_allowed_false(served):
+    server = served()
+    body = review(pod(ref="not a reference"))
+    with server.client() as client:
+        resp = client.post("/mutate", json=body)
+    assert resp.status_code == 200
+    assert resp.json() == admission.mutate_review(copy.deepcopy(body), SYNCED, SETTINGS)
+    assert resp.json()["response"]["allowed"] is False
+    assert resp.json()["response"]["status"]["code"] == 403
+
+
+def test_noop_allows_without_touching_the_object(served):
+    server = served()
+    with server.client() as client:
+        resp = client.post("/noop", json=review(pod()))
+    assert resp.status_code == 200
+    assert resp.json() == {
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "response": {"uid": "0b6e2e8a-1f7c-4d8e-9a55-3c1d2b4f6a70", "allowed": True},
+    }
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "content", "message"),
+    [
+        pytest.param(
+            "/mutate",
+            b'{"apiVersion": "admission.k8s.io/v1", "kind": ',
+            "malformed AdmissionReview: request body is not JSON: Expecting value: line 1 column 47 (char 46)",
+            id="truncated-json",
+        ),
+        pytest.param(
+            "/mutate",
+            b'{"a": "\xff"}',
+            "malformed AdmissionReview: request body is not JSON: 'utf-8' codec can't decode byte 0xff in position 7: invalid start byte",
+            id="not-utf8",
+        ),
+        pytest.param("/validate", b"[1, 2]", "malformed AdmissionReview: request body must be an AdmissionReview object, got list", id="json-array"),
+        pytest.param("/mutate", b"", "malformed AdmissionReview: request body is not JSON: Expecting value: line 1 column 1 (char 0)", id="empty"),
+    ],
+)
+def test_bodies_that_are_not_json_objects_are_400(served, endpoint, content, message):
+    server = served()
+    with server.client() as client:
+        resp = client.post(endpoint, content=content, headers={"content-type": "application/json"})
+    assert resp.status_code == 400
+    assert resp.json() == {"message": message}
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview"}, id="no-request"),
+        pytest.param({"apiVersion": "admission.k8s.io/v1beta1", "kind": "AdmissionReview", "request": review(pod())["request"]}, id="v1beta1"),
+        pytest.param(review({"metadata": {}, "spec": {"containers": "server"}}), id="containers-not-a-list"),
+        pytest.param(review(None), id="no-object"),
+    ],
+)
+@pytest.mark.parametrize("endpoint", ["/mutate", "/validate"])
+def test_malformed_reviews_are_400_with_the_core_message(served, body, endpoint):
+    server = served()
+    core = admission.mutate_review if endpoint == "/mutate" else admission.validate_review
+    with pytest.raises(MalformedReview) as info:
+        core(copy.deepcopy(body), SYNCED, SETTINGS)
+    expected = {"message": f"malformed AdmissionReview: {info.value}"}
+    with server.client() as client:
+        resp = client.post(endpoint, json=body)
+    assert resp.status_code == 400
+    assert resp.json() == expected
+
+
+def test_an_unexpected_error_is_logged_with_its_traceback_and_answered_500(secret, monkeypatch, caplog):
+    def broken(body, snapshot, settings):
+        raise RuntimeError("a bug in the core")
+
+    monkeypatch.setattr(admission, "mutate_review", broken)
+    server = Served(Inventory(SYNCED), secret)
+    try:
+        with caplog.at_level(logging.ERROR, logger="webhook.app"), server.client() as client:
+            resp = client.post("/mutate", json=review(pod()))
+    finally:
+        server.stop()
+    assert resp.status_code == 500
+    assert resp.json() == {"message": "internal error; see the webhook's log"}
+    [record] = [r for r in caplog.records if r.name == "webhook.app"]
+    assert record.getMessage() == "unexpected error answering /mutate"
+    assert record.exc_info[0] is RuntimeError
+    line = json.loads(JsonFormatter().format(record))
+    assert sorted(line) == ["error", "level", "logger", "message", "time"]
+    assert line["level"] == "error" and line["logger"] == "webhook.app"
+    assert line["error"].startswith("Traceback (most recent call last):")
+    assert line["error"].endswith("RuntimeError: a bug in the core")
+
+
+# --- health, readiness, metrics ---------------------------------------------------------------------------------
+
+
+def test_readyz_is_503_until_the_inventory_has_synced(served):
+    server = served(EMPTY)
+    with server.client() as client:
+        assert client.get("/healthz").json() == {"status": "ok"}
+        before = client.get("/readyz")
+        server.inventory.publish(SYNCED)
+        after = client.get("/readyz")
+    assert before.status_code == 503
+    assert before.json() == {
+        "status": "not ready",
+        "reason": "the node and namespace inventory has not completed its first list",
+    }
+    assert after.status_code == 200
+    assert after.json() == {"status": "ready", "nodes": 2, "namespaces": 1}
+
+
+def _samples(text: str) -> dict[str, float]:
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
+def test_metrics_count_reviews_by_kind_mode_and_outcome_and_show_the_inventory(served):
+    server = served()
+    with server.client() as client:
+        client.post("/mutate", json=review(pod("crio")))
+        client.post("/mutate", json=review(pod("containerd")))
+        client.post("/mutate", json=review(pod("containerd")))
+        client.post("/mutate", json=review(pod(ref="not a reference")))
+        client.post("/mutate", content=b"{")
+        client.post("/noop", json=review(pod()))
+        resp = client.get("/metrics")
+    assert resp.status_code == 200
+    assert resp.headers["content-type"].startswith("text/plain")
+    samples = _samples(resp.text)
+    reviews = {k: v for k, v in samples.items() if k.startswith("model_cache_reviews_total")}
+    assert reviews == {
+        'model_cache_reviews_total{kind="Pod",mode="image-volume",outcome="mutated"}': 1.0,
+        'model_cache_reviews_total{kind="Pod",mode="init-container",outcome="mutated"}': 2.0,
+        'model_cache_reviews_total{kind="Pod",mode="none",outcome="denied"}': 1.0,
+        'model_cache_reviews_total{kind="unknown",mode="none",outcome="malformed"}': 1.0,
+    }
+    assert samples['model_cache_review_duration_seconds_count{endpoint="mutate"}'] == 4.0
+    assert samples['model_cache_review_duration_seconds_count{endpoint="noop"}'] == 1.0
+    assert {k: v for k, v in samples.items() if k.startswith("model_cache_inventory")} == {
+        'model_cache_inventory_nodes{runtime="containerd"}': 1.0,
+        'model_cache_inventory_nodes{runtime="cri-o"}': 1.0,
+        "model_cache_inventory_namespaces": 1.0,
+        "model_cache_inventory_synced": 1.0,
+    }
+
+
+# --- TLS ----------------------------------------------------------------------------------------------------------
+
+
+def _handshake(port: int, ca_pem: bytes, version: ssl.TLSVersion) -> str:
+    ctx = client_context(ca_pem)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # offering TLS 1.1 on purpose
+        ctx.minimum_version = ssl.TLSVersion.MINIMUM_SUPPORTED
+        ctx.maximum_version = version
+    ctx.set_ciphers("ALL:@SECLEVEL=0")  # let the client offer old protocols, so the refusal is the server's
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            return tls.version()
+
+
+def _permissive_server(secret: SecretDir) -> tuple[socket.socket, threading.Thread]:
+    """A stdlib TLS listener that accepts TLS 1.0+, with the same certificate: the control that shows this
+    client really can complete a TLS 1.1 handshake on this machine."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        ctx.minimum_version = ssl.TLSVersion.MINIMUM_SUPPORTED
+    ctx.set_ciphers("ALL:@SECLEVEL=0")
+    ctx.load_cert_chain(secret.cert_file, secret.key_file)
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve_one() -> None:
+        conn, _ = listener.accept()
+        with ctx.wrap_socket(conn, server_side=True) as tls:
+            tls.recv(1)
+
+    thread = threading.Thread(target=serve_one, daemon=True)
+    thread.start()
+    return listener, thread
+
+
+def test_tls_1_2_and_1_3_are_served_and_1_1_is_refused_by_the_server(served, secret):
+    server = served()
+    ca = secret.ca_file.read_bytes()
+    assert _handshake(server.port, ca, ssl.TLSVersion.TLSv1_3) == "TLSv1.3"
+    assert _handshake(server.port, ca, ssl.TLSVersion.TLSv1_2) == "TLSv1.2"
+
+    listener, thread = _permissive_server(secret)
+    try:
+        assert _handshake(listener.getsockname()[1], ca, ssl.TLSVersion.TLSv1_1) == "TLSv1.1"
+    finally:
+        thread.join(10)
+        listener.close()
+    with pytest.raises(ssl.SSLError):
+        _handshake(server.port, ca, ssl.TLSVersion.TLSv1_1)
+    # The refusal did not hurt the server.
+    assert _handshake(server.port, ca, ssl.TLSVersion.TLSv1_3) == "TLSv1.3"
+
+
+def test_a_rotated_certificate_is_served_on_new_connections_without_a_restart(served, secret):
+    server = served()
+    first_ca = secret.ca_file.read_bytes()
+    first_cert = x509.load_pem_x509_certificate((secret.root / "tls.crt").read_bytes())
+    with server.client(first_ca) as client:
+        assert client.post("/mutate", json=review(pod("crio"))).status_code == 200
+    assert peer_certificate("127.0.0.1", server.port, first_ca) == first_cert
+
+    rotated = new_bundle()
+    secret.rotate(rotated)  # kubelet's symlink swap
+
+    assert peer_certificate("127.0.0.1", server.port, rotated.ca_cert) == x509.load_pem_x509_certificate(rotated.tls_cert)
+    with server.client(rotated.ca_cert) as client:
+        resp = client.post("/mutate", json=review(pod("crio")))
+    assert resp.status_code == 200 and resp.json()["response"]["allowed"] is True
+    # The old CA no longer verifies what is served.
+    with pytest.raises(httpx.ConnectError), server.client(first_ca) as client:
+        client.get("/healthz")
+    assert server.tls.reloads == 1
+    assert server.thread.is_alive()

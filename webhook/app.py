@@ -1,0 +1,170 @@
+"""HTTP transport of the webhook (FastAPI): parse, call the pure core, serialise, map errors. Nothing else.
+
+Error channels (the apiserver treats a non-200 as a failed call, which with ``failurePolicy: Fail`` rejects the
+object, so only a broken request may get one):
+
+* the body is not JSON, or the review is malformed (:class:`~webhook.errors.MalformedReview`): HTTP 400 with a
+  message, as no apiserver would send it;
+* a policy decision, allow or deny: HTTP 200 with the AdmissionReview the core built;
+* anything else is a bug: logged with its traceback, HTTP 500.
+
+The review itself is pure CPU over memory (the snapshot is read once per request, never waited for), so it runs
+on the event loop: handing it to a worker thread would only add a context switch, as the GIL serialises it
+anyway, and there is no I/O in it that could stall other connections.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from webhook import admission
+from webhook import annotations as ann
+from webhook.errors import MalformedReview
+from webhook.inventory import Inventory
+from webhook.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+MUTATE = "mutate"
+VALIDATE = "validate"
+NOOP = "noop"
+
+_JSON = "application/json"
+
+
+def _mode(response: dict) -> str:
+    """The path a mutated pod got, from the core's audit annotation or else from the status annotation the patch
+    writes (``<mode>: <reason>``); ``none`` when nothing was injected."""
+    audit = response.get("auditAnnotations")
+    if isinstance(audit, dict) and audit.get("mode"):
+        return str(audit["mode"])
+    if not response.get("patch"):
+        return "none"
+    try:
+        ops = json.loads(base64.b64decode(response["patch"]))
+    except (ValueError, TypeError):
+        return "unknown"
+    escaped = "/metadata/annotations/" + ann.STATUS.replace("~", "~0").replace("/", "~1")
+    for op in ops if isinstance(ops, list) else ():
+        if not isinstance(op, dict):
+            continue
+        value = op.get("value")
+        if op.get("path") == "/metadata/annotations" and isinstance(value, dict):
+            value = value.get(ann.STATUS)
+        elif op.get("path") != escaped:
+            continue
+        if isinstance(value, str):
+            return value.partition(":")[0].strip() or "unknown"
+    return "unknown"
+
+
+def _labels(body: dict, review: dict) -> tuple[str, str, str]:
+    """(kind, mode, outcome) of an answered review for the metrics."""
+    request = body.get("request") if isinstance(body.get("request"), dict) else {}
+    kind_obj = request.get("kind") if isinstance(request.get("kind"), dict) else {}
+    kind = str(kind_obj.get("kind") or "unknown")
+    response = review.get("response") or {}
+    if not response.get("allowed", False):
+        outcome = "denied"
+    elif response.get("patch"):
+        outcome = "mutated"
+    else:
+        outcome = "allowed"
+    return kind, _mode(response), outcome
+
+
+def _noop_review(body: dict, snapshot: Any, settings: Any) -> dict:
+    """Allowed, unchanged: the benchmark's baseline for the cost of transport alone."""
+    request = body.get("request") if isinstance(body.get("request"), dict) else {}
+    return {
+        "apiVersion": body.get("apiVersion", "admission.k8s.io/v1"),
+        "kind": "AdmissionReview",
+        "response": {"uid": request.get("uid", ""), "allowed": True},
+    }
+
+
+def create_app(inventory: Inventory, settings: Any, *, manage_inventory: bool = True) -> FastAPI:
+    """The ASGI app. With ``manage_inventory`` the app starts the inventory's feed on start-up and stops it on
+    shutdown, so whatever runs the app (uvicorn, a test) owns one lifecycle."""
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        if manage_inventory:
+            inventory.start()
+        try:
+            yield
+        finally:
+            if manage_inventory:
+                inventory.stop()
+
+    app = FastAPI(title="model-cache webhook", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    metrics = Metrics(inventory.snapshot)
+    app.state.metrics = metrics
+    app.state.inventory = inventory
+
+    def review(endpoint: str, core: Callable[[dict, Any, Any], dict], raw: bytes) -> Response:
+        started = time.perf_counter()
+        body: Any = None
+        try:
+            try:
+                body = json.loads(raw)
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise MalformedReview(f"request body is not JSON: {exc}") from exc
+            if not isinstance(body, dict):
+                raise MalformedReview(f"request body must be an AdmissionReview object, got {type(body).__name__}")
+            answer = core(body, inventory.snapshot(), settings)
+        except MalformedReview as exc:
+            metrics.reviews.labels("unknown", "none", "malformed").inc()
+            log.info("malformed review on /%s: %s", endpoint, exc)
+            return JSONResponse({"message": f"malformed AdmissionReview: {exc}"}, status_code=400)
+        except Exception:
+            metrics.reviews.labels("unknown", "none", "error").inc()
+            log.exception("unexpected error answering /%s", endpoint)
+            return JSONResponse({"message": "internal error; see the webhook's log"}, status_code=500)
+        payload = json.dumps(answer, separators=(",", ":")).encode()
+        if endpoint != NOOP:
+            metrics.reviews.labels(*_labels(body, answer)).inc()
+        metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
+        return Response(payload, media_type=_JSON)
+
+    @app.post("/mutate")
+    async def mutate(request: Request) -> Response:
+        return review(MUTATE, admission.mutate_review, await request.body())
+
+    @app.post("/validate")
+    async def validate(request: Request) -> Response:
+        return review(VALIDATE, admission.validate_review, await request.body())
+
+    @app.post("/noop")
+    async def noop(request: Request) -> Response:
+        return review(NOOP, _noop_review, await request.body())
+
+    @app.get("/healthz")
+    async def healthz() -> Response:
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/readyz")
+    async def readyz() -> Response:
+        snap = inventory.snapshot()
+        if not snap.synced:
+            return JSONResponse(
+                {"status": "not ready", "reason": "the node and namespace inventory has not completed its first list"},
+                status_code=503,
+            )
+        return JSONResponse({"status": "ready", "nodes": len(snap.nodes), "namespaces": len(snap.namespaces)})
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        data, content_type = metrics.render()
+        return Response(data, media_type=content_type)
+
+    return app

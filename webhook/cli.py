@@ -1,0 +1,211 @@
+"""``model-cache-webhook``: serve the webhook, make certificates, preview a mutation.
+
+::
+
+    model-cache-webhook serve --host H --port P --tls-cert F --tls-key F [--kubeconfig F | --nodes-file F]
+    model-cache-webhook certs --service NAME --namespace NS --out DIR [--days N] [--san NAME ...]
+    model-cache-webhook mutate -f FILE [--nodes-file F] [--namespace-labels k=v,...]
+
+Settings (``MODEL_CACHE_*``) are loaded once, before anything else; a bad value exits 2 with the message, before
+a socket is opened. ``mutate`` is the GitOps preview: it runs the same pure core as the server over objects from
+a file (Pods, and the pod templates of Deployments, StatefulSets, DaemonSets, Jobs, CronJobs and ReplicaSets),
+prints the mutated objects as YAML on stdout and the decisions and warnings on stderr, and exits 1 if any object
+would be denied.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from webhook.errors import ConfigError
+
+EXIT_OK = 0
+EXIT_DENIED = 1
+EXIT_USAGE = 2
+
+log = logging.getLogger("webhook")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="model-cache-webhook", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="serve /mutate, /validate, /healthz, /readyz and /metrics over TLS")
+    serve.add_argument("--host", default="0.0.0.0")
+    serve.add_argument("--port", type=int, default=8443)
+    serve.add_argument("--tls-cert", required=True, type=Path, help="PEM certificate (re-read when it changes)")
+    serve.add_argument("--tls-key", required=True, type=Path, help="PEM private key (re-read when it changes)")
+    source = serve.add_mutually_exclusive_group()
+    source.add_argument("--kubeconfig", type=Path, help="watch nodes through this kubeconfig (default: in-cluster)")
+    source.add_argument("--nodes-file", type=Path, help="a NodeList (YAML or JSON) instead of watching the cluster")
+    serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+    certs = sub.add_parser("certs", help="write ca.crt, tls.crt and tls.key for the Service; print the caBundle")
+    certs.add_argument("--service", required=True)
+    certs.add_argument("--namespace", required=True)
+    certs.add_argument("--out", required=True, type=Path)
+    certs.add_argument("--days", type=int, default=365, help="serving certificate lifetime (the CA gets twice it)")
+    certs.add_argument("--san", action="append", default=[], help="an extra DNS name or IP (repeatable)")
+
+    mutate = sub.add_parser("mutate", help="print the objects of FILE as the webhook would admit them")
+    mutate.add_argument("-f", "--filename", required=True, help="YAML or JSON, several documents allowed; - is stdin")
+    mutate.add_argument("--nodes-file", type=Path, help="the node inventory to decide with (default: none)")
+    mutate.add_argument(
+        "--namespace-labels", default="", help="labels of the objects' namespace, k=v,k=v (Pod Security level...)"
+    )
+    return parser
+
+
+def _labels(text: str) -> dict[str, str]:
+    labels = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, value = part.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--namespace-labels: {part!r} is not key=value")
+        labels[key.strip()] = value.strip()
+    return labels
+
+
+def _fail(message: str, code: int = EXIT_USAGE) -> int:
+    print(f"model-cache-webhook: {message}", file=sys.stderr)
+    return code
+
+
+# --- serve ---------------------------------------------------------------------------------------------------
+
+
+def _serve(args: argparse.Namespace, settings: Any) -> int:
+    from webhook import inventory as inv
+    from webhook.app import create_app
+    from webhook.server import bind, configure_logging, make_server
+    from webhook.tls import ReloadingContext
+
+    configure_logging(args.log_level)
+    try:
+        tls = ReloadingContext(args.tls_cert, args.tls_key)
+    except (OSError, ValueError) as exc:
+        return _fail(f"cannot load the TLS certificate {args.tls_cert} / key {args.tls_key}: {exc}")
+    try:
+        if args.nodes_file is not None:
+            inventory = inv.static(inv.load_file(args.nodes_file))
+        else:
+            inventory = inv.WatchingInventory(inv.api_client(args.kubeconfig))
+    except Exception as exc:  # noqa: BLE001 - kubeconfig/in-cluster problems come in many types; all are fatal here
+        return _fail(f"cannot set up the node inventory: {exc}")
+    try:
+        sock = bind(args.host, args.port)
+    except OSError as exc:
+        return _fail(f"cannot listen on {args.host}:{args.port}: {exc}")
+    app = create_app(inventory, settings)
+    server = make_server(app, tls, host=args.host, port=args.port)
+    log.info("serving on https://%s:%d", args.host, sock.getsockname()[1])
+    server.run(sockets=[sock])
+    return EXIT_OK
+
+
+# --- certs ---------------------------------------------------------------------------------------------------
+
+
+def _certs(args: argparse.Namespace) -> int:
+    from webhook import certs
+
+    try:
+        bundle = certs.generate(args.service, args.namespace, extra_sans=args.san, days=args.days)
+        written = certs.write_bundle(bundle, args.out)
+    except (OSError, ValueError) as exc:
+        return _fail(f"certs: {exc}")
+    for path in written.values():
+        print(f"wrote {path}", file=sys.stderr)
+    print(bundle.ca_bundle)
+    return EXIT_OK
+
+
+# --- mutate --------------------------------------------------------------------------------------------------
+
+
+def _read_documents(name: str) -> list[Any]:
+    text = sys.stdin.read() if name == "-" else Path(name).read_text(encoding="utf-8")
+    return [doc for doc in yaml.safe_load_all(text) if doc is not None]
+
+
+def _objects(docs: list[Any]) -> list[Any]:
+    """Documents, with v1 Lists (``kubectl get -o yaml``) flattened into their items."""
+    out: list[Any] = []
+    for doc in docs:
+        if isinstance(doc, dict) and doc.get("kind") == "List" and isinstance(doc.get("items"), list):
+            out.extend(doc["items"])
+        else:
+            out.append(doc)
+    return out
+
+
+def _describe(obj: Any) -> str:
+    if not isinstance(obj, dict):
+        return f"document of type {type(obj).__name__}"
+    meta = obj.get("metadata") if isinstance(obj.get("metadata"), dict) else {}
+    name = meta.get("name") or (f"{meta['generateName']}*" if meta.get("generateName") else "<unnamed>")
+    return f"{obj.get('kind', '<no kind>')}/{name}"
+
+
+def _mutate(args: argparse.Namespace, settings: Any) -> int:
+    from webhook import admission
+    from webhook import inventory as inv
+    from webhook.errors import Denied, MalformedReview
+    from webhook.snapshot import EMPTY
+
+    try:
+        labels = _labels(args.namespace_labels)
+        snapshot = inv.load_file(args.nodes_file) if args.nodes_file else EMPTY
+        objects = _objects(_read_documents(args.filename))
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        return _fail(f"mutate: {exc}")
+
+    out, code = [], EXIT_OK
+    for obj in objects:
+        what = _describe(obj)
+        try:
+            new_obj, warnings, decisions = admission.mutate_object(obj, labels, snapshot, settings)
+        except Denied as exc:
+            print(f"{what}: denied ({exc.message})", file=sys.stderr)
+            code = max(code, EXIT_DENIED)
+            continue
+        except MalformedReview as exc:
+            print(f"{what}: not a Kubernetes object the webhook can read: {exc}", file=sys.stderr)
+            code = EXIT_USAGE
+            continue
+        for decision in decisions:
+            print(str(decision), file=sys.stderr)
+        for warning in warnings:
+            print(f"{what}: warning: {warning}", file=sys.stderr)
+        out.append(new_obj)
+    if out:
+        sys.stdout.write(yaml.safe_dump_all(out, sort_keys=False, default_flow_style=False))
+    return code
+
+
+# --- entry ---------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "certs":
+        return _certs(args)  # needs no cluster settings
+    from webhook.config import load_settings
+
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        return _fail(str(exc))
+    if args.command == "serve":
+        return _serve(args, settings)
+    return _mutate(args, settings)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
