@@ -202,6 +202,7 @@ def measure(c: Contender, work: Path, label: str) -> Run:
     out = work / "out"
     remove(out)
     out.mkdir()
+    os.sync()  # flush what earlier rounds (or other users) left dirty, so no run pays for another's writeback
     try:
         run = run_measured(c.argv(out), cwd=out)
         if run.returncode != 0:
