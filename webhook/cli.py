@@ -157,11 +157,12 @@ def _mutate(args: argparse.Namespace, settings: Any) -> int:
     from webhook import admission
     from webhook import inventory as inv
     from webhook.errors import Denied, MalformedReview
-    from webhook.snapshot import EMPTY
+    from webhook.snapshot import snapshot_from
 
     try:
         labels = _labels(args.namespace_labels)
-        snapshot = inv.load_file(args.nodes_file) if args.nodes_file else EMPTY
+        # Without a node list the preview decides as for an empty cluster: the init container, which works anywhere.
+        snapshot = inv.load_file(args.nodes_file) if args.nodes_file else snapshot_from([], [], synced=True)
         objects = _objects(_read_documents(args.filename))
     except (OSError, ValueError, yaml.YAMLError) as exc:
         return _fail(f"mutate: {exc}")

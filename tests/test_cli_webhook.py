@@ -1,0 +1,295 @@
+"""``model-cache-webhook``: certs, the mutate preview, and serve as a real process (file and watched inventories)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from cryptography import x509
+
+from tests.support.fake_apiserver import FakeApiServer
+from tests.support.tls import client_context
+from webhook import admission
+from webhook.cli import main
+from webhook.config import load_settings
+from webhook.snapshot import snapshot_from
+
+LOADER = "registry.example.com/model-cache/loader:0.1.0"
+EXE = shutil.which("model-cache-webhook", path=str(Path(sys.executable).parent))
+
+POD = {
+    "apiVersion": "v1",
+    "kind": "Pod",
+    "metadata": {"name": "web", "namespace": "models", "annotations": {"model.cache/ref": "registry.example.com/models/phi3:v1"}},
+    "spec": {"containers": [{"name": "server", "image": "registry.example.com/app/server:1"}], "nodeSelector": {"pool": "crio"}},
+}
+DEPLOYMENT = {
+    "apiVersion": "apps/v1",
+    "kind": "Deployment",
+    "metadata": {"name": "llm", "namespace": "models"},
+    "spec": {
+        "selector": {"matchLabels": {"app": "llm"}},
+        "template": {
+            "metadata": {"labels": {"app": "llm"}, "annotations": {"model.cache/ref": "registry.example.com/models/llama:v3"}},
+            "spec": {"containers": [{"name": "server", "image": "registry.example.com/app/server:1"}], "nodeSelector": {"pool": "containerd"}},
+        },
+    },
+}
+SERVICE = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "llm"}, "spec": {"ports": [{"port": 80}]}}
+NODES = {
+    "apiVersion": "v1",
+    "kind": "List",
+    "items": [
+        {
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {"name": "crio-1", "labels": {"pool": "crio"}},
+            "status": {"nodeInfo": {"containerRuntimeVersion": "cri-o://1.34.1", "kubeletVersion": "v1.35.0"}},
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {"name": "containerd-1", "labels": {"pool": "containerd"}},
+            "status": {"nodeInfo": {"containerRuntimeVersion": "containerd://2.0.4", "kubeletVersion": "v1.34.2"}},
+        },
+    ],
+}
+
+
+@pytest.fixture
+def env(monkeypatch):
+    monkeypatch.setenv("MODEL_CACHE_LOADER_IMAGE", LOADER)
+    return {**os.environ, "MODEL_CACHE_LOADER_IMAGE": LOADER}
+
+
+# --- certs --------------------------------------------------------------------------------------------------------
+
+
+def test_certs_writes_a_ca_and_a_serving_pair_and_prints_the_ca_bundle(tmp_path, capsys):
+    out = tmp_path / "certs"
+    code = main(["certs", "--service", "model-cache", "--namespace", "model-cache-system", "--out", str(out), "--days", "90"])
+    printed = capsys.readouterr()
+
+    assert code == 0
+    assert sorted(p.name for p in out.iterdir()) == ["ca.crt", "tls.crt", "tls.key"]
+    ca_pem = (out / "ca.crt").read_bytes()
+    assert printed.out == base64.b64encode(ca_pem).decode() + "\n"
+    assert printed.err == "".join(f"wrote {out / n}\n" for n in ("ca.crt", "tls.crt", "tls.key"))
+    ca = x509.load_pem_x509_certificate(ca_pem)
+    leaf = x509.load_pem_x509_certificate((out / "tls.crt").read_bytes())
+    leaf.verify_directly_issued_by(ca)
+    assert leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName) == [
+        "model-cache",
+        "model-cache.model-cache-system",
+        "model-cache.model-cache-system.svc",
+        "model-cache.model-cache-system.svc.cluster.local",
+    ]
+    assert (leaf.not_valid_after_utc - leaf.not_valid_before_utc).days == 90
+    assert (out / "tls.key").stat().st_mode & 0o777 == 0o600
+
+
+def test_certs_extra_sans_and_a_bad_lifetime(tmp_path, capsys):
+    assert main(["certs", "--service", "s", "--namespace", "n", "--out", str(tmp_path), "--san", "127.0.0.1", "--san", "localhost"]) == 0
+    leaf = x509.load_pem_x509_certificate((tmp_path / "tls.crt").read_bytes())
+    san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+    assert san.get_values_for_type(x509.DNSName)[-1] == "localhost"
+    capsys.readouterr()
+    assert main(["certs", "--service", "s", "--namespace", "n", "--out", str(tmp_path / "x"), "--days", "0"]) == 2
+    assert capsys.readouterr().err == "model-cache-webhook: certs: certificate lifetime must be at least 1 day, got 0\n"
+
+
+# --- mutate -------------------------------------------------------------------------------------------------------
+
+
+def test_mutate_prints_the_mutated_objects_and_the_decisions(tmp_path, capsys, env):
+    source = tmp_path / "app.yaml"
+    source.write_text(yaml.safe_dump_all([POD, DEPLOYMENT, SERVICE]))
+    nodes = tmp_path / "nodes.json"
+    nodes.write_text(json.dumps(NODES))
+
+    code = main(["mutate", "-f", str(source), "--nodes-file", str(nodes), "--namespace-labels", "model.cache/enabled=true"])
+    printed = capsys.readouterr()
+
+    settings = load_settings()
+    snapshot = snapshot_from(NODES["items"], [], synced=True)
+    labels = {"model.cache/enabled": "true"}
+    docs = list(yaml.safe_load_all(source.read_text()))  # key order as in the file: the output keeps it
+    expected = [admission.mutate_object(obj, labels, snapshot, settings) for obj in docs]
+    assert code == 0
+    assert list(yaml.safe_load_all(printed.out)) == [e[0] for e in expected]
+    assert printed.out == yaml.safe_dump_all([e[0] for e in expected], sort_keys=False)
+    assert printed.err.splitlines() == [str(d) for e in expected for d in e[2]] + [
+        f"Deployment/llm: warning: {w}" for w in expected[1][1]
+    ]
+    # The pod lands on the CRI-O pool: an image volume; the Deployment on containerd: the loader init container.
+    pod_out, deployment_out = expected[0][0], expected[1][0]
+    assert [v["name"] for v in pod_out["spec"]["volumes"] if "image" in v] != []
+    assert deployment_out["spec"]["template"]["spec"]["initContainers"][0]["args"][:2] == [
+        "pull",
+        "registry.example.com/models/llama:v3",
+    ]
+
+
+def test_mutate_reads_stdin_and_exits_1_when_an_object_would_be_denied(tmp_path, capsys, monkeypatch, env):
+    bad = json.loads(json.dumps(POD))
+    bad["metadata"]["annotations"]["model.cache/mode"] = "fastest"
+    import io
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO(yaml.safe_dump_all([bad, SERVICE])))
+    code = main(["mutate", "-f", "-"])
+    printed = capsys.readouterr()
+
+    settings = load_settings()
+    denial = admission.decide(bad, {}, snapshot_from([], [], synced=True), settings)
+    assert code == 1
+    assert printed.out == yaml.safe_dump_all([SERVICE], sort_keys=False)
+    assert printed.err.splitlines() == [
+        f"Pod/web: denied ({denial[0].reason})",
+        "Service/llm: unchanged (not a Pod or a workload with a pod template)",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        pytest.param(["--namespace-labels", "novalue"], "mutate: --namespace-labels: 'novalue' is not key=value", id="bad-labels"),
+        pytest.param(["--nodes-file", "/nonexistent/nodes.yaml"], "mutate: [Errno 2] No such file or directory: '/nonexistent/nodes.yaml'", id="missing-nodes"),
+    ],
+)
+def test_mutate_usage_errors_exit_2(tmp_path, capsys, env, args, message):
+    source = tmp_path / "pod.yaml"
+    source.write_text(yaml.safe_dump(POD))
+    assert main(["mutate", "-f", str(source), *args]) == 2
+    assert capsys.readouterr().err == f"model-cache-webhook: {message}\n"
+
+
+# --- serve --------------------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_bad_settings_stop_serve_before_it_listens(tmp_path, env):
+    env = {**env, "MODEL_CACHE_LOADER_CPU_REQUEST": "lots"}
+    proc = subprocess.run(
+        [EXE, "serve", "--tls-cert", "x", "--tls-key", "y", "--nodes-file", "z"],
+        env=env, capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    assert proc.stderr == (
+        "model-cache-webhook: invalid model-cache settings: MODEL_CACHE_LOADER_CPU_REQUEST: "
+        "'lots' is not a Kubernetes quantity (e.g. 250m, 2, 256Mi, 1Gi)\n"
+    )
+
+
+def test_serve_without_a_certificate_exits_2(tmp_path, env):
+    proc = subprocess.run(
+        [EXE, "serve", "--tls-cert", str(tmp_path / "tls.crt"), "--tls-key", str(tmp_path / "tls.key"), "--nodes-file", "z"],
+        env=env, capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines()[-1] == (
+        f"model-cache-webhook: cannot load the TLS certificate {tmp_path / 'tls.crt'} / key {tmp_path / 'tls.key'}: "
+        f"[Errno 2] No such file or directory: '{tmp_path / 'tls.crt'}'"
+    )
+
+
+class _Process:
+    def __init__(self, args: list[str], env: dict, tmp_path: Path) -> None:
+        assert main(["certs", "--service", "model-cache", "--namespace", "ns", "--out", str(tmp_path / "tls"), "--san", "127.0.0.1"]) == 0
+        self.ca = (tmp_path / "tls" / "ca.crt").read_bytes()
+        self.port = _free_port()
+        self.log = tmp_path / "serve.log"
+        with self.log.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [EXE, "serve", "--host", "127.0.0.1", "--port", str(self.port),
+                 "--tls-cert", str(tmp_path / "tls" / "tls.crt"), "--tls-key", str(tmp_path / "tls" / "tls.key"), *args],
+                env=env, stdout=subprocess.DEVNULL, stderr=log,
+            )
+        self.client = httpx.Client(base_url=f"https://127.0.0.1:{self.port}", verify=client_context(self.ca))
+
+    def get_when_up(self, path: str, want: int, deadline: float = 60.0) -> httpx.Response:
+        """Poll ``path`` until it answers ``want`` (start-up and sync take a moment in another process)."""
+        end = time.monotonic() + deadline
+        while True:
+            assert self.proc.poll() is None, self.log.read_text()
+            try:
+                resp = self.client.get(path)
+                if resp.status_code == want:
+                    return resp
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < end, f"{path} never answered {want}: {self.log.read_text()}"
+            time.sleep(0.1)
+
+    def stop(self) -> int:
+        """SIGTERM, as kubelet sends; uvicorn drains, then re-raises the signal, so the status is -SIGTERM."""
+        self.client.close()
+        self.proc.terminate()
+        return self.proc.wait(30)
+
+
+def test_serve_with_a_nodes_file_answers_reviews_and_logs_json_lines(tmp_path, env):
+    nodes = tmp_path / "nodes.json"
+    nodes.write_text(json.dumps(NODES))
+    server = _Process(["--nodes-file", str(nodes)], env, tmp_path)
+    try:
+        assert server.get_when_up("/readyz", 200).json() == {"status": "ready", "nodes": 2, "namespaces": 0}
+        body = {
+            "apiVersion": "admission.k8s.io/v1",
+            "kind": "AdmissionReview",
+            "request": {"uid": "u-1", "kind": {"group": "", "version": "v1", "kind": "Pod"}, "operation": "CREATE", "namespace": "models", "object": POD},
+        }
+        resp = server.client.post("/mutate", json=body)
+        assert resp.status_code == 200
+        assert resp.json() == admission.mutate_review(
+            json.loads(json.dumps(body)), snapshot_from(NODES["items"], [], synced=True), load_settings()
+        )
+    finally:
+        assert server.stop() == -signal.SIGTERM
+    lines = [json.loads(line) for line in server.log.read_text().splitlines()]
+    assert all(sorted(line) == ["level", "logger", "message", "time"] for line in lines)
+    messages = [{k: v for k, v in line.items() if k != "time"} for line in lines]
+    assert {"level": "info", "logger": "webhook", "message": f"serving on https://127.0.0.1:{server.port}"} in messages
+    assert {"level": "info", "logger": "uvicorn.error", "message": "Application shutdown complete."} in messages
+
+
+def test_serve_with_a_kubeconfig_is_ready_once_the_watch_has_listed(tmp_path, env):
+    fake = FakeApiServer()
+    fake.hold("nodes")
+    fake.put("nodes", NODES["items"][0])
+    fake.put("namespaces", {"metadata": {"name": "models", "labels": {"model.cache/enabled": "true"}}})
+    server = _Process(["--kubeconfig", str(fake.write_kubeconfig(tmp_path / "kubeconfig"))], env, tmp_path)
+    try:
+        not_ready = server.get_when_up("/readyz", 503)
+        assert not_ready.json()["status"] == "not ready"
+        fake.release("nodes")
+        assert server.get_when_up("/readyz", 200).json() == {"status": "ready", "nodes": 1, "namespaces": 1}
+        fake.put("nodes", NODES["items"][1])
+        metrics = ""
+        for _ in range(600):
+            metrics = server.client.get("/metrics").text
+            if 'model_cache_inventory_nodes{runtime="containerd"} 1.0' in metrics:
+                break
+            time.sleep(0.05)
+        assert 'model_cache_inventory_nodes{runtime="containerd"} 1.0' in metrics
+        assert 'model_cache_inventory_nodes{runtime="cri-o"} 1.0' in metrics
+    finally:
+        assert server.stop() == -signal.SIGTERM
+        fake.stop()
