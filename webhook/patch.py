@@ -21,8 +21,14 @@ def _escape(token: str) -> str:
 
 
 def _same(a: Any, b: Any) -> bool:
-    # JSON distinguishes true from 1; Python's == does not.
-    return type(a) is type(b) and a == b
+    """Equality as JSON sees it: Python's == says True == 1, JSON does not."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        return len(a) == len(b) and all(k in b and _same(v, b[k]) for k, v in a.items())
+    if isinstance(a, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
 
 
 def _diff(a: Any, b: Any, path: str, ops: list[Op]) -> None:
@@ -82,7 +88,7 @@ def applies(before: dict[str, Any], ops: list[Op], after: dict[str, Any]) -> boo
         result = jsonpatch.apply_patch(before, ops)
     except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException):
         return False
-    return result == after
+    return _same(result, after)
 
 
 def make_patch(before: dict[str, Any], after: dict[str, Any]) -> list[Op]:

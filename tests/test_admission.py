@@ -1,0 +1,527 @@
+"""The admission seam: whole AdmissionReview responses, workload validation, previews, settings, and properties.
+
+The properties are the webhook's safety promise under ``failurePolicy: Fail``: for any body a client can send,
+``mutate_review`` and ``validate_review`` either answer or raise MalformedReview (HTTP 400), never anything else,
+and every patch they answer with applies to the submitted pod and yields exactly the mutated pod.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+from typing import Any
+
+import jsonpatch
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from webhook import annotations as ann
+from webhook.admission import Decision, decide, mutate_object, mutate_review, validate_review
+from webhook.config import Settings, load_settings
+from webhook.errors import ConfigError, Denied, MalformedReview
+from webhook.snapshot import snapshot_from
+from tests.support.k8s_validate import assert_valid
+
+SETTINGS = Settings()
+CRIO = {"containerRuntimeVersion": "cri-o://1.34.2", "kubeletVersion": "v1.35.0"}
+CTRD = {"containerRuntimeVersion": "containerd://2.0.1", "kubeletVersion": "v1.35.0"}
+SNAPSHOT = snapshot_from(
+    [
+        {"metadata": {"name": "crio-a", "labels": {"pool": "crio"}}, "status": {"nodeInfo": CRIO}},
+        {"metadata": {"name": "ctrd-a", "labels": {"pool": "ctrd"}}, "status": {"nodeInfo": CTRD}},
+    ],
+    [
+        {"metadata": {"name": "ml", "labels": {ann.ENABLED_LABEL: "true", ann.PSA_ENFORCE_LABEL: "restricted"}}},
+        {"metadata": {"name": "open", "labels": {ann.ENABLED_LABEL: "true"}}},
+    ],
+)
+REF = "registry.example.com/models/phi3:v1"
+SUBPATH = "refs/registry.example.com_models_phi3_v1-81650e9a5e875dcd"
+
+
+def pod(annotations: dict[str, str] | None = None, **spec: Any) -> dict[str, Any]:
+    """A pod as a ReplicaSet controller submits it: generateName, no name, no namespace."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"generateName": "chat-6c5-", "annotations": {ann.REF: REF, **(annotations or {})}},
+        "spec": {"containers": [{"name": "server", "image": "registry.example.com/vllm:1"}], **spec},
+    }
+
+
+def review(obj: Any, kind: str = "Pod", operation: str = "CREATE", namespace: str = "ml", **request: Any) -> dict[str, Any]:
+    group, version = {"Pod": ("", "v1"), "Job": ("batch", "v1"), "CronJob": ("batch", "v1")}.get(kind, ("apps", "v1"))
+    return {
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": "705ab4f5-6393-11e8-b7cc-42010a800002",
+            "kind": {"group": group, "version": version, "kind": kind},
+            "resource": {"group": group, "version": version, "resource": kind.lower() + "s"},
+            "requestKind": {"group": group, "version": version, "kind": kind},
+            "operation": operation,
+            "namespace": namespace,
+            "userInfo": {"username": "system:serviceaccount:kube-system:replicaset-controller"},
+            "object": obj,
+            "dryRun": False,
+            **request,
+        },
+    }
+
+
+def decode(response: dict[str, Any]) -> list[dict[str, Any]]:
+    return json.loads(base64.b64decode(response["response"]["patch"]))
+
+
+ALLOWED = {
+    "apiVersion": "admission.k8s.io/v1",
+    "kind": "AdmissionReview",
+    "response": {"uid": "705ab4f5-6393-11e8-b7cc-42010a800002", "allowed": True},
+}
+
+
+def denied(message: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "response": {
+            "uid": "705ab4f5-6393-11e8-b7cc-42010a800002",
+            "allowed": False,
+            "status": {"code": 403, "message": message, "reason": "Forbidden"},
+        },
+    }
+
+
+# --- mutate_review -------------------------------------------------------------------------------------------------
+
+
+def test_generate_name_pod_in_restricted_namespace_gets_the_whole_patch():
+    p = pod(nodeSelector={"pool": "ctrd"})
+    response = mutate_review(review(p), SNAPSHOT, SETTINGS)
+    warning = (
+        "model.cache: namespace 'ml' enforces Pod Security 'restricted', which forbids hostPath volumes; using a"
+        " per-pod cache (emptyDir), so every pod downloads the model (use pvc:<claim> in model.cache/cache to share one)"
+    )
+    assert {k: v for k, v in response["response"].items() if k != "patch"} == {
+        "uid": "705ab4f5-6393-11e8-b7cc-42010a800002",
+        "allowed": True,
+        "patchType": "JSONPatch",
+        "warnings": [warning],
+    }
+    loader = {
+        "name": "model-loader",
+        "image": "ghcr.io/model-cache/loader:0.1.0",
+        "imagePullPolicy": "IfNotPresent",
+        "command": ["model-loader"],
+        "args": ["pull", REF, "--cache", "/cache", "--output", "text", "--concurrency", "8"],
+        "resources": {"requests": {"cpu": "250m", "memory": "256Mi"}, "limits": {"cpu": "2", "memory": "512Mi"}},
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+            "runAsUser": 65532,
+            "runAsGroup": 65532,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "volumeMounts": [{"name": "model-cache", "mountPath": "/cache"}],
+    }
+    assert decode(response) == [
+        {"op": "add", "path": "/metadata/annotations/model.cache~1injected",
+         "value": "init-container: the one candidate node runs containerd 2.0; cache pod"},
+        {"op": "add", "path": "/spec/containers/0/volumeMounts",
+         "value": [{"name": "model-cache", "mountPath": "/models/phi3", "subPath": SUBPATH, "readOnly": True}]},
+        {"op": "add", "path": "/spec/containers/0/env",
+         "value": [{"name": "MODEL_PATH", "value": "/models/phi3"}, {"name": "MODEL_PATH_PHI3", "value": "/models/phi3"}]},
+        {"op": "add", "path": "/spec/initContainers", "value": [loader]},
+        {"op": "add", "path": "/spec/volumes", "value": [{"name": "model-cache", "emptyDir": {}}]},
+    ]
+    patched = jsonpatch.apply_patch(p, decode(response))
+    assert patched == mutate_object(p, SNAPSHOT.namespaces["ml"], SNAPSHOT, SETTINGS)[0]
+    assert_valid(patched)
+
+
+def test_image_volume_patch_in_open_namespace():
+    response = mutate_review(review(pod(nodeSelector={"pool": "crio"}), namespace="open"), SNAPSHOT, SETTINGS)
+    assert "warnings" not in response["response"]
+    assert decode(response) == [
+        {"op": "add", "path": "/metadata/annotations/model.cache~1injected",
+         "value": "image-volume: the one candidate node runs cri-o 1.34"},
+        {"op": "add", "path": "/spec/containers/0/volumeMounts",
+         "value": [{"name": "model-phi3", "mountPath": "/models/phi3", "readOnly": True}]},
+        {"op": "add", "path": "/spec/containers/0/env",
+         "value": [{"name": "MODEL_PATH", "value": "/models/phi3"}, {"name": "MODEL_PATH_PHI3", "value": "/models/phi3"}]},
+        {"op": "add", "path": "/spec/volumes",
+         "value": [{"name": "model-phi3", "image": {"reference": REF, "pullPolicy": "IfNotPresent"}}]},
+    ]
+
+
+def test_namespace_missing_from_inventory_assumes_no_pod_security():
+    response = mutate_review(review(pod(nodeSelector={"pool": "ctrd"}), namespace="new-ns"), SNAPSHOT, SETTINGS)
+    assert "warnings" not in response["response"]
+    assert decode(response)[0]["value"] == "init-container: the one candidate node runs containerd 2.0; cache node"
+
+
+def test_denial_response():
+    response = mutate_review(review(pod({ann.MODE: "turbo"})), SNAPSHOT, SETTINGS)
+    assert response == denied("model.cache/mode is 'turbo': use auto, image-volume or init-container")
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        review(pod(), operation="UPDATE"),
+        review(None, operation="DELETE"),
+        review({"kind": "Binding"}, kind="Binding"),
+        review(pod(), subResource="ephemeralcontainers"),
+        review({"apiVersion": "v1", "kind": "Pod", "metadata": {}, "spec": {"containers": []}}),
+        review(pod({ann.STATUS: "init-container: earlier"})),
+    ],
+    ids=["update", "delete", "other-kind", "subresource", "no-annotations", "already-mutated"],
+)
+def test_mutate_passes_through_untouched(body):
+    assert mutate_review(body, SNAPSHOT, SETTINGS) == ALLOWED
+
+
+def _deep(n: int) -> Any:
+    value: Any = "x"
+    for _ in range(n):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize(
+    "body,message",
+    [
+        ([], "the body must be a JSON object (an AdmissionReview), not list"),
+        ({"apiVersion": "admission.k8s.io/v1beta1", "kind": "AdmissionReview", "request": review(pod())["request"]},
+         "not an admission.k8s.io/v1 AdmissionReview: apiVersion: Input should be 'admission.k8s.io/v1'"),
+        ({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview"},
+         "not an admission.k8s.io/v1 AdmissionReview: request: Field required"),
+        ({**review(pod()), "request": {**review(pod())["request"], "uid": 7}},
+         "not an admission.k8s.io/v1 AdmissionReview: request.uid: Input should be a valid string"),
+        ({**review(pod()), "request": {**review(pod())["request"], "operation": "PATCH"}},
+         "not an admission.k8s.io/v1 AdmissionReview: request.operation: Input should be 'CREATE', 'UPDATE', 'DELETE' or"
+         " 'CONNECT'"),
+        ({**review(pod()), "request": {**review(pod())["request"], "object": "pod"}},
+         "not an admission.k8s.io/v1 AdmissionReview: request.object: Input should be a valid dictionary"),
+        (review(None), "request.object is missing from a CREATE review"),
+        (review({**pod(), "spec": {"containers": "server"}}), "request.object.spec.containers: Input should be a valid list"),
+        (review({**pod(), "spec": {"containers": [{"name": 1}], "tolerations": [{"key": None, "value": 5}]}}),
+         "request.object.spec.containers.0.name: Input should be a valid string; request.object.spec.tolerations.0.value:"
+         " Input should be a valid string"),
+        (review({**pod(), "metadata": {"annotations": {ann.REF: ["a"]}}}),
+         "request.object.metadata.annotations.model.cache/ref: Input should be a valid string"),
+        (review({**pod(), "spec": {"x": _deep(70), "containers": []}}), "the AdmissionReview is nested more than 64 levels deep"),
+    ],
+    ids=[
+        "not-an-object", "v1beta1", "no-request", "uid-not-string", "bad-operation", "object-not-object",
+        "create-without-object", "containers-not-list", "several-bad-fields", "annotation-not-string", "too-deep",
+    ],
+)
+def test_malformed_reviews(body, message):
+    for review_fn in (mutate_review, validate_review):
+        with pytest.raises(MalformedReview) as e:
+            review_fn(body, SNAPSHOT, SETTINGS)
+        assert str(e.value) == message
+
+
+# --- validate_review -----------------------------------------------------------------------------------------------
+
+
+def _with_template(kind: str, template: dict[str, Any]) -> dict[str, Any]:
+    api = {"Job": "batch/v1", "CronJob": "batch/v1", "ReplicationController": "v1"}.get(kind, "apps/v1")
+    obj: dict[str, Any] = {"apiVersion": api, "kind": kind, "metadata": {"name": "chat", "namespace": "open"}}
+    if kind == "CronJob":
+        obj["spec"] = {"schedule": "*/5 * * * *", "jobTemplate": {"spec": {"template": template}}}
+    elif kind in ("Job", "ReplicationController"):
+        obj["spec"] = {"template": template}
+    else:
+        obj["spec"] = {"selector": {"matchLabels": {"app": "chat"}}, "template": template}
+    return obj
+
+
+def _template(annotations: dict[str, str], **spec: Any) -> dict[str, Any]:
+    p = pod(annotations, **spec)
+    return {"metadata": {"labels": {"app": "chat"}, "annotations": p["metadata"]["annotations"]}, "spec": p["spec"]}
+
+
+KINDS = ["Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job", "CronJob", "ReplicationController"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_workload_with_bad_annotation_is_denied_at_apply(kind):
+    obj = _with_template(kind, _template({ann.REF: "registry.example.com/models/phi3:v1,registry.example.com/x/phi3:v2"}))
+    assert validate_review(review(obj, kind=kind, namespace="open"), SNAPSHOT, SETTINGS) == denied(
+        "model.cache/ref gives two models the name 'phi3' (registry.example.com/models/phi3:v1 and"
+        " registry.example.com/x/phi3:v2); name them apart with name=REF, e.g. phi3-2=registry.example.com/x/phi3:v2"
+    )
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_workload_with_good_annotation_is_allowed_with_soft_warnings(kind):
+    obj = _with_template(kind, _template({}))
+    before = copy.deepcopy(obj)
+    assert validate_review(review(obj, kind=kind, namespace="open"), SNAPSHOT, SETTINGS) == {
+        **ALLOWED,
+        "response": {
+            **ALLOWED["response"],
+            "warnings": [
+                "model.cache: using an init container because 1 of 2 candidate nodes runs containerd 2.0 (ctrd-a);"
+                " restrict the pod to image-volume capable nodes to mount the model directly"
+            ],
+        },
+    }
+    assert obj == before
+
+
+def test_validate_pod_and_explicit_image_volume_denial():
+    body = review(pod({ann.MODE: "image-volume"}), namespace="open")
+    assert validate_review(body, SNAPSHOT, SETTINGS) == denied(
+        "model.cache/mode is 'image-volume' but 1 candidate node of 2 cannot mount image volumes: ctrd-a (containerd"
+        " 2.0); set model.cache/mode to auto or init-container, or restrict the pod (nodeSelector, node affinity) to"
+        " nodes running cri-o 1.33+ with kubelet 1.35+"
+    )
+    assert mutate_review(body, SNAPSHOT, SETTINGS) == validate_review(body, SNAPSHOT, SETTINGS)
+
+
+def test_update_that_keeps_a_broken_template_warns_instead_of_denying():
+    obj = _with_template("Deployment", _template({ann.MODE: "image-volume"}))
+    scaled = copy.deepcopy(obj)
+    scaled["spec"]["replicas"] = 5
+    body = review(scaled, kind="Deployment", operation="UPDATE", namespace="open", oldObject=obj)
+    response = validate_review(body, SNAPSHOT, SETTINGS)
+    assert response["response"]["allowed"] is True
+    assert response["response"]["warnings"][0].startswith("model.cache: model.cache/mode is 'image-volume' but 1 candidate")
+    changed = copy.deepcopy(obj)
+    changed["spec"]["template"]["metadata"]["annotations"][ann.REF] = "registry.example.com/models/phi3:v2"
+    body = review(changed, kind="Deployment", operation="UPDATE", namespace="open", oldObject=obj)
+    assert validate_review(body, SNAPSHOT, SETTINGS)["response"]["allowed"] is False
+
+
+def test_validate_allows_deletions_and_objects_being_deleted():
+    obj = _with_template("Deployment", _template({ann.MODE: "turbo"}))
+    assert validate_review(review(obj, kind="Deployment", operation="DELETE", oldObject=obj), SNAPSHOT, SETTINGS) == ALLOWED
+    obj["metadata"]["deletionTimestamp"] = "2026-11-22T10:00:00Z"
+    assert validate_review(review(obj, kind="Deployment", operation="UPDATE", oldObject=obj), SNAPSHOT, SETTINGS) == ALLOWED
+    assert validate_review(review({"kind": "Service"}, kind="Service"), SNAPSHOT, SETTINGS) == ALLOWED
+    no_template = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "x"}, "spec": {}}
+    assert validate_review(review(no_template, kind="Deployment"), SNAPSHOT, SETTINGS) == ALLOWED
+
+
+def test_template_carrying_the_status_annotation_is_warned():
+    obj = _with_template("Deployment", _template({ann.STATUS: "image-volume: copied"}))
+    assert validate_review(review(obj, kind="Deployment", namespace="open"), SNAPSHOT, SETTINGS)["response"]["warnings"] == [
+        "model.cache: the pod template carries model.cache/injected, so its pods will not get their models; remove"
+        " that annotation from the template"
+    ]
+
+
+# --- previews (model-cache-webhook mutate -f FILE) -----------------------------------------------------------------
+
+
+def test_mutate_object_workload_template_and_list():
+    deployment = _with_template("Deployment", _template({}, nodeSelector={"pool": "crio"}))
+    cron = _with_template("CronJob", _template({}, nodeSelector={"pool": "ctrd"}))
+    svc = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "chat"}}
+    listing = {"apiVersion": "v1", "kind": "List", "items": [deployment, cron, svc]}
+    before = copy.deepcopy(listing)
+    new, warnings, decisions = mutate_object(listing, {}, SNAPSHOT, SETTINGS)
+    assert listing == before
+    assert warnings == []
+    assert decisions == [
+        Decision("Deployment/chat", "image-volume", "the one candidate node runs cri-o 1.34"),
+        Decision("CronJob/chat", "init-container", "the one candidate node runs containerd 2.0; cache node"),
+        Decision("Service/chat", "unchanged", "not a Pod or a workload with a pod template"),
+    ]
+    expected_deployment = copy.deepcopy(deployment)
+    expected_deployment["spec"]["template"] = mutate_object(
+        {"apiVersion": "v1", "kind": "Pod", **deployment["spec"]["template"]}, {}, SNAPSHOT, SETTINGS
+    )[0]
+    del expected_deployment["spec"]["template"]["apiVersion"], expected_deployment["spec"]["template"]["kind"]
+    assert new["items"][0] == expected_deployment
+    assert new["items"][2] is svc
+    for item in new["items"][:2]:
+        assert_valid(item)
+    assert [str(d) for d in decide(listing, {}, SNAPSHOT, SETTINGS)] == [
+        "Deployment/chat: image-volume (the one candidate node runs cri-o 1.34)",
+        "CronJob/chat: init-container (the one candidate node runs containerd 2.0; cache node)",
+        "Service/chat: unchanged (not a Pod or a workload with a pod template)",
+    ]
+
+
+def test_decide_reports_denials_and_untouched_pods():
+    assert decide(pod({ann.CONTAINERS: "nope"}), None, SNAPSHOT, SETTINGS) == [
+        Decision("Pod/chat-6c5-*", "denied", "model.cache/containers names 'nope', not a container of this pod; containers: server")
+    ]
+    with pytest.raises(Denied):
+        mutate_object(pod({ann.CONTAINERS: "nope"}), None, SNAPSHOT, SETTINGS)
+    plain = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}, "spec": {"containers": []}}
+    assert mutate_object(plain, None, SNAPSHOT, SETTINGS) == (plain, [], [Decision("Pod/p", "unchanged", "no model.cache/ref annotation")])
+    with pytest.raises(MalformedReview) as e:
+        mutate_object({"kind": "Pod", "spec": {"containers": {}}}, None, SNAPSHOT, SETTINGS)
+    assert str(e.value) == "Pod.spec.containers: Input should be a valid list"
+
+
+# --- settings ------------------------------------------------------------------------------------------------------
+
+
+def test_settings_from_environment(monkeypatch):
+    monkeypatch.setenv("MODEL_CACHE_ALLOWED_REGISTRIES", "Registry.Example.com, ghcr.io/acme/ ,10.0.0.5:5000")
+    monkeypatch.setenv("MODEL_CACHE_LOADER_CONCURRENCY", "4")
+    s = load_settings()
+    assert (s.allowed_registries, s.loader_concurrency) == (["registry.example.com", "ghcr.io/acme", "10.0.0.5:5000"], 4)
+    monkeypatch.setenv("MODEL_CACHE_ALLOWED_REGISTRIES", '["r.example.com"]')
+    assert load_settings().allowed_registries == ["r.example.com"]
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"loader_cpu_request": "3"}, "MODEL_CACHE_SETTINGS: loader_cpu_request 3 is larger than loader_cpu_limit 2"),
+        ({"loader_memory_limit": "lots"}, "MODEL_CACHE_LOADER_MEMORY_LIMIT: 'lots' is not a Kubernetes quantity (e.g. 250m, 2, 256Mi, 1Gi)"),
+        ({"loader_image": "Loader:1"}, "MODEL_CACHE_LOADER_IMAGE: loader_image: reference 'Loader:1' has repository 'library/Loader': use"
+         " lowercase letters, digits and separators ('.', '_', '__', '-') between '/'-separated components"),
+        ({"node_cache_path": "var/lib"}, "MODEL_CACHE_NODE_CACHE_PATH: 'var/lib' must be a normalised absolute path other than / (e.g."
+         " /var/lib/model-cache)"),
+        ({"default_cache": "disk"}, "MODEL_CACHE_DEFAULT_CACHE: default_cache 'disk': use node, pod or pvc:<claim-name>"),
+        ({"default_mode": "fast"}, "MODEL_CACHE_DEFAULT_MODE: Input should be 'auto', 'image-volume' or 'init-container'"),
+        ({"allowed_registries": ["https://r.io"]}, "MODEL_CACHE_ALLOWED_REGISTRIES: allowed_registries entry 'https://r.io' is not host,"
+         " host:port or host/repository-prefix (e.g. registry.example.com, 10.0.0.5:5000, ghcr.io/acme)"),
+        ({"loader_run_as_user": 0}, "MODEL_CACHE_LOADER_RUN_AS_USER: Input should be greater than or equal to 1"),
+        ({"image_volume_min_crio": "1.33.0"}, "MODEL_CACHE_IMAGE_VOLUME_MIN_CRIO: '1.33.0' is not a MAJOR.MINOR version such as 1.33"),
+    ],
+    ids=["request-over-limit", "bad-quantity", "bad-image", "relative-cache", "bad-cache", "bad-mode", "bad-registry",
+         "root-uid", "bad-version"],
+)
+def test_bad_settings_stop_start_up(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        load_settings(**overrides)
+    assert str(e.value) == f"invalid model-cache settings: {message}"
+
+
+# --- properties ----------------------------------------------------------------------------------------------------
+
+TOKENS = st.sampled_from(
+    [REF, "registry.example.com/models/bge:v2", "x=registry.example.com/a:v1", "docker.io/a", "=", ",", " ", "/", ":",
+     "@sha256:", "a" * 64, "pvc:", "node", "pod", "auto", "image-volume", "init-container", "server", "side", "/models",
+     "..", "..", "-", "Ü", "phi3", "PHI3", "\x00", "localhost:5000/m"]
+)
+ANNOTATION_VALUES = st.one_of(st.text(max_size=30), st.lists(TOKENS, max_size=6).map("".join))
+VALID_REFS = st.sampled_from(
+    [REF, "embed=registry.example.com/models/bge@sha256:" + "b" * 64, "docker.io/a", "ghcr.io/x/phi3:v2",
+     "localhost:5000/m", "m.2=registry.example.com/m:v1"]
+)
+REF_ENTRIES = st.one_of(VALID_REFS, VALID_REFS, VALID_REFS, ANNOTATION_VALUES)
+ANNOTATIONS = st.fixed_dictionaries(
+    {ann.REF: st.one_of(
+        st.lists(VALID_REFS, min_size=1, max_size=3, unique=True).map(", ".join),
+        st.lists(VALID_REFS, min_size=1, max_size=3, unique=True).map(", ".join),
+        st.lists(REF_ENTRIES, min_size=1, max_size=3).map(", ".join),
+    )},
+    optional={
+        ann.MODE: st.one_of(st.sampled_from(ann.MODES), st.sampled_from(ann.MODES), st.sampled_from(ann.MODES), ANNOTATION_VALUES),
+        ann.CACHE: st.one_of(st.sampled_from(["node", "pod", "pvc:store", "pvc:"]), st.sampled_from(["node", "pod", "pvc:store", "pvc:"]), st.sampled_from(["node", "pod", "pvc:store", "pvc:"]), ANNOTATION_VALUES),
+        ann.MOUNT_PATH: st.one_of(st.sampled_from(["/models", "/srv/m/", "/models/phi3/..", "/"]), st.sampled_from(["/models", "/srv/m/", "/models/phi3/..", "/"]), st.sampled_from(["/models", "/srv/m/", "/models/phi3/..", "/"]), ANNOTATION_VALUES),
+        ann.CONTAINERS: st.one_of(st.sampled_from(["server", "server,side", "init", "side, ,"]), st.sampled_from(["server", "server,side", "init", "side, ,"]), st.sampled_from(["server", "server,side", "init", "side, ,"]), ANNOTATION_VALUES),
+        "model.cache/other": ANNOTATION_VALUES,
+        "unrelated": ANNOTATION_VALUES,
+    },
+)
+PROPERTY_SETTINGS = [SETTINGS, Settings(allowed_registries=["registry.example.com"], default_mode="image-volume")]
+
+
+def _property_pod(annotations: dict[str, str], variant: int) -> dict[str, Any]:
+    p = pod()
+    p["metadata"]["annotations"] = annotations
+    spec = p["spec"]
+    if variant & 1:
+        spec["containers"].append({"name": "side", "image": "x", "env": [{"name": "MODEL_PATH", "value": "/x"}],
+                                   "volumeMounts": [{"name": "model-cache", "mountPath": "/models/phi3"}]})
+        spec["volumes"] = [{"name": "model-cache", "emptyDir": {}}]
+    if variant & 2:
+        spec["imagePullSecrets"] = [{"name": "regcred"}, {}]
+        spec["initContainers"] = [{"name": "init", "image": "x"}]
+    if variant & 4:
+        spec["nodeSelector"] = {"pool": "crio"}
+    return p
+
+
+@given(
+    annotations=ANNOTATIONS,
+    status=st.one_of(st.none(), st.none(), st.none(), ANNOTATION_VALUES),
+    variant=st.integers(0, 7),
+    which=st.integers(0, 1),
+    namespace=st.sampled_from(["ml", "open", ""]),
+)
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_any_annotations_answer_and_patches_apply(annotations, status, variant, which, namespace):
+    cfg = PROPERTY_SETTINGS[which]
+    if status is not None:
+        annotations = {**annotations, ann.STATUS: status}
+    p = _property_pod(annotations, variant)
+    before = copy.deepcopy(p)
+    response = mutate_review(review(p, namespace=namespace), SNAPSHOT, cfg)
+    assert p == before
+    result = response["response"]
+    labels = SNAPSHOT.namespaces.get(namespace) if namespace else None
+    if result["allowed"]:
+        expected = mutate_object(p, labels, SNAPSHOT, cfg)[0]
+        patched = jsonpatch.apply_patch(p, decode(response)) if "patch" in result else p
+        assert patched == expected
+        if "patch" in result:
+            assert_valid(patched, versions=("1.37.0",))
+            assert mutate_review(review(patched, namespace=namespace), SNAPSHOT, cfg) == ALLOWED  # idempotent
+    else:
+        assert result["status"]["code"] == 403 and result["status"]["message"]
+        with pytest.raises(Denied):
+            mutate_object(p, labels, SNAPSHOT, cfg)
+    validate_review(review(p, namespace=namespace), SNAPSHOT, cfg)
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children, max_size=3),
+    max_leaves=10,
+)
+
+
+def _corrupt(value: Any, data: st.DataObject, depth: int = 0) -> Any:
+    """Replace one randomly chosen subtree of ``value`` with random JSON."""
+    if depth > 8 or data.draw(st.integers(0, 4)) == 0 or not isinstance(value, (dict, list)) or not value:
+        return data.draw(JSON)
+    value = copy.copy(value)
+    if isinstance(value, dict):
+        key = data.draw(st.sampled_from(sorted(value)))
+        if data.draw(st.booleans()) and depth > 0:
+            del value[key]
+        else:
+            value[key] = _corrupt(value[key], data, depth + 1)
+    else:
+        i = data.draw(st.integers(0, len(value) - 1))
+        value[i] = _corrupt(value[i], data, depth + 1)
+    return value
+
+
+@given(data=st.data())
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_malformed_reviews_raise_only_malformed_review(data):
+    base = review(_property_pod({ann.REF: REF, ann.CONTAINERS: "server"}, data.draw(st.integers(0, 7))))
+    if data.draw(st.booleans()):
+        base = review(_with_template("Deployment", _template({})), kind="Deployment")
+    body = _corrupt(base, data)
+    for review_fn in (mutate_review, validate_review):
+        try:
+            response = review_fn(body, SNAPSHOT, SETTINGS)
+        except MalformedReview as exc:
+            assert str(exc)
+        else:
+            assert set(response) == {"apiVersion", "kind", "response"}
+            json.dumps(response)
+            if "patch" in response["response"]:
+                obj = body["request"]["object"]
+                patched = jsonpatch.apply_patch(obj, decode(response))
+                assert patched[ "metadata"]["annotations"][ann.STATUS]
