@@ -1,0 +1,70 @@
+"""``model-loader pull``: what the injected init container runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from loader import contract
+from loader.commands.common import add_registry_flags, check_concurrency, load_credentials, parse_mirrors
+from loader.config import LoaderSettings
+
+NAME = contract.PULL
+
+
+def add_parser(sub, settings: LoaderSettings) -> None:
+    p = sub.add_parser(NAME, help="pull models into the cache (parallel, verified, resumable)")
+    p.add_argument("refs", nargs="+", metavar="REF", help="host[:port]/repo[:tag][@sha256:...]")
+    p.add_argument(contract.FLAG_CACHE, required=True, metavar="DIR", help="cache directory (shared by pods)")
+    add_registry_flags(p, settings)
+    p.add_argument(contract.FLAG_MIRROR, action="append", default=[], metavar="HOST=URL",
+                   help="try URL first for registry HOST, then the registry itself (repeatable)")
+    p.add_argument(contract.FLAG_OFFLINE, action="store_true", help="never touch the network; use the cache only")
+    p.add_argument(contract.FLAG_OUTPUT, choices=["text", "json"], default="text")
+    p.add_argument("--progress", choices=["auto", "bar", "log", "none"], default=settings.progress)
+
+
+def run(args, settings: LoaderSettings, log) -> int:
+    from loader.pull import PullOptions, pull
+
+    check_concurrency(args.concurrency)
+    opts = PullOptions(
+        cache=Path(args.cache),
+        concurrency=args.concurrency,
+        plain_http=args.plain_http,
+        insecure=args.insecure_skip_tls_verify,
+        credentials=None if args.offline else load_credentials(args.docker_config, settings),
+        mirrors=parse_mirrors(args.mirror),
+        offline=args.offline,
+        timeout=args.timeout,
+        progress=args.progress,
+        progress_interval=settings.progress_interval,
+    )
+    results = []
+    for ref in args.refs:
+        res = pull(ref, opts, log)
+        results.append(res)
+        if args.output == "json":
+            print(json.dumps(res.as_json()), flush=True)
+        else:
+            kind = "cache hit" if res.cache_hit else f"pulled {res.bytes / 1e6:.1f} MB in {res.seconds:.2f}s"
+            print(f"{res.ref} -> {res.path} ({res.files} files, {kind})", flush=True)
+        for w in res.warnings:
+            print(f"warning: {w}", file=sys.stderr)
+    termination_summary(settings.termination_log, results)
+    return 0
+
+
+def termination_summary(path: str, results) -> None:
+    """kubectl shows this in the pod status (terminationMessagePath); only when running where the file exists."""
+    if not path or not os.path.exists(path):
+        return
+    parts = [f"{r.ref}@{r.digest[:19]} {'hit' if r.cache_hit else 'pulled'} {r.bytes / 1e6:.0f}MB {r.files} files"
+             f" {r.seconds:.1f}s" for r in results]
+    try:
+        with open(path, "w") as f:
+            f.write(("loaded " + "; ".join(parts))[:4000] + "\n")
+    except OSError:
+        pass
