@@ -92,6 +92,21 @@ class Cache:
         finally:
             os.close(fd)  # closing drops the flock
 
+    @contextlib.contextmanager
+    def gc_lock(self, shared: bool = True):
+        """Pulls hold this shared for their whole run; gc holds it exclusive while it deletes.
+
+        A pull's blobs are referenced by no model until it publishes, and a hit's model must not vanish between
+        the lookup and the mount, so gc waits for in-flight pulls and pulls wait for a running gc.
+        """
+        path = self.root / contract.LOCKS_DIR / "gc"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
     # ---- blobs ---------------------------------------------------------------------------------------------------
     def has_blob(self, digest: str, size: int) -> bool:
         try:

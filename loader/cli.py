@@ -13,14 +13,22 @@ from loader.config import LoaderSettings, SettingsError
 from loader.errors import LoaderError
 from loader.log import Logger
 
-# Subcommand modules under loader/commands, in the order `--help` lists them.
-COMMANDS = ["pull"]
+# Subcommand -> module under loader/commands, in the order `--help` lists them.
+COMMANDS = {"pull": "pull", "push": "push", "prefetch": "prefetch", "gc": "gc", "ls": "ls", "export": "export",
+            "import": "import_bundle"}
 
 
 def _modules(argv: list[str]) -> list:
     # Import only the subcommand being run (start-up time matters for a warm pull); all of them for --help.
-    wanted = [c for c in COMMANDS if c in argv[:1]] or COMMANDS
-    return [importlib.import_module(f"loader.commands.{c}") for c in wanted]
+    wanted = [m for c, m in COMMANDS.items() if c in argv[:1]] or list(COMMANDS.values())
+    out = []
+    for m in wanted:
+        try:
+            out.append(importlib.import_module(f"loader.commands.{m}"))
+        except ModuleNotFoundError as exc:  # TEMPORARY while issue 5's subcommands are being written
+            if exc.name != f"loader.commands.{m}":
+                raise
+    return out
 
 
 def build_parser(settings: LoaderSettings, modules) -> argparse.ArgumentParser:

@@ -59,6 +59,11 @@ def pull(text: str, opts: PullOptions, log) -> PullResult:
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     cache = Cache(opts.cache).ensure()
+    with cache.gc_lock(shared=True):
+        return _pull(ref, cache, opts, log, t0)
+
+
+def _pull(ref: Reference, cache: Cache, opts: PullOptions, log, t0: float) -> PullResult:
     label = str(ref)
 
     def hit(model, warnings=()) -> PullResult:
