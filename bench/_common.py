@@ -37,13 +37,15 @@ def remove(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def install_sigterm_as_interrupt() -> None:
-    """SIGTERM unwinds like Ctrl-C, so every `finally` (registry stop, temp dir removal) runs."""
+def install_interrupt_handlers() -> None:
+    """SIGINT and SIGTERM both unwind as KeyboardInterrupt, so every `finally` (registry stop, temp dir removal)
+    runs. SIGINT is set explicitly because a shell starts background jobs with it ignored."""
 
     def handler(signum, frame):
         raise KeyboardInterrupt(f"signal {signum}")
 
     signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
 
 
 # --- the synthetic model -----------------------------------------------------------------------------------------
@@ -182,14 +184,19 @@ def run_measured(argv: list[str], cwd: Path | None = None, env: dict | None = No
         timed = os.access(GNU_TIME, os.X_OK)
         cmd = [GNU_TIME, "-f", "%M %U %S", "-o", rss_file.name, *argv] if timed else argv
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=err, stdin=subprocess.DEVNULL)
+        # Own process group: on interrupt the whole pipeline (GNU time, bash, every curl) goes, not just the top.
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
         reaped = False
         try:
             _, status, usage = os.wait4(proc.pid, 0)
             reaped = True
         finally:
             if not reaped:  # interrupted: do not leave it running
-                proc.kill()
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
                 proc.wait()
         seconds = time.perf_counter() - t0
         proc.returncode = os.waitstatus_to_exitcode(status)  # reaped by wait4; Popen must not wait again

@@ -26,7 +26,7 @@ from typing import Callable
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench._common import (Blob, Pusher, Run, generate_model, install_sigterm_as_interrupt,  # noqa: E402
+from bench._common import (Blob, Pusher, Run, generate_model, install_interrupt_handlers,  # noqa: E402
                            remove, run_measured, scratch_dir)
 from tests.support.registry import start_registry  # noqa: E402
 
@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.size_mib < 1 or args.files < 1 or args.rounds < 1:
         p.error("--size-mib, --files and --rounds must be at least 1")
 
-    install_sigterm_as_interrupt()
+    install_interrupt_handlers()
     work = scratch_dir(args.workdir)
     reg = None
     try:
