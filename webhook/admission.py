@@ -16,7 +16,6 @@ Pod, a workload's pod template, or each item of a List.
 from __future__ import annotations
 
 import base64
-import copy
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -73,15 +72,19 @@ class Decision:
 
 
 def _check_depth(value: Any, where: str) -> None:
-    stack = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
+    # Iterative, so a hostile body cannot make this check itself hit the recursion limit.
+    level = [value] if isinstance(value, (dict, list)) else []
+    depth = 0
+    while level:
+        depth += 1
         if depth > MAX_DEPTH:
             raise MalformedReview(f"{where} is nested more than {MAX_DEPTH} levels deep")
-        if isinstance(item, dict):
-            stack.extend((v, depth + 1) for v in item.values())
-        elif isinstance(item, list):
-            stack.extend((v, depth + 1) for v in item)
+        nxt = []
+        for item in level:
+            for v in item.values() if isinstance(item, dict) else item:
+                if isinstance(v, (dict, list)):
+                    nxt.append(v)
+        level = nxt
 
 
 def parse_review(body: Any) -> AdmissionReview:
@@ -246,12 +249,16 @@ def mutate_object(
         return obj, list(outcome.warnings), [decision]
     if kind == "Pod":
         return outcome.pod, list(outcome.warnings), [decision]
-    new = copy.deepcopy(obj)
-    target = _template_of(new, kind, kind)
-    assert isinstance(target, dict)
-    target["metadata"] = outcome.pod["metadata"]
-    target["spec"] = outcome.pod["spec"]
+    new = _replace_template(obj, TEMPLATE_PATHS[kind] or (), {**template, "metadata": outcome.pod["metadata"], "spec": outcome.pod["spec"]})
     return new, list(outcome.warnings), [decision]
+
+
+def _replace_template(obj: Mapping[str, Any], path: tuple[str, ...], template: dict[str, Any]) -> dict[str, Any]:
+    """``obj`` with the value at ``path`` replaced, copying only the dicts along the path."""
+    if not path:
+        return template
+    head, *rest = path
+    return {**obj, head: _replace_template(obj[head], tuple(rest), template)}
 
 
 def decide(

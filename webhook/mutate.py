@@ -19,7 +19,6 @@ a claim used as a cache must be writable by that uid (or by the pod's fsGroup).
 
 from __future__ import annotations
 
-import copy
 import posixpath
 import re
 from collections.abc import Mapping
@@ -230,6 +229,23 @@ def unique_name(base: str, taken: set[str]) -> str:
     return name
 
 
+def _copy_for_edit(pod: Mapping[str, Any], targets: tuple[str, ...]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A copy of the pod in which exactly the dicts the injectors edit are new objects; the rest is shared.
+
+    Copying a 30 KB pod deeply costs more than the whole decision, and sharing the untouched subtrees also lets
+    the patch diff skip them by identity. The injectors only ever assign new lists and dicts into these copies;
+    they never edit a shared list in place, so the input pod stays as it was.
+    """
+    new = dict(pod)
+    new["metadata"] = dict(pod.get("metadata") or {})
+    spec = new["spec"] = dict(pod.get("spec") or {})
+    wanted = set(targets)
+    for key in ("containers", "initContainers"):
+        if spec.get(key):
+            spec[key] = [dict(c) if c["name"] in wanted else c for c in spec[key]]
+    return new, spec
+
+
 def _targets(spec: dict[str, Any], names: tuple[str, ...]) -> list[dict[str, Any]]:
     wanted = set(names)
     return [c for key in ("containers", "initContainers") for c in spec.get(key) or () if c["name"] in wanted]
@@ -252,7 +268,7 @@ def _check_mount_paths(targets: list[dict[str, Any]], plan: Plan) -> None:
 
 def _add_mounts(targets: list[dict[str, Any]], mounts: list[dict[str, Any]]) -> None:
     for container in targets:
-        container["volumeMounts"] = [*(container.get("volumeMounts") or ()), *copy.deepcopy(mounts)]
+        container["volumeMounts"] = [*(container.get("volumeMounts") or ()), *(dict(m) for m in mounts)]
 
 
 def _add_env(targets: list[dict[str, Any]], plan: Plan) -> list[str]:
@@ -407,6 +423,9 @@ def mutate_pod(
 ) -> Outcome:
     """Rewrite a pod (a dict shaped like a Pod, e.g. from request.object) so its models are mounted.
 
+    The argument is never changed; the result shares the subtrees it did not change with it, so treat both as
+    read-only (deep-copy before editing either).
+
     ``namespace_labels`` is None when the namespace is not in the inventory: then no Pod Security restriction is
     assumed. Raises Denied for invalid annotations or an impossible explicit image-volume request.
     """
@@ -418,8 +437,7 @@ def mutate_pod(
         return Outcome(pod, (), None, f"no {ann.REF} annotation")
     plan, choice, plan_warnings = planned
 
-    new = copy.deepcopy(pod)
-    spec = new["spec"] = new.get("spec") or {}
+    new, spec = _copy_for_edit(pod, plan.containers)
     targets = _targets(spec, plan.containers)
     _check_mount_paths(targets, plan)
     warnings = [*plan_warnings, *choice.warnings]
@@ -437,6 +455,6 @@ def mutate_pod(
     warnings += _add_env(targets, plan)
 
     outcome = Outcome(new, tuple(warnings), choice.mode, reason)
-    meta = new["metadata"] = new.get("metadata") or {}
+    meta = new["metadata"]
     meta["annotations"] = {**(meta.get("annotations") or {}), ann.STATUS: outcome.status}
     return outcome

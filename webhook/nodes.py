@@ -93,36 +93,78 @@ def is_image_volume_capable(node: NodeInfo, settings: Settings) -> bool:
 # --- candidates --------------------------------------------------------------------------------------------------
 
 
-def _requirement(req: Mapping[str, Any], values: Mapping[str, str]) -> bool:
+class _Req(NamedTuple):
+    """One matchExpressions/matchFields entry, compiled once per pod rather than once per node."""
+
+    on_name: bool  # a matchFields entry on metadata.name (the only field Kubernetes supports)
+    key: str
+    op: str
+    values: frozenset[str]
+    number: int | None  # the single integer operand of Gt/Lt, None when it is not one
+
+
+def _compile(req: Mapping[str, Any], fields: bool) -> _Req:
     key, op = req.get("key") or "", req.get("operator") or ""
     vals = req.get("values") or ()
-    present = key in values
+    number = None
+    if op in ("Gt", "Lt") and len(vals) == 1:
+        try:
+            number = int(vals[0])
+        except ValueError:
+            number = None
+    return _Req(fields, key, op, frozenset(vals), number)
+
+
+def _compile_terms(pod_spec: Mapping[str, Any]) -> list[tuple[_Req, ...]] | None:
+    affinity = pod_spec.get("affinity") or {}
+    node_affinity = affinity.get("nodeAffinity") or {}
+    required = node_affinity.get("requiredDuringSchedulingIgnoredDuringExecution")
+    if required is None:
+        return None
+    compiled = []
+    for term in required.get("nodeSelectorTerms") or ():
+        reqs = tuple(_compile(e, False) for e in term.get("matchExpressions") or ()) + tuple(
+            _compile(f, True) for f in term.get("matchFields") or ()
+        )
+        if reqs:  # Kubernetes: an empty term matches no node, so it can be dropped from the OR
+            compiled.append(reqs)
+    return compiled
+
+
+def _requirement(req: _Req, node: NodeInfo) -> bool:
+    if req.on_name:
+        value: str | None = node.name if req.key == "metadata.name" else None
+    else:
+        value = node.labels.get(req.key)
+    op = req.op
     if op == "In":
-        return present and values[key] in vals
+        return value is not None and value in req.values
     if op == "NotIn":
-        return not present or values[key] not in vals
+        return value is None or value not in req.values
     if op == "Exists":
-        return present
+        return value is not None
     if op == "DoesNotExist":
-        return not present
+        return value is None
     if op in ("Gt", "Lt"):
-        # As the scheduler does: exactly one integer value, an integer label, else no match.
-        if not present or len(vals) != 1:
+        # As the scheduler does: exactly one integer operand and an integer label, else no match.
+        if value is None or req.number is None:
             return False
         try:
-            have, want = int(values[key]), int(vals[0])
+            have = int(value)
         except ValueError:
             return False
-        return have > want if op == "Gt" else have < want
+        return have > req.number if op == "Gt" else have < req.number
     return True  # an operator newer than this code: include the node
 
 
-def _term(term: Mapping[str, Any], node: NodeInfo) -> bool:
-    exprs = term.get("matchExpressions") or ()
-    fields = term.get("matchFields") or ()
-    if not exprs and not fields:
-        return False  # Kubernetes: an empty term matches no node
-    return all(_requirement(e, node.labels) for e in exprs) and all(_requirement(f, node.fields) for f in fields)
+def _matches(terms: list[tuple[_Req, ...]], node: NodeInfo) -> bool:
+    for term in terms:
+        for req in term:
+            if not _requirement(req, node):
+                break
+        else:
+            return True
+    return False
 
 
 def _tolerates(tol: Mapping[str, Any], taint: Taint) -> bool:
@@ -143,33 +185,36 @@ def blocking_taints(node: NodeInfo) -> tuple[Taint, ...]:
     return tuple(t for t in node.taints if t.effect in BLOCKING_EFFECTS and t.key not in TRANSIENT_TAINTS)
 
 
-def _required_terms(pod_spec: Mapping[str, Any]) -> Sequence[Mapping[str, Any]] | None:
-    affinity = pod_spec.get("affinity") or {}
-    node_affinity = affinity.get("nodeAffinity") or {}
-    required = node_affinity.get("requiredDuringSchedulingIgnoredDuringExecution")
-    if required is None:
-        return None
-    return required.get("nodeSelectorTerms") or ()
-
-
 def candidate_nodes(pod_spec: Mapping[str, Any], snapshot: Snapshot) -> tuple[NodeInfo, ...]:
     """The nodes in the snapshot this pod could ever run on (see the module docstring for what is ignored)."""
     node_name = pod_spec.get("nodeName") or ""
-    selector = pod_spec.get("nodeSelector") or {}
-    terms = _required_terms(pod_spec)
+    selector = tuple((pod_spec.get("nodeSelector") or {}).items())
+    terms = _compile_terms(pod_spec)
     tolerations = pod_spec.get("tolerations") or ()
+    tolerated: dict[Taint, bool] = {}  # nodes share taints; decide each distinct taint once
     out = []
     for node in snapshot.nodes:
         if node_name and node.name != node_name:
             continue
-        labels = node.labels
-        if selector and any(labels.get(k) != v for k, v in selector.items()):
-            continue
-        if terms is not None and not any(_term(t, node) for t in terms):
+        if selector:
+            labels = node.labels
+            if any(labels.get(k) != v for k, v in selector):
+                continue
+        if terms is not None and not _matches(terms, node):
             continue
         # A pod bound with nodeName bypasses the scheduler, so taints do not keep it off that node.
-        if not node_name and node.taints:
-            if not all(any(_tolerates(tol, taint) for tol in tolerations) for taint in blocking_taints(node)):
+        if node.taints and not node_name:
+            ok = True
+            for taint in node.taints:
+                if taint.effect not in BLOCKING_EFFECTS or taint.key in TRANSIENT_TAINTS:
+                    continue
+                verdict = tolerated.get(taint)
+                if verdict is None:
+                    verdict = tolerated[taint] = any(_tolerates(tol, taint) for tol in tolerations)
+                if not verdict:
+                    ok = False
+                    break
+            if not ok:
                 continue
         out.append(node)
     return tuple(out)
@@ -270,7 +315,15 @@ def _choose(mode: str, pod_spec: Mapping[str, Any], snapshot: Snapshot, settings
             (f"model.cache: {unknown}; using the init container, which works on every node",),
         )
 
-    assessed = [(node, *_assess(node, settings)) for node in candidates]
+    # Nodes of one pool share a signature: assess each distinct signature once.
+    seen: dict[tuple[Any, ...], tuple[bool, _Why]] = {}
+    assessed = []
+    for node in candidates:
+        sig = (node.labels.get(ann.IMAGE_VOLUME_LABEL), node.runtime, node.runtime_version, node.kubelet_version)
+        verdict = seen.get(sig)
+        if verdict is None:
+            verdict = seen[sig] = _assess(node, settings)
+        assessed.append((node, *verdict))
     capable = [(node, why) for node, ok, why in assessed if ok]
     incapable = [(node, why) for node, ok, why in assessed if not ok]
     total = len(candidates)

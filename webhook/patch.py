@@ -9,6 +9,7 @@ the patch falls back to whole-value operations on the changed top-level fields, 
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import jsonpatch
@@ -22,6 +23,8 @@ def _escape(token: str) -> str:
 
 def _same(a: Any, b: Any) -> bool:
     """Equality as JSON sees it: Python's == says True == 1, JSON does not."""
+    if a is b:
+        return True  # the mutation shares untouched subtrees with its input: skip them without a walk
     if type(a) is not type(b):
         return False
     if isinstance(a, dict):
@@ -82,13 +85,27 @@ def _top_level(before: dict[str, Any], after: dict[str, Any]) -> list[Op]:
     return ops
 
 
+def _copy(value: Any) -> Any:
+    # A deep copy of JSON data, several times faster than copy.deepcopy (no memo, no reduce protocol).
+    if isinstance(value, dict):
+        return {k: _copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_copy(v) for v in value]
+    return value
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=repr)
+
+
 def applies(before: dict[str, Any], ops: list[Op], after: dict[str, Any]) -> bool:
     """True when applying ``ops`` to ``before`` yields exactly ``after``."""
     try:
-        result = jsonpatch.apply_patch(before, ops)
+        result = jsonpatch.apply_patch(_copy(before), ops, in_place=True)
     except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException):
         return False
-    return _same(result, after)
+    # == is C-speed but says True == 1; the canonical JSON texts tell those apart (also C-speed).
+    return result == after and _canonical(result) == _canonical(after)
 
 
 def make_patch(before: dict[str, Any], after: dict[str, Any]) -> list[Op]:
