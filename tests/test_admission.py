@@ -101,8 +101,8 @@ def test_generate_name_pod_in_restricted_namespace_gets_the_whole_patch():
     p = pod(nodeSelector={"pool": "ctrd"})
     response = mutate_review(review(p), SNAPSHOT, SETTINGS)
     warning = (
-        "model.cache: namespace 'ml' enforces Pod Security 'restricted', which forbids hostPath volumes; using a"
-        " per-pod cache (emptyDir), so every pod downloads the model (use pvc:<claim> in model.cache/cache to share one)"
+        "model.cache: namespace 'ml' enforces Pod Security 'restricted' (no hostPath): using a per-pod emptyDir cache;"
+        " set model.cache/cache: pvc:<claim> to share one"
     )
     assert {k: v for k, v in response["response"].items() if k != "patch"} == {
         "uid": "705ab4f5-6393-11e8-b7cc-42010a800002",
@@ -270,8 +270,8 @@ def test_workload_with_good_annotation_is_allowed_with_soft_warnings(kind):
         "response": {
             **ALLOWED["response"],
             "warnings": [
-                "model.cache: using an init container because 1 of 2 candidate nodes runs containerd 2.0 (ctrd-a);"
-                " restrict the pod to image-volume capable nodes to mount the model directly"
+                "model.cache: using an init container: 1 of 2 candidate nodes runs containerd 2.0 (ctrd-a);"
+                " pin the pod to capable nodes to get an image volume"
             ],
         },
     }
@@ -292,10 +292,17 @@ def test_update_that_keeps_a_broken_template_warns_instead_of_denying():
     obj = _with_template("Deployment", _template({ann.MODE: "image-volume"}))
     scaled = copy.deepcopy(obj)
     scaled["spec"]["replicas"] = 5
+    scaled["spec"]["template"]["metadata"]["labels"]["rollout"] = "2"  # not what the decision reads
     body = review(scaled, kind="Deployment", operation="UPDATE", namespace="open", oldObject=obj)
     response = validate_review(body, SNAPSHOT, SETTINGS)
     assert response["response"]["allowed"] is True
-    assert response["response"]["warnings"][0].startswith("model.cache: model.cache/mode is 'image-volume' but 1 candidate")
+    (warning,) = response["response"]["warnings"]
+    assert warning == (
+        "model.cache: model.cache/mode is 'image-volume' but 1 candidate node of 2 cannot mount image volumes: ctrd-a"
+        " (containerd 2.0); set model.cache/mode to auto or init-container, or restrict the pod (nodeSelector, node"
+        " affinity) to n..."
+    )
+    assert len(warning) == 256  # the API server may cut longer ones; we cut visibly
     changed = copy.deepcopy(obj)
     changed["spec"]["template"]["metadata"]["annotations"][ann.REF] = "registry.example.com/models/phi3:v2"
     body = review(changed, kind="Deployment", operation="UPDATE", namespace="open", oldObject=obj)
@@ -525,3 +532,26 @@ def test_malformed_reviews_raise_only_malformed_review(data):
                 obj = body["request"]["object"]
                 patched = jsonpatch.apply_patch(obj, decode(response))
                 assert patched[ "metadata"]["annotations"][ann.STATUS]
+
+
+# --- the pure core stays pure --------------------------------------------------------------------------------------
+
+PURE = ["annotations", "snapshot", "nodes", "mutate", "patch", "errors", "models", "admission"]
+IO_MODULES = {"os", "socket", "subprocess", "kubernetes", "fastapi", "starlette", "uvicorn", "httpx", "requests",
+              "urllib", "http", "threading", "asyncio", "webhook.inventory", "webhook.app", "webhook.cli"}
+
+
+@pytest.mark.parametrize("module", PURE)
+def test_pure_modules_import_no_io(module):
+    import ast
+    import pathlib
+
+    source = (pathlib.Path(__file__).parent.parent / "webhook" / f"{module}.py").read_text()
+    imported = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            imported |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            imported.add(node.module)
+    roots = {name.split(".")[0] for name in imported} | imported
+    assert roots & IO_MODULES == set()

@@ -268,8 +268,8 @@ CTRD = [node(f"ctrd-{i}", runtime="containerd", version=(2, 0, 1)) for i in rang
             Choice(
                 "init-container",
                 "2 of 5 candidate nodes run containerd 2.0",
-                ("model.cache: using an init container because 2 of 5 candidate nodes run containerd 2.0 (ctrd-0, ctrd-1);"
-                 " restrict the pod to image-volume capable nodes to mount the model directly",),
+                ("model.cache: using an init container: 2 of 5 candidate nodes run containerd 2.0 (ctrd-0, ctrd-1);"
+                 " pin the pod to capable nodes to get an image volume",),
             ),
         ),
         (
@@ -278,8 +278,8 @@ CTRD = [node(f"ctrd-{i}", runtime="containerd", version=(2, 0, 1)) for i in rang
             Choice(
                 "init-container",
                 "1 of 2 candidate nodes runs containerd 2.0",
-                ("model.cache: using an init container because 1 of 2 candidate nodes runs containerd 2.0 (ctrd-0);"
-                 " restrict the pod to image-volume capable nodes to mount the model directly",),
+                ("model.cache: using an init container: 1 of 2 candidate nodes runs containerd 2.0 (ctrd-0);"
+                 " pin the pod to capable nodes to get an image volume",),
             ),
         ),
         ("init-container", snap(*CRIO), Choice("init-container", "requested by model.cache/mode", ())),

@@ -40,6 +40,7 @@ from webhook.patch import make_patch
 from webhook.snapshot import Snapshot
 
 DENIED_CODE = 403
+WARNING_LIMIT = 256
 MAX_DEPTH = 64  # real pods nest ~15 levels; deeper bodies would only exercise recursion limits
 
 #: Where each kind keeps its pod template (None: the object is the pod).
@@ -114,10 +115,15 @@ def _respond(
         allowed=allowed,
         patch=base64.b64encode(json.dumps(ops, separators=(",", ":")).encode()).decode() if ops else None,
         patch_type="JSONPatch" if ops else None,
-        warnings=list(warnings) or None,
+        warnings=[_short(w) for w in warnings] or None,
         status=Status(code=DENIED_CODE, reason="Forbidden", message=message) if message is not None else None,
     )
     return AdmissionReviewResponse(response=response).wire()
+
+
+def _short(warning: str) -> str:
+    # The API server may truncate warnings over 256 characters; cut them ourselves so the cut is visible.
+    return warning if len(warning) <= WARNING_LIMIT else warning[: WARNING_LIMIT - 3] + "..."
 
 
 def _namespace(request_namespace: str | None, obj: Mapping[str, Any]) -> str:
@@ -163,10 +169,17 @@ def _template_of(obj: Mapping[str, Any], kind: str, where: str) -> Mapping[str, 
     return node
 
 
+def _relevant(template: Mapping[str, Any]) -> tuple[Any, Any]:
+    """What the decision reads from a pod template: its model.cache annotations and its spec."""
+    meta = template.get("metadata") if isinstance(template.get("metadata"), Mapping) else {}
+    annotations = meta.get("annotations") if isinstance(meta.get("annotations"), Mapping) else {}
+    return {k: v for k, v in annotations.items() if k.startswith(ann.PREFIX)}, template.get("spec")
+
+
 def validate_review(body: Any, snapshot: Snapshot, settings: Settings) -> dict[str, Any]:
     """Answer a validating AdmissionReview for a Pod or workload: allowed (with warnings) or denied; never a patch.
 
-    An UPDATE whose pod template is unchanged is not denied for a problem it already had (say, the inventory
+    An UPDATE that leaves the template's model.cache annotations and spec unchanged is not denied for a problem it already had (say, the inventory
     changed under an explicit image-volume request): the message comes back as a warning, so scaling, rollout
     bookkeeping and finalizer removal keep working. Objects being deleted are always allowed.
     """
@@ -198,7 +211,7 @@ def validate_review(body: Any, snapshot: Snapshot, settings: Settings) -> dict[s
     except Denied as exc:
         if req.operation == "UPDATE" and req.old_object is not None and kind in TEMPLATE_PATHS:
             old_template = _template_of(req.old_object, kind, "request.oldObject")
-            if old_template is not None and old_template == template:
+            if old_template is not None and _relevant(old_template) == _relevant(template):
                 return _respond(req.uid, warnings=[*warnings, f"model.cache: {exc.message}"])
         return _respond(req.uid, allowed=False, message=exc.message)
     return _respond(req.uid, warnings=[*warnings, *outcome.warnings])

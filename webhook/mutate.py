@@ -187,7 +187,7 @@ def _read_containers(annotations: Mapping[str, str], spec: Mapping[str, Any]) ->
 def read_plan(annotations: Mapping[str, str], spec: Mapping[str, Any], settings: Settings) -> tuple[Plan, tuple[str, ...]]:
     """Validate every model.cache annotation of a pod; Denied on the first bad one. Returns (plan, warnings)."""
     warnings = tuple(
-        f"model.cache: unknown annotation {key} is ignored (known: {', '.join(ann.USER_KEYS)})"
+        f"model.cache: unknown annotation {key} ignored (known: {', '.join(k.removeprefix(ann.PREFIX) for k in ann.USER_KEYS)})"
         for key in annotations
         if key.startswith(ann.PREFIX) and key not in ann.USER_KEYS and key != ann.STATUS
     )
@@ -391,9 +391,8 @@ def _effective_cache(plan: Plan, namespace: str, namespace_labels: Mapping[str, 
     if plan.cache == ann.CACHE_NODE and level in ann.PSA_NO_HOSTPATH_LEVELS:
         where = f"namespace {namespace!r}" if namespace else "the namespace"
         return ann.CACHE_POD, [
-            f"model.cache: {where} enforces Pod Security {level!r}, which forbids hostPath volumes; using a"
-            " per-pod cache (emptyDir), so every pod downloads the model (use pvc:<claim> in"
-            f" {ann.CACHE} to share one)"
+            f"model.cache: {where} enforces Pod Security {level!r} (no hostPath): using a per-pod emptyDir cache;"
+            f" set {ann.CACHE}: pvc:<claim> to share one"
         ]
     return plan.cache, []
 

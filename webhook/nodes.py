@@ -345,7 +345,7 @@ def _choose(mode: str, pod_spec: Mapping[str, Any], snapshot: Snapshot, settings
     if capable:
         # A mixed set is actionable: the app team can narrow the pod to the capable pool.
         warnings = (
-            f"model.cache: using an init container because {reason} ({_names(incapable, detail=False)});"
-            " restrict the pod to image-volume capable nodes to mount the model directly",
+            f"model.cache: using an init container: {reason} ({_names(incapable, detail=False)});"
+            " pin the pod to capable nodes to get an image volume",
         )
     return Choice(ann.INIT_CONTAINER, reason, warnings)
