@@ -300,7 +300,7 @@ def test_update_that_keeps_a_broken_template_warns_instead_of_denying():
     assert warning == (
         "model.cache: model.cache/mode is 'image-volume' but 1 candidate node of 2 cannot mount image volumes: ctrd-a"
         " (containerd 2.0); set model.cache/mode to auto or init-container, or restrict the pod (nodeSelector, node"
-        " affinity) to n..."
+        " affinity) to nodes running cri-o 1.33+..."
     )
     assert len(warning) == 256  # the API server may cut longer ones; we cut visibly
     changed = copy.deepcopy(obj)
