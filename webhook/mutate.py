@@ -332,8 +332,9 @@ def _inject_loader(
     config_args: list[str] = []
     for secret in dict.fromkeys(s.get("name") for s in spec.get("imagePullSecrets") or () if s.get("name")):
         vol = unique_name(PULL_SECRET_VOLUME + secret, taken)
-        # optional: a pull secret meant only for the app image, or of the legacy .dockercfg type, must not keep the
-        # pod from starting; the loader skips a --docker-config file that is not there.
+        # optional: a missing pull secret, or one of the legacy .dockercfg type, must not keep the pod in
+        # ContainerCreating; the file is then absent and the loader must skip a --docker-config path that does not
+        # exist (a request to loader/credentials.py, which today reports it as unreadable).
         volumes.append(
             {
                 "name": vol,
