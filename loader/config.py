@@ -37,13 +37,18 @@ class LoaderSettings:
     docker_config: str | None = None  # from DOCKER_CONFIG
     home: str | None = None  # from HOME
     path: str | None = None  # from PATH: where docker-credential-* helpers are found
+    # The in-cluster API server, for `prefetch --untaint` (kubelet sets these two in every pod).
+    kubernetes_service_host: str | None = None  # from KUBERNETES_SERVICE_HOST
+    kubernetes_service_port: str | None = None  # from KUBERNETES_SERVICE_PORT
+    kube_token_file: str = "/var/run/secrets/kubernetes.io/serviceaccount/token"  # re-read per request (rotates)
+    kube_ca_file: str = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "LoaderSettings":
         env = os.environ if env is None else env
         values: dict = {}
         for f in fields(cls):
-            if f.name in ("docker_config", "home", "path"):
+            if f.name in ("docker_config", "home", "path", "kubernetes_service_host", "kubernetes_service_port"):
                 values[f.name] = env.get(f.name.upper()) or None
                 continue
             key = PREFIX + f.name.upper()
