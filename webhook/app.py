@@ -19,7 +19,7 @@ import base64
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -91,9 +91,16 @@ def _noop_review(body: dict, snapshot: Any, settings: Any) -> dict:
     }
 
 
-def create_app(inventory: Inventory, settings: Any, *, manage_inventory: bool = True) -> FastAPI:
+def create_app(
+    inventory: Inventory,
+    settings: Any,
+    *,
+    manage_inventory: bool = True,
+    readiness: Sequence[Callable[[], str | None]] = (),
+) -> FastAPI:
     """The ASGI app. With ``manage_inventory`` the app starts the inventory's feed on start-up and stops it on
-    shutdown, so whatever runs the app (uvicorn, a test) owns one lifecycle."""
+    shutdown, so whatever runs the app (uvicorn, a test) owns one lifecycle. ``readiness`` are extra checks for
+    ``/readyz`` (each returns None when ready, else the reason), e.g. that the served certificate is trusted."""
     from contextlib import asynccontextmanager
 
     @asynccontextmanager
@@ -155,11 +162,10 @@ def create_app(inventory: Inventory, settings: Any, *, manage_inventory: bool = 
     @app.get("/readyz")
     async def readyz() -> Response:
         snap = inventory.snapshot()
-        if not snap.synced:
-            return JSONResponse(
-                {"status": "not ready", "reason": "the node and namespace inventory has not completed its first list"},
-                status_code=503,
-            )
+        reasons = [] if snap.synced else ["the node and namespace inventory has not completed its first list"]
+        reasons += [reason for reason in (check() for check in readiness) if reason]
+        if reasons:
+            return JSONResponse({"status": "not ready", "reason": "; ".join(reasons)}, status_code=503)
         return JSONResponse({"status": "ready", "nodes": len(snap.nodes), "namespaces": len(snap.namespaces)})
 
     @app.get("/metrics")

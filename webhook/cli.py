@@ -80,13 +80,88 @@ def _fail(message: str, code: int = EXIT_USAGE) -> int:
 # --- serve ---------------------------------------------------------------------------------------------------
 
 
+# Self-managed certificates: how long start-up may take to settle the Secret and see kubelet project it (the
+# Deployment's startupProbe allows 180 s before a restart), and how often a running replica re-checks it.
+CERT_BOOTSTRAP_SECONDS = 170.0
+CERT_RECONCILE_SECONDS = 600.0
+
+
+def _self_managed(settings: Any):
+    """The self-managed certificate settings, or None when certificates come from outside.
+
+    MODEL_CACHE_MANAGE_CERTS, _TLS_SECRET, _SERVICE_NAME, _WEBHOOK_CONFIGURATION and _NAMESPACE (see
+    manifests/base) are Settings fields; absent fields mean self-management is off.
+    """
+    from webhook import certs
+
+    if not getattr(settings, "manage_certs", False):
+        return None
+    return certs.SelfManaged(
+        namespace=settings.namespace,
+        secret=settings.tls_secret,
+        service=settings.service_name,
+        webhook_configuration=settings.webhook_configuration,
+    )
+
+
+def _bootstrap_certs(manager, cert_file: Path, key_file: Path, deadline: float) -> str | None:
+    """Reconcile the Secret (retrying the API), then wait until kubelet has projected a certificate the
+    published caBundle trusts. Returns None when done, else why it gave up."""
+    import time
+
+    from webhook import certs
+
+    delay, problem = 0.5, ""
+    while True:
+        try:
+            bundle = manager.reconcile()
+            if manager.problem is None:
+                break
+            problem = manager.problem
+        except Exception as exc:  # noqa: BLE001 - any API failure: retry until the deadline
+            problem = str(exc)
+        if time.monotonic() + delay > deadline:
+            return f"could not set up the certificate Secret: {problem}"
+        log.warning("certificate Secret not settled yet, retrying in %.1fs: %s", delay, problem)
+        time.sleep(delay)
+        delay = min(delay * 2, 10.0)
+    said = 0.0
+    while True:
+        try:
+            if key_file.exists() and certs.chains_to(cert_file.read_bytes(), bundle.ca_cert):
+                return None
+        except OSError:
+            pass
+        now = time.monotonic()
+        if now > deadline:
+            return f"kubelet did not project the certificate Secret to {cert_file} in time"
+        if now - said > 15:
+            log.info("waiting for kubelet to project the certificate Secret to %s", cert_file)
+            said = now
+        time.sleep(1.0)
+
+
 def _serve(args: argparse.Namespace, settings: Any) -> int:
+    import threading
+    import time
+
+    from webhook import certs
     from webhook import inventory as inv
     from webhook.app import create_app
     from webhook.server import bind, configure_logging, make_server
     from webhook.tls import ReloadingContext
 
     configure_logging(args.log_level)
+    manager = None
+    cfg = _self_managed(settings)
+    if cfg is not None:
+        try:
+            manager = certs.CertManager(inv.ClusterObjects(inv.api_client(args.kubeconfig)), cfg)
+        except Exception as exc:  # noqa: BLE001 - kubeconfig/in-cluster problems come in many types; all fatal here
+            return _fail(f"cannot reach the cluster to manage certificates: {exc}")
+        problem = _bootstrap_certs(manager, args.tls_cert, args.tls_key, time.monotonic() + CERT_BOOTSTRAP_SECONDS)
+        if problem:
+            return _fail(problem, 1)
     try:
         tls = ReloadingContext(args.tls_cert, args.tls_key)
     except (OSError, ValueError) as exc:
@@ -102,10 +177,17 @@ def _serve(args: argparse.Namespace, settings: Any) -> int:
         sock = bind(args.host, args.port)
     except OSError as exc:
         return _fail(f"cannot listen on {args.host}:{args.port}: {exc}")
-    app = create_app(inventory, settings)
+    readiness = [lambda: manager.ready_reason(tls.cert_pem)] if manager is not None else []
+    app = create_app(inventory, settings, readiness=readiness)
     server = make_server(app, tls, host=args.host, port=args.port)
+    stopping = threading.Event()
+    if manager is not None:
+        threading.Thread(target=manager.run, args=(stopping, CERT_RECONCILE_SECONDS), name="certs", daemon=True).start()
     log.info("serving on https://%s:%d", args.host, sock.getsockname()[1])
-    server.run(sockets=[sock])
+    try:
+        server.run(sockets=[sock])
+    finally:
+        stopping.set()
     return EXIT_OK
 
 

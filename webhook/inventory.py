@@ -18,6 +18,9 @@ Two sources feed it:
 
 Objects are handled as plain dicts (``_preload_content=False``): deserialising 5000 nodes into client models
 would cost far more than the webhook ever reads from them.
+
+:class:`ClusterObjects` is the other use of the API: reading and writing the webhook's own certificate Secret and
+webhook configurations for self-managed certificates (``webhook.certs.CertManager`` decides what to write).
 """
 
 from __future__ import annotations
@@ -391,3 +394,64 @@ class WatchingInventory(Inventory):
         for thread in self._threads:
             thread.join(timeout)
         self._api.close()
+
+
+# --- the webhook's own objects (self-managed certificates) -------------------------------------------------
+
+
+class Conflict(Exception):
+    """A create or update lost a race (409): someone else wrote the object first; read it again."""
+
+
+class ClusterObjects:
+    """Reads and writes of the few objects the webhook owns: its certificate Secret and its two webhook
+    configurations (RBAC grants exactly these, by name). Objects are plain dicts sent as they are: going through
+    the client's typed models would drop any field this client version does not know, and a replace would then
+    erase it from the cluster. Writes of a stale version raise :class:`Conflict`, which is how replicas agree on
+    one CA."""
+
+    WEBHOOK_KINDS = ("mutating", "validating")
+    Conflict = Conflict  # so callers catch it without importing this module
+
+    def __init__(self, api: k8s_client.ApiClient) -> None:
+        self._api = api
+
+    def _request(self, method: str, path: str, body: dict | None = None, *, missing_ok: bool = False) -> dict | None:
+        headers = {"Accept": "application/json"}
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+        request = self._api.param_serialize(
+            method, path, header_params=headers, body=body, auth_settings=["BearerToken"]
+        )
+        resp = self._api.call_api(*request, _request_timeout=(_CONNECT_TIMEOUT, 30))
+        resp.read()
+        if resp.status == 404 and missing_ok:
+            return None
+        if resp.status == 409:
+            raise Conflict(f"{method} {path}: {resp.data.decode(errors='replace')}")
+        if not 200 <= resp.status <= 299:
+            raise ApiException(status=resp.status, reason=f"{method} {path}: {resp.data.decode(errors='replace')}")
+        return json.loads(resp.data)
+
+    @staticmethod
+    def _secrets(namespace: str) -> str:
+        return f"/api/v1/namespaces/{namespace}/secrets"
+
+    @staticmethod
+    def _configuration(kind: str, name: str) -> str:
+        return f"/apis/admissionregistration.k8s.io/v1/{kind}webhookconfigurations/{name}"
+
+    def read_secret(self, namespace: str, name: str) -> dict | None:
+        return self._request("GET", f"{self._secrets(namespace)}/{name}", missing_ok=True)
+
+    def create_secret(self, namespace: str, body: dict) -> dict:
+        return self._request("POST", self._secrets(namespace), body)
+
+    def replace_secret(self, namespace: str, name: str, body: dict) -> dict:
+        return self._request("PUT", f"{self._secrets(namespace)}/{name}", body)
+
+    def read_webhook_configuration(self, kind: str, name: str) -> dict | None:
+        return self._request("GET", self._configuration(kind, name), missing_ok=True)
+
+    def replace_webhook_configuration(self, kind: str, name: str, body: dict) -> dict:
+        return self._request("PUT", self._configuration(kind, name), body)

@@ -49,6 +49,7 @@ class ReloadingContext:
         self.key_file = Path(key_file)
         self._lock = threading.Lock()
         signature = self._signature()
+        self.cert_pem: bytes | None = self.cert_file.read_bytes()
         self.context = server_context(self.cert_file, self.key_file)  # fails loudly at start-up
         self.context.sni_callback = self._on_client_hello
         self.current = self.context
@@ -78,12 +79,16 @@ class ReloadingContext:
             if signature == self._loaded:
                 return self.current
             try:
+                # Read before loading: if the files change in between, the signature changes too and the next
+                # handshake loads again, so cert_pem never stays behind what is served.
+                cert_pem = self.cert_file.read_bytes()
                 fresh = server_context(self.cert_file, self.key_file)
             except (OSError, ssl.SSLError) as exc:
                 self._failed = signature
                 log.warning("tls certificate reload failed, keeping the loaded certificate: %s", exc)
                 return self.current
             self.current = fresh
+            self.cert_pem = cert_pem
             self._loaded = signature
             self._failed = None
             self.reloads += 1

@@ -12,6 +12,10 @@ speaks the protocol the reflector relies on and nothing more:
 
 Tests drive it with :meth:`put`, :meth:`delete`, :meth:`bookmark`, :meth:`expire` and :meth:`fail_next`, and
 inspect :attr:`requests`.
+
+Any other path is a plain object store for the few objects the webhook itself reads and writes (its certificate
+Secret, its webhook configurations): GET, POST to the collection (409 when the name exists) and PUT with
+optimistic concurrency (409 when ``metadata.resourceVersion`` is stale), as the real server does.
 """
 
 from __future__ import annotations
@@ -54,6 +58,9 @@ class FakeApiServer:
         for state in self._state.values():
             state.held.set()
         self._failures: dict[tuple[str, bool], list[int]] = {}
+        self._store: dict[str, dict] = {}  # other objects by their path (Secrets, webhook configurations)
+        self._store_failures: dict[tuple[str, str], list[int]] = {}
+        self.writes: list[tuple[str, str]] = []  # (method, path) of every POST/PUT to the store
         self._stopping = False
         self.requests: list[Request] = []
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -162,6 +169,55 @@ class FakeApiServer:
         with self._cond:
             return [r for r in self.requests if r.resource == resource and r.watch == watch]
 
+    # --- plain objects (GET/POST/PUT with resourceVersion conflicts) ------------------------------------
+
+    def store_put(self, path: str, obj: dict) -> dict:
+        """Seed or overwrite the object at ``path`` (e.g. /api/v1/namespaces/ns/secrets/name)."""
+        with self._cond:
+            obj = copy.deepcopy(obj)
+            obj.setdefault("metadata", {})["resourceVersion"] = str(self._next_rv())
+            self._store[path] = obj
+            return copy.deepcopy(obj)
+
+    def store_get(self, path: str) -> dict | None:
+        with self._cond:
+            return copy.deepcopy(self._store.get(path))
+
+    def fail_next_store(self, method: str, path: str, status: int) -> None:
+        """Answer the next ``method`` request on ``path`` with HTTP ``status`` (e.g. a stale 404 to force a race)."""
+        with self._cond:
+            self._store_failures.setdefault((method, path), []).append(status)
+
+    def _store_request(self, method: str, path: str, body: dict | None) -> tuple[int, dict]:
+        with self._cond:
+            pending = self._store_failures.get((method, path))
+            if pending:
+                code = pending.pop(0)
+                return code, _status(code, "Injected", f"injected failure {code}")
+            if method == "GET":
+                if path not in self._store:
+                    return 404, _status(404, "NotFound", f"{path} not found")
+                return 200, copy.deepcopy(self._store[path])
+            self.writes.append((method, path))
+            if not isinstance(body, dict) or not (body.get("metadata") or {}).get("name"):
+                return 400, _status(400, "BadRequest", "body must be an object with metadata.name")
+            if method == "POST":
+                path = f"{path}/{body['metadata']['name']}"
+                if path in self._store:
+                    return 409, _status(409, "AlreadyExists", f"{path} already exists")
+                code = 201
+            else:  # PUT
+                if path not in self._store:
+                    return 404, _status(404, "NotFound", f"{path} not found")
+                stored_rv = self._store[path]["metadata"]["resourceVersion"]
+                if body["metadata"].get("resourceVersion") != stored_rv:
+                    return 409, _status(409, "Conflict", "the object has been modified; please apply your changes to the latest version")
+                code = 200
+            obj = copy.deepcopy(body)
+            obj["metadata"]["resourceVersion"] = str(self._next_rv())
+            self._store[path] = obj
+            return code, copy.deepcopy(obj)
+
     def write_kubeconfig(self, path: Path) -> Path:
         path.write_text(
             json.dumps(
@@ -202,7 +258,7 @@ class FakeApiServer:
                 params = {k: v[-1] for k, v in parse_qs(url.query).items()}
                 parts = url.path.strip("/").split("/")
                 if len(parts) != 3 or parts[:2] != ["api", "v1"] or parts[2] not in RESOURCES:
-                    self._json(404, _status(404, "NotFound", f"no such path {url.path}"))
+                    self._json(*fake._store_request("GET", url.path.rstrip("/"), None))
                     return
                 resource = parts[2]
                 watch = params.get("watch") in ("1", "true")
@@ -211,12 +267,28 @@ class FakeApiServer:
                     fake._cond.notify_all()
                     pending = fake._failures.get((resource, watch))
                     status = pending.pop(0) if pending else None
+                    # A watch ends on expire()/end_watches() calls made after it was recorded, not before.
+                    marks = (fake._state[resource].epoch, fake._state[resource].ended)
                 if status is not None:
                     self._json(status, _status(status, "Injected", f"injected failure {status}"))
                 elif watch:
-                    self._watch(resource, params)
+                    self._watch(resource, params, marks)
                 else:
                     self._list(resource, params)
+
+            def _write(self, method: str) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                try:
+                    body = json.loads(self.rfile.read(length) or b"null")
+                except ValueError:
+                    body = None
+                self._json(*fake._store_request(method, urlsplit(self.path).path.rstrip("/"), body))
+
+            def do_POST(self) -> None:  # noqa: N802
+                self._write("POST")
+
+            def do_PUT(self) -> None:  # noqa: N802
+                self._write("PUT")
 
             def _json(self, code: int, body: dict) -> None:
                 data = json.dumps(body).encode()
@@ -249,7 +321,7 @@ class FakeApiServer:
                 self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
                 self.wfile.flush()
 
-            def _watch(self, resource: str, params: dict[str, str]) -> None:
+            def _watch(self, resource: str, params: dict[str, str], marks: tuple[int, int]) -> None:
                 since = int(params.get("resourceVersion") or 0)
                 bookmarks = params.get("allowWatchBookmarks") in ("true", "1")
                 deadline = time.monotonic() + float(params.get("timeoutSeconds") or 1800)
@@ -259,9 +331,9 @@ class FakeApiServer:
                 self.end_headers()
                 state = fake._state[resource]
                 try:
+                    epoch, ended = marks
                     with fake._cond:
-                        epoch, ended = state.epoch, state.ended
-                        gone = since < state.compacted
+                        gone = since < state.compacted or state.epoch != epoch
                     if gone:
                         self._chunk(_gone(since, state.compacted))
                     else:
