@@ -355,3 +355,13 @@ def test_first_use_after_unclean_reboot_reverifies_and_repairs(registry, pusher,
         f.write(b"\0" * 4096)
     repaired = do_pull(ref, tmp_path)
     assert not repaired.cache_hit and tree(repaired.path) == {"w": data}
+
+
+def test_cli_missing_pull_secret_mount_is_a_warning_not_a_failure(registry, pusher, tmp_path):
+    """Pull secrets are mounted optional: true; a deleted secret leaves its path absent."""
+    pusher.push_artifact("m/nosecret", "v1", [file_layer("w", b"public")])
+    cmd = [sys.executable, "-m", "loader.cli", "pull", f"{registry.host}/m/nosecret:v1", "--cache", str(tmp_path),
+           "--progress", "none", "--docker-config", str(tmp_path / "gone")]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert f"event=docker_config.missing path={tmp_path / 'gone'}" in out.stderr

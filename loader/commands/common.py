@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from loader import contract
 from loader.config import LoaderSettings
 from loader.errors import UsageError
@@ -34,8 +36,19 @@ def parse_mirrors(values: list[str]) -> dict[str, list[str]]:
     return out
 
 
-def load_credentials(paths: list[str], settings: LoaderSettings):
+def load_credentials(paths: list[str], settings: LoaderSettings, log=None):
     from loader import credentials
+
+    # The webhook mounts pull secrets with optional: true (a deleted secret must not wedge the pod in
+    # ContainerCreating), so a named path may legitimately be absent: say so and go on without it.
+    present = [p for p in paths if os.path.exists(p)]
+    if log is not None:
+        for p in paths:
+            if p not in present:
+                log.warning("docker_config.missing", path=p, hint="pull secret not mounted; continuing without it")
+    if paths and not present:
+        return credentials.load_docker_configs([], {})
+    paths = present
 
     env = {k: v for k, v in (("DOCKER_CONFIG", settings.docker_config), ("HOME", settings.home),
                              ("PATH", settings.path)) if v}

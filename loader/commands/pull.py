@@ -35,7 +35,7 @@ def run(args, settings: LoaderSettings, log) -> int:
         concurrency=args.concurrency,
         plain_http=args.plain_http,
         insecure=args.insecure_skip_tls_verify,
-        credentials=None if args.offline else load_credentials(args.docker_config, settings),
+        credentials=None if args.offline else load_credentials(args.docker_config, settings, log),
         mirrors=parse_mirrors(args.mirror),
         offline=args.offline,
         timeout=args.timeout,

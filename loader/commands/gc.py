@@ -1,0 +1,48 @@
+"""``model-loader gc``: evict models by last use and size, then remove what no remaining model needs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from loader import contract
+from loader.config import LoaderSettings
+
+NAME = "gc"
+
+
+def add_parser(sub, settings: LoaderSettings) -> None:
+    p = sub.add_parser(NAME, help="remove unused models, unreferenced blobs and stale downloads from the cache",
+                       description="Remove models unused for longer than --max-unused, then the least recently used"
+                                   " until the models fit in --max-size, then blobs no remaining model references,"
+                                   " stale partial downloads and staging leftovers. Safe while pulls run.")
+    p.add_argument(contract.FLAG_CACHE, required=True, metavar="DIR", help="cache directory")
+    p.add_argument("--max-unused", metavar="DURATION", help="remove models unused for longer than this (30m, 12h, 7d)")
+    p.add_argument("--max-size", metavar="SIZE",
+                   help="then remove least recently used models until the rest fit (500Mi, 20G, 1Ti)")
+    p.add_argument("--keep-file", metavar="FILE",
+                   help="models never to remove: one ref per line, # comments (the prefetch models list)")
+    p.add_argument("--dry-run", action="store_true", help="print what would be removed; change nothing")
+    p.add_argument(contract.FLAG_OUTPUT, choices=["text", "json"], default="text")
+
+
+def run(args, settings: LoaderSettings, log) -> int:
+    from loader import gc
+    from loader.cache import Cache
+
+    policy = gc.Policy(
+        max_unused=gc.parse_duration(args.max_unused, "--max-unused") if args.max_unused is not None else None,
+        max_size=gc.parse_size(args.max_size, "--max-size") if args.max_size is not None else None,
+    )
+    keep = gc.read_keep_file(args.keep_file) if args.keep_file else []
+    cache = Cache(args.cache)
+    if not Path(args.cache).is_dir():
+        from loader.errors import UsageError
+
+        raise UsageError(f"{contract.FLAG_CACHE} {args.cache!r} is not a directory")
+    report = gc.collect(cache, policy, keep, log, dry_run=args.dry_run)
+    if args.output == "json":
+        print(json.dumps(report.as_json()), flush=True)
+    else:
+        print("\n".join(report.text()), flush=True)
+    return 0
