@@ -29,17 +29,16 @@ def add_parser(sub, settings: LoaderSettings) -> None:
 def run(args, settings: LoaderSettings, log) -> int:
     from loader import gc
     from loader.cache import Cache
+    from loader.errors import UsageError
 
     policy = gc.Policy(
         max_unused=gc.parse_duration(args.max_unused, "--max-unused") if args.max_unused is not None else None,
         max_size=gc.parse_size(args.max_size, "--max-size") if args.max_size is not None else None,
     )
     keep = gc.read_keep_file(args.keep_file) if args.keep_file else []
-    cache = Cache(args.cache)
     if not Path(args.cache).is_dir():
-        from loader.errors import UsageError
-
         raise UsageError(f"{contract.FLAG_CACHE} {args.cache!r} is not a directory")
+    cache = Cache(args.cache)
     report = gc.collect(cache, policy, keep, log, dry_run=args.dry_run)
     if args.output == "json":
         print(json.dumps(report.as_json()), flush=True)
