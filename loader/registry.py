@@ -128,9 +128,11 @@ class RegistryClient:
         mirrors: list[str] = (),
         timeout: float = 30.0,
         log=None,
+        actions: str = "pull",  # token scope actions: "pull,push" for push and import --to
     ):
         self.ref = ref
         self.repo = ref.repository
+        self.actions = actions
         scheme = "http" if (plain_http if plain_http is not None else ref.is_loopback) else "https"
         self.upstream = Endpoint(scheme, ref.endpoint_host)
         self.mirrors = [_mirror_endpoint(m, ref.registry) for m in mirrors]
@@ -146,6 +148,7 @@ class RegistryClient:
         self._auth_lock = threading.Lock()
         self._dead_mirrors: set[Endpoint] = set()
         self.bytes_received = 0  # body bytes of blob responses, for tests and progress
+        self.bytes_sent = 0  # request body bytes of blob uploads
         self._stats_lock = threading.Lock()
         self._conns: list[http.client.HTTPConnection] = []  # every connection opened, closed by close()
 
@@ -165,7 +168,7 @@ class RegistryClient:
     # ----------------------------------------------------------------------------------------------- public
     @property
     def scope(self) -> str:
-        return f"repository:{self.repo}:pull"
+        return f"repository:{self.repo}:{self.actions}"
 
     def head_manifest(self, reference: str) -> Manifest:
         resp, _ = self._with_endpoints("HEAD", f"/v2/{self.repo}/manifests/{reference}", {"Accept": ", ".join(MANIFEST_TYPES)})
@@ -230,8 +233,10 @@ class RegistryClient:
                     self.log.warning("mirror.fallback", mirror=ep.netloc, registry=self.ref.registry, error=str(exc))
         return self._request(self.upstream, method, path, headers, keep_open)
 
-    def _request(self, ep: Endpoint, method: str, path: str, headers: dict, keep_open: bool):
-        url = ep.url(path)
+    def _request(self, ep: Endpoint, method: str, path: str, headers: dict, keep_open: bool, body=None):
+        # ``path`` may be an absolute URL (an upload Location). ``body`` is a callable returning the request body
+        # (bytes or an iterable of buffers), called again for each resend after a 401 or a redirect.
+        url = path if path.startswith(("http://", "https://")) else ep.url(path)
         auth_tried = 0
         redirects = 0
         send_auth = True
@@ -243,7 +248,7 @@ class RegistryClient:
             conn, release = self._conn(parsed.scheme, parsed.netloc)
             target = parsed.path + (f"?{parsed.query}" if parsed.query else "")
             try:
-                conn.request(method, target, headers=h)
+                conn.request(method, target, body=body() if body is not None else None, headers=h)
                 resp = conn.getresponse()
             except (OSError, http.client.HTTPException) as exc:
                 release(False)
@@ -410,6 +415,77 @@ class RegistryClient:
             raise AuthError(f"token service {parsed.netloc} sent no token for {self.ref}")
         # Refresh a little early so a long download never sends an expired token.
         return _Token(value, time.monotonic() + max(1.0, expires_in * 0.9 - 5))
+
+    # ----------------------------------------------------------------------------------------------- uploads
+    # Push primitives (distribution spec "Pushing blobs" and "Pushing manifests"). They always talk to the
+    # upstream registry: mirrors are read-only. The sequencing (skip, mount, chunking, retries) lives in
+    # loader.push; these methods are one request each.
+    def blob_size(self, digest: str) -> int | None:
+        """The size of a blob the repository already has, or None when it has not."""
+        try:
+            resp, _ = self._request(self.upstream, "HEAD", f"/v2/{self.repo}/blobs/{digest}", {}, False)
+        except NotFoundError:
+            return None
+        return int(resp.getheader("Content-Length") or 0)
+
+    def start_upload(self, mount: str | None = None, from_repo: str | None = None) -> str | None:
+        """Open an upload session and return its absolute Location URL.
+
+        With ``mount``/``from_repo``, first ask for a cross-repository mount of that blob: None means the registry
+        linked it (201) and nothing needs uploading; a registry that cannot mount opens a session instead (202).
+        """
+        query = "?" + urllib.parse.urlencode({"mount": mount, "from": from_repo}) if mount and from_repo else ""
+        resp, _ = self._request(self.upstream, "POST", f"/v2/{self.repo}/blobs/uploads/{query}", {}, False)
+        if query and resp.status == 201:
+            return None
+        return self._location(resp, "POST blobs/uploads/")
+
+    def upload_chunk(self, location: str, body: Callable[[], object], start: int, length: int) -> str:
+        """PATCH ``length`` bytes at ``start`` of an open upload; returns the next Location."""
+        headers = {"Content-Type": "application/octet-stream", "Content-Length": str(length),
+                   "Content-Range": f"{start}-{start + length - 1}"}
+        resp, _ = self._request(self.upstream, "PATCH", location, headers, False, body=body)
+        return self._location(resp, "PATCH upload")
+
+    def upload_offset(self, location: str) -> int:
+        """How many bytes of an open upload the registry holds (GET on the session, its ``Range: 0-N``)."""
+        resp, _ = self._request(self.upstream, "GET", location, {}, False)
+        rng = resp.getheader("Range") or ""
+        try:
+            first, last = rng.split("-", 1)
+            return int(last) + 1 if int(first) == 0 else 0
+        except ValueError as exc:
+            raise TransientError(f"registry {self.ref.registry} sent an unreadable upload Range {rng!r}") from exc
+
+    def finish_upload(self, location: str, digest: str, body: Callable[[], object] | None = None,
+                      length: int = 0) -> None:
+        """PUT ?digest= to close an upload, with the last (or only) bytes as its body."""
+        sep = "&" if "?" in location else "?"
+        headers = {"Content-Type": "application/octet-stream", "Content-Length": str(length)}
+        self._request(self.upstream, "PUT", f"{location}{sep}{urllib.parse.urlencode({'digest': digest})}", headers,
+                      False, body=body if length else (lambda: b""))
+
+    def put_manifest(self, reference: str, data: bytes, media_type: str) -> str:
+        """PUT a manifest under a tag or digest; returns its digest (checked against the registry's)."""
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        headers = {"Content-Type": media_type, "Content-Length": str(len(data))}
+        resp, _ = self._request(self.upstream, "PUT", f"/v2/{self.repo}/manifests/{reference}", headers, False,
+                                body=lambda: data)
+        theirs = resp.getheader("Docker-Content-Digest")
+        if theirs and theirs != digest:
+            raise RegistryError(f"registry {self.ref.registry} stored the manifest of {self.ref} as {theirs},"
+                                f" not {digest}: it rewrote the manifest")
+        return digest
+
+    def count_sent(self, n: int) -> None:
+        with self._stats_lock:
+            self.bytes_sent += n
+
+    def _location(self, resp, what: str) -> str:
+        location = resp.getheader("Location")
+        if not location:
+            raise RegistryError(f"registry {self.ref.registry} answered {what} for {self.ref} without a Location")
+        return urllib.parse.urljoin(self.upstream.url(f"/v2/{self.repo}/blobs/uploads/"), location)
 
 
 class _BufferedResponse:

@@ -1,0 +1,614 @@
+"""Package a model directory as an OCI artifact and push it: one layer per file, streamed from disk.
+
+``model-loader push DIR REF`` walks DIR, makes every regular file one layer titled with its relative POSIX path
+(``org.opencontainers.image.title``, and ModelPack's ``org.cncf.model.filepath``), and pushes the blobs, a config
+and the manifest. Per-file layers are what CRI-O mounts as files and what lets ``model-loader pull`` fetch in
+parallel; ``pull`` of the pushed artifact gives back the identical tree, byte for byte.
+
+Formats:
+
+* ``modelpack`` (default): artifactType ``application/vnd.cncf.model.manifest.v1+json``, a ModelPack config
+  (``descriptor``, ``config``, ``modelfs.diffIds``) and ModelPack layer media types chosen by file name
+  (weights, weight configs such as config.json and tokenizer files, docs, code).
+* ``oras``: what ``oras push`` makes for files: the empty config, artifactType
+  ``application/vnd.unknown.artifact.v1`` (or ``--artifact-type``), layers ``application/vnd.oci.image.layer.v1.tar``
+  holding the raw file bytes (that media type is oras' default for a file, not a tar).
+
+With ``--compress zstd`` each layer is a one-entry tar of the file (the entry named by the file's relative path)
+compressed with zstd, typed as a ModelPack ``.tar+zstd`` type (or, for oras, ``...layer.v1.tar+zstd`` with
+``io.deis.oras.content.unpack``). ``pull`` extracts it at the model root, so the tree is the same; but an image
+volume (CRI-O) mounts the compressed blob itself under the file's name, so the command warns.
+
+How it moves bytes: files are hashed in one pass (the digest must be known before the registry can be asked
+whether it has the blob), then uploads stream from disk in chunks (PATCH, ``CHUNK_SIZE`` each, the last chunk in
+the closing PUT) with one small reused buffer per request, so memory stays flat whatever the file size. Blobs the
+registry already has are skipped (HEAD); ``--mount-from REPO`` asks for a cross-repository mount first. Layers
+upload in parallel, largest first; identical files upload once.
+
+Refused before anything is uploaded: symlinks that leave DIR or point at directories, and special files (fifos,
+sockets, devices). A symlink to a file inside DIR is pushed as that file's content under the link's name. Empty
+directories cannot be expressed by per-file layers and are named in a warning. Nothing is skipped silently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import posixpath
+import stat
+import tarfile
+import tempfile
+import threading
+import time
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Literal
+
+import zstandard
+
+from loader import layout
+from loader.errors import ArtifactError, LoaderError, NetworkError, RegistryError, TransientError, UsageError
+from loader.progress import Progress
+from loader.reference import Reference, parse
+from loader.registry import RegistryClient, backoff_delays
+
+MiB = 1 << 20
+CHUNK_SIZE = 64 * MiB  # PATCH size for large blobs; 0 sends every blob in one streamed PUT
+BUF_SIZE = 1 * MiB
+HASH_READ = 4 * MiB
+UPLOAD_ATTEMPTS = 4  # whole-blob restarts (a fresh upload session) before giving up
+ZSTD_LEVEL = 3
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_EMPTY = "application/vnd.oci.empty.v1+json"
+OCI_EMPTY_DATA = b"{}"
+ORAS_ARTIFACT_TYPE = "application/vnd.unknown.artifact.v1"
+ORAS_FILE = "application/vnd.oci.image.layer.v1.tar"  # oras' default for a file: the raw bytes, despite the name
+ORAS_FILE_ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
+MODELPACK_ARTIFACT_TYPE = "application/vnd.cncf.model.manifest.v1+json"
+MODELPACK_CONFIG = "application/vnd.cncf.model.config.v1+json"
+
+Format = Literal["modelpack", "oras"]
+Compress = Literal["none", "zstd"]
+Kind = Literal["weight", "weight.config", "doc", "code"]
+
+ZSTD_WARNING = ("--compress zstd stores each file as a zstd-compressed tar: model-loader pull restores the files,"
+                " but an image volume (CRI-O) mounts the compressed bytes under each file's name, not the file")
+
+# ---- which ModelPack type a file is (by name only, so the choice is predictable) -------------------------------
+WEIGHT_SUFFIXES = {".safetensors", ".bin", ".gguf", ".ggml", ".pt", ".pth", ".onnx", ".ckpt", ".h5", ".hdf5",
+                   ".msgpack", ".tflite", ".pb", ".npz", ".npy", ".ot", ".mlmodel", ".engine", ".plan", ".pdparams",
+                   ".nemo", ".keras", ".llamafile", ".mar", ".params", ".caffemodel", ".joblib", ".pkl", ".pickle"}
+CONFIG_SUFFIXES = {".json", ".jsonl", ".yaml", ".yml", ".toml", ".ini", ".cfg", ".conf", ".txt", ".model",
+                   ".tiktoken", ".vocab", ".spm", ".jinja", ".j2"}
+DOC_SUFFIXES = {".md", ".markdown", ".rst", ".pdf", ".html", ".htm", ".adoc", ".png", ".jpg", ".jpeg", ".gif",
+                ".svg", ".webp"}
+DOC_STEMS = {"readme", "license", "licence", "notice", "copying", "authors", "changelog", "citation",
+             "model_card", "modelcard", "use_policy"}
+CODE_SUFFIXES = {".py", ".ipynb", ".sh", ".js", ".ts", ".c", ".cc", ".cpp", ".h", ".hpp", ".cu", ".cuh", ".go",
+                 ".rs", ".java", ".lua", ".r", ".jl", ".swift", ".rb"}
+FORMAT_BY_SUFFIX = {".safetensors": "safetensors", ".gguf": "gguf", ".ggml": "ggml", ".onnx": "onnx",
+                    ".pt": "pytorch", ".pth": "pytorch", ".bin": "pytorch", ".ckpt": "pytorch", ".h5": "keras",
+                    ".keras": "keras", ".tflite": "tflite", ".pb": "tensorflow", ".msgpack": "flax",
+                    ".nemo": "nemo", ".pdparams": "paddle"}
+
+
+def classify(rel: str) -> Kind:
+    """The ModelPack kind of a file, from its name. Unknown binaries count as weights: they are the payload."""
+    base = posixpath.basename(rel).lower()
+    stem, suffix = posixpath.splitext(base)
+    if stem in DOC_STEMS or base in DOC_STEMS or suffix in DOC_SUFFIXES:
+        return "doc"
+    if suffix in CODE_SUFFIXES:
+        return "code"
+    if suffix in WEIGHT_SUFFIXES:
+        return "weight"
+    if suffix in CONFIG_SUFFIXES or base.startswith(("tokenizer", "vocab", "merges", "spiece")):
+        return "weight.config"
+    return "weight"
+
+
+def media_type(kind: Kind, fmt: Format, compress: Compress) -> str:
+    if fmt == "oras":
+        return ORAS_FILE_ZSTD if compress == "zstd" else ORAS_FILE
+    return f"application/vnd.cncf.model.{kind}.v1." + ("tar+zstd" if compress == "zstd" else "raw")
+
+
+# ---- the plan (pure) ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LocalFile:
+    rel: str  # relative POSIX path: the layer's title and the path pull recreates
+    path: Path  # what to read (a symlink's target inside DIR)
+    size: int
+    executable: bool = False
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    file: LocalFile
+    media_type: str
+    archive: bool  # True: a zstd-compressed one-entry tar of the file
+    annotations: dict
+
+
+def plan(files: list[LocalFile], fmt: Format, compress: Compress) -> list[LayerSpec]:
+    specs = []
+    for f in sorted(files, key=lambda f: f.rel):
+        ann = {layout.TITLE: f.rel}
+        if fmt == "modelpack":
+            ann[layout.MODELPACK_FILEPATH] = f.rel
+        elif compress == "zstd":
+            ann[layout.ORAS_UNPACK] = "true"
+        specs.append(LayerSpec(f, media_type(classify(f.rel), fmt, compress), compress == "zstd", ann))
+    return specs
+
+
+def model_format(files: list[LocalFile]) -> str | None:
+    """The ModelPack ``config.format``: the format holding the most weight bytes."""
+    by: dict[str, int] = {}
+    for f in files:
+        fmt = FORMAT_BY_SUFFIX.get(posixpath.splitext(f.rel.lower())[1])
+        if fmt:
+            by[fmt] = by.get(fmt, 0) + f.size
+    return max(sorted(by), key=lambda k: by[k]) if by else None
+
+
+def modelpack_config(name: str, fmt: str | None, diff_ids: list[str]) -> bytes:
+    """The ModelPack config (schema/config-schema.json of modelpack/model-spec). No createdAt: pushing the same
+    directory twice gives the same manifest digest."""
+    cfg = {"descriptor": {"name": name}, "config": {"format": fmt} if fmt else {},
+           "modelfs": {"type": "layers", "diffIds": diff_ids}}
+    return json.dumps(cfg, separators=(",", ":")).encode()
+
+
+def build_manifest(fmt: Format, config: dict, layers: list[dict], artifact_type: str | None) -> dict:
+    m = {"schemaVersion": 2, "mediaType": OCI_MANIFEST,
+         "artifactType": artifact_type or (MODELPACK_ARTIFACT_TYPE if fmt == "modelpack" else ORAS_ARTIFACT_TYPE),
+         "config": config, "layers": layers}
+    return m
+
+
+# ---- the directory (I/O) ----------------------------------------------------------------------------------------
+def scan(root: Path) -> tuple[list[LocalFile], list[str]]:
+    """Every file under root, and the empty directories (which per-file layers cannot carry). Raises for anything
+    that cannot be pushed faithfully, naming it."""
+    try:
+        real_root = Path(os.path.realpath(root))
+        if not real_root.is_dir():
+            raise UsageError(f"{root} is not a directory: push takes the model's directory")
+    except OSError as exc:
+        raise UsageError(f"cannot read {root}: {exc}") from exc
+    files: list[LocalFile] = []
+    empty: list[str] = []
+
+    def refuse(rel: str, why: str) -> None:
+        raise ArtifactError(f"{root}/{rel}: {why}; nothing was pushed")
+
+    for dirpath, dirnames, filenames in os.walk(real_root, onerror=_walk_error):
+        dirnames.sort()
+        here = Path(dirpath)
+        rel_dir = here.relative_to(real_root).as_posix()
+        if not dirnames and not filenames and here != real_root:
+            empty.append(rel_dir)
+        for name in list(dirnames) + sorted(filenames):
+            p = here / name
+            rel = (p.relative_to(real_root)).as_posix()
+            try:
+                rel.encode("utf-8")
+            except UnicodeEncodeError:
+                refuse(rel, "the name is not valid UTF-8, so it cannot be a layer title")
+            st = os.lstat(p)
+            if stat.S_ISLNK(st.st_mode):
+                target = Path(os.path.realpath(p))
+                if target != real_root and real_root not in target.parents:
+                    refuse(rel, f"is a symlink to {os.readlink(p)!r}, outside the directory (copy the file in,"
+                                " e.g. cp -rL, to push its content)")
+                try:
+                    tst = os.stat(p)
+                except OSError:
+                    refuse(rel, f"is a dangling symlink to {os.readlink(p)!r}")
+                if stat.S_ISDIR(tst.st_mode):
+                    refuse(rel, "is a symlink to a directory; per-file layers cannot express it (replace it by"
+                                " the directory or its files)")
+                if not stat.S_ISREG(tst.st_mode):
+                    refuse(rel, "is a symlink to a special file")
+                files.append(LocalFile(rel, target, tst.st_size, bool(tst.st_mode & 0o111)))
+                if name in dirnames:
+                    dirnames.remove(name)
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                refuse(rel, "is a special file (fifo, socket or device); only regular files can be pushed")
+            files.append(LocalFile(rel, p, st.st_size, bool(st.st_mode & 0o111)))
+    if not files:
+        raise UsageError(f"{root} holds no files to push")
+    for f in files:
+        layout.safe_name(f.rel, "file name")
+    return files, sorted(empty)
+
+
+def _walk_error(exc: OSError) -> None:
+    raise LoaderError(f"cannot read {exc.filename}: {exc.strerror}") from exc
+
+
+def hash_file(path: Path, base: int = 0, size: int | None = None) -> tuple[str, int]:
+    """sha256 and size of a file (or of ``size`` bytes at ``base``), read once with a reused buffer."""
+    h = hashlib.sha256()
+    buf = bytearray(HASH_READ)
+    mv = memoryview(buf)
+    n_total = 0
+    with open(path, "rb", buffering=0) as f:
+        pos = base
+        while size is None or n_total < size:
+            want = len(buf) if size is None else min(len(buf), size - n_total)
+            n = os.preadv(f.fileno(), [mv[:want]], pos)
+            if n <= 0:
+                break
+            h.update(mv[:n])
+            pos += n
+            n_total += n
+    return "sha256:" + h.hexdigest(), n_total
+
+
+def compress_file(f: LocalFile, tmpdir: Path) -> tuple[Path, str, int, str]:
+    """Write a zstd-compressed one-entry tar of ``f`` to a temp file: (path, digest, size, diff_id).
+
+    The tar is deterministic (mtime 0, uid/gid 0, no user names) and zstd runs single-threaded, so the same file
+    gives the same blob on every push and a re-push finds it already in the registry.
+    """
+    info = tarfile.TarInfo(f.rel)
+    info.size = f.size
+    info.mode = 0o755 if f.executable else 0o644
+    info.mtime = 0
+    info.type = tarfile.REGTYPE
+    header = info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+    tar_hash, blob_hash = hashlib.sha256(), hashlib.sha256()
+    comp = zstandard.ZstdCompressor(level=ZSTD_LEVEL).compressobj()
+    fd, name = tempfile.mkstemp(dir=tmpdir, suffix=".tar.zst")
+    size = 0
+    try:
+        with os.fdopen(fd, "wb") as out:
+            def emit(raw: bytes | memoryview) -> None:
+                nonlocal size
+                tar_hash.update(raw)
+                z = comp.compress(raw)
+                if z:
+                    blob_hash.update(z)
+                    out.write(z)
+                    size += len(z)
+
+            emit(header)
+            buf = bytearray(BUF_SIZE)
+            mv = memoryview(buf)
+            done = 0
+            with open(f.path, "rb", buffering=0) as src:
+                while n := src.readinto(buf):
+                    emit(mv[:n])
+                    done += n
+            if done != f.size:
+                raise LoaderError(f"{f.rel} changed size while being pushed ({f.size} -> {done} bytes)")
+            pad = (-done) % tarfile.BLOCKSIZE
+            emit(b"\0" * (pad + 2 * tarfile.BLOCKSIZE))  # padding, then the two zero blocks that end a tar
+            z = comp.flush()
+            blob_hash.update(z)
+            out.write(z)
+            size += len(z)
+    except BaseException:
+        os.unlink(name)
+        raise
+    return Path(name), "sha256:" + blob_hash.hexdigest(), size, "sha256:" + tar_hash.hexdigest()
+
+
+# ---- blob uploads (shared with ``import --to``) --------------------------------------------------------------------
+Source = Callable[[int, int], Iterator[memoryview | bytes]]  # (offset, length) -> the bytes, in pieces
+
+
+def file_source(path: Path, base: int = 0) -> Source:
+    """Bytes of a file from ``base`` (a tar member's data offset, or 0), streamed with one 1 MiB buffer."""
+
+    def read(offset: int, length: int):
+        buf = bytearray(min(BUF_SIZE, max(1, length)))
+        mv = memoryview(buf)
+        with open(path, "rb", buffering=0) as f:
+            pos, left = base + offset, length
+            while left:
+                n = os.preadv(f.fileno(), [mv[: min(len(buf), left)]], pos)
+                if n <= 0:
+                    raise LoaderError(f"{path} is shorter than expected while uploading (changed during the push?)")
+                yield mv[:n]
+                pos += n
+                left -= n
+
+    return read
+
+
+def bytes_source(data: bytes) -> Source:
+    def read(offset: int, length: int):
+        yield data[offset:offset + length]
+
+    return read
+
+
+class Uploader:
+    """Makes blobs present in one repository: skip (HEAD), mount, or a chunked upload with retries."""
+
+    def __init__(self, client: RegistryClient, *, chunk_size: int = CHUNK_SIZE, mount_from: str | None = None,
+                 log=None, progress: Progress | None = None, stop: threading.Event | None = None):
+        self.client = client
+        self.chunk_size = chunk_size
+        self.mount_from = mount_from
+        self.log = log
+        self.progress = progress
+        self.stop = stop or threading.Event()
+        self._lock = threading.Lock()
+        self._done: dict[str, threading.Event] = {}
+        self.counts = {"exists": 0, "mounted": 0, "uploaded": 0}  # distinct blobs, by what happened to them
+
+    def ensure(self, digest: str, size: int, source: Source, what: str) -> str:
+        """Upload one blob unless the registry has it. Returns "exists", "mounted", "uploaded" or "duplicate"."""
+        with self._lock:
+            ev = self._done.get(digest)
+            first = ev is None
+            if first:
+                ev = self._done[digest] = threading.Event()
+        if not first:
+            ev.wait()  # the same bytes as another file of this push: uploaded once
+            return "duplicate"
+        try:
+            action = self._ensure(digest, size, source, what)
+        except BaseException:
+            with self._lock:
+                del self._done[digest]
+            ev.set()
+            raise
+        with self._lock:
+            self.counts[action] += 1
+        ev.set()
+        return action
+
+    def _ensure(self, digest: str, size: int, source: Source, what: str) -> str:
+        if _retrying(lambda: self.client.blob_size(digest), self.log, what) is not None:
+            return "exists"
+        delays = backoff_delays(UPLOAD_ATTEMPTS, base=0.5)
+        for attempt in range(1, UPLOAD_ATTEMPTS + 1):
+            if self.stop.is_set():
+                raise LoaderError("push stopped")
+            sent = _Counter()
+            try:
+                location = _retrying(lambda: self.client.start_upload(digest, self.mount_from)
+                                     if self.mount_from else self.client.start_upload(), self.log, what)
+                if location is None:
+                    return "mounted"
+                self._send(location, digest, size, source, sent)
+                return "uploaded"
+            except TransientError as exc:
+                if self.progress:
+                    self.progress.add(-sent.n)
+                if attempt == UPLOAD_ATTEMPTS:
+                    raise NetworkError(f"uploading {what} ({digest}) to {self.client.ref} failed {attempt} times:"
+                                       f" {exc}") from exc
+                delay = min(exc.retry_after, 30.0) if exc.retry_after is not None else next(delays)
+                if self.log:
+                    self.log.warning("push.retry", blob=digest[:19], file=what, attempt=attempt, delay_s=delay,
+                                     error=str(exc))
+                time.sleep(delay)
+            except RegistryError as exc:
+                if type(exc) is RegistryError and "DIGEST" in str(exc).upper():
+                    raise RegistryError(f"registry {self.client.ref.registry} rejected {what}: its bytes no longer"
+                                        f" hash to {digest} (was it modified during the push?): {exc}") from exc
+                raise
+        raise AssertionError("unreachable")
+
+    def _send(self, location: str, digest: str, size: int, source: Source, sent: "_Counter") -> None:
+        """Stream a blob into an open session: PATCH chunks, the last bytes in the closing PUT.
+
+        A chunk that fails is resumed from the offset the registry reports for the session; when the registry
+        cannot say (the session's state is stale after a half-written chunk), the TransientError restarts the
+        whole blob with a fresh session.
+        """
+        client, chunk = self.client, self.chunk_size
+        offset = 0
+        tries = 0
+        while chunk and size - offset > chunk:
+            if self.stop.is_set():
+                raise LoaderError("push stopped")
+            mark = sent.n
+            try:
+                location = client.upload_chunk(location, self._body(source, offset, chunk, sent), offset, chunk)
+                offset += chunk
+                tries = 0
+            except TransientError:
+                tries += 1
+                if tries >= 3:
+                    raise
+                if self.progress:
+                    self.progress.add(mark - sent.n)
+                sent.n = mark
+                got = client.upload_offset(location)  # a TransientError here restarts the blob
+                if not 0 <= got <= size or got % chunk:
+                    raise TransientError(f"registry reports {got} bytes of an upload sent in {chunk} byte chunks")
+                offset = got
+        client.finish_upload(location, digest, self._body(source, offset, size - offset, sent), size - offset)
+
+    def _body(self, source: Source, offset: int, length: int, sent: "_Counter"):
+        def body():
+            for piece in source(offset, length):
+                n = len(piece)
+                sent.n += n
+                self.client.count_sent(n)
+                if self.progress:
+                    self.progress.add(n)
+                yield piece
+
+        return body
+
+
+@dataclass
+class _Counter:
+    n: int = 0
+
+
+def _retrying(fn, log, what: str):
+    """A single small request (HEAD, POST): retried on transient faults, a few times."""
+    delays = list(backoff_delays(3, base=0.25))
+    for i in range(4):
+        try:
+            return fn()
+        except TransientError as exc:
+            if i == 3:
+                raise NetworkError(f"{exc} (after 4 attempts)") from exc
+            delay = min(exc.retry_after, 30.0) if exc.retry_after is not None else delays[i]
+            if log:
+                log.warning("push.retry", file=what, attempt=i + 1, delay_s=delay, error=str(exc))
+            time.sleep(delay)
+
+
+# ---- the push ------------------------------------------------------------------------------------------------------
+@dataclass
+class PushOptions:
+    format: Format = "modelpack"
+    compress: Compress = "none"
+    concurrency: int = 4
+    plain_http: bool | None = None
+    insecure: bool = False
+    credentials: object | None = None
+    timeout: float = 30.0
+    mount_from: str | None = None
+    artifact_type: str | None = None
+    chunk_size: int = CHUNK_SIZE
+    progress: str = "auto"
+    progress_interval: float = 5.0
+
+
+@dataclass
+class PushedFile:
+    rel: str
+    size: int
+    media_type: str
+    digest: str
+    action: str  # uploaded | exists | mounted | duplicate
+
+
+@dataclass
+class PushResult:
+    ref: str
+    digest: str
+    bytes: int
+    files: int
+    seconds: float
+    uploaded_bytes: int
+    skipped_blobs: int
+    mounted_blobs: int
+    pushed: list[PushedFile] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def as_json(self) -> dict:
+        return {"ref": self.ref, "digest": self.digest, "bytes": self.bytes, "files": self.files,
+                "seconds": round(self.seconds, 3), "uploaded_bytes": self.uploaded_bytes,
+                "skipped_blobs": self.skipped_blobs, "mounted_blobs": self.mounted_blobs}
+
+
+def push(directory: str | Path, text: str, opts: PushOptions, log) -> PushResult:
+    t0 = time.monotonic()
+    try:
+        ref = parse(text)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    if ref.digest:
+        raise UsageError(f"push {text!r}: give a tag, not a digest; the digest is computed and printed")
+    if opts.format not in ("modelpack", "oras") or opts.compress not in ("none", "zstd"):
+        raise UsageError(f"unknown --format {opts.format!r} or --compress {opts.compress!r}")
+    mount_from = _mount_repo(opts.mount_from, ref)
+    files, empty = scan(Path(directory))
+    specs = plan(files, opts.format, opts.compress)
+    warnings = []
+    if opts.compress == "zstd":
+        warnings.append(ZSTD_WARNING)
+    if empty:
+        warnings.append(f"empty directories are not pushed (a per-file artifact cannot hold them): {', '.join(empty)}")
+    for w in warnings:
+        log.warning("push.warning", ref=str(ref), warning=w)
+    total = sum(f.size for f in files)
+    log.info("push.start", ref=str(ref), dir=str(directory), files=len(files), bytes=total, format=opts.format,
+             compress=opts.compress)
+
+    with RegistryClient(ref, plain_http=opts.plain_http, insecure=opts.insecure, credentials=opts.credentials,
+                        timeout=opts.timeout, log=log, actions="pull,push") as client, \
+            tempfile.TemporaryDirectory(prefix="model-loader-push-") as tmp, \
+            Progress(log, str(ref), total, mode=opts.progress, interval=opts.progress_interval) as prog:
+        stop = threading.Event()
+        up = Uploader(client, chunk_size=opts.chunk_size, mount_from=mount_from, log=log,
+                      progress=prog if opts.compress == "none" else None, stop=stop)
+        results: dict[str, tuple[dict, str, PushedFile]] = {}
+
+        def one(spec: LayerSpec) -> None:
+            f = spec.file
+            if spec.archive:
+                path, digest, size, diff_id = compress_file(f, Path(tmp))
+                try:
+                    action = up.ensure(digest, size, file_source(path), f.rel)
+                finally:
+                    path.unlink(missing_ok=True)
+                prog.add(f.size)
+            else:
+                digest, size = hash_file(f.path)
+                if size != f.size:
+                    raise LoaderError(f"{f.rel} changed size while being pushed ({f.size} -> {size} bytes)")
+                diff_id = digest
+                action = up.ensure(digest, size, file_source(f.path), f.rel)
+                if action != "uploaded":
+                    prog.add(size)
+            desc = {"mediaType": spec.media_type, "digest": digest, "size": size, "annotations": spec.annotations}
+            log.info("push.file", ref=str(ref), file=f.rel, bytes=f.size, media_type=spec.media_type, digest=digest,
+                     action=action)
+            results[f.rel] = (desc, diff_id, PushedFile(f.rel, f.size, spec.media_type, digest, action))
+
+        with ThreadPoolExecutor(max_workers=max(1, opts.concurrency), thread_name_prefix="push") as pool:
+            futures = [pool.submit(one, s) for s in sorted(specs, key=lambda s: -s.file.size)]
+            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+            failed = next((fu for fu in done if fu.exception()), None)
+            if failed is not None:
+                stop.set()
+                for fu in futures:
+                    fu.cancel()
+                raise failed.exception()
+
+        layers = [results[s.file.rel][0] for s in specs]
+        if opts.format == "modelpack":
+            config = modelpack_config(ref.name, model_format(files), [results[s.file.rel][1] for s in specs])
+            config_type = MODELPACK_CONFIG
+        else:
+            config, config_type = OCI_EMPTY_DATA, OCI_EMPTY
+        cdigest = "sha256:" + hashlib.sha256(config).hexdigest()
+        up.progress = None
+        up.ensure(cdigest, len(config), bytes_source(config), "config")
+        manifest = build_manifest(opts.format, {"mediaType": config_type, "digest": cdigest, "size": len(config)},
+                                  layers, opts.artifact_type)
+        data = json.dumps(manifest, separators=(",", ":")).encode()
+        digest = _retrying(lambda: client.put_manifest(ref.tag or "latest", data, OCI_MANIFEST), log, "manifest")
+        sent = client.bytes_sent
+    secs = time.monotonic() - t0
+    pushed = [results[s.file.rel][2] for s in specs]
+    res = PushResult(str(ref), digest, total, len(files), secs, sent, up.counts["exists"], up.counts["mounted"],
+                     pushed, warnings)
+    log.info("push.done", ref=str(ref), digest=digest, files=len(files), bytes=total, uploaded_bytes=sent,
+             skipped_blobs=res.skipped_blobs, mounted_blobs=res.mounted_blobs, seconds=round(secs, 3))
+    return res
+
+
+def _mount_repo(value: str | None, ref: Reference) -> str | None:
+    """``--mount-from`` takes a repository on the same registry, with or without the registry in front."""
+    if not value:
+        return None
+    repo = value.split("@", 1)[0]
+    if repo.startswith(f"{ref.registry}/"):
+        repo = repo[len(ref.registry) + 1:]
+    elif "/" in repo and ("." in repo.split("/", 1)[0] or ":" in repo.split("/", 1)[0]):
+        raise UsageError(f"--mount-from {value!r} names another registry than {ref.registry}; mounts work only"
+                         " within one registry")
+    if ":" in repo.rsplit("/", 1)[-1]:
+        repo = repo.rsplit(":", 1)[0]
+    return repo
