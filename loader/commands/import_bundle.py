@@ -1,0 +1,54 @@
+"""``model-loader import BUNDLE.tar (--cache DIR | --to REGISTRY[/prefix])``: load an exported bundle.
+
+    model-loader import models.tar --cache /var/lib/model-cache
+    model-loader import models.tar --to registry.local:5000/mirror [--plain-http] [--docker-config PATH]
+
+``--cache`` puts every model straight into a node cache (every digest verified, published as a pull would), so
+``pull --offline REF`` and tag pulls hit it with no registry at all. ``--to`` pushes every ref of the bundle to
+``REGISTRY/prefix/<original repository>:<tag>``. A corrupt bundle is refused and nothing is published. With
+``--output json`` one object per ref: ref, digest, source (and path, bytes, files for --cache). See
+loader.bundle.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from loader.commands.common import add_registry_flags, check_concurrency, load_credentials
+from loader.config import LoaderSettings
+
+NAME = "import"
+
+
+def add_parser(sub, settings: LoaderSettings) -> None:
+    p = sub.add_parser(NAME, help="load a bundle from model-loader export into a node cache or a registry")
+    p.add_argument("bundle", metavar="BUNDLE.tar")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--cache", metavar="DIR", help="node cache directory to load the models into")
+    where.add_argument("--to", metavar="REGISTRY[/prefix]", help="registry (and path prefix) to push every ref to")
+    add_registry_flags(p, settings)
+    p.add_argument("--output", choices=["text", "json"], default="text")
+
+
+def run(args, settings: LoaderSettings, log) -> int:
+    from loader.bundle import RegistryOptions, import_to_cache, import_to_registry
+
+    if args.cache:
+        results = import_to_cache(args.bundle, args.cache, log)
+    else:
+        check_concurrency(args.concurrency)
+        opts = RegistryOptions(plain_http=args.plain_http, insecure=args.insecure_skip_tls_verify,
+                               credentials=load_credentials(args.docker_config, settings), timeout=args.timeout,
+                               concurrency=args.concurrency)
+        results = import_to_registry(args.bundle, args.to, opts, log)
+    for r in results:
+        if args.output == "json":
+            print(json.dumps(r.as_json()), flush=True)
+        elif r.path is not None:
+            print(f"{r.ref} -> {r.path} ({r.files} files, {r.bytes / 1e6:.1f} MB)", flush=True)
+        else:
+            print(f"{r.source} -> {r.ref}@{r.digest}", flush=True)
+        for w in r.warnings:
+            print(f"warning: {w}", file=sys.stderr)
+    return 0
