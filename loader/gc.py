@@ -369,7 +369,7 @@ class Report:
         lines.append(
             f"{verb} {len(self.evicted)} models, {len(self.blobs)} blobs ({human(sum(n for _, n in self.blobs))}),"
             f" {len(self.partials)} partial downloads ({human(sum(n for _, n in self.partials))}),"
-            f" {len(self.tmp)} staging leftovers, {len(self.refs)} dangling refs;"
+            f" {len(self.tmp)} staging leftovers, {len(self.refs)} ref links;"
             f" models {self.models_before} -> {self.models_after},"
             f" {human(self.bytes_before)} -> {human(self.bytes_after)} on disk")
         return lines
@@ -445,8 +445,9 @@ def _collect(cache: Cache, policy: Policy, keep_refs: list[str], log, dry_run: b
         meta = root / META_DIR / f"{hexd}.json"
         if dry_run or _locked(cache, f"model-{hexd}", lambda m=meta: m.unlink(missing_ok=True)):
             report.other.append(f"{META_DIR}/{hexd}.json")
+    known = {m.digest[7:] for m in inv.models}  # an evicted model's lastuse went with it
     for hexd in inv.lastuse:
-        if hexd not in present and f"sha256:{hexd}" not in report.busy:
+        if hexd not in known:
             if not dry_run:
                 (root / contract.LASTUSE_DIR / hexd).unlink(missing_ok=True)
             report.other.append(f"{contract.LASTUSE_DIR}/{hexd}")
