@@ -10,7 +10,8 @@ measured and printed alongside the server's). Phases, each after a warm-up:
 * ``noop``   POST /noop: the same transport (TLS, HTTP, JSON parse and dump of the same bodies), no decision;
 * ``mutate`` POST /mutate: the full admission of each pod.
 
-Both run against an inventory of 10 nodes and one of 5000 nodes. Pods are 10-30 KB: several containers with
+Both run against an inventory of 10 nodes and one of 5000 nodes (two servers), in interleaved rounds so that
+machine-load drift during the run hits all four series alike. Pods are 10-30 KB: several containers with
 env, probes, resources and mounts, required node affinity, tolerations, a model.cache/ref annotation; they come
 from 40 pod templates (as replicas of a few dozen Deployments would), each review with its own uid and name.
 Absolute numbers drift with machine load: read the ratios, measured side by side in one run.
@@ -237,30 +238,40 @@ def _pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
-def run_phase(name, server, ctx, path, bodies, concurrency, warmup):
-    host, port, pid = server
-    asyncio.run(_drive(host, port, ctx, [http_request(path, b) for b in bodies[:warmup]], concurrency))
-    requests = [http_request(path, b) for b in bodies]
-    cpu_server0, cpu_client0 = _cpu_seconds(pid), time.process_time()
-    samples: list[bytes] = []
-    elapsed, latencies, statuses = asyncio.run(_drive(host, port, ctx, requests, concurrency, samples))
-    cpu_server, cpu_client = _cpu_seconds(pid) - cpu_server0, time.process_time() - cpu_client0
-    outcome = {}
-    for body in samples:
-        response = json.loads(body).get("response", {})
-        outcome = {"allowed": response.get("allowed"), "patched": bool(response.get("patch"))}
-    return {
-        "name": name,
-        "n": len(latencies),
-        "rps": len(latencies) / elapsed,
-        "p50": _pct(latencies, 0.50) * 1000,
-        "p99": _pct(latencies, 0.99) * 1000,
-        "mean": statistics.fmean(latencies) * 1000,
-        "statuses": statuses,
-        "server_cpu": cpu_server,
-        "client_cpu": cpu_client,
-        "sample": outcome,
-    }
+class Phase:
+    """One (inventory, endpoint) series, measured over several interleaved rounds."""
+
+    def __init__(self, inventory: int, path: str, server: tuple[str, int, int]) -> None:
+        self.inventory, self.path, self.server = inventory, path, server
+        self.elapsed = 0.0
+        self.latencies: list[float] = []
+        self.statuses: dict[int, int] = {}
+        self.server_cpu = 0.0
+        self.client_cpu = 0.0
+        self.sample: dict = {}
+
+    def run(self, ctx: ssl.SSLContext, bodies: list[bytes], concurrency: int) -> None:
+        host, port, pid = self.server
+        requests = [http_request(self.path, b) for b in bodies]
+        cpu_server0, cpu_client0 = _cpu_seconds(pid), time.process_time()
+        samples: list[bytes] = []
+        elapsed, latencies, statuses = asyncio.run(_drive(host, port, ctx, requests, concurrency, samples))
+        self.server_cpu += _cpu_seconds(pid) - cpu_server0
+        self.client_cpu += time.process_time() - cpu_client0
+        self.elapsed += elapsed
+        self.latencies += latencies
+        for code, n in statuses.items():
+            self.statuses[code] = self.statuses.get(code, 0) + n
+        response = json.loads(samples[0]).get("response", {})
+        self.sample = {"allowed": response.get("allowed"), "patched": bool(response.get("patch"))}
+
+    def row(self) -> dict:
+        return {
+            "rps": len(self.latencies) / self.elapsed,
+            "p50": _pct(self.latencies, 0.50) * 1000,
+            "p99": _pct(self.latencies, 0.99) * 1000,
+            "mean": statistics.fmean(self.latencies) * 1000,
+        }
 
 
 def start_server(tmp: Path, nodes_file: Path, tls_dir: Path) -> tuple[subprocess.Popen, int]:
@@ -305,34 +316,45 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=5000)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--warmup", type=int, default=500)
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds the requests are split into")
     args = parser.parse_args()
 
     bodies = make_reviews(args.requests)
     sizes = sorted(len(b) for b in bodies)
+    rounds = max(1, args.rounds)
+    chunk = -(-len(bodies) // rounds)
     with tempfile.TemporaryDirectory(prefix="bench-admission-") as tmp_s:
         tmp = Path(tmp_s)
         bundle = certs.generate("model-cache", "bench", extra_sans=["localhost", "127.0.0.1"])
         certs.write_bundle(bundle, tmp / "tls")
         ctx = ssl.create_default_context(cadata=bundle.ca_cert.decode())
         rng = random.Random(1)
-        results = []
-        for inventory in (10, 5000):
-            nodes_file = tmp / f"nodes-{inventory}.json"
-            nodes_file.write_text(json.dumps(make_nodes(inventory, rng)))
-            proc, port = start_server(tmp, nodes_file, tmp / "tls")
-            try:
+        procs, phases = [], []
+        try:
+            for inventory in (10, 5000):
+                nodes_file = tmp / f"nodes-{inventory}.json"
+                nodes_file.write_text(json.dumps(make_nodes(inventory, rng)))
+                proc, port = start_server(tmp, nodes_file, tmp / "tls")
+                procs.append(proc)
                 wait_ready(port, ctx, proc)
-                server = ("127.0.0.1", port, proc.pid)
                 for path in ("/noop", "/mutate"):
-                    results.append(
-                        (inventory, run_phase(path, server, ctx, path, bodies, args.concurrency, args.warmup))
-                    )
-            finally:
+                    phase = Phase(inventory, path, ("127.0.0.1", port, proc.pid))
+                    asyncio.run(_drive("127.0.0.1", port, ctx, [http_request(path, b) for b in bodies[: args.warmup]], args.concurrency))
+                    phases.append(phase)
+            # Interleaved rounds: machine-load drift hits every series alike instead of whichever ran last.
+            for r in range(rounds):
+                for phase in phases:
+                    phase.run(ctx, bodies[r * chunk : (r + 1) * chunk], args.concurrency)
+        finally:
+            for proc in procs:
                 proc.terminate()
                 proc.wait(10)
+    results = [(p.inventory, {"name": p.path, **p.row(), "statuses": p.statuses, "server_cpu": p.server_cpu,
+                              "client_cpu": p.client_cpu, "sample": p.sample}) for p in phases]
 
-    print(f"model-cache admission benchmark: {args.requests} reviews per phase (after {args.warmup} warm-up), "
-          f"concurrency {args.concurrency}, TLS 1.3 keep-alive, one uvicorn worker")
+    print(f"model-cache admission benchmark: {args.requests} reviews per series (after {args.warmup} warm-up), "
+          f"in {rounds} interleaved rounds; concurrency {args.concurrency}, TLS 1.3 keep-alive, one uvicorn worker "
+          f"(uvloop + httptools) per inventory")
     print(f"review bodies: {sizes[0] / 1024:.1f}-{sizes[-1] / 1024:.1f} KB (median {sizes[len(sizes) // 2] / 1024:.1f} KB), "
           f"{TEMPLATES} pod templates, 2-4 containers each; machine: {os.cpu_count()} cores")
     print()
