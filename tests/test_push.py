@@ -1,0 +1,378 @@
+"""push against the real registry: push-pull round trips byte for byte, the manifests it writes, skipped and
+mounted blobs, retries, refusals, flat memory on a large file, and oras-py reading what it pushes."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import requests
+import zstandard
+
+from loader import push as P
+from loader.errors import ArtifactError, UsageError
+from loader.log import NullLogger
+from loader.pull import PullOptions, pull
+from tests.support.faultproxy import FaultProxy
+from tests.support.oci import OCI_MANIFEST, sha256
+
+LOG = NullLogger()
+MiB = 1 << 20
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    """Every file under root with its bytes (no symlinks or empty directories expected here)."""
+    out = {}
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            p = Path(dirpath) / name
+            out[p.relative_to(root).as_posix()] = p.read_bytes()
+    return out
+
+
+MODEL = {
+    "model-00001-of-00002.safetensors": os.urandom(3 * MiB + 123),  # > the 1 MiB test chunk: PATCH, PATCH, PUT
+    "model-00002-of-00002.safetensors": os.urandom(200_000),
+    "config.json": b'{"architectures": ["Phi3ForCausalLM"]}',
+    "tokenizer.json": b'{"model": {"type": "BPE"}}',
+    "tokenizer.model": b"\x00sentencepiece",
+    "README.md": b"# phi\n",
+    "LICENSE": b"MIT\n",
+    "modeling_phi.py": b"class Phi: pass\n",
+    "empty.bin": b"",
+    "same-as-config.json": b'{"architectures": ["Phi3ForCausalLM"]}',  # identical bytes: one blob, two layers
+    "onnx/model.onnx": os.urandom(5000),
+    "onnx/deep/er/notes.txt": "naïve ünïcode\n".encode(),
+}
+MP = "application/vnd.cncf.model"
+KINDS = {  # what classify() makes of each file
+    "model-00001-of-00002.safetensors": "weight", "model-00002-of-00002.safetensors": "weight",
+    "config.json": "weight.config", "tokenizer.json": "weight.config", "tokenizer.model": "weight.config",
+    "README.md": "doc", "LICENSE": "doc", "modeling_phi.py": "code", "empty.bin": "weight",
+    "same-as-config.json": "weight.config", "onnx/model.onnx": "weight", "onnx/deep/er/notes.txt": "weight.config",
+}
+
+
+def make_tree(root: Path, files: dict[str, bytes] = MODEL) -> Path:
+    for rel, data in files.items():
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+    return root
+
+
+def opts(**kw) -> P.PushOptions:
+    return P.PushOptions(progress="none", chunk_size=kw.pop("chunk_size", 1 * MiB), **kw)
+
+
+def get_json(registry, repo: str, ref: str, accept: str = OCI_MANIFEST) -> dict:
+    r = requests.get(f"{registry.url}/v2/{repo}/manifests/{ref}", headers={"Accept": accept})
+    r.raise_for_status()
+    return r.json()
+
+
+def get_blob(registry, repo: str, digest: str) -> bytes:
+    r = requests.get(f"{registry.url}/v2/{repo}/blobs/{digest}")
+    r.raise_for_status()
+    return r.content
+
+
+def one_file_tar(blob: bytes) -> list[tuple[str, bytes]]:
+    raw = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(blob)).read()
+    with tarfile.open(fileobj=io.BytesIO(raw)) as tf:
+        return [(m.name, tf.extractfile(m).read()) for m in tf]
+
+
+@pytest.mark.parametrize("fmt", ["modelpack", "oras"])
+@pytest.mark.parametrize("compress", ["none", "zstd"])
+def test_push_then_pull_gives_the_identical_tree(fmt, compress, registry, tmp_path):
+    src = make_tree(tmp_path / "model")
+    repo = f"push/rt-{fmt}-{compress}"
+    res = P.push(src, f"{registry.host}/{repo}:v1", opts(format=fmt, compress=compress), LOG)
+
+    pulled = pull(f"{registry.host}/{repo}:v1", PullOptions(cache=tmp_path / "cache", progress="none"), LOG)
+    assert tree(Path(pulled.path)) == MODEL
+    assert pulled.digest == res.digest and pulled.bytes == sum(map(len, MODEL.values()))
+    assert pulled.files == len(MODEL)
+
+    manifest = get_json(registry, repo, "v1")
+    assert sha256(requests.get(f"{registry.url}/v2/{repo}/manifests/v1",
+                               headers={"Accept": OCI_MANIFEST}).content) == res.digest
+    names = sorted(MODEL)
+    # Layers are in path order, one per file, titled with the relative path.
+    layers = manifest["layers"]
+    assert [l["annotations"]["org.opencontainers.image.title"] for l in layers] == names
+    for layer, rel in zip(layers, names):
+        if compress == "none":
+            assert layer["digest"] == sha256(MODEL[rel]) and layer["size"] == len(MODEL[rel])
+        else:
+            blob = get_blob(registry, repo, layer["digest"])
+            assert layer["digest"] == sha256(blob) and layer["size"] == len(blob)
+            assert one_file_tar(blob) == [(rel, MODEL[rel])]
+        if fmt == "modelpack":
+            kind = KINDS[rel]
+            assert layer["mediaType"] == f"{MP}.{kind}.v1." + ("raw" if compress == "none" else "tar+zstd")
+            assert layer["annotations"] == {"org.opencontainers.image.title": rel, "org.cncf.model.filepath": rel}
+        else:
+            assert layer["mediaType"] == ("application/vnd.oci.image.layer.v1.tar" if compress == "none"
+                                          else "application/vnd.oci.image.layer.v1.tar+zstd")
+            assert layer["annotations"] == ({"org.opencontainers.image.title": rel} if compress == "none" else
+                                            {"org.opencontainers.image.title": rel, "io.deis.oras.content.unpack": "true"})
+
+    config = get_blob(registry, repo, manifest["config"]["digest"])
+    if fmt == "modelpack":
+        diff_ids = []
+        for layer, rel in zip(layers, names):
+            if compress == "none":
+                diff_ids.append(sha256(MODEL[rel]))
+            else:  # the DiffID is the hash of the uncompressed tar
+                diff_ids.append(sha256(zstandard.ZstdDecompressor().stream_reader(
+                    io.BytesIO(get_blob(registry, repo, layer["digest"]))).read()))
+        assert json.loads(config) == {"descriptor": {"name": f"rt-{fmt}-{compress}"},
+                                      "config": {"format": "safetensors"},
+                                      "modelfs": {"type": "layers", "diffIds": diff_ids}}
+        expected_config_desc = {"mediaType": "application/vnd.cncf.model.config.v1+json",
+                                "digest": sha256(config), "size": len(config)}
+        artifact_type = "application/vnd.cncf.model.manifest.v1+json"
+    else:
+        assert config == b"{}"
+        expected_config_desc = {"mediaType": "application/vnd.oci.empty.v1+json", "digest": sha256(b"{}"), "size": 2}
+        artifact_type = "application/vnd.unknown.artifact.v1"
+    assert manifest == {"schemaVersion": 2, "mediaType": OCI_MANIFEST, "artifactType": artifact_type,
+                        "config": expected_config_desc, "layers": layers}
+
+    # The result: every file listed with what happened; identical bytes uploaded once.
+    assert [(f.rel, f.size) for f in res.pushed] == [(n, len(MODEL[n])) for n in names]
+    actions = {f.rel: f.action for f in res.pushed}
+    if compress == "none":  # config.json and same-as-config.json hold the same bytes: whichever came second
+        dup = [r for r, a in actions.items() if a == "duplicate"]
+        assert len(dup) == 1 and dup[0] in ("config.json", "same-as-config.json")
+        assert sorted(actions.values()) == ["duplicate"] + ["uploaded"] * (len(MODEL) - 1)
+    else:  # the tar entries carry the names: every blob differs
+        assert set(actions.values()) == {"uploaded"}
+    assert (res.files, res.bytes) == (len(MODEL), sum(map(len, MODEL.values())))
+    assert res.warnings == ([P.ZSTD_WARNING] if compress == "zstd" else [])
+
+
+def test_same_directory_pushes_to_the_same_digest(registry, tmp_path):
+    """No timestamps in the config or the tars: a re-push of unchanged files is a no-op for the registry."""
+    src = make_tree(tmp_path / "m")
+    a = P.push(src, f"{registry.host}/push/repro:a", opts(compress="zstd"), LOG)
+    b = P.push(src, f"{registry.host}/push/repro:b", opts(compress="zstd"), LOG)
+    assert a.digest == b.digest
+    assert b.uploaded_bytes == 0
+
+
+def _blob_writes(proxy: FaultProxy) -> list[tuple[str, str, int]]:
+    return [(r.method, r.path.split("?")[0].rsplit("/", 2)[-2], r.status) for r in proxy.requests
+            if "/blobs/uploads/" in r.path]
+
+
+def test_second_push_skips_every_blob_the_registry_has(registry, tmp_path):
+    src = make_tree(tmp_path / "m")
+    with FaultProxy(registry.url) as proxy:
+        ref = f"{proxy.host}/push/again:v1"
+        first = P.push(src, ref, opts(), LOG)
+        distinct = len({sha256(d) for d in MODEL.values()}) + 1  # + the config
+        assert (first.skipped_blobs, first.mounted_blobs) == (0, 0)
+        # 11 distinct blobs; the 3 MiB file goes up as 3 PATCHes of 1 MiB and a closing PUT.
+        writes = _blob_writes(proxy)
+        assert sorted(m for m, _, _ in writes) == sorted(["POST"] * distinct + ["PATCH"] * 3 + ["PUT"] * distinct)
+        config_size = get_json(registry, "push/again", "v1")["config"]["size"]
+        assert first.uploaded_bytes == sum(len(d) for d in {sha256(d): d for d in MODEL.values()}.values()) + config_size
+
+        proxy.reset_counters()
+        second = P.push(src, ref, opts(), LOG)
+        assert second.digest == first.digest
+        assert (second.skipped_blobs, second.mounted_blobs, second.uploaded_bytes) == (distinct, 0, 0)
+        assert {f.action for f in second.pushed} == {"exists", "duplicate"}
+        assert _blob_writes(proxy) == []
+        heads = [r for r in proxy.requests if r.method == "HEAD"]
+        assert len(heads) == distinct and {r.status for r in heads} == {200}
+        assert [(r.method, r.path) for r in proxy.requests if "/manifests/" in r.path] == [
+            ("PUT", "/v2/push/again/manifests/v1")]
+
+
+def test_cross_repository_mount_is_used(registry, tmp_path):
+    src = make_tree(tmp_path / "m")
+    P.push(src, f"{registry.host}/push/mount-src:v1", opts(format="oras"), LOG)
+    with FaultProxy(registry.url) as proxy:
+        res = P.push(src, f"{proxy.host}/push/mount-dst:v1", opts(format="oras", mount_from="push/mount-src"), LOG)
+        posts = [r for r in proxy.requests if r.method == "POST"]
+        assert all("mount=sha256" in r.path and "from=push%2Fmount-src" in r.path for r in posts)
+        assert {r.status for r in posts} == {201}
+        assert not [r for r in proxy.requests if r.method in ("PATCH",) or
+                    (r.method == "PUT" and "/blobs/" in r.path)]
+    distinct = len({sha256(d) for d in MODEL.values()})
+    # The empty config blob is the same in both repositories: mounted too.
+    assert (res.mounted_blobs, res.skipped_blobs, res.uploaded_bytes) == (distinct + 1, 0, 0)
+    pulled = pull(f"{registry.host}/push/mount-dst:v1", PullOptions(cache=tmp_path / "c", progress="none"), LOG)
+    assert tree(Path(pulled.path)) == MODEL
+
+
+@pytest.mark.parametrize("count,match,resumed", [
+    (3, "/blobs/uploads/", False),  # the first three upload requests, whatever they are: POSTs retried
+    (1, "_state=", True),  # the first request into an open session: a PATCH of the 3 MiB file, resumed
+], ids=["any-upload-request", "patch-resumed-from-registry-offset"])
+def test_transient_upload_failures_are_retried(count, match, resumed, registry, tmp_path):
+    src = make_tree(tmp_path / "m")
+    with FaultProxy(registry.url) as proxy:
+        proxy.set_faults(status_503=count, status_503_match=match, retry_after="0")
+        res = P.push(src, f"{proxy.host}/push/retry-{count}:v1", opts(concurrency=1), LOG)
+        assert proxy.faults_injected["503"] == count
+        status_checks = [r for r in proxy.requests if r.method == "GET" and "/blobs/uploads/" in r.path]
+        assert [r.status for r in status_checks] == ([204] if resumed else [])
+    pulled = pull(f"{registry.host}/push/retry-{count}:v1", PullOptions(cache=tmp_path / "c", progress="none"), LOG)
+    assert pulled.digest == res.digest and tree(Path(pulled.path)) == MODEL
+
+
+def test_symlink_inside_is_pushed_as_its_target_and_empty_dirs_are_named(registry, tmp_path):
+    src = make_tree(tmp_path / "m", {"weights/a.safetensors": b"A" * 100, "config.json": b"{}"})
+    os.symlink("weights/a.safetensors", src / "alias.safetensors")
+    (src / "empty" / "nested").mkdir(parents=True)
+    res = P.push(src, f"{registry.host}/push/links:v1", opts(), LOG)
+    assert res.warnings == ["empty directories are not pushed (a per-file artifact cannot hold them): empty/nested"]
+    pulled = pull(f"{registry.host}/push/links:v1", PullOptions(cache=tmp_path / "c", progress="none"), LOG)
+    assert tree(Path(pulled.path)) == {"weights/a.safetensors": b"A" * 100, "alias.safetensors": b"A" * 100,
+                                       "config.json": b"{}"}
+
+
+def _escape(src: Path, tmp: Path) -> None:
+    (tmp / "outside").write_bytes(b"secret")
+    os.symlink("../outside", src / "leak.bin")
+
+
+def _dir_link(src: Path, tmp: Path) -> None:
+    (src / "d").mkdir()
+    (src / "d" / "f").write_bytes(b"x")
+    os.symlink("d", src / "dlink")
+
+
+def _fifo(src: Path, tmp: Path) -> None:
+    os.mkfifo(src / "pipe")
+
+
+def _dangling(src: Path, tmp: Path) -> None:
+    os.symlink("nowhere", src / "dangling")
+
+
+@pytest.mark.parametrize("setup,fragment", [
+    (_escape, "leak.bin: is a symlink to '../outside', outside the directory"),
+    (_dir_link, "dlink: is a symlink to a directory"),
+    (_fifo, "pipe: is a special file (fifo, socket or device)"),
+    (_dangling, "dangling: is a dangling symlink to 'nowhere'"),
+], ids=["symlink-escapes", "symlink-to-dir", "fifo", "dangling"])
+def test_unpushable_entries_are_refused_before_any_upload(setup, fragment, registry, tmp_path):
+    src = make_tree(tmp_path / "m", {"config.json": b"{}"})
+    setup(src, tmp_path)
+    with FaultProxy(registry.url) as proxy:
+        with pytest.raises(ArtifactError) as e:
+            P.push(src, f"{proxy.host}/push/refused:v1", opts(), LOG)
+        assert proxy.requests == []
+    assert fragment in str(e.value) and str(e.value).endswith("nothing was pushed")
+
+
+@pytest.mark.parametrize("ref,args,fragment", [
+    ("{host}/push/x@sha256:" + "0" * 64, {}, "give a tag, not a digest"),
+    ("{host}/push/x:v1", {"mount_from": "other.example.com/repo"}, "names another registry"),
+    ("Bad Ref", {}, "reference 'Bad Ref'"),
+], ids=["digest-ref", "mount-other-registry", "bad-ref"])
+def test_usage_errors(ref, args, fragment, registry, tmp_path):
+    src = make_tree(tmp_path / "m", {"a": b"a"})
+    with pytest.raises(UsageError) as e:
+        P.push(src, ref.format(host=registry.host), opts(**args), LOG)
+    assert fragment in str(e.value)
+
+
+def test_empty_directory_is_refused(tmp_path):
+    (tmp_path / "m" / "sub").mkdir(parents=True)
+    with pytest.raises(UsageError, match="holds no files to push"):
+        P.push(tmp_path / "m", "127.0.0.1:1/x/y:v1", opts(), LOG)
+
+
+@pytest.mark.parametrize("rel,kind", [
+    ("model.safetensors", "weight"), ("x/pytorch_model.bin", "weight"), ("m.gguf", "weight"), ("w.pt", "weight"),
+    ("w.pth", "weight"), ("m.onnx", "weight"), ("blob.unknown", "weight"), ("config.json", "weight.config"),
+    ("generation_config.json", "weight.config"), ("tokenizer.model", "weight.config"), ("vocab.txt", "weight.config"),
+    ("merges.txt", "weight.config"), ("tokenizer_config.json", "weight.config"), ("README.md", "doc"),
+    ("LICENSE", "doc"), ("LICENSE.txt", "doc"), ("docs/guide.rst", "doc"), ("modeling.py", "code"),
+    ("run.sh", "code"),
+])
+def test_classify(rel, kind):
+    assert P.classify(rel) == kind
+
+
+def test_cli_json_output(registry, tmp_path):
+    src = make_tree(tmp_path / "m", {"w.safetensors": b"w" * 1000, "config.json": b"{}"})
+    cmd = [sys.executable, "-m", "loader.cli", "push", str(src), f"{registry.host}/push/cli:v1", "--output", "json",
+           "--progress", "none"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    obj = json.loads(out.stdout)
+    assert set(obj) == {"ref", "digest", "bytes", "files", "seconds", "uploaded_bytes", "skipped_blobs",
+                        "mounted_blobs"}
+    config = get_blob(registry, "push/cli", get_json(registry, "push/cli", "v1")["config"]["digest"])
+    assert (obj["ref"], obj["bytes"], obj["files"], obj["skipped_blobs"], obj["mounted_blobs"]) == (
+        f"{registry.host}/push/cli:v1", 1002, 2, 0, 0)
+    assert obj["uploaded_bytes"] == 1002 + len(config)
+    assert obj["digest"] == sha256(requests.get(f"{registry.url}/v2/push/cli/manifests/v1",
+                                                headers={"Accept": OCI_MANIFEST}).content)
+    text = subprocess.run(cmd[:-4] + ["--progress", "none"], capture_output=True, text=True, check=True).stdout
+    assert text.splitlines() == [
+        f"  exists    config.json  0.0 MB  {MP}.weight.config.v1.raw",
+        f"  exists    w.safetensors  0.0 MB  {MP}.weight.v1.raw",
+        f"pushed {registry.host}/push/cli:v1@{obj['digest']} (2 files, 0.0 MB; uploaded 0.0 MB,"
+        " 3 blobs already present, 0 mounted) in " + text.splitlines()[-1].rsplit(" in ", 1)[1],
+    ]
+
+
+def test_oras_py_pulls_an_oras_push(registry, tmp_path):
+    import oras.client
+
+    src = make_tree(tmp_path / "m")
+    P.push(src, f"{registry.host}/push/oras-py:v1", opts(format="oras"), LOG)
+    client = oras.client.OrasClient(hostname=registry.host, insecure=True)
+    out = tmp_path / "oras-out"
+    files = client.pull(target=f"{registry.host}/push/oras-py:v1", outdir=str(out))
+    assert sorted(Path(f).relative_to(out).as_posix() for f in files) == sorted(MODEL)
+    assert tree(out) == MODEL
+
+
+@pytest.mark.slow
+def test_large_file_push_keeps_memory_flat(registry, tmp_path):
+    """300 MB in one file: peak RSS of the whole loader process stays under 150 MB."""
+    size = 300 * 1000 * 1000
+    src = tmp_path / "big"
+    src.mkdir()
+    with open(src / "model.safetensors", "wb") as f:
+        f.truncate(size)  # sparse: reads as zeros without using disk here
+    (src / "config.json").write_bytes(b"{}")
+    cmd = [sys.executable, "-m", "loader.cli", "push", str(src), f"{registry.host}/push/big:v1", "--output", "json",
+           "--progress", "none", "--chunk-size", "32"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    with proc.stdout, proc.stderr:
+        out = proc.stdout.read()  # stdout is one JSON line; stderr a few log lines: no pipe deadlock
+        err = proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)  # rusage of that one child (subprocess.wait would discard it)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    assert proc.returncode == 0, err.decode()
+    peak_mb = usage.ru_maxrss * 1024 / 1e6  # ru_maxrss is KiB on Linux
+    assert peak_mb < 150, f"peak RSS {peak_mb:.0f} MB"
+    print(f"push of 300 MB: peak RSS {peak_mb:.0f} MB")
+    obj = json.loads(out)
+    assert (obj["bytes"], obj["files"]) == (size + 2, 2)
+    h = hashlib.sha256()
+    zeros = bytes(8 * MiB)
+    left = size
+    while left:
+        h.update(zeros[: min(left, len(zeros))])
+        left -= min(left, len(zeros))
+    layers = get_json(registry, "push/big", "v1")["layers"]
+    assert [(l["annotations"]["org.opencontainers.image.title"], l["digest"], l["size"]) for l in layers] == [
+        ("config.json", sha256(b"{}"), 2), ("model.safetensors", "sha256:" + h.hexdigest(), size)]
