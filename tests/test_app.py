@@ -402,3 +402,99 @@ def test_a_rotated_certificate_is_served_on_new_connections_without_a_restart(se
         client.get("/healthz")
     assert server.tls.reloads == 1
     assert server.thread.is_alive()
+
+
+# --- anything a client can send: never a 5xx ----------------------------------------------------------------------
+
+from hypothesis import HealthCheck, given, settings as hyp_settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
+    max_leaves=25,
+)
+
+
+def _mangled_review(draw_value, path_choice: int) -> dict:
+    body = review(pod("crio"))
+    targets = [
+        (body, "request"),
+        (body["request"], "object"),
+        (body["request"], "uid"),
+        (body["request"], "kind"),
+        (body["request"]["object"], "metadata"),
+        (body["request"]["object"], "spec"),
+        (body["request"]["object"]["metadata"], "annotations"),
+        (body["request"]["object"]["spec"], "containers"),
+        (body["request"]["object"]["spec"]["containers"][0], "name"),
+        (body["request"]["object"]["metadata"]["annotations"], ann.REF),
+        (body["request"]["object"]["metadata"]["annotations"], ann.MODE),
+        (body["request"]["object"]["metadata"]["annotations"], ann.CONTAINERS),
+    ]
+    parent, key = targets[path_choice % len(targets)]
+    parent[key] = draw_value
+    return body
+
+
+def test_no_client_input_gets_a_5xx(served):
+    server = served()
+    client = server.client()
+
+    @hyp_settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(
+        kind=st.sampled_from(["bytes", "json", "review"]),
+        endpoint=st.sampled_from(["/mutate", "/validate"]),
+        raw=st.binary(max_size=200),
+        value=_json,
+        where=st.integers(min_value=0, max_value=11),
+    )
+    def check(kind, endpoint, raw, value, where):
+        if kind == "bytes":
+            content = raw
+        elif kind == "json":
+            content = json.dumps(value).encode()
+        else:
+            content = json.dumps(_mangled_review(value, where)).encode()
+        resp = client.post(endpoint, content=content, headers={"content-type": "application/json"})
+        assert resp.status_code in (200, 400), resp.text
+        if resp.status_code == 200:
+            answer = resp.json()
+            assert answer["kind"] == "AdmissionReview" and isinstance(answer["response"]["allowed"], bool)
+        else:
+            assert resp.json()["message"].startswith("malformed AdmissionReview: ")
+
+    try:
+        check()
+    finally:
+        client.close()
+
+
+def test_deeply_nested_json_is_a_400(served):
+    server = served()
+    with server.client() as client:
+        resp = client.post("/mutate", content=b"[" * 100_000 + b"]" * 100_000)
+    assert resp.status_code == 400
+    assert resp.json() == {"message": "malformed AdmissionReview: request body is nested too deeply to be an AdmissionReview"}
+
+
+def test_an_oversized_body_is_refused_with_413(served):
+    from webhook.app import MAX_BODY_BYTES
+
+    server = served()
+    with server.client() as client:
+        resp = client.post("/mutate", content=b" " * (MAX_BODY_BYTES + 1))
+        assert client.get("/healthz").status_code == 200
+    assert resp.status_code == 413
+    assert resp.json() == {"message": f"malformed AdmissionReview: the body is larger than {MAX_BODY_BYTES} bytes"}
+
+
+def test_a_denial_is_logged_with_the_object_and_the_message(served, caplog):
+    server = served()
+    body = review(pod(ref="not a reference"))
+    with caplog.at_level(logging.INFO, logger="webhook.app"), server.client() as client:
+        answer = client.post("/mutate", json=body).json()
+    [record] = [r for r in caplog.records if r.name == "webhook.app"]
+    assert record.getMessage() == (
+        f"denied Pod models/web-7d9f-* on /mutate (uid {body['request']['uid']}): {answer['response']['status']['message']}"
+    )

@@ -81,6 +81,38 @@ def _labels(body: dict, review: dict) -> tuple[str, str, str]:
     return kind, _mode(response), outcome
 
 
+# Far above anything an apiserver sends (objects are capped at 1.5 MiB in etcd; a review carries at most two), low
+# enough that a stray client cannot make the webhook buffer gigabytes.
+MAX_BODY_BYTES = 16 * 1024 * 1024
+
+
+async def _read_body(request: Request) -> bytes | None:
+    """The request body, or None when it exceeds MAX_BODY_BYTES (checked before and while reading)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        return None
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _log_denial(endpoint: str, kind: str, body: dict, answer: dict) -> None:
+    """One line per denial, so an operator can find why a team's pods are refused without the audit log."""
+    request = body.get("request") or {}
+    obj = request.get("object") if isinstance(request.get("object"), dict) else {}
+    meta = obj.get("metadata") if isinstance(obj.get("metadata"), dict) else {}
+    name = request.get("name") or meta.get("name") or (f"{meta.get('generateName')}*" if meta.get("generateName") else "")
+    message = ((answer.get("response") or {}).get("status") or {}).get("message", "")
+    log.info(
+        "denied %s %s/%s on /%s (uid %s): %s",
+        kind, request.get("namespace") or "", name, endpoint, request.get("uid", ""), message,
+    )
+
+
 def _noop_review(body: dict, snapshot: Any, settings: Any) -> dict:
     """Allowed, unchanged: the benchmark's baseline for the cost of transport alone."""
     request = body.get("request") if isinstance(body.get("request"), dict) else {}
@@ -126,6 +158,8 @@ def create_app(
                 body = json.loads(raw)
             except (ValueError, UnicodeDecodeError) as exc:
                 raise MalformedReview(f"request body is not JSON: {exc}") from exc
+            except RecursionError as exc:  # "[[[[...": a client can send it, so it is a 400, not a 500
+                raise MalformedReview("request body is nested too deeply to be an AdmissionReview") from exc
             if not isinstance(body, dict):
                 raise MalformedReview(f"request body must be an AdmissionReview object, got {type(body).__name__}")
             answer = core(body, inventory.snapshot(), settings)
@@ -139,21 +173,34 @@ def create_app(
             return JSONResponse({"message": "internal error; see the webhook's log"}, status_code=500)
         payload = json.dumps(answer, separators=(",", ":")).encode()
         if endpoint != NOOP:
-            metrics.reviews.labels(*_labels(body, answer)).inc()
+            kind, mode, outcome = _labels(body, answer)
+            metrics.reviews.labels(kind, mode, outcome).inc()
+            if outcome == "denied":
+                _log_denial(endpoint, kind, body, answer)
         metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
         return Response(payload, media_type=_JSON)
 
+    async def answer(endpoint: str, core: Callable[[dict, Any, Any], dict], request: Request) -> Response:
+        raw = await _read_body(request)
+        if raw is None:
+            metrics.reviews.labels("unknown", "none", "malformed").inc()
+            return JSONResponse(
+                {"message": f"malformed AdmissionReview: the body is larger than {MAX_BODY_BYTES} bytes"},
+                status_code=413,
+            )
+        return review(endpoint, core, raw)
+
     @app.post("/mutate")
     async def mutate(request: Request) -> Response:
-        return review(MUTATE, admission.mutate_review, await request.body())
+        return await answer(MUTATE, admission.mutate_review, request)
 
     @app.post("/validate")
     async def validate(request: Request) -> Response:
-        return review(VALIDATE, admission.validate_review, await request.body())
+        return await answer(VALIDATE, admission.validate_review, request)
 
     @app.post("/noop")
     async def noop(request: Request) -> Response:
-        return review(NOOP, _noop_review, await request.body())
+        return await answer(NOOP, _noop_review, request)
 
     @app.get("/healthz")
     async def healthz() -> Response:
