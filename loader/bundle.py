@@ -318,9 +318,19 @@ class Bundle:
         self.path = Path(path)
         try:
             self._tf = tarfile.open(self.path, "r:")
-            members = self._tf.getmembers()
         except (OSError, tarfile.TarError) as exc:
             raise ArtifactError(f"{self.path} is not a readable (uncompressed) tar bundle: {exc}") from exc
+        try:
+            try:
+                members = self._tf.getmembers()
+            except (OSError, tarfile.TarError) as exc:
+                raise ArtifactError(f"{self.path} is not a readable (uncompressed) tar bundle: {exc}") from exc
+            self._read_layout(members)
+        except BaseException:
+            self._tf.close()
+            raise
+
+    def _read_layout(self, members: list[tarfile.TarInfo]) -> None:
         self.members: dict[str, tarfile.TarInfo] = {}
         for m in members:
             name = m.name[2:] if m.name.startswith("./") else m.name
