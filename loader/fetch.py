@@ -42,7 +42,6 @@ from loader.errors import DigestMismatch, LoaderError, NetworkError, TransientEr
 MiB = 1 << 20
 MIN_CHUNK = 32 * MiB  # below this a Range split costs more in requests than it gains
 BUF_SIZE = 1 * MiB
-HASH_READ = 4 * MiB
 STATE_EVERY = 32 * MiB  # resume granularity after a crash
 MAX_TRIES_WITHOUT_PROGRESS = 6
 MAX_RETRY_AFTER = 60.0
@@ -341,7 +340,7 @@ class Fetcher:
 
     def _hash_forward(self, pool: _Pool, job: BlobJob) -> None:
         """Hash every complete range that follows what is hashed; finish the blob when all of it is."""
-        buf = self._buffer(HASH_READ)
+        buf = self._buffer()  # the same buffer the thread downloads with: memory stays one buffer per worker
         with job.lock:
             if job.hashing or job.finished:
                 return
