@@ -33,16 +33,14 @@ import hashlib
 import json
 import os
 import tarfile
-import threading
 import time
 import uuid
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from loader import layout
 from loader.cache import Cache, current_boot_id
-from loader.errors import ArtifactError, DigestMismatch, NetworkError, TransientError, UsageError
+from loader.errors import ArtifactError, AuthError, DigestMismatch, NetworkError, TransientError, UsageError
 from loader.reference import Reference, parse
 from loader.registry import INDEX_TYPES, MAX_MANIFEST_BYTES, RegistryClient, backoff_delays
 
@@ -581,7 +579,7 @@ def target_ref(target: str, e: BundleRef) -> Reference:
 
 
 def import_to_registry(bundle_path: str | Path, target: str, opts: RegistryOptions, log) -> list[ImportResult]:
-    from loader.push import Uploader, file_source
+    from loader.push import push_auth_error
 
     with Bundle(bundle_path) as b:
         jobs = []
@@ -598,26 +596,25 @@ def import_to_registry(bundle_path: str | Path, target: str, opts: RegistryOptio
                     verified.add(digest)
         results = []
         for e, dest, manifests, blobs in jobs:
-            with RegistryClient(dest, plain_http=opts.plain_http, insecure=opts.insecure,
-                                credentials=opts.credentials, timeout=opts.timeout, log=log,
-                                actions="pull,push") as client:
-                stop = threading.Event()
-                up = Uploader(client, log=log, stop=stop)
-                with ThreadPoolExecutor(max_workers=max(1, opts.concurrency), thread_name_prefix="import") as pool:
-                    futures = [pool.submit(up.ensure, d, s, file_source(b.path, b.member(d).offset_data), d)
-                               for d, s in sorted(blobs.items(), key=lambda kv: -kv[1])]
-                    done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-                    failed = next((fu for fu in done if fu.exception()), None)
-                    if failed is not None:
-                        stop.set()
-                        for fu in futures:
-                            fu.cancel()
-                        raise failed.exception()
-                for digest, mt, data in manifests:
-                    reference = digest if digest != e.digest else (dest.tag or digest)
-                    _retrying(lambda: client.put_manifest(reference, data, mt), log, str(dest))
-                log.info("import.pushed", source=e.label, ref=str(dest), digest=e.digest, blobs=len(blobs),
-                         uploaded=up.counts["uploaded"], skipped=up.counts["exists"])
-            results.append(ImportResult(str(dest), e.digest, e.label))
+            try:
+                results.append(_push_entry(b, e, dest, manifests, blobs, opts, log))
+            except AuthError as exc:
+                raise push_auth_error(dest, exc) from exc
         return results
 
+
+def _push_entry(b: Bundle, e: BundleRef, dest: Reference, manifests, blobs, opts: RegistryOptions, log):
+    """One ref into the target registry: its blobs in parallel, then its manifests, children before parents."""
+    from loader.push import Uploader, file_source, run_parallel
+
+    with RegistryClient(dest, plain_http=opts.plain_http, insecure=opts.insecure, credentials=opts.credentials,
+                        timeout=opts.timeout, log=log, actions="pull,push") as client:
+        up = Uploader(client, log=log)
+        run_parallel([lambda d=d, s=s: up.ensure(d, s, file_source(b.path, b.member(d).offset_data), d)
+                      for d, s in sorted(blobs.items(), key=lambda kv: -kv[1])], opts.concurrency, up.stop)
+        for digest, mt, data in manifests:
+            reference = digest if digest != e.digest else (dest.tag or digest)
+            _retrying(lambda: client.put_manifest(reference, data, mt), log, str(dest))
+        log.info("import.pushed", source=e.label, ref=str(dest), digest=e.digest, blobs=len(blobs),
+                 uploaded=up.counts["uploaded"], skipped=up.counts["exists"])
+    return ImportResult(str(dest), e.digest, e.label)

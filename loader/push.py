@@ -49,7 +49,8 @@ from typing import Callable, Iterator, Literal
 import zstandard
 
 from loader import layout
-from loader.errors import ArtifactError, LoaderError, NetworkError, RegistryError, TransientError, UsageError
+from loader.errors import (ArtifactError, AuthError, LoaderError, NetworkError, RegistryError, TransientError,
+                           UsageError)
 from loader.progress import Progress
 from loader.reference import Reference, parse
 from loader.registry import RegistryClient, backoff_delays
@@ -451,6 +452,20 @@ class _Counter:
     n: int = 0
 
 
+def run_parallel(tasks: list[Callable[[], object]], concurrency: int, stop: threading.Event) -> None:
+    """Run tasks on ``concurrency`` threads; on the first failure, set ``stop`` (running uploads end at their next
+    chunk), drop the queued tasks and raise that failure."""
+    with ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="upload") as pool:
+        futures = [pool.submit(t) for t in tasks]
+        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+        failed = next((f for f in done if f.exception()), None)
+        if failed is not None:
+            stop.set()
+            for f in futures:
+                f.cancel()
+            raise failed.exception()
+
+
 def _retrying(fn, log, what: str):
     """A single small request (HEAD, POST): retried on transient faults, a few times."""
     delays = list(backoff_delays(3, base=0.25))
@@ -535,6 +550,19 @@ def push(directory: str | Path, text: str, opts: PushOptions, log) -> PushResult
     log.info("push.start", ref=str(ref), dir=str(directory), files=len(files), bytes=total, format=opts.format,
              compress=opts.compress)
 
+    try:
+        return _push(ref, files, specs, total, warnings, mount_from, opts, log, t0)
+    except AuthError as exc:
+        raise push_auth_error(ref, exc) from exc
+
+
+def push_auth_error(ref: Reference, exc: AuthError) -> AuthError:
+    # The registry module words refusals for pulls; a push needs push rights, which pull secrets rarely grant.
+    return AuthError(f"push to {ref} refused: {exc}. Pushing needs credentials allowed to push to"
+                     f" {ref.registry}/{ref.repository} (docker login, or --docker-config)")
+
+
+def _push(ref: Reference, files, specs, total, warnings, mount_from, opts: PushOptions, log, t0) -> PushResult:
     with RegistryClient(ref, plain_http=opts.plain_http, insecure=opts.insecure, credentials=opts.credentials,
                         timeout=opts.timeout, log=log, actions="pull,push") as client, \
             tempfile.TemporaryDirectory(prefix="model-loader-push-") as tmp, \
@@ -566,15 +594,7 @@ def push(directory: str | Path, text: str, opts: PushOptions, log) -> PushResult
                      action=action)
             results[f.rel] = (desc, diff_id, PushedFile(f.rel, f.size, spec.media_type, digest, action))
 
-        with ThreadPoolExecutor(max_workers=max(1, opts.concurrency), thread_name_prefix="push") as pool:
-            futures = [pool.submit(one, s) for s in sorted(specs, key=lambda s: -s.file.size)]
-            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-            failed = next((fu for fu in done if fu.exception()), None)
-            if failed is not None:
-                stop.set()
-                for fu in futures:
-                    fu.cancel()
-                raise failed.exception()
+        run_parallel([lambda s=s: one(s) for s in sorted(specs, key=lambda s: -s.file.size)], opts.concurrency, stop)
 
         layers = [results[s.file.rel][0] for s in specs]
         if opts.format == "modelpack":

@@ -376,3 +376,32 @@ def test_large_file_push_keeps_memory_flat(registry, tmp_path):
     layers = get_json(registry, "push/big", "v1")["layers"]
     assert [(l["annotations"]["org.opencontainers.image.title"], l["digest"], l["size"]) for l in layers] == [
         ("config.json", sha256(b"{}"), 2), ("model.safetensors", "sha256:" + h.hexdigest(), size)]
+
+
+def test_push_with_token_auth_asks_for_pull_and_push(tmp_path):
+    import base64
+
+    from loader.credentials import load_docker_configs
+    from loader.errors import AuthError
+    from tests.support.auth_registry import start_token_registry
+
+    src = make_tree(tmp_path / "m", {"w.safetensors": os.urandom(10_000), "config.json": b"{}"})
+    with start_token_registry({"alice": "alice-pw"}, acl={"alice": {"*": ["pull", "push"]}}) as reg:
+        cfg = tmp_path / "docker"
+        cfg.mkdir()
+        auth = base64.b64encode(b"alice:alice-pw").decode()
+        (cfg / "config.json").write_text(json.dumps({"auths": {reg.host: {"auth": auth}}}))
+        creds = load_docker_configs([str(cfg)], {})
+        ref = f"{reg.host}/private/pushed:v1"
+        res = P.push(src, ref, opts(credentials=creds), LOG)
+        issued = reg.token_server.issued
+        assert {(t.subject, t.requested, t.access) for t in issued} == {
+            ("alice", ("repository:private/pushed:pull,push",), (("private/pushed", ("pull", "push")),))}
+        pulled = pull(ref, PullOptions(cache=tmp_path / "c", progress="none", credentials=creds), LOG)
+        assert pulled.digest == res.digest and tree(Path(pulled.path)) == tree(src)
+
+        with pytest.raises(AuthError) as e:
+            P.push(src, f"{reg.host}/private/anon:v1", opts(), LOG)
+        assert str(e.value).startswith(f"push to {reg.host}/private/anon:v1 refused: registry {reg.host} refused")
+        assert str(e.value).endswith(f"Pushing needs credentials allowed to push to {reg.host}/private/anon"
+                                     " (docker login, or --docker-config)")
