@@ -17,7 +17,7 @@ import pytest
 from loader import contract
 from loader.cache import Cache
 from loader.cli import main
-from loader.gc import Policy, collect, iso, parse_duration, parse_size
+from loader.gc import Policy, collect, parse_duration, parse_size
 from loader.log import NullLogger
 from loader.pull import PullOptions, pull
 from loader.reference import cache_key

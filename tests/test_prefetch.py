@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 import signal
 import socket
@@ -26,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from loader import contract
 from loader.config import LoaderSettings
 from loader.errors import NotFoundError
-from loader.gc import Policy
+from loader.gc import Policy, parse_models_list
 from loader.log import Logger, NullLogger
 from loader.prefetch import (Config, NodeApi, NodeApiError, Prefetcher, StatusServer, Untaint, parse_untaint,
                              remove_taint, taint_removal_patch)
@@ -502,7 +501,7 @@ def test_the_daemonset():
     assert volumes["models"]["configMap"] == {"name": cm["metadata"]["name"]}
     assert cm["metadata"]["name"] == "model-cache-prefetch-models"  # no hash: a list change restarts nothing
     assert cm["data"] == {"models.txt": (OVERLAY / "models.txt").read_text()}
-    refs, errors = __import__("loader.gc", fromlist=["x"]).parse_models_list(cm["data"]["models.txt"], "models.txt")
+    refs, errors = parse_models_list(cm["data"]["models.txt"], "models.txt")
     assert (refs, errors) == (["registry.example.com/models/phi3:v1"], [])
     assert c["ports"] == [{"name": "metrics", "containerPort": 9090, "protocol": "TCP"}]
     assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
