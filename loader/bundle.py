@@ -488,7 +488,9 @@ def import_to_cache(bundle_path: str | Path, cache_dir: str | Path, log) -> list
             for en in entries:
                 need[en.digest] = en.size
         missing = {d: s for d, s in need.items() if not cache.has_blob(d, s)}
-        cache.check_space(sum(missing.values()), f"bundle {b.path} ({len(missing)} blobs)")
+        # As pull estimates it: the missing blobs, plus room for what tar layers extract to (at least their size).
+        extracted = sum(en.size for _, _, _, entries in plans for en in entries if en.kind == "tar")
+        cache.check_space(sum(missing.values()) + extracted, f"bundle {b.path} ({len(missing)} blobs)")
         log.info("import.start", bundle=str(b.path), refs=len(plans), blobs=len(missing), bytes=sum(missing.values()))
         staged: dict[str, Path] = {}
         try:
