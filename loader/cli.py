@@ -21,14 +21,7 @@ COMMANDS = {"pull": "pull", "push": "push", "prefetch": "prefetch", "gc": "gc", 
 def _modules(argv: list[str]) -> list:
     # Import only the subcommand being run (start-up time matters for a warm pull); all of them for --help.
     wanted = [m for c, m in COMMANDS.items() if c in argv[:1]] or list(COMMANDS.values())
-    out = []
-    for m in wanted:
-        try:
-            out.append(importlib.import_module(f"loader.commands.{m}"))
-        except ModuleNotFoundError as exc:  # TEMPORARY while issue 5's subcommands are being written
-            if exc.name != f"loader.commands.{m}":
-                raise
-    return out
+    return [importlib.import_module(f"loader.commands.{m}") for m in wanted]
 
 
 def build_parser(settings: LoaderSettings, modules) -> argparse.ArgumentParser:

@@ -47,6 +47,7 @@ KUSTOMIZATIONS = {
     "manual-certs": MANIFESTS / "overlays" / "manual-certs",
     "pvc-cache": MANIFESTS / "overlays" / "pvc-cache",
     "pvc-cache-claim": MANIFESTS / "overlays" / "pvc-cache" / "claim",
+    "prefetch": MANIFESTS / "overlays" / "prefetch",
 }
 # The ones that install the webhook (the claim is a per-namespace add-on).
 INSTALLS = ["default", "base", "cert-manager", "manual-certs", "pvc-cache"]
