@@ -79,11 +79,11 @@ def review(obj, kind: str = "Pod", uid: str = "0b6e2e8a-1f7c-4d8e-9a55-3c1d2b4f6
 class Served:
     """The app on uvicorn in a thread, on a random port, with a Secret-like certificate directory."""
 
-    def __init__(self, inventory: Inventory, secret: SecretDir) -> None:
+    def __init__(self, inventory: Inventory, secret: SecretDir, readiness=()) -> None:
         self.inventory = inventory
         self.secret = secret
         self.tls = ReloadingContext(secret.cert_file, secret.key_file)
-        self.app = create_app(inventory, SETTINGS)
+        self.app = create_app(inventory, SETTINGS, readiness=readiness)
         self.sock = bind("127.0.0.1", 0)
         self.port = self.sock.getsockname()[1]
         self.server = make_server(self.app, self.tls, host="127.0.0.1", port=self.port)
@@ -498,3 +498,31 @@ def test_a_denial_is_logged_with_the_object_and_the_message(served, caplog):
     assert record.getMessage() == (
         f"denied Pod models/web-7d9f-* on /mutate (uid {body['request']['uid']}): {answer['response']['status']['message']}"
     )
+
+
+def test_readiness_checks_add_their_reasons(secret):
+    state = {"reason": "the served certificate is not signed by the published caBundle yet"}
+    inventory = Inventory(EMPTY)
+    server = Served(inventory, secret, readiness=[lambda: state["reason"]])
+    try:
+        with server.client() as client:
+            both = client.get("/readyz")
+            inventory.publish(SYNCED)
+            cert_only = client.get("/readyz")
+            state["reason"] = None
+            ready = client.get("/readyz")
+    finally:
+        server.stop()
+    assert (both.status_code, both.json()) == (
+        503,
+        {
+            "status": "not ready",
+            "reason": "the node and namespace inventory has not completed its first list; "
+            "the served certificate is not signed by the published caBundle yet",
+        },
+    )
+    assert (cert_only.status_code, cert_only.json()) == (
+        503,
+        {"status": "not ready", "reason": "the served certificate is not signed by the published caBundle yet"},
+    )
+    assert (ready.status_code, ready.json()) == (200, {"status": "ready", "nodes": 2, "namespaces": 1})
