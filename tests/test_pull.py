@@ -365,3 +365,19 @@ def test_cli_missing_pull_secret_mount_is_a_warning_not_a_failure(registry, push
     out = subprocess.run(cmd, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert f"event=docker_config.missing path={tmp_path / 'gone'}" in out.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("size_mb", [64, 384], ids=["64MB", "384MB"])
+def test_pull_memory_stays_flat(size_mb, registry, pusher, tmp_path):
+    """Peak RSS of the whole loader process does not grow with the model: fixed buffers per worker."""
+    from tests.support.rss import run_measured
+
+    half = size_mb // 2  # two files of repeated 1 MiB patterns: cheap to build, still verified byte by byte
+    pusher.push_artifact(f"m/mem{size_mb}", "v1", [file_layer("w.bin", os.urandom(1 << 20) * half),
+                                                    file_layer("w2.bin", os.urandom(1 << 20) * half)])
+    cmd = [sys.executable, "-m", "loader.cli", "pull", f"{registry.host}/m/mem{size_mb}:v1", "--cache", str(tmp_path),
+           "--progress", "none", "--concurrency", "8"]
+    proc, peak_mb = run_measured(cmd)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert peak_mb < 150, f"peak RSS {peak_mb:.0f} MB for a {size_mb} MB model"

@@ -355,14 +355,11 @@ def test_large_file_push_keeps_memory_flat(registry, tmp_path):
     (src / "config.json").write_bytes(b"{}")
     cmd = [sys.executable, "-m", "loader.cli", "push", str(src), f"{registry.host}/push/big:v1", "--output", "json",
            "--progress", "none", "--chunk-size", "32"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    with proc.stdout, proc.stderr:
-        out = proc.stdout.read()  # stdout is one JSON line; stderr a few log lines: no pipe deadlock
-        err = proc.stderr.read()
-    _, status, usage = os.wait4(proc.pid, 0)  # rusage of that one child (subprocess.wait would discard it)
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    from tests.support.rss import run_measured
+
+    proc, peak_mb = run_measured(cmd)
+    out, err = proc.stdout, proc.stderr
     assert proc.returncode == 0, err.decode()
-    peak_mb = usage.ru_maxrss * 1024 / 1e6  # ru_maxrss is KiB on Linux
     assert peak_mb < 150, f"peak RSS {peak_mb:.0f} MB"
     print(f"push of 300 MB: peak RSS {peak_mb:.0f} MB")
     obj = json.loads(out)
