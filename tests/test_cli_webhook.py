@@ -293,3 +293,131 @@ def test_serve_with_a_kubeconfig_is_ready_once_the_watch_has_listed(tmp_path, en
     finally:
         assert server.stop() == -signal.SIGTERM
         fake.stop()
+
+
+# --- serve with self-managed certificates --------------------------------------------------------------------------
+
+# Names other than the defaults, so the test shows each MODEL_CACHE_* certificate setting is the one used.
+MANAGED = {
+    "MODEL_CACHE_MANAGE_CERTS": "true",
+    "MODEL_CACHE_NAMESPACE": "mc-system",
+    "MODEL_CACHE_TLS_SECRET": "mc-serving",
+    "MODEL_CACHE_SERVICE_NAME": "mc-webhook",
+    "MODEL_CACHE_WEBHOOK_CONFIGURATION": "mc.hooks",
+}
+MANAGED_SECRET = "/api/v1/namespaces/mc-system/secrets/mc-serving"
+MANAGED_CONFIGS = [f"/apis/admissionregistration.k8s.io/v1/{kind}webhookconfigurations/mc.hooks" for kind in ("mutating", "validating")]
+
+
+def _configuration(path: str) -> dict:
+    kind = "Mutating" if "/mutating" in path else "Validating"
+    return {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": f"{kind}WebhookConfiguration",
+        "metadata": {"name": "mc.hooks"},
+        "webhooks": [
+            {"name": "pods.model.cache", "clientConfig": {"service": {"name": "mc-webhook", "namespace": "mc-system", "path": "/mutate"}},
+             "sideEffects": "None", "admissionReviewVersions": ["v1"]},
+        ],
+    }
+
+
+def test_serve_with_managed_certificates_creates_the_secret_publishes_the_ca_and_serves_it(tmp_path, env):
+    from tests.support.tls import SecretDir
+    from webhook import certs
+
+    fake = FakeApiServer()
+    for path in MANAGED_CONFIGS:
+        fake.store_put(path, _configuration(path))
+    fake.put("nodes", NODES["items"][0])
+    mounted = SecretDir(tmp_path / "mounted")  # the Secret volume (optional: true): empty until kubelet projects it
+    port = _free_port()
+    log = tmp_path / "serve.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [EXE, "serve", "--host", "127.0.0.1", "--port", str(port), "--tls-cert", str(mounted.cert_file),
+             "--tls-key", str(mounted.key_file), "--kubeconfig", str(fake.write_kubeconfig(tmp_path / "kubeconfig"))],
+            env={**env, **MANAGED}, stdout=subprocess.DEVNULL, stderr=out,
+        )
+    try:
+        secret = None
+        for _ in range(1200):
+            assert proc.poll() is None, log.read_text()
+            secret = fake.store_get(MANAGED_SECRET)
+            if secret is not None:
+                break
+            time.sleep(0.05)
+        bundle = certs.bundle_from_secret(secret)
+        assert bundle is not None, secret
+        assert (secret["type"], secret["metadata"]["namespace"]) == ("kubernetes.io/tls", "mc-system")
+        leaf = x509.load_pem_x509_certificate(bundle.tls_cert)
+        san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert san.get_values_for_type(x509.DNSName) == certs.service_dns_names("mc-webhook", "mc-system")
+        # The caBundle lands in both configurations; nothing else in them changes.
+        for _ in range(1200):
+            if all(w["clientConfig"].get("caBundle") for p in MANAGED_CONFIGS for w in fake.store_get(p)["webhooks"]):
+                break
+            time.sleep(0.05)
+        for path in MANAGED_CONFIGS:
+            stored = fake.store_get(path)
+            assert [w["clientConfig"].pop("caBundle") for w in stored["webhooks"]] == [bundle.ca_bundle]
+            del stored["metadata"]["resourceVersion"]
+            assert stored == _configuration(path)
+        # Until kubelet projects the Secret there is no certificate to serve, so nothing listens yet.
+        with socket.socket() as probe:
+            assert probe.connect_ex(("127.0.0.1", port)) != 0
+        assert proc.poll() is None
+        mounted.rotate(bundle)  # kubelet's projection
+
+        host = "mc-webhook.mc-system.svc"  # what the apiserver dials; verified against the published CA
+        client = httpx.Client(base_url=f"https://127.0.0.1:{port}", verify=client_context(base64.b64decode(bundle.ca_bundle)))
+        try:
+            ready = None
+            for _ in range(1200):
+                assert proc.poll() is None, log.read_text()
+                try:
+                    ready = client.get("/readyz", extensions={"sni_hostname": host})
+                    if ready.status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.05)
+            assert ready is not None and ready.status_code == 200, log.read_text()
+            assert ready.json() == {"status": "ready", "nodes": 1, "namespaces": 0}
+        finally:
+            client.close()
+    finally:
+        proc.terminate()
+        assert proc.wait(30) == -signal.SIGTERM
+        fake.stop()
+    messages = [json.loads(line)["message"] for line in log.read_text().splitlines()]
+    assert "created certificate Secret mc-system/mc-serving" in messages
+    assert "published the caBundle in the mutating webhook configuration mc.hooks" in messages
+    assert "published the caBundle in the validating webhook configuration mc.hooks" in messages
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("MODEL_CACHE_NAMESPACE", "Model_Cache", "'Model_Cache' is not a DNS label (at most 63 lower case letters, digits and '-', e.g. model-cache)"),
+        ("MODEL_CACHE_SERVICE_NAME", "a.b", "'a.b' is not a DNS label (at most 63 lower case letters, digits and '-', e.g. model-cache)"),
+        ("MODEL_CACHE_TLS_SECRET", "-tls", "'-tls' is not a DNS subdomain name (lower case letters, digits, '-' and '.', e.g. model-cache-tls)"),
+        ("MODEL_CACHE_WEBHOOK_CONFIGURATION", "x" * 254, f"'{'x' * 254}' is not a DNS subdomain name (lower case letters, digits, '-' and '.', e.g. model-cache-tls)"),
+        ("MODEL_CACHE_MANAGE_CERTS", "perhaps", "Input should be a valid boolean, unable to interpret input"),
+    ],
+    ids=["namespace", "service", "secret", "configuration-too-long", "manage-certs"],
+)
+def test_bad_certificate_settings_stop_serve(tmp_path, env, capsys, monkeypatch, name, value, message):
+    monkeypatch.setenv(name, value)
+    assert main(["serve", "--tls-cert", "x", "--tls-key", "y", "--nodes-file", "z"]) == 2
+    assert capsys.readouterr().err == f"model-cache-webhook: invalid model-cache settings: {name}: {message}\n"
+
+
+def test_certificate_settings_default_to_the_manifests_names(monkeypatch):
+    for name in [n for n in os.environ if n.startswith("MODEL_CACHE_")]:
+        monkeypatch.delenv(name)
+    s = load_settings()
+    assert (s.manage_certs, s.namespace, s.tls_secret, s.service_name, s.webhook_configuration) == (
+        False, "model-cache-system", "model-cache-tls", "model-cache", "model-cache"
+    )
+    assert load_settings(manage_certs="true").manage_certs is True

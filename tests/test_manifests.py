@@ -547,23 +547,12 @@ def test_settings(kid, expected):
     assert settings(kid) == expected
 
 
-# Settings the manifests pass for self-managed certificates (issue 4) that webhook/config.py does not define yet.
-# MODEL_CACHE_NAMESPACE comes from the downward API.
-CERT_SETTINGS = {
-    "MODEL_CACHE_MANAGE_CERTS",
-    "MODEL_CACHE_TLS_SECRET",
-    "MODEL_CACHE_SERVICE_NAME",
-    "MODEL_CACHE_WEBHOOK_CONFIGURATION",
-    "MODEL_CACHE_NAMESPACE",
-}
-
-
 @pytest.mark.parametrize("kid", INSTALLS)
 def test_settings_are_known_to_the_webhook(kid):
     # Settings ignores unknown MODEL_CACHE_* variables, so a misspelt name here would silently do nothing.
     names = {name for name in settings(kid) if name.startswith("MODEL_CACHE_")}
     fields = {f"MODEL_CACHE_{field.upper()}" for field in Settings.model_fields}
-    assert names - fields <= CERT_SETTINGS
+    assert names - fields == set()
 
 
 @pytest.mark.parametrize("kid", INSTALLS)

@@ -89,12 +89,12 @@ CERT_RECONCILE_SECONDS = 600.0
 def _self_managed(settings: Any):
     """The self-managed certificate settings, or None when certificates come from outside.
 
-    MODEL_CACHE_MANAGE_CERTS, _TLS_SECRET, _SERVICE_NAME, _WEBHOOK_CONFIGURATION and _NAMESPACE (see
-    manifests/base) are Settings fields; absent fields mean self-management is off.
+    From MODEL_CACHE_MANAGE_CERTS, _TLS_SECRET, _SERVICE_NAME, _WEBHOOK_CONFIGURATION and _NAMESPACE (see
+    manifests/base; the namespace comes from the downward API).
     """
     from webhook import certs
 
-    if not getattr(settings, "manage_certs", False):
+    if not settings.manage_certs:
         return None
     return certs.SelfManaged(
         namespace=settings.namespace,

@@ -42,6 +42,8 @@ _SUFFIX = {
 }
 _VERSION = re.compile(r"^[0-9]+\.[0-9]+$")
 _HOST_PORT = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*(:[0-9]{1,5})?$|^\[[0-9a-f:.]+\](:[0-9]{1,5})?$")
+_DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*$")
 _REPO_PREFIX = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*$")
 
 
@@ -87,6 +89,15 @@ class Settings(BaseSettings):
     loader_run_as_user: int = Field(default=65532, ge=1, le=2**31 - 1)
     image_volume_min_crio: str = "1.33"
     image_volume_min_kubelet: str = "1.35"
+    # Self-managed certificates (see webhook/certs.py): on, the webhook keeps its CA and serving certificate in
+    # Secret ``tls_secret`` of ``namespace`` (SANs from ``service_name``) and patches the caBundle into the
+    # Mutating- and ValidatingWebhookConfiguration named ``webhook_configuration``. Off when certificates come
+    # from outside (certs/generate.sh, cert-manager).
+    manage_certs: bool = False
+    tls_secret: str = "model-cache-tls"
+    service_name: str = "model-cache"
+    webhook_configuration: str = "model-cache"
+    namespace: str = "model-cache-system"
 
     @field_validator("loader_image")
     @classmethod
@@ -123,6 +134,22 @@ class Settings(BaseSettings):
     @classmethod
     def _version(cls, v: str) -> str:
         parse_version(v)
+        return v
+
+    @field_validator("tls_secret", "webhook_configuration")
+    @classmethod
+    def _subdomain(cls, v: str) -> str:
+        # Secret and webhook configuration names are DNS subdomains (RFC 1123), at most 253 characters.
+        if len(v) > 253 or not _DNS_SUBDOMAIN.fullmatch(v):
+            raise ValueError(f"{v!r} is not a DNS subdomain name (lower case letters, digits, '-' and '.', e.g. model-cache-tls)")
+        return v
+
+    @field_validator("service_name", "namespace")
+    @classmethod
+    def _label(cls, v: str) -> str:
+        # Services and namespaces are DNS labels (RFC 1123), at most 63 characters; they also become certificate SANs.
+        if len(v) > 63 or not _DNS_LABEL.fullmatch(v):
+            raise ValueError(f"{v!r} is not a DNS label (at most 63 lower case letters, digits and '-', e.g. model-cache)")
         return v
 
     @field_validator("allowed_registries", mode="before")
