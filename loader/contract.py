@@ -23,6 +23,7 @@ FLAG_PLAIN_HTTP = "--plain-http"
 FLAG_INSECURE = "--insecure-skip-tls-verify"
 FLAG_MIRROR = "--mirror"
 FLAG_OFFLINE = "--offline"
+FLAG_CHECK_ACCESS = "--check-access"  # HEAD the registry even for a cached digest (shared caches)
 
 # --- cache layout (relative to the cache root) ------------------------------------------------------------------
 BLOBS_DIR = "blobs/sha256"  # verified blobs, read-only, named by hex digest

@@ -34,6 +34,9 @@ class PullOptions:
     timeout: float = 30.0
     progress: str = "auto"
     progress_interval: float = 5.0
+    # Ask the registry even for a cached digest, so a pod on a shared node cache cannot read a private model
+    # it has no credentials for just by knowing its digest. An unreachable registry still falls back to the cache.
+    check_access: bool = False
 
 
 @dataclass
@@ -75,8 +78,8 @@ def _pull(ref: Reference, cache: Cache, opts: PullOptions, log, t0: float) -> Pu
         log.info("pull.hit", ref=label, digest=model.digest, path=res.path, seconds=round(res.seconds, 3))
         return res
 
-    # A digest names immutable content: a cached copy needs no network at all.
-    if ref.digest:
+    # A digest names immutable content: a cached copy needs no network at all (unless access is to be proven).
+    if ref.digest and (opts.offline or not opts.check_access):
         model = cache.lookup_digest(ref.digest)
         if model:
             return hit(model)
@@ -94,18 +97,20 @@ def _pull(ref: Reference, cache: Cache, opts: PullOptions, log, t0: float) -> Pu
 
 def _pull_online(ref: Reference, client: RegistryClient, cache: Cache, opts: PullOptions, log, t0: float, hit):
     label = str(ref)
-    if not ref.digest:
-        # One HEAD re-checks the tag and proves these credentials may read it.
+    cached_digest = cache.lookup_digest(ref.digest) if ref.digest else None
+    if not ref.digest or cached_digest:
+        # One HEAD re-checks the tag (or, with check_access, the cached digest) and proves these credentials may
+        # read it.
         try:
             head = _retrying(lambda: client.head_manifest(ref.reference), log, label)
         except NetworkError as exc:
-            model = cache.lookup_ref(ref)
+            model = cached_digest or cache.lookup_ref(ref)
             if model is None:
                 raise
             msg = f"registry {ref.registry} unreachable ({exc}); using the cached copy {model.digest}"
             log.warning("pull.registry_unreachable", ref=label, digest=model.digest, error=str(exc))
             return hit(model, [msg])
-        model = cache.lookup_digest(head.digest)
+        model = cached_digest or cache.lookup_digest(head.digest)
         if model:
             return hit(model)
         digest = head.digest

@@ -146,3 +146,31 @@ def test_cli_reads_pull_secret_mount_and_docker_config_env(token_registry, tmp_p
                          env={**os.environ, "HOME": str(tmp_path), "DOCKER_CONFIG": str(tmp_path / "none")})
     assert out.returncode == 3, out.stderr
     assert "refused access" in out.stderr and "imagePullSecrets" in out.stderr and USERS["alice"] not in out.stderr
+
+
+def test_check_access_refuses_a_cached_private_digest_without_credentials(token_registry, tmp_path):
+    """On a shared node cache, knowing a digest must not be enough to read a private model."""
+    reg = token_registry
+    creds = load_docker_configs([str(docker_config(tmp_path, reg.host, "alice", USERS["alice"]))], {})
+    first, _ = run(f"{reg.host}/private/model:v1", tmp_path / "c", creds)
+    by_digest = f"{reg.host}/private/model@{first.digest}"
+    open_hit, _ = run(by_digest, tmp_path / "c", None)  # default: a cached digest needs no network
+    assert open_hit.cache_hit
+    with pytest.raises(AuthError):
+        run(by_digest, tmp_path / "c", None, check_access=True)
+    ok, _ = run(by_digest, tmp_path / "c", creds, check_access=True)
+    assert ok.cache_hit and ok.path == first.path
+
+
+def test_check_access_with_registry_down_still_uses_the_cache(tmp_path):
+    from tests.support.registry import start_registry
+
+    reg = start_registry()
+    try:
+        d = Pusher(reg.url).push_artifact("m/x", "v1", [file_layer("w", b"1")])
+        run(f"{reg.host}/m/x@{d}", tmp_path, None)
+        reg.stop()
+        res, log = run(f"{reg.host}/m/x@{d}", tmp_path, None, check_access=True)
+        assert res.cache_hit and "unreachable" in res.warnings[0] and "event=pull.registry_unreachable" in log
+    finally:
+        reg.cleanup()

@@ -22,6 +22,9 @@ def add_parser(sub, settings: LoaderSettings) -> None:
     p.add_argument(contract.FLAG_MIRROR, action="append", default=[], metavar="HOST=URL",
                    help="try URL first for registry HOST, then the registry itself (repeatable)")
     p.add_argument(contract.FLAG_OFFLINE, action="store_true", help="never touch the network; use the cache only")
+    p.add_argument(contract.FLAG_CHECK_ACCESS, action="store_true",
+                   help="prove these credentials may read a digest even when it is cached (shared node caches);"
+                        " an unreachable registry still falls back to the cache")
     p.add_argument(contract.FLAG_OUTPUT, choices=["text", "json"], default="text")
     p.add_argument("--progress", choices=["auto", "bar", "log", "none"], default=settings.progress)
 
@@ -41,6 +44,7 @@ def run(args, settings: LoaderSettings, log) -> int:
         timeout=args.timeout,
         progress=args.progress,
         progress_interval=settings.progress_interval,
+        check_access=args.check_access,
     )
     results = []
     for ref in args.refs:
