@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import copy
 import json
+import sys
 from typing import Any
 
 import jsonpatch
@@ -109,6 +110,7 @@ def test_generate_name_pod_in_restricted_namespace_gets_the_whole_patch():
         "allowed": True,
         "patchType": "JSONPatch",
         "warnings": [warning],
+        "auditAnnotations": {"mode": "init-container"},
     }
     loader = {
         "name": "model-loader",
@@ -215,11 +217,10 @@ def _deep(n: int) -> Any:
          " Input should be a valid string"),
         (review({**pod(), "metadata": {"annotations": {ann.REF: ["a"]}}}),
          "request.object.metadata.annotations.model.cache/ref: Input should be a valid string"),
-        (review({**pod(), "spec": {"x": _deep(70), "containers": []}}), "the AdmissionReview is nested more than 64 levels deep"),
     ],
     ids=[
         "not-an-object", "v1beta1", "no-request", "uid-not-string", "bad-operation", "object-not-object",
-        "create-without-object", "containers-not-list", "several-bad-fields", "annotation-not-string", "too-deep",
+        "create-without-object", "containers-not-list", "several-bad-fields", "annotation-not-string",
     ],
 )
 def test_malformed_reviews(body, message):
@@ -227,6 +228,39 @@ def test_malformed_reviews(body, message):
         with pytest.raises(MalformedReview) as e:
             review_fn(body, SNAPSHOT, SETTINGS)
         assert str(e.value) == message
+
+
+def test_deep_fields_the_decision_does_not_read_cost_nothing_and_change_nothing():
+    # Reviews are not walked whole: a deep field the decision never reads (JSON parsing bounds the depth) is
+    # carried along untouched, and the answer is the one for the pod without it.
+    plain = mutate_review(review(pod(nodeSelector={"pool": "crio"})), SNAPSHOT, SETTINGS)
+    deep_pod = pod(nodeSelector={"pool": "crio"})
+    deep_pod["spec"]["x"] = _deep(500)
+    assert mutate_review(review(deep_pod), SNAPSHOT, SETTINGS) == plain
+    assert "patch" in plain["response"]
+
+
+def test_nesting_too_deep_for_the_interpreter_is_a_malformed_review():
+    # The one place a review compares user subtrees: an UPDATE denied for a problem the old template already had.
+    # Two equal, separately built trees deeper than the recursion limit make that comparison run out of stack.
+    def deployment() -> dict[str, Any]:
+        template = pod({ann.MODE: "turbo"})
+        template["spec"]["x"] = _deep(sys.getrecursionlimit() + 50)
+        return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "d", "namespace": "open"},
+                "spec": {"template": {"metadata": template["metadata"], "spec": template["spec"]}}}
+
+    body = review(deployment(), kind="Deployment", operation="UPDATE")
+    body["request"]["oldObject"] = deployment()
+    with pytest.raises(MalformedReview) as e:
+        validate_review(body, SNAPSHOT, SETTINGS)
+    assert str(e.value) == "the AdmissionReview is nested too deeply"
+
+
+def test_the_preview_refuses_documents_nested_deeper_than_it_writes_back():
+    deep = {**pod(), "spec": {"x": _deep(70), "containers": []}}
+    with pytest.raises(MalformedReview) as e:
+        mutate_object(deep, None, SNAPSHOT, SETTINGS)
+    assert str(e.value) == "the object is nested more than 64 levels deep"
 
 
 # --- validate_review -----------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import jsonpatch
 import pytest
@@ -85,3 +86,47 @@ def test_any_two_objects_round_trip(before, after):
     assert before == original
     assert result == after
     assert all(op["op"] in ("add", "remove", "replace") for op in ops)
+
+
+# --- the copy-on-write applier agrees with jsonpatch -------------------------------------------------------------
+
+def _canonical(value) -> str:
+    return json.dumps(value, sort_keys=True)  # unlike ==, tells True from 1
+
+
+tokens = st.sampled_from(["a", "b", "a/b", "~", "", "0", "1", "2", "5", "01", "-1", "x"])
+pointers = st.lists(tokens, max_size=3).map(lambda parts: "".join("/" + patch._escape(p) for p in parts))
+random_ops = st.lists(
+    st.one_of(
+        st.builds(lambda p, v: {"op": "add", "path": p, "value": v}, pointers | pointers.map(lambda p: p + "/-"), json_values),
+        st.builds(lambda p: {"op": "remove", "path": p}, pointers),
+        st.builds(lambda p, v: {"op": "replace", "path": p, "value": v}, pointers, json_values),
+    ),
+    max_size=4,
+)
+
+
+@given(json_objects, random_ops)
+@settings(max_examples=600, deadline=None)
+def test_apply_patch_agrees_with_jsonpatch_and_never_changes_its_input(doc, ops):
+    original = copy.deepcopy(doc)
+    try:
+        expected = jsonpatch.apply_patch(copy.deepcopy(doc), copy.deepcopy(ops))
+    except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException):
+        with pytest.raises(ValueError):
+            patch.apply_patch(doc, ops)
+        assert not applies(doc, ops, doc)
+    else:
+        result = patch.apply_patch(doc, ops)
+        assert _canonical(result) == _canonical(expected)
+        assert applies(doc, ops, expected)
+    assert _canonical(doc) == _canonical(original)
+
+
+@given(json_objects, json_objects)
+@settings(max_examples=200, deadline=None)
+def test_applies_is_exact(before, after):
+    ops = make_patch(before, after)
+    assert applies(before, ops, after)
+    if _canonical(before) != _canonical(after):
+        assert not applies(before, [], after)

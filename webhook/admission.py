@@ -16,8 +16,9 @@ Pod, a workload's pod template, or each item of a List.
 from __future__ import annotations
 
 import base64
+import functools
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,12 +28,12 @@ from webhook import annotations as ann
 from webhook.config import Settings
 from webhook.errors import Denied, MalformedReview
 from webhook.models import (
+    ADMISSION_API_VERSION,
+    ADMISSION_KIND,
+    POD_SHAPE,
     AdmissionResponse,
     AdmissionReview,
     AdmissionReviewResponse,
-    PodShape,
-    PodTemplateShape,
-    Status,
     shape_error,
 )
 from webhook.mutate import mutate_pod
@@ -41,7 +42,9 @@ from webhook.snapshot import Snapshot
 
 DENIED_CODE = 403
 WARNING_LIMIT = 256
-MAX_DEPTH = 64  # real pods nest ~15 levels; deeper bodies would only exercise recursion limits
+MAX_DEPTH = 64  # real pods nest ~15 levels; deeper documents would only exercise recursion limits
+#: The response's audit annotation with the path a mutated pod got (the audit log shows ``pods.model.cache/mode``).
+AUDIT_MODE = "mode"
 
 #: Where each kind keeps its pod template (None: the object is the pod).
 TEMPLATE_PATHS: dict[str, tuple[str, ...] | None] = {
@@ -73,7 +76,8 @@ class Decision:
 
 
 def _check_depth(value: Any, where: str) -> None:
-    # Iterative, so a hostile body cannot make this check itself hit the recursion limit.
+    # For the preview's YAML documents, which yaml.safe_dump writes back recursively. Iterative, so a hostile
+    # document cannot make this check itself hit the recursion limit. Reviews skip it: see _bounded.
     level = [value] if isinstance(value, (dict, list)) else []
     depth = 0
     while level:
@@ -92,33 +96,34 @@ def parse_review(body: Any) -> AdmissionReview:
     """The review envelope, or MalformedReview naming the first bad fields."""
     if not isinstance(body, dict):
         raise MalformedReview(f"the body must be a JSON object (an AdmissionReview), not {type(body).__name__}")
-    _check_depth(body, "the AdmissionReview")
     try:
         return AdmissionReview.model_validate(body)
     except ValidationError as exc:
         raise MalformedReview(f"not an admission.k8s.io/v1 AdmissionReview: {shape_error(exc, '')}") from exc
 
 
-def _check_shape(obj: Mapping[str, Any], where: str, template: bool = False) -> None:
+def _check_shape(obj: Mapping[str, Any], where: str) -> None:
     try:
-        (PodTemplateShape if template else PodShape).model_validate(obj)
+        POD_SHAPE.validate_python(obj)
     except ValidationError as exc:
         raise MalformedReview(shape_error(exc, where)) from exc
 
 
 def _respond(
     uid: str, allowed: bool = True, ops: list[dict[str, Any]] | None = None, warnings: tuple[str, ...] | list[str] = (),
-    message: str | None = None,
-) -> dict[str, Any]:
-    response = AdmissionResponse(
-        uid=uid,
-        allowed=allowed,
-        patch=base64.b64encode(json.dumps(ops, separators=(",", ":")).encode()).decode() if ops else None,
-        patch_type="JSONPatch" if ops else None,
-        warnings=[_short(w) for w in warnings] or None,
-        status=Status(code=DENIED_CODE, reason="Forbidden", message=message) if message is not None else None,
-    )
-    return AdmissionReviewResponse(response=response).wire()
+    message: str | None = None, mode: str | None = None,
+) -> AdmissionReviewResponse:
+    response: AdmissionResponse = {"uid": uid, "allowed": allowed}
+    if ops:
+        response["patch"] = base64.b64encode(json.dumps(ops, separators=(",", ":")).encode()).decode()
+        response["patchType"] = "JSONPatch"
+    if warnings:
+        response["warnings"] = [_short(w) for w in warnings]
+    if message is not None:
+        response["status"] = {"code": DENIED_CODE, "reason": "Forbidden", "message": message}
+    if mode is not None:
+        response["auditAnnotations"] = {AUDIT_MODE: mode}
+    return {"apiVersion": ADMISSION_API_VERSION, "kind": ADMISSION_KIND, "response": response}
 
 
 def _short(warning: str) -> str:
@@ -135,10 +140,31 @@ def _labels(snapshot: Snapshot, namespace: str) -> Mapping[str, str] | None:
     return snapshot.namespaces.get(namespace) if namespace else None
 
 
+def _bounded(review_fn: Callable[[Any, Snapshot, Settings], AdmissionReviewResponse]):
+    """A review function for which nesting too deep for the interpreter is a malformed review, not a crash.
+
+    Reviews are not walked whole up front (that walk cost as much as parsing the JSON): the decision reads a
+    few fields of fixed depth, the patch touches only what the injectors built, and JSON parsing has its own
+    limit (the app maps its RecursionError to 400). What is left is a comparison of user subtrees (an UPDATE's
+    old and new pod templates), which on a body just under the parser's limit could run out of stack; that too
+    is the client's malformed input.
+    """
+
+    @functools.wraps(review_fn)
+    def review(body: Any, snapshot: Snapshot, settings: Settings) -> AdmissionReviewResponse:
+        try:
+            return review_fn(body, snapshot, settings)
+        except RecursionError as exc:
+            raise MalformedReview("the AdmissionReview is nested too deeply") from exc
+
+    return review
+
+
 # --- the two reviews ---------------------------------------------------------------------------------------------
 
 
-def mutate_review(body: Any, snapshot: Snapshot, settings: Settings) -> dict[str, Any]:
+@_bounded
+def mutate_review(body: Any, snapshot: Snapshot, settings: Settings) -> AdmissionReviewResponse:
     """Answer a mutating AdmissionReview for a Pod: the patch that mounts its models, or a denial."""
     review = parse_review(body)
     req = review.request
@@ -153,8 +179,9 @@ def mutate_review(body: Any, snapshot: Snapshot, settings: Settings) -> dict[str
         outcome = mutate_pod(pod, namespace, _labels(snapshot, namespace), snapshot, settings)
     except Denied as exc:
         return _respond(req.uid, allowed=False, message=exc.message)
-    ops = make_patch(pod, outcome.pod) if outcome.mode is not None else []
-    return _respond(req.uid, ops=ops, warnings=outcome.warnings)
+    if outcome.mode is None:
+        return _respond(req.uid, warnings=outcome.warnings)
+    return _respond(req.uid, ops=make_patch(pod, outcome.pod), warnings=outcome.warnings, mode=outcome.mode)
 
 
 def _template_of(obj: Mapping[str, Any], kind: str, where: str) -> Mapping[str, Any] | None:
@@ -176,7 +203,8 @@ def _relevant(template: Mapping[str, Any]) -> tuple[Any, Any]:
     return {k: v for k, v in annotations.items() if k.startswith(ann.PREFIX)}, template.get("spec")
 
 
-def validate_review(body: Any, snapshot: Snapshot, settings: Settings) -> dict[str, Any]:
+@_bounded
+def validate_review(body: Any, snapshot: Snapshot, settings: Settings) -> AdmissionReviewResponse:
     """Answer a validating AdmissionReview for a Pod or workload: allowed (with warnings) or denied; never a patch.
 
     An UPDATE that leaves the template's model.cache annotations and spec unchanged is not denied for a problem it already had (say, the inventory
@@ -197,7 +225,7 @@ def validate_review(body: Any, snapshot: Snapshot, settings: Settings) -> dict[s
     template = _template_of(obj, kind, "request.object")
     if template is None:
         return _respond(req.uid)
-    _check_shape(template, "request.object" + "".join(f".{k}" for k in TEMPLATE_PATHS[kind] or ()), template=True)
+    _check_shape(template, "request.object" + "".join(f".{k}" for k in TEMPLATE_PATHS[kind] or ()))
     namespace = _namespace(req.namespace, obj)
     warnings: list[str] = []
     pod = {"metadata": template.get("metadata") or {}, "spec": template.get("spec") or {}}
@@ -253,7 +281,7 @@ def mutate_object(
     template = _template_of(obj, kind, kind)
     if template is None:
         return obj, [], [Decision(_ident(obj, kind), "unchanged", "no pod template")]
-    _check_shape(template, kind, template=kind != "Pod")
+    _check_shape(template, kind)
     namespace = _namespace(None, obj)
     pod = dict(template) if kind == "Pod" else {"metadata": template.get("metadata") or {}, "spec": template.get("spec") or {}}
     outcome = mutate_pod(pod, namespace, namespace_labels, snapshot, settings)

@@ -5,14 +5,18 @@ deliberately plain: it only emits ``add``, ``remove`` and ``replace``; lists are
 (which is how the webhook changes them: prepend an init container, append mounts, env vars and volumes) and
 replaced whole otherwise. Every patch is applied to ``before`` and compared with ``after``; if that ever fails,
 the patch falls back to whole-value operations on the changed top-level fields, which cannot be wrong.
+
+Cost: this runs on every admitted pod, so neither step walks what did not change. ``mutate_pod`` returns a pod
+that shares every untouched subtree with its input, the diff skips shared subtrees by identity, and the check
+applies the ops copy-on-write (copying only the dicts and lists along each op's path) before comparing with
+``after``, where the shared subtrees are again identical objects. A 16 KB pod costs tens of microseconds where a
+deep copy, ``jsonpatch.apply_patch`` and a full comparison cost over a millisecond (bench/admission.py).
 """
 
 from __future__ import annotations
 
-import json
+from operator import is_
 from typing import Any
-
-import jsonpatch
 
 Op = dict[str, Any]
 
@@ -28,34 +32,49 @@ def _same(a: Any, b: Any) -> bool:
     if type(a) is not type(b):
         return False
     if isinstance(a, dict):
-        return len(a) == len(b) and all(k in b and _same(v, b[k]) for k, v in a.items())
+        if a.keys() != b.keys():
+            return False
+        theirs = list(map(b.__getitem__, a))
+        # Most members are shared objects: a C-speed identity pass settles them before any call per member.
+        return all(map(is_, a.values(), theirs)) or all(map(_same, a.values(), theirs))
     if isinstance(a, list):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+        return len(a) == len(b) and (all(map(is_, a, b)) or all(map(_same, a, b)))
     return a == b
 
 
+def _common_prefix(a: list[Any], b: list[Any]) -> int:
+    """How many leading items of ``a`` and ``b`` are the same; identical objects are skipped at C speed."""
+    n = min(len(a), len(b))
+    identical = list(map(is_, a, b))
+    i = 0
+    while i < n:
+        try:
+            i = identical.index(False, i)
+        except ValueError:
+            return n
+        if not _same(a[i], b[i]):
+            return i
+        i += 1
+    return n
+
+
 def _diff(a: Any, b: Any, path: str, ops: list[Op]) -> None:
-    if _same(a, b):
+    if a is b:
         return
     if isinstance(a, dict) and isinstance(b, dict):
+        # No whole-dict comparison first: it would walk the subtrees the recursion below walks again.
         for key in a:
             if key not in b:
                 ops.append({"op": "remove", "path": f"{path}/{_escape(key)}"})
         for key, value in b.items():
-            sub = f"{path}/{_escape(key)}"
             if key not in a:
-                ops.append({"op": "add", "path": sub, "value": value})
-            else:
-                _diff(a[key], value, sub, ops)
+                ops.append({"op": "add", "path": f"{path}/{_escape(key)}", "value": value})
+            elif a[key] is not value:
+                _diff(a[key], value, f"{path}/{_escape(key)}", ops)
         return
     if isinstance(a, list) and isinstance(b, list):
-        n = min(len(a), len(b))
-        prefix = 0
-        while prefix < n and _same(a[prefix], b[prefix]):
-            prefix += 1
-        suffix = 0
-        while suffix < n - prefix and _same(a[len(a) - 1 - suffix], b[len(b) - 1 - suffix]):
-            suffix += 1
+        prefix = _common_prefix(a, b)
+        suffix = _common_prefix(a[prefix:][::-1], b[prefix:][::-1])
         mid_a, mid_b = a[prefix : len(a) - suffix], b[prefix : len(b) - suffix]
         if len(mid_a) == len(mid_b):
             for i, (x, y) in enumerate(zip(mid_a, mid_b)):
@@ -69,7 +88,8 @@ def _diff(a: Any, b: Any, path: str, ops: list[Op]) -> None:
         else:
             ops.append({"op": "replace", "path": path, "value": b})
         return
-    ops.append({"op": "replace", "path": path, "value": b})
+    if not _same(a, b):
+        ops.append({"op": "replace", "path": path, "value": b})
 
 
 def _top_level(before: dict[str, Any], after: dict[str, Any]) -> list[Op]:
@@ -85,27 +105,113 @@ def _top_level(before: dict[str, Any], after: dict[str, Any]) -> list[Op]:
     return ops
 
 
-def _copy(value: Any) -> Any:
-    # A deep copy of JSON data, several times faster than copy.deepcopy (no memo, no reduce protocol).
-    if isinstance(value, dict):
-        return {k: _copy(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_copy(v) for v in value]
-    return value
+# --- applying, copy-on-write ---------------------------------------------------------------------------------
 
 
-def _canonical(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=repr)
+class _Inapplicable(ValueError):
+    """An op that RFC 6902 says fails on this document (missing target, bad index, unknown op)."""
+
+
+def _index(token: str, size: int) -> int:
+    # RFC 6901: array indices are "0" or digits without a leading zero; range is checked by the caller.
+    if not token.isdigit() or not token.isascii() or (len(token) > 1 and token[0] == "0"):
+        raise _Inapplicable(f"{token!r} is not an array index")
+    i = int(token)
+    if i > size:
+        raise _Inapplicable(f"index {i} is out of range")
+    return i
+
+
+def _child(node: Any, token: str) -> Any:
+    if isinstance(node, dict):
+        if token not in node:
+            raise _Inapplicable(f"no member {token!r}")
+        return node[token]
+    if isinstance(node, list):
+        i = _index(token, len(node))
+        if i == len(node):
+            raise _Inapplicable(f"index {i} is out of range")
+        return node[i]
+    raise _Inapplicable("a path goes through a scalar")
+
+
+def _apply(doc: Any, op: Any, own: dict[int, Any]) -> Any:
+    """``doc`` with ``op`` applied. Containers in ``own`` (by id) were copied by this application and may be
+    edited in place; any other container on the op's path is copied first, so ``before`` and the op values are
+    never changed. ``own`` also keeps those copies alive, so their ids cannot be reused while it is in use."""
+    kind = op.get("op") if isinstance(op, dict) else None
+    path = op.get("path") if isinstance(op, dict) else None
+    if kind not in ("add", "remove", "replace") or not isinstance(path, str) or (kind != "remove" and "value" not in op):
+        raise _Inapplicable(f"unsupported op {op!r}")
+    if path == "":
+        if kind == "remove":
+            raise _Inapplicable("cannot remove the whole document")
+        return op["value"]
+    if not path.startswith("/"):
+        raise _Inapplicable(f"{path!r} is not a JSON pointer")
+    *parents, last = [t.replace("~1", "/").replace("~0", "~") for t in path[1:].split("/")]
+
+    def owned(node: Any) -> Any:
+        if id(node) in own:
+            return node
+        if isinstance(node, dict):
+            node = dict(node)
+        elif isinstance(node, list):
+            node = list(node)
+        else:
+            raise _Inapplicable("a path goes through a scalar")
+        own[id(node)] = node
+        return node
+
+    root = node = owned(doc)
+    for token in parents:
+        child = owned(_child(node, token))
+        if isinstance(node, dict):
+            node[token] = child
+        else:
+            node[int(token)] = child
+        node = child
+    if isinstance(node, dict):
+        if kind != "add" and last not in node:
+            raise _Inapplicable(f"no member {last!r} to {kind}")
+        if kind == "remove":
+            del node[last]
+        else:
+            node[last] = op["value"]
+    elif isinstance(node, list):
+        if kind == "add":
+            node.insert(len(node) if last == "-" else _index(last, len(node)), op["value"])
+        else:
+            i = _index(last, len(node))
+            if i == len(node):
+                raise _Inapplicable(f"index {i} is out of range")
+            if kind == "remove":
+                del node[i]
+            else:
+                node[i] = op["value"]
+    else:
+        raise _Inapplicable("the target's parent is a scalar")
+    return root
+
+
+def apply_patch(before: Any, ops: list[Op]) -> Any:
+    """``before`` with the RFC 6902 ``add``/``remove``/``replace`` ops applied; ValueError when one cannot be.
+
+    ``before`` is not changed: the result shares every subtree the ops did not touch with it."""
+    own: dict[int, Any] = {}
+    doc: Any = before
+    for op in ops:
+        doc = _apply(doc, op, own)
+    return doc
 
 
 def applies(before: dict[str, Any], ops: list[Op], after: dict[str, Any]) -> bool:
-    """True when applying ``ops`` to ``before`` yields exactly ``after``."""
+    """True when applying ``ops`` to ``before`` yields exactly ``after``. Comparing the copy-on-write result with
+    an ``after`` that shares the same untouched subtrees costs little more than the ops themselves."""
     try:
-        result = jsonpatch.apply_patch(_copy(before), ops, in_place=True)
-    except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException):
+        return _same(apply_patch(before, ops), after)
+    except _Inapplicable:
         return False
-    # == is C-speed but says True == 1; the canonical JSON texts tell those apart (also C-speed).
-    return result == after and _canonical(result) == _canonical(after)
 
 
 def make_patch(before: dict[str, Any], after: dict[str, Any]) -> list[Op]:
