@@ -19,6 +19,7 @@ a claim used as a cache must be writable by that uid (or by the pod's fsGroup).
 
 from __future__ import annotations
 
+import operator
 import posixpath
 import re
 from collections.abc import Mapping
@@ -43,6 +44,7 @@ DOCKER_CONFIG_FILE = "config.json"
 
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$")
 _NOT_DNS = re.compile(r"[^a-z0-9-]+")
+_NAME = operator.itemgetter("name")  # containers, env vars and volumes: a pod has hundreds of them
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,7 +165,7 @@ def _read_mount_path(annotations: Mapping[str, str], settings: Settings) -> str:
 
 
 def _container_names(spec: Mapping[str, Any], key: str) -> list[str]:
-    return [c["name"] for c in spec.get(key) or ()]
+    return list(map(_NAME, spec.get(key) or ()))
 
 
 def _read_containers(annotations: Mapping[str, str], spec: Mapping[str, Any]) -> tuple[str, ...]:
@@ -252,15 +254,16 @@ def _targets(spec: dict[str, Any], names: tuple[str, ...]) -> list[dict[str, Any
 
 
 def _check_mount_paths(targets: list[dict[str, Any]], plan: Plan) -> None:
+    model_at = {plan.path(model): model for model in plan.models}
     for container in targets:
         for mount in container.get("volumeMounts") or ():
-            for model in plan.models:
-                if posixpath.normpath(mount["mountPath"]) == plan.path(model):
-                    raise Denied(
-                        f"container {container['name']!r} already mounts volume {mount['name']!r} at"
-                        f" {plan.path(model)}, where model {model.name!r} would go; set {ann.MOUNT_PATH} to another"
-                        f" directory or rename the model with name=REF in {ann.REF}"
-                    )
+            model = model_at.get(posixpath.normpath(mount["mountPath"]))
+            if model is not None:
+                raise Denied(
+                    f"container {container['name']!r} already mounts volume {mount['name']!r} at"
+                    f" {plan.path(model)}, where model {model.name!r} would go; set {ann.MOUNT_PATH} to another"
+                    f" directory or rename the model with name=REF in {ann.REF}"
+                )
 
 
 # --- injectors ---------------------------------------------------------------------------------------------------
@@ -278,7 +281,7 @@ def _add_env(targets: list[dict[str, Any]], plan: Plan) -> list[str]:
     warnings = []
     for container in targets:
         env = list(container.get("env") or ())
-        have = {e["name"] for e in env}
+        have = set(map(_NAME, env))
         kept = [name for name, _ in wanted if name in have]
         if kept:
             warnings.append(
@@ -291,7 +294,7 @@ def _add_env(targets: list[dict[str, Any]], plan: Plan) -> list[str]:
 
 
 def _inject_image_volumes(spec: dict[str, Any], targets: list[dict[str, Any]], plan: Plan) -> None:
-    taken = {v["name"] for v in spec.get("volumes") or ()}
+    taken = set(map(_NAME, spec.get("volumes") or ()))
     volumes, mounts = [], []
     for model in plan.models:
         name = unique_name(MODEL_VOLUME + model.name, taken)
@@ -325,7 +328,7 @@ def _cache_volume(name: str, cache: str, claim: str | None, settings: Settings) 
 def _inject_loader(
     spec: dict[str, Any], targets: list[dict[str, Any]], plan: Plan, cache: str, settings: Settings
 ) -> None:
-    taken = {v["name"] for v in spec.get("volumes") or ()}
+    taken = set(map(_NAME, spec.get("volumes") or ()))
     cache_name = unique_name(CACHE_VOLUME, taken)
     volumes = [_cache_volume(cache_name, cache, plan.claim, settings)]
     loader_mounts = [{"name": cache_name, "mountPath": contract.CACHE_MOUNT}]
@@ -349,7 +352,7 @@ def _inject_loader(
         loader_mounts.append({"name": vol, "mountPath": directory, "readOnly": True})
         config_args += [contract.FLAG_DOCKER_CONFIG, posixpath.join(directory, DOCKER_CONFIG_FILE)]
 
-    container_names = {c["name"] for key in ("containers", "initContainers", "ephemeralContainers") for c in spec.get(key) or ()}
+    container_names = {name for key in ("containers", "initContainers", "ephemeralContainers") for name in map(_NAME, spec.get(key) or ())}
     refs = list(dict.fromkeys(str(m.ref) for m in plan.models))
     loader = {
         "name": unique_name(LOADER_NAME, container_names),

@@ -52,7 +52,8 @@ def _common_prefix(a: list[Any], b: list[Any]) -> int:
             i = identical.index(False, i)
         except ValueError:
             return n
-        if not _same(a[i], b[i]):
+        # != settles most differing items at C speed; only equal ones need the exact (True is not 1) check.
+        if a[i] != b[i] or not _same(a[i], b[i]):
             return i
         i += 1
     return n
@@ -122,16 +123,17 @@ def _index(token: str, size: int) -> int:
     return i
 
 
-def _child(node: Any, token: str) -> Any:
+def _slot(node: Any, token: str) -> Any:
+    """The key or index ``token`` names in ``node``, which must exist."""
     if isinstance(node, dict):
         if token not in node:
             raise _Inapplicable(f"no member {token!r}")
-        return node[token]
+        return token
     if isinstance(node, list):
         i = _index(token, len(node))
         if i == len(node):
             raise _Inapplicable(f"index {i} is out of range")
-        return node[i]
+        return i
     raise _Inapplicable("a path goes through a scalar")
 
 
@@ -149,28 +151,29 @@ def _apply(doc: Any, op: Any, own: dict[int, Any]) -> Any:
         return op["value"]
     if not path.startswith("/"):
         raise _Inapplicable(f"{path!r} is not a JSON pointer")
-    *parents, last = [t.replace("~1", "/").replace("~0", "~") for t in path[1:].split("/")]
+    tokens = path[1:].split("/")
+    if "~" in path:
+        tokens = [t.replace("~1", "/").replace("~0", "~") for t in tokens]
+    last = tokens.pop()
 
-    def owned(node: Any) -> Any:
-        if id(node) in own:
-            return node
-        if isinstance(node, dict):
-            node = dict(node)
-        elif isinstance(node, list):
-            node = list(node)
-        else:
-            raise _Inapplicable("a path goes through a scalar")
-        own[id(node)] = node
-        return node
-
-    root = node = owned(doc)
-    for token in parents:
-        child = owned(_child(node, token))
-        if isinstance(node, dict):
-            node[token] = child
-        else:
-            node[int(token)] = child
-        node = child
+    root = node = doc
+    parent, slot = None, None
+    for token in (None, *tokens):
+        if token is not None:
+            parent, slot = node, _slot(node, token)
+            node = node[slot]
+        if id(node) not in own:
+            if isinstance(node, dict):
+                node = dict(node)
+            elif isinstance(node, list):
+                node = list(node)
+            else:
+                raise _Inapplicable("a path goes through a scalar")
+            own[id(node)] = node
+            if parent is None:
+                root = node
+            else:
+                parent[slot] = node
     if isinstance(node, dict):
         if kind != "add" and last not in node:
             raise _Inapplicable(f"no member {last!r} to {kind}")
@@ -182,9 +185,7 @@ def _apply(doc: Any, op: Any, own: dict[int, Any]) -> Any:
         if kind == "add":
             node.insert(len(node) if last == "-" else _index(last, len(node)), op["value"])
         else:
-            i = _index(last, len(node))
-            if i == len(node):
-                raise _Inapplicable(f"index {i} is out of range")
+            i = _slot(node, last)
             if kind == "remove":
                 del node[i]
             else:
