@@ -18,6 +18,7 @@ import yaml
 from webhook import annotations as ann
 from webhook.config import Settings
 from webhook.errors import Denied
+from webhook.patch import applies, make_patch
 from webhook.mutate import mutate_pod, unique_name
 from webhook.snapshot import EMPTY, Snapshot, snapshot_from
 from tests.support.k8s_validate import assert_valid_pod
@@ -129,6 +130,16 @@ def test_idempotent_and_input_untouched(case):
     assert twice.pod == once.pod
     assert (twice.mode, twice.warnings) == (None, ())
     assert twice.reason == f"already mutated ({once.status})"
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_the_patch_turns_the_pod_into_the_mutated_pod(case):
+    # The webhook does not re-apply its patches per request: this is the round-trip check, on every fixture.
+    pod, snapshot, settings = case.inputs()
+    outcome = mutate_pod(pod, "ml", case.namespace_labels, snapshot, settings)
+    ops = make_patch(pod, outcome.pod)
+    assert applies(pod, ops, outcome.pod)
+    assert not [op for op in ops if op["op"] == "remove"]  # the injectors only add (or rewrite a list whole)
 
 
 def test_pod_without_ref_is_left_alone():

@@ -10,7 +10,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from webhook import patch
 from webhook.patch import applies, make_patch
 
 
@@ -44,29 +43,16 @@ from webhook.patch import applies, make_patch
 )
 def test_exact_ops(before, after, ops):
     assert make_patch(before, after) == ops
-    assert jsonpatch.apply_patch(before, ops) == after
-
-
-def test_falls_back_to_top_level_values_when_the_diff_is_wrong(monkeypatch):
-    def broken(a, b, path, ops):
-        ops.append({"op": "move", "from": "/spec/nothing", "path": "/spec/x"})
-
-    monkeypatch.setattr(patch, "_diff", broken)
-    before = {"metadata": {"name": "p"}, "spec": {"containers": []}, "status": {}}
-    after = {"metadata": {"name": "p", "annotations": {"k": "v"}}, "spec": {"containers": [], "volumes": []}, "kind": "Pod"}
-    ops = make_patch(before, after)
-    assert ops == [
-        {"op": "remove", "path": "/status"},
-        {"op": "replace", "path": "/metadata", "value": {"name": "p", "annotations": {"k": "v"}}},
-        {"op": "replace", "path": "/spec", "value": {"containers": [], "volumes": []}},
-        {"op": "add", "path": "/kind", "value": "Pod"},
-    ]
     assert applies(before, ops, after)
 
 
 def test_applies_reports_ops_that_fail():
     assert not applies({"a": 1}, [{"op": "remove", "path": "/b"}], {"a": 1})
     assert not applies({"a": 1}, [{"op": "replace", "path": "/a", "value": 3}], {"a": 2})
+
+
+def _canonical(value) -> str:
+    return json.dumps(value, sort_keys=True)  # unlike ==, tells True from 1
 
 
 json_values = st.recursive(
@@ -83,44 +69,9 @@ def test_any_two_objects_round_trip(before, after):
     ops = make_patch(before, after)
     original = copy.deepcopy(before)
     result = jsonpatch.apply_patch(before, ops)
-    assert before == original
-    assert result == after
+    assert _canonical(before) == _canonical(original)
+    assert _canonical(result) == _canonical(after)
     assert all(op["op"] in ("add", "remove", "replace") for op in ops)
-
-
-# --- the copy-on-write applier agrees with jsonpatch -------------------------------------------------------------
-
-def _canonical(value) -> str:
-    return json.dumps(value, sort_keys=True)  # unlike ==, tells True from 1
-
-
-tokens = st.sampled_from(["a", "b", "a/b", "~", "", "0", "1", "2", "5", "01", "-1", "x"])
-pointers = st.lists(tokens, max_size=3).map(lambda parts: "".join("/" + patch._escape(p) for p in parts))
-random_ops = st.lists(
-    st.one_of(
-        st.builds(lambda p, v: {"op": "add", "path": p, "value": v}, pointers | pointers.map(lambda p: p + "/-"), json_values),
-        st.builds(lambda p: {"op": "remove", "path": p}, pointers),
-        st.builds(lambda p, v: {"op": "replace", "path": p, "value": v}, pointers, json_values),
-    ),
-    max_size=4,
-)
-
-
-@given(json_objects, random_ops)
-@settings(max_examples=600, deadline=None)
-def test_apply_patch_agrees_with_jsonpatch_and_never_changes_its_input(doc, ops):
-    original = copy.deepcopy(doc)
-    try:
-        expected = jsonpatch.apply_patch(copy.deepcopy(doc), copy.deepcopy(ops))
-    except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException):
-        with pytest.raises(ValueError):
-            patch.apply_patch(doc, ops)
-        assert not applies(doc, ops, doc)
-    else:
-        result = patch.apply_patch(doc, ops)
-        assert _canonical(result) == _canonical(expected)
-        assert applies(doc, ops, expected)
-    assert _canonical(doc) == _canonical(original)
 
 
 @given(json_objects, json_objects)
