@@ -7,7 +7,13 @@ instead of in ReplicaSet events. Both read only their arguments: the inventory s
 
 Errors: a body that is not a well-formed AdmissionReview v1 raises ``MalformedReview`` (the app answers 400); a
 policy denial is a normal response with ``allowed: false``, status code 403 and a message that names the
-annotation, the value and the fix. Nothing else escapes for any client input (property-tested).
+annotation, the value and the fix. Nothing else escapes for any client input (property-tested). A mutated pod's
+response also carries ``auditAnnotations: {"mode": ...}`` (the audit log shows ``pods.model.cache/mode``; the
+metrics read it too).
+
+Speed (bench/admission.py): the review reads only the envelope, the shape of the fields the decision uses and
+those fields; the new pod shares every untouched subtree with the submitted one, so the patch walks only what
+changed. Nothing walks the whole body per request.
 
 ``mutate_object`` and ``decide`` serve the ``model-cache-webhook mutate -f FILE`` preview: the same mutation on a
 Pod, a workload's pod template, or each item of a List.

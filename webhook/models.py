@@ -1,9 +1,10 @@
 """Wire formats: the AdmissionReview v1 envelope, and the shape of the parts of a pod the webhook reads.
 
-The envelope is a pydantic model with camelCase aliases. The pod itself stays the plain dict it arrived as (the
-patch is computed against a deep copy of it, so fields no model here knows are never dropped); the ``*Shape``
-shapes only *check* that the fields the decision reads have the types the code expects, so a body whose
-``containers`` is a string is a 400 with the path of the bad field, never a 500.
+The request envelope is a pydantic model with camelCase aliases; the response is typed as TypedDicts and built as
+plain dicts. The pod itself stays the plain dict it arrived as (the patch is computed against it, so fields no
+model here knows are never dropped); the ``*Shape`` types only *check* that the fields the decision reads have
+the types the code expects, so a body whose ``containers`` is a string is a 400 with the path of the bad field,
+never a 500.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """Pure: read a pod's model.cache annotations into a plan, and rewrite the pod so the models are mounted.
 
 ``mutate_pod(pod, namespace_labels, snapshot, settings)`` returns an ``Outcome`` (the new pod, warnings, the
-mode and the reason) or raises ``Denied``. It never changes its argument: it works on a deep copy of the raw dict,
-so the patch computed from the two touches only what the injectors touched.
+mode and the reason) or raises ``Denied``. It never changes its argument: the new pod copies only the dicts and
+lists the injectors change and shares everything else with the input, so the patch computed from the two touches
+only what the injectors touched, and finding it skips the shared subtrees by identity.
 
 The injectors are small and each does one thing: the model volumes (image mode) or the cache and pull-secret
 volumes plus the loader init container (init mode), the read-only mounts, the environment variables, and the

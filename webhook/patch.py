@@ -17,12 +17,14 @@ subtrees by identity, so it walks only the few paths the injectors changed.
 
 from __future__ import annotations
 
-from operator import is_
+from itertools import compress, repeat
+from operator import is_, is_not
 from typing import Any
 
 import jsonpatch
 
 Op = dict[str, Any]
+_ABSENT = object()
 
 
 def _escape(token: str) -> str:
@@ -67,14 +69,17 @@ def _diff(a: Any, b: Any, path: str, ops: list[Op]) -> None:
     if a is b:
         return
     if isinstance(a, dict) and isinstance(b, dict):
-        # No whole-dict comparison first: it would walk the subtrees the recursion below walks again.
-        for key in a:
-            if key not in b:
-                ops.append({"op": "remove", "path": f"{path}/{_escape(key)}"})
-        for key, value in b.items():
+        # No whole-dict comparison first: it would walk the subtrees the recursion below walks again. The members
+        # that are the same object in both (nearly all of them) are filtered out at C speed.
+        if not a.keys() <= b.keys():
+            for key in a:
+                if key not in b:
+                    ops.append({"op": "remove", "path": f"{path}/{_escape(key)}"})
+        for key in compress(b, map(is_not, map(a.get, b, repeat(_ABSENT)), b.values())):
+            value = b[key]
             if key not in a:
                 ops.append({"op": "add", "path": f"{path}/{_escape(key)}", "value": value})
-            elif a[key] is not value:
+            else:
                 _diff(a[key], value, f"{path}/{_escape(key)}", ops)
         return
     if isinstance(a, list) and isinstance(b, list):
