@@ -85,6 +85,10 @@ class Settings(BaseSettings):
     loader_memory_request: str = "256Mi"
     loader_memory_limit: str = "512Mi"
     loader_concurrency: int = Field(default=8, ge=1, le=256)
+    # On a shared cache (node hostPath, pvc:) the loader asks the registry even for an already cached digest, so
+    # a pod cannot read another tenant's private model just by knowing its digest. Costs one manifest HEAD per
+    # pod start; a registry outage still falls back to the cache. Off only for single-tenant clusters.
+    loader_check_access: bool = True
     allowed_registries: Annotated[list[str], NoDecode] = Field(default_factory=list)
     loader_run_as_user: int = Field(default=65532, ge=1, le=2**31 - 1)
     image_volume_min_crio: str = "1.33"

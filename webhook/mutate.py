@@ -369,6 +369,7 @@ def _inject_loader(
             LOADER_OUTPUT,
             contract.FLAG_CONCURRENCY,
             str(settings.loader_concurrency),
+            *([contract.FLAG_CHECK_ACCESS] if settings.loader_check_access and cache != ann.CACHE_POD else []),
             *config_args,
         ],
         "resources": {
