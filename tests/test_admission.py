@@ -523,10 +523,13 @@ def test_any_annotations_answer_and_patches_apply(annotations, status, variant, 
     validate_review(review(p, namespace=namespace), SNAPSHOT, cfg)
 
 
+def _containers(children):
+    # Named, not a lambda: see tests/test_patch.py.
+    return st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children, max_size=3)
+
+
 JSON = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
-    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children, max_size=3),
-    max_leaves=10,
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8), _containers, max_leaves=10
 )
 
 

@@ -409,10 +409,13 @@ def test_a_rotated_certificate_is_served_on_new_connections_without_a_restart(se
 from hypothesis import HealthCheck, given, settings as hyp_settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
+def _containers(inner):
+    # Named, not a lambda: see tests/test_patch.py.
+    return st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4)
+
+
 _json = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
-    max_leaves=25,
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20), _containers, max_leaves=25
 )
 
 
