@@ -564,7 +564,8 @@ def push_auth_error(ref: Reference, exc: AuthError) -> AuthError:
 
 def _push(ref: Reference, files, specs, total, warnings, mount_from, opts: PushOptions, log, t0) -> PushResult:
     with RegistryClient(ref, plain_http=opts.plain_http, insecure=opts.insecure, credentials=opts.credentials,
-                        timeout=opts.timeout, log=log, actions="pull,push") as client, \
+                        timeout=opts.timeout, log=log, actions="pull,push",
+                        extra_scopes=(f"repository:{mount_from}:pull",) if mount_from else ()) as client, \
             tempfile.TemporaryDirectory(prefix="model-loader-push-") as tmp, \
             Progress(log, str(ref), total, mode=opts.progress, interval=opts.progress_interval) as prog:
         stop = threading.Event()

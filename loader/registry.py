@@ -129,10 +129,12 @@ class RegistryClient:
         timeout: float = 30.0,
         log=None,
         actions: str = "pull",  # token scope actions: "pull,push" for push and import --to
+        extra_scopes: tuple[str, ...] = (),  # e.g. pull on a cross-repository mount's source repository
     ):
         self.ref = ref
         self.repo = ref.repository
         self.actions = actions
+        self.extra_scopes = tuple(extra_scopes)
         scheme = "http" if (plain_http if plain_http is not None else ref.is_loopback) else "https"
         self.upstream = Endpoint(scheme, ref.endpoint_host)
         self.mirrors = [_mirror_endpoint(m, ref.registry) for m in mirrors]
@@ -167,8 +169,15 @@ class RegistryClient:
 
     # ----------------------------------------------------------------------------------------------- public
     @property
+    def scopes(self) -> tuple[str, ...]:
+        # One token for all of them: a cross-repository mount needs push on this repository and pull on the
+        # source in the same token, or a token registry answers the mount with a plain upload session.
+        return (f"repository:{self.repo}:{self.actions}", *self.extra_scopes)
+
+    @property
     def scope(self) -> str:
-        return f"repository:{self.repo}:{self.actions}"
+        """The token cache key: every scope asked for, space-separated as OAuth2 writes a scope list."""
+        return " ".join(self.scopes)
 
     def head_manifest(self, reference: str) -> Manifest:
         resp, _ = self._with_endpoints("HEAD", f"/v2/{self.repo}/manifests/{reference}", {"Accept": ", ".join(MANIFEST_TYPES)})
@@ -369,16 +378,18 @@ class RegistryClient:
         realm = params.get("realm")
         if not realm:
             raise AuthError(f"registry {self.ref.registry} sent a Bearer challenge without a realm")
-        query = {"scope": self.scope}
+        # The token spec repeats ``scope`` in a GET query; the OAuth2 POST form takes one space-separated list.
+        query: list[tuple[str, str]] = [("scope", s) for s in self.scopes]
         if params.get("service"):
-            query["service"] = params["service"]
+            query.append(("service", params["service"]))
         parsed = urllib.parse.urlsplit(realm)
         headers = {"User-Agent": USER_AGENT}
         method, body = "GET", None
         identity = getattr(creds, "identity_token", None) if creds else None
         if identity:
             method = "POST"
-            form = {"grant_type": "refresh_token", "refresh_token": identity, "client_id": "model-loader", **query}
+            form = {"grant_type": "refresh_token", "refresh_token": identity, "client_id": "model-loader",
+                    "scope": self.scope, **({"service": params["service"]} if params.get("service") else {})}
             body = urllib.parse.urlencode(form)
             headers["Content-Type"] = "application/x-www-form-urlencoded"
         elif creds and getattr(creds, "username", None):

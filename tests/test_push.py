@@ -402,3 +402,32 @@ def test_push_with_token_auth_asks_for_pull_and_push(tmp_path):
         assert str(e.value).startswith(f"push to {reg.host}/private/anon:v1 refused: registry {reg.host} refused")
         assert str(e.value).endswith(f"Pushing needs credentials allowed to push to {reg.host}/private/anon"
                                      " (docker login, or --docker-config)")
+
+
+def test_cross_repository_mount_with_token_auth_asks_one_token_for_both_repositories(tmp_path):
+    """A token registry links the blob only when one token grants push on the target and pull on the source."""
+    import base64
+
+    from loader.credentials import load_docker_configs
+    from tests.support.auth_registry import start_token_registry
+
+    src = make_tree(tmp_path / "m")
+    with start_token_registry({"alice": "alice-pw"}, acl={"alice": {"*": ["pull", "push"]}}) as reg:
+        cfg = tmp_path / "docker"
+        cfg.mkdir()
+        auth = base64.b64encode(b"alice:alice-pw").decode()
+        (cfg / "config.json").write_text(json.dumps({"auths": {reg.host: {"auth": auth}}}))
+        creds = load_docker_configs([str(cfg)], {})
+        P.push(src, f"{reg.host}/private/mount-src:v1", opts(format="oras", credentials=creds), LOG)
+        before = len(reg.token_server.issued)
+        res = P.push(src, f"{reg.host}/private/mount-dst:v1",
+                     opts(format="oras", credentials=creds, mount_from="private/mount-src"), LOG)
+        issued = reg.token_server.issued[before:]
+        assert {(t.subject, t.requested, t.access) for t in issued} == {
+            ("alice", ("repository:private/mount-dst:pull,push", "repository:private/mount-src:pull"),
+             (("private/mount-dst", ("pull", "push")), ("private/mount-src", ("pull",))))}
+        distinct = len({sha256(d) for d in MODEL.values()})
+        assert (res.mounted_blobs, res.skipped_blobs, res.uploaded_bytes) == (distinct + 1, 0, 0)
+        pulled = pull(f"{reg.host}/private/mount-dst:v1",
+                      PullOptions(cache=tmp_path / "c", progress="none", credentials=creds), LOG)
+        assert tree(Path(pulled.path)) == MODEL
