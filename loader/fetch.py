@@ -8,8 +8,9 @@ How a pull spends its time on a 2-core node decides the design:
   ``concurrency`` buffers whatever the model size, and the GIL is released for every recv, write and hash.
 * Every byte is hashed. The first range of a blob hashes its bytes as they arrive; the other ranges are hashed
   from the page cache in order as soon as the ranges before them are complete, so hashing overlaps the download
-  instead of following it. A blob whose sha256 or size does not match its descriptor is fetched once more from
-  scratch, then the pull fails; a mismatching file is never published.
+  instead of following it. A blob whose sha256 does not match its descriptor is fetched once more from scratch,
+  then the pull fails; a registry that reports another size than the descriptor's (Content-Range total, or a 416
+  past the real end) fails it at once, as asking again cannot help. A mismatching file is never published.
 * A dropped connection resumes from the last byte written (a Range request); failures back off exponentially and
   honour ``Retry-After``; a stalled socket times out. Retries are bounded by attempts without progress.
 * ``partial/<hex>`` is sized up front (the pull checks free space before any download) and ``partial/<hex>.state`` records
@@ -278,6 +279,8 @@ class Fetcher:
             before = r.done
             try:
                 with client.open_blob(job.digest, pos, r.end - 1) as body:
+                    if body.total is not None and body.total != job.size:
+                        raise self._size_mismatch(client, job, body.total)
                     skip = pos - body.start  # a server that ignored Range sends from byte 0
                     while r.start + r.done < r.end:
                         if self._stop.is_set():
@@ -314,6 +317,9 @@ class Fetcher:
                                 job.since_state = 0
                                 self._save_state(job)
             except TransientError as exc:
+                real = getattr(exc, "blob_size", None)  # a 416: the blob is shorter than this range
+                if real is not None and real != job.size:
+                    raise self._size_mismatch(client, job, real) from exc
                 if r.done > before:
                     tries = 0
                 tries += 1
@@ -337,6 +343,14 @@ class Fetcher:
                 job.inline = None
                 job.hashing = False
         self._hash_forward(pool, job)
+
+    def _size_mismatch(self, client, job: BlobJob, real: int) -> DigestMismatch:
+        # Deterministic, so not retried: the same request gets the same answer until the artifact is fixed.
+        return DigestMismatch(
+            f"registry {client.ref.registry} serves blob {job.digest} of {self.label} as {real} bytes, but the"
+            f" manifest's descriptor says {job.size}: the manifest does not describe its blobs; push the model"
+            " again (model-loader push) so the manifest is rebuilt from the files. Nothing was published"
+        )
 
     def _hash_forward(self, pool: _Pool, job: BlobJob) -> None:
         """Hash every complete range that follows what is hashed; finish the blob when all of it is."""

@@ -563,7 +563,13 @@ def _status_error(status, resp, body: bytes, ref: Reference, netloc: str, method
     if status == 429 or status >= 500:
         return TransientError(f"registry {netloc} answered {status} for the {what} of {ref}{detail}", _retry_after(resp))
     if status == 416:
-        return TransientError(f"registry {netloc} answered 416 (range not satisfiable) for the {what} of {ref}")
+        # Go's ServeContent (Distribution) says how long the blob really is: ``Content-Range: bytes */SIZE``.
+        exc = TransientError(f"registry {netloc} answered 416 (range not satisfiable) for the {what} of {ref}")
+        try:
+            exc.blob_size = int((resp.getheader("Content-Range") or "").rpartition("/")[2])
+        except ValueError:
+            pass
+        return exc
     return RegistryError(f"registry {netloc} answered {status} to {method} {path}{detail}")
 
 

@@ -260,6 +260,27 @@ def test_corrupt_blob_in_registry_is_refetched_once_then_refused(fresh_registry,
     assert not (tmp_path / "partial" / sha256(data)[7:]).exists()
 
 
+@pytest.mark.parametrize("delta", [+1000, -1000, +40 * (1 << 20)], ids=["1000-larger", "1000-smaller", "40MiB-larger"])
+def test_descriptor_size_that_lies_is_refused_at_once(delta, registry, pusher, tmp_path):
+    """A manifest whose layer size disagrees with the blob fails on the first answer (Content-Range total, or the
+    416 of a range past the real end), names both sizes, and publishes nothing: no retries of a certain failure."""
+    data = os.urandom(50_000)
+    pusher.push_blob("m/liar", data)
+    cfg = pusher.push_blob("m/liar", b"{}")
+    layer = file_layer("w.bin", data).descriptor() | {"size": len(data) + delta}
+    pusher.push_manifest("m/liar", "v1", {
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": cfg, "size": 2}, "layers": [layer]})
+    with pytest.raises(DigestMismatch) as e:
+        do_pull(f"{registry.host}/m/liar:v1", tmp_path, concurrency=4)
+    assert str(e.value) == (
+        f"registry {registry.host} serves blob {sha256(data)} of {registry.host}/m/liar:v1 as {len(data)} bytes, but"
+        f" the manifest's descriptor says {len(data) + delta}: the manifest does not describe its blobs; push the"
+        " model again (model-loader push) so the manifest is rebuilt from the files. Nothing was published")
+    assert os.listdir(tmp_path / "models/sha256") == [] and os.listdir(tmp_path / "refs") == []
+    assert not (tmp_path / "blobs/sha256" / sha256(data)[7:]).exists()
+
+
 def test_large_blob_is_split_into_ranges_and_verified(registry, pusher, tmp_path):
     from loader import fetch
 
