@@ -375,20 +375,26 @@ def test_large_file_push_keeps_memory_flat(registry, tmp_path):
         ("config.json", sha256(b"{}"), 2), ("model.safetensors", "sha256:" + h.hexdigest(), size)]
 
 
-def test_push_with_token_auth_asks_for_pull_and_push(tmp_path):
+def _alice(reg, tmp_path: Path):
+    """Credentials of the token registry's user alice, read from a docker config file as a pod's would be."""
     import base64
 
     from loader.credentials import load_docker_configs
+
+    cfg = tmp_path / "docker"
+    cfg.mkdir()
+    auth = base64.b64encode(b"alice:alice-pw").decode()
+    (cfg / "config.json").write_text(json.dumps({"auths": {reg.host: {"auth": auth}}}))
+    return load_docker_configs([str(cfg)], {})
+
+
+def test_push_with_token_auth_asks_for_pull_and_push(tmp_path):
     from loader.errors import AuthError
     from tests.support.auth_registry import start_token_registry
 
     src = make_tree(tmp_path / "m", {"w.safetensors": os.urandom(10_000), "config.json": b"{}"})
     with start_token_registry({"alice": "alice-pw"}, acl={"alice": {"*": ["pull", "push"]}}) as reg:
-        cfg = tmp_path / "docker"
-        cfg.mkdir()
-        auth = base64.b64encode(b"alice:alice-pw").decode()
-        (cfg / "config.json").write_text(json.dumps({"auths": {reg.host: {"auth": auth}}}))
-        creds = load_docker_configs([str(cfg)], {})
+        creds = _alice(reg, tmp_path)
         ref = f"{reg.host}/private/pushed:v1"
         res = P.push(src, ref, opts(credentials=creds), LOG)
         issued = reg.token_server.issued
@@ -406,18 +412,11 @@ def test_push_with_token_auth_asks_for_pull_and_push(tmp_path):
 
 def test_cross_repository_mount_with_token_auth_asks_one_token_for_both_repositories(tmp_path):
     """A token registry links the blob only when one token grants push on the target and pull on the source."""
-    import base64
-
-    from loader.credentials import load_docker_configs
     from tests.support.auth_registry import start_token_registry
 
     src = make_tree(tmp_path / "m")
     with start_token_registry({"alice": "alice-pw"}, acl={"alice": {"*": ["pull", "push"]}}) as reg:
-        cfg = tmp_path / "docker"
-        cfg.mkdir()
-        auth = base64.b64encode(b"alice:alice-pw").decode()
-        (cfg / "config.json").write_text(json.dumps({"auths": {reg.host: {"auth": auth}}}))
-        creds = load_docker_configs([str(cfg)], {})
+        creds = _alice(reg, tmp_path)
         P.push(src, f"{reg.host}/private/mount-src:v1", opts(format="oras", credentials=creds), LOG)
         before = len(reg.token_server.issued)
         res = P.push(src, f"{reg.host}/private/mount-dst:v1",
