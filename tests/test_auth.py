@@ -148,6 +148,37 @@ def test_cli_reads_pull_secret_mount_and_docker_config_env(token_registry, tmp_p
     assert "refused access" in out.stderr and "imagePullSecrets" in out.stderr and USERS["alice"] not in out.stderr
 
 
+def test_cli_reads_the_webhooks_pull_secret_directories_missing_and_legacy(token_registry, tmp_path):
+    """The webhook passes each pull secret's directory, projecting .dockerconfigjson as config.json and a legacy
+    .dockercfg as .dockercfg, optional: a missing secret is an empty directory, skipped with a warning (the kubelet
+    also pulls without a missing pull secret); a legacy one is read."""
+    from loader.credentials import CONFIG_FILE_NAMES
+    from webhook.mutate import PULL_SECRET_ITEMS
+
+    reg = token_registry
+    assert {item["path"] for item in PULL_SECRET_ITEMS} <= set(CONFIG_FILE_NAMES)  # what the webhook writes is read
+    missing = tmp_path / "docker" / "deleted-secret"
+    missing.mkdir(parents=True)
+    legacy = tmp_path / "docker" / "old-secret"
+    legacy.mkdir()
+    auth = base64.b64encode(f"alice:{USERS['alice']}".encode()).decode()
+    (legacy / ".dockercfg").write_text(json.dumps({reg.host: {"auth": auth}}))
+    cmd = [sys.executable, "-m", "loader.cli", "pull", f"{reg.host}/private/model:v1", "--progress", "none",
+           "--output", "json", "--cache", str(tmp_path / "c"), "--docker-config", str(missing),
+           "--docker-config", str(legacy)]
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HOME": str(tmp_path)})
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["files"] == len(DATA)
+    warnings = [line for line in out.stderr.splitlines() if "event=docker_config.missing" in line]
+    assert len(warnings) == 1 and f"path={missing}" in warnings[0]
+    assert USERS["alice"] not in out.stderr and auth not in out.stderr
+
+    # The legacy secret gone too: anonymous, refused, exit 3 (a fresh cache, so no cached copy is involved).
+    only_missing = [str(tmp_path / "c2") if a == str(tmp_path / "c") else a for a in cmd[: cmd.index(str(legacy)) - 1]]
+    out = subprocess.run(only_missing, capture_output=True, text=True, env={**os.environ, "HOME": str(tmp_path)})
+    assert out.returncode == 3 and "imagePullSecrets" in out.stderr
+
+
 def test_check_access_refuses_a_cached_private_digest_without_credentials(token_registry, tmp_path):
     """On a shared node cache, knowing a digest must not be enough to read a private model."""
     reg = token_registry

@@ -40,8 +40,9 @@ CACHE_VOLUME = "model-cache"
 PULL_SECRET_VOLUME = "model-cache-pull-"
 MODEL_VOLUME = "model-"
 LOADER_OUTPUT = "text"  # the loader's progress format in `kubectl logs`
-DOCKERCONFIGJSON_KEY = ".dockerconfigjson"
-DOCKER_CONFIG_FILE = "config.json"
+#: The keys of the two pull-secret types (kubernetes.io/dockerconfigjson, legacy kubernetes.io/dockercfg) and the
+#: file each becomes in the secret's directory: the names the loader looks for in a --docker-config directory.
+PULL_SECRET_ITEMS = ({"key": ".dockerconfigjson", "path": "config.json"}, {"key": ".dockercfg", "path": ".dockercfg"})
 
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$")
 _NOT_DNS = re.compile(r"[^a-z0-9-]+")
@@ -336,22 +337,18 @@ def _inject_loader(
     config_args: list[str] = []
     for secret in dict.fromkeys(s.get("name") for s in spec.get("imagePullSecrets") or () if s.get("name")):
         vol = unique_name(PULL_SECRET_VOLUME + secret, taken)
-        # optional: a missing pull secret, or one of the legacy .dockercfg type, must not keep the pod in
-        # ContainerCreating; the file is then absent and the loader must skip a --docker-config path that does not
-        # exist (a request to loader/credentials.py, which today reports it as unreadable).
+        # optional: the kubelet pulls images without a pull secret that is missing, so the loader must not wedge
+        # the pod in ContainerCreating for one either. With optional, the kubelet also skips whichever of the two
+        # keys the secret lacks; the loader reads the directory and skips it, with a warning, when it is empty.
         volumes.append(
             {
                 "name": vol,
-                "secret": {
-                    "secretName": secret,
-                    "items": [{"key": DOCKERCONFIGJSON_KEY, "path": DOCKER_CONFIG_FILE}],
-                    "optional": True,
-                },
+                "secret": {"secretName": secret, "items": [dict(item) for item in PULL_SECRET_ITEMS], "optional": True},
             }
         )
         directory = posixpath.join(contract.DOCKER_CONFIG_MOUNT, secret)
         loader_mounts.append({"name": vol, "mountPath": directory, "readOnly": True})
-        config_args += [contract.FLAG_DOCKER_CONFIG, posixpath.join(directory, DOCKER_CONFIG_FILE)]
+        config_args += [contract.FLAG_DOCKER_CONFIG, directory]
 
     container_names = {name for key in ("containers", "initContainers", "ephemeralContainers") for name in map(_NAME, spec.get(key) or ())}
     refs = list(dict.fromkeys(str(m.ref) for m in plan.models))

@@ -36,12 +36,19 @@ def parse_mirrors(values: list[str]) -> dict[str, list[str]]:
     return out
 
 
+def _empty_config_dir(path: str) -> bool:
+    from loader.credentials import CONFIG_FILE_NAMES
+
+    return os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, n)) for n in CONFIG_FILE_NAMES)
+
+
 def load_credentials(paths: list[str], settings: LoaderSettings, log=None):
     from loader import credentials
 
     # The webhook mounts pull secrets with optional: true (a deleted secret must not wedge the pod in
-    # ContainerCreating), so a named path may legitimately be absent: say so and go on without it.
-    present = [p for p in paths if os.path.exists(p)]
+    # ContainerCreating, as the kubelet does not for images), so a named path may legitimately be absent or an
+    # empty directory: say so and go on without it, as the kubelet does.
+    present = [p for p in paths if os.path.exists(p) and not _empty_config_dir(p)]
     if log is not None:
         for p in paths:
             if p not in present:
