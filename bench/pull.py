@@ -209,13 +209,17 @@ def warm_free_memory(work: Path, size: int) -> None:
     between pulls, so every contender is measured as it would run there."""
     scratch = work / "warm-memory"
     chunk = bytes(8 << 20)
-    fd = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        for _ in range(-(-size // len(chunk))):
-            os.write(fd, chunk)
-    finally:
-        os.close(fd)
-        scratch.unlink()  # unlinked before writeback: the pages go back to the free lists, nothing hits the disk
+    # Files of at most 2 GiB, each unlinked before background writeback starts (10% of RAM dirty: 2.4 GB here);
+    # a later piece may reuse an earlier one's pages, so models over ~1.6 GiB are only partly covered.
+    piece = 2 << 30
+    for start in range(0, size, piece):
+        fd = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            for _ in range(-(-min(piece, size - start) // len(chunk))):
+                os.write(fd, chunk)
+        finally:
+            os.close(fd)
+            scratch.unlink()  # before writeback: the pages go back to the free lists, nothing reaches the disk
 
 
 def measure(c: Contender, work: Path, label: str, model_bytes: int) -> Run:

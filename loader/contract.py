@@ -60,7 +60,7 @@ class ExitCode(enum.IntEnum):
     USAGE = 2  # bad flags or a bad reference
     AUTH = 3  # the registry refused the credentials
     NOT_FOUND = 4  # repository, tag or blob does not exist
-    DIGEST_MISMATCH = 5  # bytes did not match their descriptor, twice
+    DIGEST_MISMATCH = 5  # bytes did not match their descriptor twice, or the registry reports another size
     NO_SPACE = 6  # not enough free disk in the cache
     NETWORK = 7  # registry unreachable or failing after retries
     INVALID_ARTIFACT = 8  # unsafe names, unsupported media types, malformed manifests

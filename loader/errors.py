@@ -3,7 +3,7 @@
     LoaderError                       exit 1
     ├── UsageError                    exit 2   bad flags or reference
     ├── ArtifactError                 exit 8   unsafe names, unsupported or malformed artifacts
-    ├── DigestMismatch                exit 5   bytes did not match their descriptor (after one retry)
+    ├── DigestMismatch                exit 5   bytes or size did not match the descriptor (a digest after one retry)
     ├── NoSpaceError                  exit 6   the cache's filesystem is too full
     └── RegistryError
         ├── AuthError                 exit 3   credentials refused or missing

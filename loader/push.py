@@ -341,6 +341,7 @@ class Uploader:
         self.client = client
         self.chunk_size = chunk_size
         self.mount_from = mount_from
+        self.mount_refused = False  # set once a mount is refused: later blobs go straight to an upload
         self.log = log
         self.progress = progress
         self.stop = stop or threading.Event()
@@ -370,6 +371,20 @@ class Uploader:
         ev.set()
         return action
 
+    def _start(self, digest: str, what: str) -> str | None:
+        """Open an upload session, or None when the blob was mounted from ``mount_from``."""
+        if self.mount_from and not self.mount_refused:
+            try:
+                return _retrying(lambda: self.client.start_upload(digest, self.mount_from), self.log, what)
+            except AuthError as exc:
+                # The mount only saves an upload: credentials that may push here but not read the source
+                # repository get the blob uploaded instead (a plain upload that is refused too fails the push).
+                self.mount_refused = True
+                if self.log:
+                    self.log.warning("push.mount_refused", source=self.mount_from, error=str(exc),
+                                     hint="uploading instead; the credentials may not pull the source repository")
+        return _retrying(self.client.start_upload, self.log, what)
+
     def _ensure(self, digest: str, size: int, source: Source, what: str) -> str:
         if _retrying(lambda: self.client.blob_size(digest), self.log, what) is not None:
             return "exists"
@@ -379,8 +394,7 @@ class Uploader:
                 raise LoaderError("push stopped")
             sent = _Counter()
             try:
-                location = _retrying(lambda: self.client.start_upload(digest, self.mount_from)
-                                     if self.mount_from else self.client.start_upload(), self.log, what)
+                location = self._start(digest, what)
                 if location is None:
                     return "mounted"
                 self._send(location, digest, size, source, sent)

@@ -358,7 +358,14 @@ class RegistryClient:
             with st.lock:
                 st.challenge = params
                 st.tokens.pop(self.scope, None)
-            token = self._fetch_token(params, creds)
+            try:
+                token = self._fetch_token(params, creds, self.scopes)
+            except AuthError:
+                if not self.extra_scopes:
+                    raise
+                # The token spec says to grant the allowed subset of the scopes; a service that refuses the whole
+                # request instead gets the base scope alone (a mount then falls back to an upload).
+                token = self._fetch_token(params, creds, self.scopes[:1])
             with st.lock:
                 st.tokens[self.scope] = token
             return
@@ -374,12 +381,12 @@ class RegistryClient:
             return
         raise AuthError(f"registry {self.ref.registry} refused {self.ref} with 401 and no usable challenge ({header[:80]!r})")
 
-    def _fetch_token(self, params: dict, creds) -> _Token:
+    def _fetch_token(self, params: dict, creds, scopes: tuple[str, ...]) -> _Token:
         realm = params.get("realm")
         if not realm:
             raise AuthError(f"registry {self.ref.registry} sent a Bearer challenge without a realm")
         # The token spec repeats ``scope`` in a GET query; the OAuth2 POST form takes one space-separated list.
-        query: list[tuple[str, str]] = [("scope", s) for s in self.scopes]
+        query: list[tuple[str, str]] = [("scope", s) for s in scopes]
         if params.get("service"):
             query.append(("service", params["service"]))
         parsed = urllib.parse.urlsplit(realm)
@@ -389,7 +396,7 @@ class RegistryClient:
         if identity:
             method = "POST"
             form = {"grant_type": "refresh_token", "refresh_token": identity, "client_id": "model-loader",
-                    "scope": self.scope, **({"service": params["service"]} if params.get("service") else {})}
+                    "scope": " ".join(scopes), **({"service": params["service"]} if params.get("service") else {})}
             body = urllib.parse.urlencode(form)
             headers["Content-Type"] = "application/x-www-form-urlencoded"
         elif creds and getattr(creds, "username", None):

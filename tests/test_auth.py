@@ -157,8 +157,9 @@ def test_cli_reads_the_webhooks_pull_secret_directories_missing_and_legacy(token
 
     reg = token_registry
     assert {item["path"] for item in PULL_SECRET_ITEMS} <= set(CONFIG_FILE_NAMES)  # what the webhook writes is read
-    missing = tmp_path / "docker" / "deleted-secret"
-    missing.mkdir(parents=True)
+    missing = tmp_path / "docker" / "deleted-secret"  # what the kubelet leaves for an absent optional secret
+    (missing / "..2026_11_23_13_00_00.000000001").mkdir(parents=True)
+    (missing / "..data").symlink_to("..2026_11_23_13_00_00.000000001")
     legacy = tmp_path / "docker" / "old-secret"
     legacy.mkdir()
     auth = base64.b64encode(f"alice:{USERS['alice']}".encode()).decode()
@@ -172,6 +173,13 @@ def test_cli_reads_the_webhooks_pull_secret_directories_missing_and_legacy(token
     warnings = [line for line in out.stderr.splitlines() if "event=docker_config.missing" in line]
     assert len(warnings) == 1 and f"path={missing}" in warnings[0]
     assert USERS["alice"] not in out.stderr and auth not in out.stderr
+
+    # A directory that is not an empty secret volume but holds no config is a mistake, not a missing secret.
+    typo = tmp_path / "not-a-docker-config"
+    typo.mkdir()
+    (typo / "auth.json").write_text("{}")
+    out = subprocess.run(cmd + ["--docker-config", str(typo)], capture_output=True, text=True)
+    assert out.returncode == 2 and f"docker config directory {typo} holds none of" in out.stderr
 
     # The legacy secret gone too: anonymous, refused, exit 3 (a fresh cache, so no cached copy is involved).
     only_missing = [str(tmp_path / "c2") if a == str(tmp_path / "c") else a for a in cmd[: cmd.index(str(legacy)) - 1]]

@@ -375,15 +375,16 @@ def test_large_file_push_keeps_memory_flat(registry, tmp_path):
         ("config.json", sha256(b"{}"), 2), ("model.safetensors", "sha256:" + h.hexdigest(), size)]
 
 
-def _alice(reg, tmp_path: Path):
-    """Credentials of the token registry's user alice, read from a docker config file as a pod's would be."""
+def _creds(reg, tmp_path: Path, user: str = "alice"):
+    """Credentials of a token registry user (password ``<user>-pw``), read from a docker config file as a pod's
+    would be."""
     import base64
 
     from loader.credentials import load_docker_configs
 
-    cfg = tmp_path / "docker"
+    cfg = tmp_path / f"docker-{user}"
     cfg.mkdir()
-    auth = base64.b64encode(b"alice:alice-pw").decode()
+    auth = base64.b64encode(f"{user}:{user}-pw".encode()).decode()
     (cfg / "config.json").write_text(json.dumps({"auths": {reg.host: {"auth": auth}}}))
     return load_docker_configs([str(cfg)], {})
 
@@ -394,7 +395,7 @@ def test_push_with_token_auth_asks_for_pull_and_push(tmp_path):
 
     src = make_tree(tmp_path / "m", {"w.safetensors": os.urandom(10_000), "config.json": b"{}"})
     with start_token_registry({"alice": "alice-pw"}, acl={"alice": {"*": ["pull", "push"]}}) as reg:
-        creds = _alice(reg, tmp_path)
+        creds = _creds(reg, tmp_path)
         ref = f"{reg.host}/private/pushed:v1"
         res = P.push(src, ref, opts(credentials=creds), LOG)
         issued = reg.token_server.issued
@@ -416,7 +417,7 @@ def test_cross_repository_mount_with_token_auth_asks_one_token_for_both_reposito
 
     src = make_tree(tmp_path / "m")
     with start_token_registry({"alice": "alice-pw"}, acl={"alice": {"*": ["pull", "push"]}}) as reg:
-        creds = _alice(reg, tmp_path)
+        creds = _creds(reg, tmp_path)
         P.push(src, f"{reg.host}/private/mount-src:v1", opts(format="oras", credentials=creds), LOG)
         before = len(reg.token_server.issued)
         res = P.push(src, f"{reg.host}/private/mount-dst:v1",
@@ -429,4 +430,25 @@ def test_cross_repository_mount_with_token_auth_asks_one_token_for_both_reposito
         assert (res.mounted_blobs, res.skipped_blobs, res.uploaded_bytes) == (distinct + 1, 0, 0)
         pulled = pull(f"{reg.host}/private/mount-dst:v1",
                       PullOptions(cache=tmp_path / "c", progress="none", credentials=creds), LOG)
+        assert tree(Path(pulled.path)) == MODEL
+
+
+def test_mount_refused_for_the_source_falls_back_to_an_upload(tmp_path):
+    """Credentials that may push to the target but not read --mount-from's repository still push: the token
+    service grants the allowed subset, the registry refuses the mount, the blobs are uploaded."""
+    from tests.support.auth_registry import start_token_registry
+
+    src = make_tree(tmp_path / "m")
+    acl = {"bob": {"*": ["pull", "push"]}, "alice": {"private/only-mine": ["pull", "push"]}}
+    with start_token_registry({"alice": "alice-pw", "bob": "bob-pw"}, acl=acl) as reg:
+        P.push(src, f"{reg.host}/private/bobs:v1", opts(format="oras", credentials=_creds(reg, tmp_path, "bob")), LOG)
+        alice = _creds(reg, tmp_path)
+        res = P.push(src, f"{reg.host}/private/only-mine:v1",
+                     opts(format="oras", credentials=alice, mount_from="private/bobs"), LOG)
+        distinct = len({sha256(d) for d in MODEL.values()})
+        assert (res.mounted_blobs, res.skipped_blobs) == (0, 0)
+        actions = [f.action for f in res.pushed]
+        assert (actions.count("uploaded"), actions.count("duplicate")) == (distinct, len(MODEL) - distinct)
+        pulled = pull(f"{reg.host}/private/only-mine:v1",
+                      PullOptions(cache=tmp_path / "c", progress="none", credentials=alice), LOG)
         assert tree(Path(pulled.path)) == MODEL

@@ -37,9 +37,9 @@ def parse_mirrors(values: list[str]) -> dict[str, list[str]]:
 
 
 def _empty_config_dir(path: str) -> bool:
-    from loader.credentials import CONFIG_FILE_NAMES
-
-    return os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, n)) for n in CONFIG_FILE_NAMES)
+    """A secret volume with nothing projected: empty, or only the kubelet's own ``..data`` / ``..<timestamp>``
+    entries. Any other directory without a config file stays an error (a mistyped --docker-config)."""
+    return os.path.isdir(path) and all(name.startswith("..") for name in os.listdir(path))
 
 
 def load_credentials(paths: list[str], settings: LoaderSettings, log=None):
