@@ -10,7 +10,8 @@ How a pull spends its time on a 2-core node decides the design:
   from the page cache in order as soon as the ranges before them are complete, so hashing overlaps the download
   instead of following it. A blob whose sha256 does not match its descriptor is fetched once more from scratch,
   then the pull fails; a registry that reports another size than the descriptor's (Content-Range total, or a 416
-  past the real end) fails it at once, as asking again cannot help. A mismatching file is never published.
+  past the real end) fails it at once, as asking again cannot help (a mirror that does is passed over for the
+  registry). A mismatching file is never published.
 * A dropped connection resumes from the last byte written (a Range request); failures back off exponentially and
   honour ``Retry-After``; a stalled socket times out. Retries are bounded by attempts without progress.
 * ``partial/<hex>`` is sized up front (the pull checks free space before any download) and ``partial/<hex>.state`` records
@@ -278,7 +279,7 @@ class Fetcher:
             pos = r.start + r.done
             before = r.done
             try:
-                with client.open_blob(job.digest, pos, r.end - 1) as body:
+                with client.open_blob(job.digest, pos, r.end - 1, size=job.size) as body:
                     if body.total is not None and body.total != job.size:
                         raise self._size_mismatch(client, job, body.total)
                     skip = pos - body.start  # a server that ignored Range sends from byte 0

@@ -207,12 +207,21 @@ class RegistryClient:
         mt = (resp.getheader("Content-Type") or "").split(";")[0].strip()
         return Manifest(digest, mt, data, len(data))
 
-    def open_blob(self, digest: str, start: int = 0, end: int | None = None) -> BlobResponse:
-        """GET a blob from ``start`` (to ``end`` inclusive, or the end). Raises TransientError on retryable faults."""
+    def open_blob(self, digest: str, start: int = 0, end: int | None = None, size: int | None = None) -> BlobResponse:
+        """GET a blob from ``start`` (to ``end`` inclusive, or the end). Raises TransientError on retryable faults.
+
+        With ``size`` (the descriptor's), a mirror that reports another total size is passed over for the
+        upstream registry; the caller judges what the upstream reports (``BlobResponse.total``)."""
         headers = {}
         if start or end is not None:
             headers["Range"] = f"bytes={start}-{'' if end is None else end}"
-        resp, release = self._with_endpoints("GET", f"/v2/{self.repo}/blobs/{digest}", headers, keep_open=True)
+
+        def wrong_size(resp) -> str | None:
+            total = _total_size(resp)
+            return None if size is None or total in (None, size) else f"reports {total} bytes for a {size}-byte blob"
+
+        resp, release = self._with_endpoints("GET", f"/v2/{self.repo}/blobs/{digest}", headers, keep_open=True,
+                                             mirror_check=wrong_size)
         if resp.status == 206:
             got_start, total = _content_range(resp.getheader("Content-Range"))
             if got_start != start:
@@ -226,13 +235,20 @@ class RegistryClient:
             self.bytes_received += n
 
     # ----------------------------------------------------------------------------------------------- internals
-    def _with_endpoints(self, method, path, headers, keep_open=False):
-        """Try each live mirror, then the upstream. A mirror's failure of any kind falls back to upstream."""
+    def _with_endpoints(self, method, path, headers, keep_open=False, mirror_check=None):
+        """Try each live mirror, then the upstream. A mirror's failure of any kind falls back to upstream, and so
+        does a mirror answer that ``mirror_check(resp)`` finds wrong (it returns why; the mirror is then dead)."""
         for ep in self.mirrors:
             if ep in self._dead_mirrors:
                 continue
             try:
-                return self._request(ep, method, path, headers, keep_open)
+                resp, release = self._request(ep, method, path, headers, keep_open)
+                why = mirror_check(resp) if mirror_check is not None else None
+                if why is None:
+                    return resp, release
+                release(False)
+                self._dead_mirrors.add(ep)
+                raise NetworkError(f"mirror {ep.netloc} {why}")
             except (NetworkError, NotFoundError, AuthError) as exc:
                 if isinstance(exc, NetworkError) and not isinstance(exc, TransientError):
                     self._dead_mirrors.add(ep)
@@ -530,6 +546,16 @@ def _mirror_endpoint(url: str, registry: str) -> Endpoint:
     parsed = urllib.parse.urlsplit(url if "://" in url else f"https://{url}")
     # containerd and Spegel name the upstream in ?ns= so one mirror can front several registries.
     return Endpoint(parsed.scheme or "https", parsed.netloc, urllib.parse.urlencode({"ns": registry}), is_mirror=True)
+
+
+def _total_size(resp) -> int | None:
+    """The whole blob's size as a blob response states it: the Content-Range total of a 206, else the length."""
+    if resp.status == 206:
+        try:
+            return _content_range(resp.getheader("Content-Range"))[1]
+        except TransientError:
+            return None
+    return resp.length
 
 
 def _content_range(header: str | None) -> tuple[int, int | None]:

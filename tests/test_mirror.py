@@ -62,3 +62,58 @@ def test_failing_mirror_falls_back_per_request(upstream_and_mirror, tmp_path):
         res, log = run(f"{up.host}/models/m:v1", tmp_path, {up.host: [mp.url]})
         assert tree(res.path) == DATA
         assert len(up.blob_requests()) == 2 and "mirror.fallback" in log
+
+
+class _LyingMirror:
+    """A mirror that has no manifests (404: those fall back per request) and answers every blob GET with 100 bytes
+    and a Content-Range saying the blob is 100 bytes long: a broken cache, not the registry's truth."""
+
+    def __init__(self):
+        import http.server
+        import threading
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _answer(self, body: bool):
+                if "/blobs/" not in self.path:
+                    self.send_response(404)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                self.send_response(206)
+                self.send_header("Content-Range", "bytes 0-99/100")
+                self.send_header("Content-Length", "100")
+                self.end_headers()
+                if body:
+                    self.wfile.write(b"x" * 100)
+
+            def do_GET(self):
+                self._answer(True)
+
+            def do_HEAD(self):
+                self._answer(False)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_mirror_reporting_another_blob_size_falls_back_to_registry(upstream_and_mirror, tmp_path):
+    upstream, _ = upstream_and_mirror
+    liar = _LyingMirror()
+    try:
+        with FaultProxy(upstream.url) as up:
+            res, log = run(f"{up.host}/models/m:v1", tmp_path, {up.host: [liar.url]})
+            assert tree(res.path) == DATA
+            assert len(up.blob_requests()) == 2  # both blobs from the registry: the mirror was passed over
+            fallbacks = [line for line in log.splitlines() if "event=mirror.fallback" in line and "reports 100 bytes" in line]
+            # Then the mirror is dead for the rest of the pull (both blobs may have asked it before either saw why).
+            assert len(fallbacks) in (1, 2)
+    finally:
+        liar.close()
