@@ -314,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
             vs = [f"{peer} {median_s(by_name[peer]) / m:.2f}x" for peer in (FLOOR, ORAS, SKOPEO) if peer in by_name]
             print(f"{c.name}: speed vs " + ", ".join(vs) + "; peak RSS per round (MB): "
                   + " ".join(f"{r.peak_rss_mb:.0f}" for r in c.runs))
-        print(f"warm digest hit, wall incl. interpreter start (s): " + " ".join(f"{s:.3f}" for s in warm)
+        print("warm digest hit, wall incl. interpreter start (s): " + " ".join(f"{s:.3f}" for s in warm)
               + f"; median {statistics.median(warm):.3f}")
         print()
         trows = target_rows(contenders, warm, args.size_mib)

@@ -191,7 +191,7 @@ def main() -> int:
               f"subPath {mount['subPath']} of the cache volume:")
         print("\n".join(tree_lines(seen)))
         env_vars = {e["name"]: e.get("value") for e in app.get("env", [])}
-        print(f"  env: " + ", ".join(f"{k}={v}" for k, v in env_vars.items() if k.startswith("MODEL_PATH")))
+        print("  env: " + ", ".join(f"{k}={v}" for k, v in env_vars.items() if k.startswith("MODEL_PATH")))
         for name, data in files.items():
             if (seen / name).read_bytes() != data:
                 raise RuntimeError(f"{name} differs from what was pushed")

@@ -39,10 +39,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from loader import layout
-from loader.cache import Cache, current_boot_id
+from loader.cache import Cache
 from loader.errors import ArtifactError, AuthError, DigestMismatch, NetworkError, TransientError, UsageError
 from loader.reference import Reference, parse
-from loader.registry import INDEX_TYPES, MAX_MANIFEST_BYTES, RegistryClient, backoff_delays
+from loader.registry import INDEX_TYPES, MAX_MANIFEST_BYTES, RegistryClient, backoff_delays, retrying
 
 REF_NAME = "org.opencontainers.image.ref.name"
 IMAGE_NAME = "io.containerd.image.name"
@@ -283,16 +283,7 @@ def _stream_blob(client: RegistryClient, digest: str, size: int, write, log) -> 
 
 
 def _retrying(fn, log, label):
-    delays = list(backoff_delays(3, base=0.25))
-    for i in range(4):
-        try:
-            return fn()
-        except TransientError as exc:
-            if i == 3:
-                raise NetworkError(f"{exc} (after 4 attempts)") from exc
-            delay = min(exc.retry_after, 30.0) if exc.retry_after is not None else delays[i]
-            log.warning("manifest.retry", ref=label, attempt=i + 1, delay_s=delay, error=str(exc))
-            time.sleep(delay)
+    return retrying(fn, log, "manifest.retry", ref=label)
 
 
 # ---- reading a bundle -----------------------------------------------------------------------------------------------
@@ -518,22 +509,11 @@ def import_to_cache(bundle_path: str | Path, cache_dir: str | Path, log) -> list
 
 def _publish_model(cache: Cache, e: BundleRef, media_type: str, image: dict, entries, log) -> ImportResult:
     """What pull does after its fetch: materialise, publish under the model lock, link the ref, record use."""
-    digest = e.digest
-    label = e.label
+    from loader.pull import publish_model
+
+    digest, label = e.digest, e.label
     ref = _ref_of(e)
-    with cache.lock(f"model-{_hex(digest)}"):
-        model = cache.lookup_digest(digest)
-        if model is None:
-            staging = cache.new_staging()
-            try:
-                nbytes, nfiles = layout.materialize(entries, staging, cache.blob_path, label)
-                meta = {"digest": digest, "refs": [str(ref)] if ref else [], "bytes": nbytes, "files": nfiles,
-                        "manifest": image, "media_type": media_type, "blobs": sorted({x.digest for x in entries}),
-                        "created": time.time(), "boot_id": current_boot_id()}
-                cache.publish_model(digest, staging, meta)
-            finally:
-                cache.remove_tree(staging)
-            model = cache.lookup_digest(digest)
+    model = publish_model(cache, digest, entries, image, media_type, [str(ref)] if ref else [], label)
     warnings = []
     if ref is not None:
         cache.link_ref(ref, digest)

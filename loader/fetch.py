@@ -32,7 +32,6 @@ import os
 import queue
 import random
 import threading
-import time
 import uuid
 from contextlib import ExitStack
 from dataclasses import dataclass, field

@@ -178,7 +178,7 @@ def _extract_tar(blob: Path, e: Entry, staging: Path, ref: str) -> tuple[int, in
                 if m.isdev() or m.isfifo():
                     raise ArtifactError(f"{ref}: layer {e.name!r} contains the device or fifo {m.name!r}; refused")
                 if m.isdir():
-                    d = _safe_parent(base, name + "/x", ref)
+                    _safe_parent(base, name + "/x", ref)  # makes the directory, refusing an escape
                     continue
                 dest = _safe_parent(base, name, ref)
                 if os.path.lexists(dest):

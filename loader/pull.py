@@ -13,13 +13,11 @@ from pathlib import Path
 
 from loader import layout
 from loader.cache import Cache, current_boot_id
-from loader.errors import ArtifactError, NetworkError, TransientError, UsageError
+from loader.errors import ArtifactError, NetworkError, UsageError
 from loader.fetch import Blob, Fetcher
 from loader.progress import Progress
 from loader.reference import Reference, parse
-from loader.registry import INDEX_TYPES, RegistryClient, backoff_delays
-
-MANIFEST_ATTEMPTS = 4
+from loader.registry import INDEX_TYPES, RegistryClient, retrying
 
 
 @dataclass
@@ -141,19 +139,7 @@ def _pull_online(ref: Reference, client: RegistryClient, cache: Cache, opts: Pul
         fetcher.progress = prog
         fetcher.fetch(blobs)
 
-    with cache.lock(f"model-{digest[7:]}"):
-        model = cache.lookup_digest(digest)
-        if model is None:
-            staging = cache.new_staging()
-            try:
-                nbytes, nfiles = layout.materialize(entries, staging, cache.blob_path, label)
-                meta = {"digest": digest, "refs": [label], "bytes": nbytes, "files": nfiles, "manifest": image,
-                        "media_type": media_type, "blobs": sorted({e.digest for e in entries}),
-                        "created": time.time(), "boot_id": current_boot_id()}
-                cache.publish_model(digest, staging, meta)
-            finally:
-                cache.remove_tree(staging)
-            model = cache.lookup_digest(digest)
+    model = publish_model(cache, digest, entries, image, media_type, [label], label)
     cache.link_ref(ref, digest)
     cache.add_ref_to_meta(digest, label)
     cache.touch(digest)
@@ -162,6 +148,25 @@ def _pull_online(ref: Reference, client: RegistryClient, cache: Cache, opts: Pul
              seconds=round(secs, 3), mbps=round(total / secs / 1e6, 1) if secs else None,
              fetched_bytes=client.bytes_received)
     return PullResult(label, digest, str(model.path), model.bytes, model.files, secs, False)
+
+
+def publish_model(cache: Cache, digest: str, entries, image: dict, media_type: str, refs: list[str], label: str):
+    """Materialise a model's tree from its verified blobs and publish it, under the model lock, unless another
+    loader already has; the published model. Shared by pull (after its fetch) and bundle import."""
+    with cache.lock(f"model-{digest[7:]}"):
+        model = cache.lookup_digest(digest)
+        if model is None:
+            staging = cache.new_staging()
+            try:
+                nbytes, nfiles = layout.materialize(entries, staging, cache.blob_path, label)
+                meta = {"digest": digest, "refs": refs, "bytes": nbytes, "files": nfiles, "manifest": image,
+                        "media_type": media_type, "blobs": sorted({e.digest for e in entries}),
+                        "created": time.time(), "boot_id": current_boot_id()}
+                cache.publish_model(digest, staging, meta)
+            finally:
+                cache.remove_tree(staging)
+            model = cache.lookup_digest(digest)
+    return model
 
 
 def pick_manifest(index: dict, label: str) -> dict:
@@ -181,13 +186,4 @@ def pick_manifest(index: dict, label: str) -> dict:
 
 
 def _retrying(fn, log, label):
-    delays = list(backoff_delays(MANIFEST_ATTEMPTS - 1, base=0.25))
-    for i in range(MANIFEST_ATTEMPTS):
-        try:
-            return fn()
-        except TransientError as exc:
-            if i == MANIFEST_ATTEMPTS - 1:
-                raise NetworkError(f"{exc} (after {MANIFEST_ATTEMPTS} attempts)") from exc
-            delay = min(exc.retry_after, 30.0) if exc.retry_after is not None else delays[i]
-            log.warning("manifest.retry", ref=label, attempt=i + 1, delay_s=delay, error=str(exc))
-            time.sleep(delay)
+    return retrying(fn, log, "manifest.retry", ref=label)

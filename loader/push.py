@@ -53,7 +53,7 @@ from loader.errors import (ArtifactError, AuthError, LoaderError, NetworkError, 
                            UsageError)
 from loader.progress import Progress
 from loader.reference import Reference, parse
-from loader.registry import RegistryClient, backoff_delays
+from loader.registry import RegistryClient, backoff_delays, retrying
 
 MiB = 1 << 20
 CHUNK_SIZE = 64 * MiB  # PATCH size for large blobs; 0 sends every blob in one streamed PUT
@@ -481,18 +481,7 @@ def run_parallel(tasks: list[Callable[[], object]], concurrency: int, stop: thre
 
 
 def _retrying(fn, log, what: str):
-    """A single small request (HEAD, POST): retried on transient faults, a few times."""
-    delays = list(backoff_delays(3, base=0.25))
-    for i in range(4):
-        try:
-            return fn()
-        except TransientError as exc:
-            if i == 3:
-                raise NetworkError(f"{exc} (after 4 attempts)") from exc
-            delay = min(exc.retry_after, 30.0) if exc.retry_after is not None else delays[i]
-            if log:
-                log.warning("push.retry", file=what, attempt=i + 1, delay_s=delay, error=str(exc))
-            time.sleep(delay)
+    return retrying(fn, log, "push.retry", file=what)
 
 
 # ---- the push ------------------------------------------------------------------------------------------------------

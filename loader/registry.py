@@ -18,7 +18,6 @@ import base64
 import hashlib
 import http.client
 import json
-import socket
 import ssl
 import threading
 import time
@@ -620,3 +619,23 @@ def backoff_delays(attempts: int, base: float = 0.5, cap: float = 10.0) -> Itera
     for _ in range(attempts):
         yield delay
         delay = min(cap, delay * 2)
+
+
+#: Tries of one small request (a manifest, a HEAD, an upload POST) before it is a NetworkError.
+SMALL_REQUEST_ATTEMPTS = 4
+
+
+def retrying(fn, log, event: str, **fields):
+    """``fn()``, one small request, retried on transient faults with backoff that honours Retry-After (capped at
+    30 s); after SMALL_REQUEST_ATTEMPTS tries, a NetworkError. Each retry is logged as ``event`` with ``fields``."""
+    delays = list(backoff_delays(SMALL_REQUEST_ATTEMPTS - 1, base=0.25))
+    for i in range(SMALL_REQUEST_ATTEMPTS):
+        try:
+            return fn()
+        except TransientError as exc:
+            if i == SMALL_REQUEST_ATTEMPTS - 1:
+                raise NetworkError(f"{exc} (after {SMALL_REQUEST_ATTEMPTS} attempts)") from exc
+            delay = min(exc.retry_after, 30.0) if exc.retry_after is not None else delays[i]
+            if log is not None:
+                log.warning(event, **fields, attempt=i + 1, delay_s=delay, error=str(exc))
+            time.sleep(delay)
