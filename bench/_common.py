@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import requests
+from tests.support import oci  # the bench runs with the repository root on sys.path (bench/pull.py)
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 EMPTY_CONFIG = "application/vnd.oci.empty.v1+json"
@@ -117,31 +117,15 @@ def manifest_for(layers: list[Blob]) -> bytes:
     return json.dumps(manifest, indent=2).encode()
 
 
-class Pusher:
-    """Monolithic PUT with a file object: requests streams it from disk with a Content-Length."""
-
-    def __init__(self, base_url: str):
-        self.base = base_url.rstrip("/")
-        self.s = requests.Session()
-
-    def _upload(self, repo: str, digest: str, body, size: int) -> None:
-        r = self.s.post(f"{self.base}/v2/{repo}/blobs/uploads/")
-        r.raise_for_status()
-        loc = r.headers["Location"]
-        if loc.startswith("/"):
-            loc = self.base + loc
-        sep = "&" if "?" in loc else "?"
-        r = self.s.put(f"{loc}{sep}digest={digest}", data=body,
-                       headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)})
-        if r.status_code != 201:
-            raise RuntimeError(f"blob upload {digest} answered {r.status_code}: {r.text[:300]}")
+class Pusher(oci.Pusher):
+    """The tests' pusher, with the model's files streamed from disk (a file object with its Content-Length)."""
 
     def push(self, repo: str, tag: str, layers: list[Blob]) -> str:
         """Pushes the empty config, every layer and the manifest; returns the manifest digest."""
-        self._upload(repo, "sha256:" + hashlib.sha256(EMPTY_JSON).hexdigest(), EMPTY_JSON, len(EMPTY_JSON))
+        self.upload(repo, "sha256:" + hashlib.sha256(EMPTY_JSON).hexdigest(), EMPTY_JSON, len(EMPTY_JSON))
         for b in layers:
             with open(b.path, "rb") as f:
-                self._upload(repo, b.digest, f, b.size)
+                self.upload(repo, b.digest, f, b.size)
         body = manifest_for(layers)
         r = self.s.put(f"{self.base}/v2/{repo}/manifests/{tag}", data=body, headers={"Content-Type": OCI_MANIFEST})
         if r.status_code != 201:

@@ -17,8 +17,6 @@ localhost signed by a throwaway CA, and ``ca_path`` is the bundle a client verif
 
 from __future__ import annotations
 
-import datetime as dt
-import ipaddress
 import shutil
 import ssl
 import subprocess
@@ -31,10 +29,6 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 import bcrypt
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from tests.support.registry import REGISTRY_BIN, RegistryProcess, free_port
 from tests.support.tokenserver import Algorithm, TokenServer
@@ -49,63 +43,17 @@ class TLSFiles:
 
 
 def make_tls_files(directory: Path, hosts: Iterable[str] = ("127.0.0.1", "localhost")) -> TLSFiles:
-    """A throwaway CA and a server certificate it signs. A real chain (not one self-signed leaf) because strict
-    verifiers (Go, OpenSSL with X509_STRICT) refuse a leaf that is its own CA."""
+    """A throwaway CA and a server certificate it signs for ``hosts``, made by the webhook's own certificate code
+    (so Go's TLS stack checks it too). A real chain, not one self-signed leaf, because strict verifiers (Go,
+    OpenSSL with X509_STRICT) refuse a leaf that is its own CA."""
+    from webhook import certs
+
+    bundle = certs.generate("model-cache-test-registry", "tests", extra_sans=hosts, days=7)
     directory.mkdir(parents=True, exist_ok=True)
-    now = dt.datetime.now(dt.timezone.utc)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "model-cache test CA")])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(hours=1))
-        .not_valid_after(now + dt.timedelta(days=7))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
-                key_encipherment=False, data_encipherment=False, key_agreement=False, encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    sans: list[x509.GeneralName] = []
-    for h in hosts:
-        try:
-            sans.append(x509.IPAddress(ipaddress.ip_address(h)))
-        except ValueError:
-            sans.append(x509.DNSName(h))
-    leaf = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, next(iter(hosts), "127.0.0.1"))]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(hours=1))
-        .not_valid_after(now + dt.timedelta(days=7))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
     files = TLSFiles(directory / "ca.pem", directory / "server.pem", directory / "server-key.pem")
-    files.ca_path.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    files.cert_path.write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
-    files.key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
+    files.ca_path.write_bytes(bundle.ca_cert)
+    files.cert_path.write_bytes(bundle.tls_cert)
+    files.key_path.write_bytes(bundle.tls_key)
     return files
 
 

@@ -74,18 +74,26 @@ class Pusher:
         if auth:
             self.s.auth = auth
 
-    def push_blob(self, repo: str, data: bytes) -> str:
-        digest = sha256(data)
-        if self.s.head(f"{self.base}/v2/{repo}/blobs/{digest}").status_code == 200:
-            return digest
+    def upload(self, repo: str, digest: str, body, size: int | None = None) -> None:
+        """A monolithic upload (POST, then PUT with the digest); ``body`` bytes or a file object streamed with
+        ``size`` as its Content-Length."""
         r = self.s.post(f"{self.base}/v2/{repo}/blobs/uploads/")
         r.raise_for_status()
         loc = r.headers["Location"]
         if loc.startswith("/"):
             loc = self.base + loc
         sep = "&" if "?" in loc else "?"
-        r = self.s.put(f"{loc}{sep}digest={digest}", data=data, headers={"Content-Type": "application/octet-stream"})
-        r.raise_for_status()
+        headers = {"Content-Type": "application/octet-stream"}
+        if size is not None:
+            headers["Content-Length"] = str(size)
+        r = self.s.put(f"{loc}{sep}digest={digest}", data=body, headers=headers)
+        if r.status_code != 201:
+            raise RuntimeError(f"blob upload {digest} answered {r.status_code}: {r.text[:300]}")
+
+    def push_blob(self, repo: str, data: bytes) -> str:
+        digest = sha256(data)
+        if self.s.head(f"{self.base}/v2/{repo}/blobs/{digest}").status_code != 200:
+            self.upload(repo, digest, data)
         return digest
 
     def push_manifest(self, repo: str, ref: str, manifest: dict, media_type: str | None = None) -> str:
