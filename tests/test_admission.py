@@ -28,16 +28,24 @@ from tests.support.k8s_validate import assert_valid
 SETTINGS = Settings()
 CRIO = {"containerRuntimeVersion": "cri-o://1.34.2", "kubeletVersion": "v1.35.0"}
 CTRD = {"containerRuntimeVersion": "containerd://2.0.1", "kubeletVersion": "v1.35.0"}
-SNAPSHOT = snapshot_from(
-    [
-        {"metadata": {"name": "crio-a", "labels": {"pool": "crio"}}, "status": {"nodeInfo": CRIO}},
-        {"metadata": {"name": "ctrd-a", "labels": {"pool": "ctrd"}}, "status": {"nodeInfo": CTRD}},
-    ],
-    [
-        {"metadata": {"name": "ml", "labels": {ann.ENABLED_LABEL: "true", ann.PSA_ENFORCE_LABEL: "restricted"}}},
-        {"metadata": {"name": "open", "labels": {ann.ENABLED_LABEL: "true"}}},
-    ],
-)
+
+
+def fresh_snapshot():
+    """The test inventory as a new Snapshot (so with no remembered decisions or answers)."""
+    return snapshot_from(
+        [
+            {"metadata": {"name": "crio-a", "labels": {"pool": "crio"}}, "status": {"nodeInfo": CRIO}},
+            {"metadata": {"name": "ctrd-a", "labels": {"pool": "ctrd"}}, "status": {"nodeInfo": CTRD}},
+        ],
+        [
+            {"metadata": {"name": "ml", "labels": {ann.ENABLED_LABEL: "true", ann.PSA_ENFORCE_LABEL: "restricted"}}},
+            {"metadata": {"name": "open", "labels": {ann.ENABLED_LABEL: "true"}}},
+        ],
+    )
+
+
+# Shared by the tests, as the webhook shares one snapshot between reviews: its remembered answers are exercised.
+SNAPSHOT = fresh_snapshot()
 REF = "registry.example.com/models/phi3:v1"
 SUBPATH = "refs/registry.example.com_models_phi3_v1-81650e9a5e875dcd"
 
@@ -144,6 +152,77 @@ def test_generate_name_pod_in_restricted_namespace_gets_the_whole_patch():
     patched = jsonpatch.apply_patch(p, decode(response))
     assert patched == mutate_object(p, SNAPSHOT.namespaces["ml"], SNAPSHOT, SETTINGS)[0]
     assert_valid(patched)
+
+
+# --- answers remembered per snapshot ----------------------------------------------------------------------------
+
+
+def _replica(n: int, **metadata: Any) -> dict[str, Any]:
+    """Replica ``n`` of one ReplicaSet, as the API server sends it to mutating admission: the field manager has
+    stamped managedFields with the time of this create."""
+    p = pod(nodeSelector={"pool": "ctrd"})
+    p["metadata"]["managedFields"] = [{
+        "manager": "kube-controller-manager", "operation": "Update", "apiVersion": "v1",
+        "time": f"2026-11-23T10:00:{n:02d}Z", "fieldsType": "FieldsV1",
+        "fieldsV1": {"f:metadata": {"f:generateName": {}}, "f:spec": {"f:containers": {'k:{"name":"server"}': {".": {}}}}},
+    }]
+    p["metadata"].update(metadata)
+    return p
+
+
+def test_replicas_of_one_template_are_decided_once_and_answered_with_their_own_uid():
+    snap = fresh_snapshot()
+    first = mutate_review(review(_replica(1), uid="uid-1"), snap, SETTINGS)
+    second = mutate_review(review(_replica(2, uid="7c1f", creationTimestamp="2026-11-23T10:00:02Z"), uid="uid-2"), snap, SETTINGS)
+    assert len(snap.answers) == 1
+    assert second["response"]["uid"] == "uid-2" and first["response"]["uid"] == "uid-1"
+    assert second == mutate_review(review(_replica(2), uid="uid-2"), fresh_snapshot(), SETTINGS)  # as if decided afresh
+    assert {**second, "response": {**second["response"], "uid": "uid-1"}} == first
+    assert "patch" in second["response"]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        pytest.param(lambda p, r: (p, r, Settings(loader_image="registry.example.com/loader:2")), id="other settings"),
+        pytest.param(lambda p, r: (p, {**r, "namespace": "open"}, SETTINGS), id="other namespace"),
+        pytest.param(lambda p, r: ({**p, "metadata": {**p["metadata"], "name": "chat-0"}}, r, SETTINGS), id="a name"),
+        pytest.param(
+            lambda p, r: ({**p, "metadata": {**p["metadata"], "annotations": {ann.REF: REF, ann.MOUNT_PATH: "/m"}}}, r, SETTINGS),
+            id="other annotations",
+        ),
+        pytest.param(lambda p, r: ({**p, "spec": {**p["spec"], "nodeSelector": {"pool": "crio"}}}, r, SETTINGS), id="other spec"),
+        pytest.param(lambda p, r: ({**p, "spec": {**p["spec"], "nodeSelector": {"pool": "ctrd"}}}, r, SETTINGS), id="same spec"),
+    ],
+)
+def test_a_remembered_answer_is_only_given_to_a_pod_that_would_get_it_anyway(change):
+    snap = fresh_snapshot()
+    p = _replica(1)
+    body = review(p)
+    mutate_review(body, snap, SETTINGS)
+    p2, request, cfg = change(copy.deepcopy(p), copy.deepcopy(body["request"]))
+    body2 = {**body, "request": {**request, "object": p2, "uid": "uid-2"}}
+    assert mutate_review(body2, snap, cfg) == mutate_review(copy.deepcopy(body2), fresh_snapshot(), cfg)
+
+
+def test_remembered_answers_are_bounded():
+    from webhook.admission import ANSWER_MEMO_LIMIT
+
+    snap = fresh_snapshot()
+    sizes = []
+    for i in range(ANSWER_MEMO_LIMIT + 3):
+        mutate_review(review(_replica(1, generateName=f"chat-{i}-")), snap, SETTINGS)
+        sizes.append(len(snap.answers))
+    assert max(sizes) == ANSWER_MEMO_LIMIT and sizes[-1] == 3  # emptied when full, then filled again
+
+
+def test_malformed_pods_are_not_remembered_and_stay_malformed():
+    snap = fresh_snapshot()
+    bad = review({**pod(), "spec": "not an object"})
+    for _ in range(2):
+        with pytest.raises(MalformedReview, match="request.object.spec"):
+            mutate_review(bad, snap, SETTINGS)
+    assert snap.answers == {}
 
 
 def test_image_volume_patch_in_open_namespace():
