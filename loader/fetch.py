@@ -32,7 +32,6 @@ import os
 import queue
 import random
 import threading
-import uuid
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -234,7 +233,7 @@ class Fetcher:
         ranges = _load_state(partial, b) if attempt == 0 else None
         resumed = ranges is not None
         if not resumed:
-            for p in (partial, state_path):
+            for p in (partial, *_state_files(state_path)):
                 p.unlink(missing_ok=True)
             ranges = [Range(i, s, e) for i, (s, e) in enumerate(plan_ranges(b.size, chunk))]
         fd = os.open(partial, os.O_RDWR | os.O_CREAT, 0o644)
@@ -391,13 +390,15 @@ class Fetcher:
             os.close(job.fd)
             job.fd = -1
             self.cache.publish_blob(job.partial, job.digest)
-            job.state.unlink(missing_ok=True)
+            for p in _state_files(job.state):
+                p.unlink(missing_ok=True)
             job.lock_stack.close()
             return
         os.close(job.fd)
         job.fd = -1
         job.partial.unlink(missing_ok=True)
-        job.state.unlink(missing_ok=True)
+        for p in _state_files(job.state):
+            p.unlink(missing_ok=True)
         if job.attempt == 0:
             if self.log:
                 self.log.warning("fetch.digest_mismatch", ref=self.label, blob=job.digest, got=got, action="refetch")
@@ -444,9 +445,16 @@ class Fetcher:
             return
         data = json.dumps({"digest": job.digest, "size": job.size,
                            "ranges": [[r.start, r.end, r.done] for r in job.ranges]}).encode()
-        tmp = job.state.with_name(f"{job.state.name}.{uuid.uuid4().hex[:6]}")
+        tmp = _state_files(job.state)[1]
         tmp.write_bytes(data)
         os.replace(tmp, job.state)
+
+
+def _state_files(state: Path) -> tuple[Path, Path]:
+    """A blob's resume state and the file it is written through. One fixed temporary name is enough: only the
+    holder of the blob's lock writes it, under job.lock; a kill between the write and the rename leaves it, and
+    whoever next finishes or restarts the blob removes it with the state."""
+    return state, state.with_name(state.name + ".tmp")
 
 
 def _load_state(partial: Path, b: Blob) -> list[Range] | None:

@@ -293,6 +293,25 @@ def test_large_blob_is_split_into_ranges_and_verified(registry, pusher, tmp_path
         (0, 25 * M), (25 * M, 50 * M), (50 * M, 75 * M), (75 * M, len(data))]
 
 
+@pytest.mark.parametrize("resumable", [True, False], ids=["state-kept", "state-gone"])
+def test_a_state_write_cut_by_a_kill_leaves_nothing_behind_after_the_next_pull(resumable, registry, pusher, tmp_path):
+    """A kill between writing partial/<hex>.state.tmp and renaming it over .state leaves the temporary file; the
+    pull that finishes the blob (resuming it or starting it over) removes it with the state."""
+    data = os.urandom(300_000)
+    pusher.push_artifact("m/statetmp", "v1", [file_layer("w.bin", data)])
+    cache = Cache(tmp_path)
+    partial = cache.partial_path(sha256(data))
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    if resumable:  # half of the blob arrived, its state was saved, then a later save was cut
+        partial.write_bytes(data[:150_000] + bytes(len(data) - 150_000))
+        partial.with_name(partial.name + ".state").write_text(json.dumps(
+            {"digest": sha256(data), "size": len(data), "ranges": [[0, len(data), 150_000]]}))
+    partial.with_name(partial.name + ".state.tmp").write_text('{"digest": "sha256:')
+    res = do_pull(f"{registry.host}/m/statetmp:v1", tmp_path)
+    assert tree(res.path) == {"w.bin": data}
+    assert sorted(p.name for p in (tmp_path / contract.PARTIAL_DIR).iterdir()) == []
+
+
 def test_cli_json_output_and_termination_log(registry, pusher, tmp_path, monkeypatch):
     d = pusher.push_artifact("m/cli", "v1", [file_layer("w", b"abc"), file_layer("c.json", b"{}")])
     term = tmp_path / "termination-log"
