@@ -3,7 +3,8 @@
 Layout (names from loader.contract, relative to the cache root)::
 
     blobs/sha256/<hex>            verified blob, read-only; model files are hard links to it
-    partial/<hex>, <hex>.state    an in-flight download and its resume state (survive a crash)
+    partial/<hex>, <hex>.state    an in-flight download and its resume state (survive a crash; the state is
+                                  written through <hex>.state.tmp)
     models/sha256/<hex>/          the published tree of a manifest, read-only; appears by one rename
     meta/<hex>.json               what a model is: refs, manifest, bytes, files (outside the tree, which must
                                   stay identical to what an image volume shows)

@@ -56,7 +56,7 @@ class Metrics:
         )
         self.latency = Histogram(
             "model_cache_review_duration_seconds",
-            "Time to answer an admission review, from body received to response serialised.",
+            "Time to answer an admission review, from body received to response serialised (waiting included).",
             ["endpoint"],
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
