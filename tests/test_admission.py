@@ -205,15 +205,21 @@ def test_a_remembered_answer_is_only_given_to_a_pod_that_would_get_it_anyway(cha
     assert mutate_review(body2, snap, cfg) == mutate_review(copy.deepcopy(body2), fresh_snapshot(), cfg)
 
 
-def test_remembered_answers_are_bounded():
+def test_remembered_answers_are_bounded_and_the_least_recently_used_go_first():
     from webhook.admission import ANSWER_MEMO_LIMIT
 
     snap = fresh_snapshot()
-    sizes = []
-    for i in range(ANSWER_MEMO_LIMIT + 3):
-        mutate_review(review(_replica(1, generateName=f"chat-{i}-")), snap, SETTINGS)
-        sizes.append(len(snap.answers))
-    assert max(sizes) == ANSWER_MEMO_LIMIT and sizes[-1] == 3  # emptied when full, then filled again
+    hot = review(_replica(1, generateName="hot-"))
+    mutate_review(hot, snap, SETTINGS)
+    for i in range(ANSWER_MEMO_LIMIT + 10):  # one-off pods, with the hot template recurring among them
+        mutate_review(review(_replica(1, generateName=f"one-off-{i}-")), snap, SETTINGS)
+        if i % 100 == 0:
+            mutate_review(hot, snap, SETTINGS)
+        assert len(snap.answers) <= ANSWER_MEMO_LIMIT
+    assert len(snap.answers) == ANSWER_MEMO_LIMIT
+    names = [json.loads(key)[1]["generateName"] for key in snap.answers]
+    assert "hot-" in names  # used within the last 256 reviews: kept
+    assert "one-off-0-" not in names and names[-1] == f"one-off-{ANSWER_MEMO_LIMIT + 9}-"
 
 
 def test_malformed_pods_are_not_remembered_and_stay_malformed():

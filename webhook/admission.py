@@ -50,8 +50,9 @@ from webhook.snapshot import Snapshot
 DENIED_CODE = 403
 WARNING_LIMIT = 256
 MAX_DEPTH = 64  # real pods nest ~15 levels; deeper documents would only exercise recursion limits
-#: Answers remembered per snapshot (admission.mutate_review); the map is emptied when full. ~12 KB each for
-#: realistic pods, so at most a few MB: far more distinct templates than a cluster creates pods of at once.
+#: Answers remembered per snapshot, the least recently used dropped first: ~15 KB each (key and answer) for
+#: realistic pods, so a few MB at most, and far more templates than a cluster scales out at once. A stream of
+#: one-off pods (each with its own name) then only pushes out answers not used for 256 reviews.
 ANSWER_MEMO_LIMIT = 256
 #: Metadata the decision never reads and that differs between replicas of one template (the API server's field
 #: manager stamps managedFields with the time of each create); left out of the memo key.
@@ -187,16 +188,24 @@ def mutate_review(body: Any, snapshot: Snapshot, settings: Settings) -> Admissio
     if pod is None:
         raise MalformedReview("request.object is missing from a CREATE review")
     key = _answer_key(pod, req.namespace)
+    answers = snapshot.answers
     if key is not None:
-        hit = snapshot.answers.get(key)
+        hit = answers.get(key)
         if hit is not None and hit[0] is settings:
+            try:
+                answers.move_to_end(key)
+            except KeyError:  # dropped meanwhile by another thread's review: still the right answer
+                pass
             return {**hit[1], "response": {**hit[1]["response"], "uid": req.uid}}
     answer = _mutate_answer(req.uid, pod, req.namespace, snapshot, settings)
     if key is not None:
-        if len(snapshot.answers) >= ANSWER_MEMO_LIMIT:
-            snapshot.answers.clear()
         # The settings object rides along (held, so its id cannot be reused): a hit must come from the same settings.
-        snapshot.answers[key] = (settings, answer)
+        answers[key] = (settings, answer)
+        while len(answers) > ANSWER_MEMO_LIMIT:
+            try:
+                answers.popitem(last=False)
+            except KeyError:
+                break
     return answer
 
 
