@@ -158,6 +158,28 @@ def test_a_pod_review_gets_exactly_the_core_answer_and_its_patch_applies(served,
     assert patched["metadata"]["annotations"][ann.STATUS].split(":")[0] == expected_mode
 
 
+def test_concurrent_replicas_are_each_answered_with_their_own_uid_and_decided_once(served):
+    """32 replicas in flight at once, as in a scale-out: each answer is the core's answer for that very review (its
+    uid, the same patch), and the snapshot decided the template once."""
+    import concurrent.futures
+
+    snapshot = snapshot_from(NODES, NAMESPACES, synced=True)
+    server = served(snapshot)
+    bodies = []
+    for n in range(32):
+        replica = pod("containerd")
+        replica["metadata"]["managedFields"] = [{"manager": "kube-controller-manager", "operation": "Update",
+                                                 "time": f"2026-11-23T10:00:{n:02d}Z", "fieldsType": "FieldsV1"}]
+        bodies.append(review(replica, uid=f"uid-{n:02d}"))
+    with server.client() as client, concurrent.futures.ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda b: client.post("/mutate", json=b).json(), bodies))
+    for body, answer in zip(bodies, answers):
+        assert answer == admission.mutate_review(copy.deepcopy(body), snapshot_from(NODES, NAMESPACES), SETTINGS)
+        assert answer["response"]["uid"] == body["request"]["uid"]
+    assert len({a["response"]["patch"] for a in answers}) == 1
+    assert len(snapshot.answers) == 1
+
+
 def test_a_workload_review_on_validate_is_answered_without_a_patch(served):
     server = served()
     deployment = {
