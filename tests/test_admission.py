@@ -193,6 +193,9 @@ def test_replicas_of_one_template_are_decided_once_and_answered_with_their_own_u
         ),
         pytest.param(lambda p, r: ({**p, "spec": {**p["spec"], "nodeSelector": {"pool": "crio"}}}, r, SETTINGS), id="other spec"),
         pytest.param(lambda p, r: ({**p, "spec": {**p["spec"], "nodeSelector": {"pool": "ctrd"}}}, r, SETTINGS), id="same spec"),
+        # The patch lists its operations in the order of the pod's top-level keys.
+        pytest.param(lambda p, r: ({"spec": p["spec"], **{k: v for k, v in p.items() if k != "spec"}}, r, SETTINGS),
+                     id="spec before metadata"),
     ],
 )
 def test_a_remembered_answer_is_only_given_to_a_pod_that_would_get_it_anyway(change):
@@ -217,9 +220,31 @@ def test_remembered_answers_are_bounded_and_the_least_recently_used_go_first():
             mutate_review(hot, snap, SETTINGS)
         assert len(snap.answers) <= ANSWER_MEMO_LIMIT
     assert len(snap.answers) == ANSWER_MEMO_LIMIT
-    names = [json.loads(key)[1]["generateName"] for key in snap.answers]
+    names = [json.loads(key)[2]["generateName"] for key in snap.answers]  # (namespace, keys, metadata, spec)
     assert "hot-" in names  # used within the last 256 reviews: kept
     assert "one-off-0-" not in names and names[-1] == f"one-off-{ANSWER_MEMO_LIMIT + 9}-"
+
+
+def test_pods_too_large_to_remember_are_decided_every_time():
+    from webhook.admission import ANSWER_KEY_MAX_BYTES
+
+    snap = fresh_snapshot()
+    big = _replica(1)
+    big["spec"]["containers"][0]["env"] = [{"name": f"V{i}", "value": "x" * 100} for i in range(ANSWER_KEY_MAX_BYTES // 100)]
+    first = mutate_review(review(big, uid="uid-1"), snap, SETTINGS)
+    second = mutate_review(review(big, uid="uid-2"), snap, SETTINGS)
+    assert snap.answers == {}
+    assert second == mutate_review(review(big, uid="uid-2"), fresh_snapshot(), SETTINGS)
+    assert {**first, "response": {**first["response"], "uid": "uid-2"}} == second
+
+
+def test_a_caller_editing_its_answer_does_not_change_the_next_one():
+    snap = fresh_snapshot()
+    first = mutate_review(review(_replica(1)), snap, SETTINGS)
+    first["response"]["allowed"] = False
+    first["response"].pop("patch")
+    second = mutate_review(review(_replica(2)), snap, SETTINGS)
+    assert second == mutate_review(review(_replica(2)), fresh_snapshot(), SETTINGS)
 
 
 def test_malformed_pods_are_not_remembered_and_stay_malformed():

@@ -220,6 +220,15 @@ def test_noop_allows_without_touching_the_object(served):
     }
 
 
+def test_noop_echoes_only_a_string_uid(served):
+    server = served()
+    deep = b"[" * 300 + b"]" * 300  # deeper than orjson writes: echoed, it would fail the answer
+    with server.client() as client:
+        resp = client.post("/noop", content=b'{"apiVersion": ' + deep + b', "request": {"uid": ' + deep + b"}}")
+    assert resp.status_code == 200
+    assert resp.json() == {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "response": {"uid": "", "allowed": True}}
+
+
 @pytest.mark.parametrize(
     ("endpoint", "content", "message"),
     [

@@ -108,3 +108,20 @@ def test_the_runner_starts_again_after_its_queue_ran_dry():
         return first, second
 
     assert _run(main()) == ("first", "second")
+
+
+def test_callers_still_queued_when_the_worker_is_cancelled_are_cancelled_too():
+    """At shutdown the loop cancels the worker: the reviews behind it must not wait for ever."""
+
+    async def main():
+        runner = FifoRunner(asyncio.get_running_loop(), per_poll=1)
+        calls = [asyncio.ensure_future(runner.run(lambda i=i: i)) for i in range(3)]
+        await asyncio.sleep(0)  # queued, the worker started
+        await asyncio.sleep(0)  # the first ran; the worker yielded
+        runner._worker.cancel()
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        return results
+
+    results = _run(main())
+    assert results[0] == 0
+    assert all(isinstance(r, asyncio.CancelledError) for r in results[1:]), results

@@ -374,3 +374,11 @@ def test_decisions_are_memoised_per_snapshot_and_constraints():
     # A new snapshot starts empty: decisions never outlive the inventory they were made from.
     assert snap(*CRIO).memo == {}
     assert choose_mode("auto", {}, snap(*CRIO), SETTINGS).mode == "image-volume"
+
+
+def test_remembered_decisions_quote_the_minimum_versions_as_each_settings_wrote_them():
+    fleet = snap(node("old", version=(1, 31, 0)))
+    for written in ("1.33", "01.33", "1.033"):  # equal versions, written differently
+        with pytest.raises(Denied) as denied:
+            choose_mode("image-volume", {}, fleet, Settings(image_volume_min_crio=written))
+        assert f"needs {written}+" in denied.value.message, denied.value.message

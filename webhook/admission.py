@@ -54,6 +54,9 @@ MAX_DEPTH = 64  # real pods nest ~15 levels; deeper documents would only exercis
 #: realistic pods, so a few MB at most, and far more templates than a cluster scales out at once. A stream of
 #: one-off pods (each with its own name) then only pushes out answers not used for 256 reviews.
 ANSWER_MEMO_LIMIT = 256
+#: Pods whose key is larger are decided afresh every time, so the memo holds at most 256 x 64 KiB of keys (pod specs
+#: are ~5-30 KB; the body limit is 16 MiB).
+ANSWER_KEY_MAX_BYTES = 64 * 1024
 #: Metadata the decision never reads and that differs between replicas of one template (the API server's field
 #: manager stamps managedFields with the time of each create); left out of the memo key.
 VOLATILE_METADATA = frozenset({"managedFields", "uid", "creationTimestamp", "resourceVersion", "generation", "selfLink"})
@@ -206,6 +209,8 @@ def mutate_review(body: Any, snapshot: Snapshot, settings: Settings) -> Admissio
                 answers.popitem(last=False)
             except KeyError:
                 break
+        # Remembered answers are shared by every hit: the caller gets its own top levels (treat the rest as read-only).
+        return {**answer, "response": {**answer["response"]}}
     return answer
 
 
@@ -230,16 +235,20 @@ def _answer_key(pod: Mapping[str, Any], request_namespace: str | None) -> bytes 
     and its spec; the patch touches only those; every other field is shared with the new pod and never read. So
     pods equal in all of that but VOLATILE_METADATA get the same answer, apart from the review uid.
 
-    The bytes are the JSON of those values (orjson: ~10 us for a 20 KB pod), so equal bytes mean equal values.
+    The bytes are the JSON of those values (orjson: ~10 us for a 20 KB pod), so equal bytes mean equal values (for
+    what JSON can carry: orjson writes a float NaN as null, which only a Python caller can pass; the app's parser
+    refuses NaN).
     """
     meta, spec = pod.get("metadata"), pod.get("spec")
     if not isinstance(meta, dict) or not isinstance(spec, dict):
         return None  # not a pod the API server would send; decide it afresh
     meta = {k: v for k, v in meta.items() if k not in VOLATILE_METADATA}
     try:
-        return orjson.dumps((request_namespace, meta, spec))
+        # The top-level keys too: the patch lists its operations in their order.
+        key = orjson.dumps((request_namespace, list(pod), meta, spec))
     except TypeError:  # an integer beyond 64 bits, nesting beyond orjson's limit: decide it afresh
         return None
+    return key if len(key) <= ANSWER_KEY_MAX_BYTES else None
 
 
 def _template_of(obj: Mapping[str, Any], kind: str, where: str) -> Mapping[str, Any] | None:

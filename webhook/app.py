@@ -131,10 +131,11 @@ def _log_denial(endpoint: str, kind: str, body: dict, answer: dict) -> None:
 def _noop_review(body: dict, snapshot: Any, settings: Any) -> dict:
     """Allowed, unchanged: the benchmark's baseline for the cost of transport alone."""
     request = body.get("request") if isinstance(body.get("request"), dict) else {}
+    uid = request.get("uid")
     return {
-        "apiVersion": body.get("apiVersion", "admission.k8s.io/v1"),
+        "apiVersion": "admission.k8s.io/v1",
         "kind": "AdmissionReview",
-        "response": {"uid": request.get("uid", ""), "allowed": True},
+        "response": {"uid": uid if isinstance(uid, str) else "", "allowed": True},
     }
 
 
@@ -186,6 +187,7 @@ def create_app(
             if not isinstance(body, dict):
                 raise MalformedReview(f"request body must be an AdmissionReview object, got {type(body).__name__}")
             answer = core(body, inventory.snapshot(), settings)
+            payload = orjson.dumps(answer)
         except MalformedReview as exc:
             metrics.reviews.labels("unknown", "none", "malformed").inc()
             log.info("malformed review on /%s: %s", endpoint, exc)
@@ -194,7 +196,6 @@ def create_app(
             metrics.reviews.labels("unknown", "none", "error").inc()
             log.exception("unexpected error answering /%s", endpoint)
             return JSONResponse({"message": "internal error; see the webhook's log"}, status_code=500)
-        payload = orjson.dumps(answer)
         if endpoint != NOOP:
             kind, mode, outcome = _labels(body, answer)
             metrics.reviews.labels(kind, mode, outcome).inc()

@@ -44,6 +44,16 @@ class FifoRunner:
         return await future
 
     async def _work(self) -> None:
+        try:
+            await self._drain()
+        except BaseException:
+            # Cancelled (the loop is shutting down) or worse: nobody will run what is queued, so say so to the
+            # callers rather than leave them waiting.
+            while self._queue:
+                self._queue.popleft()[1].cancel()
+            raise
+
+    async def _drain(self) -> None:
         done = 0
         while self._queue:
             fn, future = self._queue.popleft()

@@ -274,7 +274,8 @@ def choose_mode(mode: str, pod_spec: Mapping[str, Any], snapshot: Snapshot, sett
     is not; when the inventory cannot tell (not synced, empty, no node matches: a pool scaled to zero) the
     request is honoured with a warning, because denying would block scale-from-zero pools.
     """
-    key = (mode, explicit, settings.min_crio, settings.min_kubelet, _scheduling_key(pod_spec))
+    # The settings' version strings, not their parsed values: the messages quote them as written.
+    key = (mode, explicit, settings.image_volume_min_crio, settings.image_volume_min_kubelet, _scheduling_key(pod_spec))
     memo = snapshot.memo
     hit = memo.get(key)
     if hit is None:
