@@ -170,15 +170,22 @@ def _replica(n: int, **metadata: Any) -> dict[str, Any]:
     return p
 
 
-def test_replicas_of_one_template_are_decided_once_and_answered_with_their_own_uid():
+def test_replicas_of_one_template_are_decided_twice_then_answered_from_memory_with_their_own_uid(monkeypatch):
+    from webhook import admission
+
+    decided = []
+    real = admission._mutate_answer
+    monkeypatch.setattr(admission, "_mutate_answer", lambda *a: decided.append(a[0]) or real(*a))
     snap = fresh_snapshot()
-    first = mutate_review(review(_replica(1), uid="uid-1"), snap, SETTINGS)
-    second = mutate_review(review(_replica(2, uid="7c1f", creationTimestamp="2026-11-23T10:00:02Z"), uid="uid-2"), snap, SETTINGS)
+    answers = [
+        mutate_review(review(_replica(n, uid=f"pod-{n}", creationTimestamp=f"2026-11-23T10:00:{n:02d}Z"), uid=f"uid-{n}"), snap, SETTINGS)
+        for n in range(5)
+    ]
+    assert decided == ["uid-0", "uid-1"]  # kept on its second miss (webhook/memo.py: one-off pods never are)
     assert len(snap.answers) == 1
-    assert second["response"]["uid"] == "uid-2" and first["response"]["uid"] == "uid-1"
-    assert second == mutate_review(review(_replica(2), uid="uid-2"), fresh_snapshot(), SETTINGS)  # as if decided afresh
-    assert {**second, "response": {**second["response"], "uid": "uid-1"}} == first
-    assert "patch" in second["response"]
+    for n, answer in enumerate(answers):
+        assert answer == mutate_review(review(_replica(n), uid=f"uid-{n}"), fresh_snapshot(), SETTINGS)  # as if afresh
+    assert "patch" in answers[-1]["response"]
 
 
 @pytest.mark.parametrize(
@@ -203,44 +210,31 @@ def test_a_remembered_answer_is_only_given_to_a_pod_that_would_get_it_anyway(cha
     p = _replica(1)
     body = review(p)
     mutate_review(body, snap, SETTINGS)
+    mutate_review(body, snap, SETTINGS)
+    assert len(snap.answers) == 1
     p2, request, cfg = change(copy.deepcopy(p), copy.deepcopy(body["request"]))
     body2 = {**body, "request": {**request, "object": p2, "uid": "uid-2"}}
     assert mutate_review(body2, snap, cfg) == mutate_review(copy.deepcopy(body2), fresh_snapshot(), cfg)
 
 
-def test_remembered_answers_are_bounded_and_the_least_recently_used_go_first():
-    from webhook.admission import ANSWER_MEMO_LIMIT
-
-    snap = fresh_snapshot()
-    hot = review(_replica(1, generateName="hot-"))
-    mutate_review(hot, snap, SETTINGS)
-    for i in range(ANSWER_MEMO_LIMIT + 10):  # one-off pods, with the hot template recurring among them
-        mutate_review(review(_replica(1, generateName=f"one-off-{i}-")), snap, SETTINGS)
-        if i % 100 == 0:
-            mutate_review(hot, snap, SETTINGS)
-        assert len(snap.answers) <= ANSWER_MEMO_LIMIT
-    assert len(snap.answers) == ANSWER_MEMO_LIMIT
-    names = [json.loads(key)[2]["generateName"] for key in snap.answers]  # (namespace, keys, metadata, spec)
-    assert "hot-" in names  # used within the last 256 reviews: kept
-    assert "one-off-0-" not in names and names[-1] == f"one-off-{ANSWER_MEMO_LIMIT + 9}-"
-
-
 def test_pods_too_large_to_remember_are_decided_every_time():
-    from webhook.admission import ANSWER_KEY_MAX_BYTES
+    from webhook.memo import KEY_MAX_BYTES
 
     snap = fresh_snapshot()
     big = _replica(1)
-    big["spec"]["containers"][0]["env"] = [{"name": f"V{i}", "value": "x" * 100} for i in range(ANSWER_KEY_MAX_BYTES // 100)]
+    big["spec"]["containers"][0]["env"] = [{"name": f"V{i}", "value": "x" * 100} for i in range(KEY_MAX_BYTES // 100)]
     first = mutate_review(review(big, uid="uid-1"), snap, SETTINGS)
+    mutate_review(review(big, uid="uid-2"), snap, SETTINGS)
     second = mutate_review(review(big, uid="uid-2"), snap, SETTINGS)
-    assert snap.answers == {}
+    assert len(snap.answers) == 0
     assert second == mutate_review(review(big, uid="uid-2"), fresh_snapshot(), SETTINGS)
     assert {**first, "response": {**first["response"], "uid": "uid-2"}} == second
 
 
 def test_a_caller_editing_its_answer_does_not_change_the_next_one():
     snap = fresh_snapshot()
-    first = mutate_review(review(_replica(1)), snap, SETTINGS)
+    mutate_review(review(_replica(1)), snap, SETTINGS)
+    first = mutate_review(review(_replica(1)), snap, SETTINGS)  # the answer that is kept
     first["response"]["allowed"] = False
     first["response"].pop("patch")
     second = mutate_review(review(_replica(2)), snap, SETTINGS)
@@ -253,7 +247,7 @@ def test_malformed_pods_are_not_remembered_and_stay_malformed():
     for _ in range(2):
         with pytest.raises(MalformedReview, match="request.object.spec"):
             mutate_review(bad, snap, SETTINGS)
-    assert snap.answers == {}
+    assert len(snap.answers) == 0
 
 
 def test_image_volume_patch_in_open_namespace():
@@ -683,7 +677,7 @@ def test_malformed_reviews_raise_only_malformed_review(data):
 
 # --- the pure core stays pure --------------------------------------------------------------------------------------
 
-PURE = ["annotations", "snapshot", "nodes", "mutate", "patch", "errors", "models", "admission"]
+PURE = ["annotations", "snapshot", "memo", "nodes", "mutate", "patch", "errors", "models", "admission"]
 IO_MODULES = {"os", "socket", "subprocess", "kubernetes", "fastapi", "starlette", "uvicorn", "httpx", "requests",
               "urllib", "http", "threading", "asyncio", "webhook.inventory", "webhook.app", "webhook.cli"}
 

@@ -50,13 +50,6 @@ from webhook.snapshot import Snapshot
 DENIED_CODE = 403
 WARNING_LIMIT = 256
 MAX_DEPTH = 64  # real pods nest ~15 levels; deeper documents would only exercise recursion limits
-#: Answers remembered per snapshot, the least recently used dropped first: ~15 KB each (key and answer) for
-#: realistic pods, so a few MB at most, and far more templates than a cluster scales out at once. A stream of
-#: one-off pods (each with its own name) then only pushes out answers not used for 256 reviews.
-ANSWER_MEMO_LIMIT = 256
-#: Pods whose key is larger are decided afresh every time, so the memo holds at most 256 x 64 KiB of keys (pod specs
-#: are ~5-30 KB; the body limit is 16 MiB).
-ANSWER_KEY_MAX_BYTES = 64 * 1024
 #: Metadata the decision never reads and that differs between replicas of one template (the API server's field
 #: manager stamps managedFields with the time of each create); left out of the memo key.
 VOLATILE_METADATA = frozenset({"managedFields", "uid", "creationTimestamp", "resourceVersion", "generation", "selfLink"})
@@ -191,25 +184,14 @@ def mutate_review(body: Any, snapshot: Snapshot, settings: Settings) -> Admissio
     if pod is None:
         raise MalformedReview("request.object is missing from a CREATE review")
     key = _answer_key(pod, req.namespace)
-    answers = snapshot.answers
     if key is not None:
-        hit = answers.get(key)
-        if hit is not None and hit[0] is settings:
-            try:
-                answers.move_to_end(key)
-            except KeyError:  # dropped meanwhile by another thread's review: still the right answer
-                pass
-            return {**hit[1], "response": {**hit[1]["response"], "uid": req.uid}}
+        hit = snapshot.answers.get(key, settings)
+        if hit is not None:
+            return {**hit, "response": {**hit["response"], "uid": req.uid}}
     answer = _mutate_answer(req.uid, pod, req.namespace, snapshot, settings)
     if key is not None:
-        # The settings object rides along (held, so its id cannot be reused): a hit must come from the same settings.
-        answers[key] = (settings, answer)
-        while len(answers) > ANSWER_MEMO_LIMIT:
-            try:
-                answers.popitem(last=False)
-            except KeyError:
-                break
-        # Remembered answers are shared by every hit: the caller gets its own top levels (treat the rest as read-only).
+        snapshot.answers.put(key, settings, answer)
+        # A remembered answer is shared by every hit: the caller gets its own top levels (the rest is read-only).
         return {**answer, "response": {**answer["response"]}}
     return answer
 
@@ -245,10 +227,9 @@ def _answer_key(pod: Mapping[str, Any], request_namespace: str | None) -> bytes 
     meta = {k: v for k, v in meta.items() if k not in VOLATILE_METADATA}
     try:
         # The top-level keys too: the patch lists its operations in their order.
-        key = orjson.dumps((request_namespace, list(pod), meta, spec))
+        return orjson.dumps((request_namespace, list(pod), meta, spec))
     except TypeError:  # an integer beyond 64 bits, nesting beyond orjson's limit: decide it afresh
         return None
-    return key if len(key) <= ANSWER_KEY_MAX_BYTES else None
 
 
 def _template_of(obj: Mapping[str, Any], kind: str, where: str) -> Mapping[str, Any] | None:

@@ -11,11 +11,12 @@ kubelet ``v1.35.0-eks-4f5a`` -> (1, 35, 0).
 from __future__ import annotations
 
 import re
-from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
+
+from webhook.memo import AnswerMemo
 
 _VERSION = re.compile(r"^v?(\d+)\.(\d+)(?:\.(\d+))?")
 _EMPTY: Mapping[str, str] = MappingProxyType({})
@@ -64,10 +65,9 @@ class Snapshot:
     # their constraints, so a 5000-node inventory is scanned once per snapshot and template, not once per pod.
     # Not part of the value: equality and repr ignore it.
     memo: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False, hash=False)
-    # Whole answers per distinct pod, least recently used first, filled lazily by admission.mutate_review: replicas
-    # of one template differ only in fields the decision never reads, so a rollout of 100 pods decides once. Not
-    # part of the value either.
-    answers: OrderedDict[Any, Any] = field(default_factory=OrderedDict, compare=False, repr=False, hash=False)
+    # Whole answers per recurring pod (webhook/memo.py), filled lazily by admission.mutate_review. Not part of the
+    # value either.
+    answers: AnswerMemo = field(default_factory=AnswerMemo, compare=False, repr=False, hash=False)
 
 
 EMPTY = Snapshot((), MappingProxyType({}), False)
