@@ -139,6 +139,52 @@ def test_watch_events_add_modify_and_delete_nodes(fake, watching):
     assert inventory.lists == {"nodes": 1, "namespaces": 1}
 
 
+def test_node_and_namespace_updates_that_change_nothing_the_decision_reads_keep_the_snapshot(fake, watching):
+    """Kubelet heartbeats and status churn must not reset the per-snapshot memos: no new snapshot for them."""
+    fake.put("nodes", node("n1"))
+    fake.put("namespaces", namespace("team-a", {"model.cache/enabled": "true"}))
+    inventory = watching()
+    synced = inventory.wait_for(lambda s: s.synced, WAIT)
+    assert synced is not None
+    published = []
+    real_publish = inventory.publish
+    inventory.publish = lambda snap: (published.append(snap), real_publish(snap))
+
+    heartbeat = node("n1")
+    heartbeat["status"]["conditions"] = [{"type": "Ready", "status": "True", "lastHeartbeatTime": "2026-11-23T10:05:00Z"}]
+    heartbeat["metadata"]["annotations"] = {"node.alpha.kubernetes.io/ttl": "0"}
+    fake.put("nodes", heartbeat)
+    fake.put("namespaces", {**namespace("team-a", {"model.cache/enabled": "true"}), "status": {"phase": "Active"}})
+    fake.put("nodes", node("n2"))  # a real change, after the others: once it shows, they have been handled
+    snap = inventory.wait_for(lambda s: names(s) == ["n1", "n2"], WAIT)
+    assert snap is not None
+    assert published == [snap]
+    assert inventory.snapshot() is snap
+
+    fake.put("nodes", node("n1", labels={"pool": "gpu"}))  # a label is read by affinities: a new snapshot
+    assert inventory.wait_for(lambda s: any(n.labels.get("pool") == "gpu" for n in s.nodes), WAIT) is not None
+    assert len(published) == 2
+
+
+def test_a_list_keeps_only_what_the_inventory_reads_of_each_node():
+    full = node("n1", labels={"pool": "gpu"}, taints=[{"key": "gpu", "value": "x", "effect": "NoSchedule"}])
+    full["metadata"].update(uid="u1", resourceVersion="7", annotations={"a": "b"}, managedFields=[{"manager": "kubelet"}])
+    full["spec"].update(unschedulable=True, podCIDR="10.0.0.0/24")
+    full["status"].update(images=[{"names": [f"registry.example.com/img:{i}"], "sizeBytes": i} for i in range(100)],
+                          conditions=[{"type": "Ready", "status": "True"}], capacity={"cpu": "8"})
+    slim = inv._slim(full)
+    assert slim == {
+        "metadata": {"name": "n1", "labels": {"kubernetes.io/hostname": "n1", "pool": "gpu"}},
+        "spec": {"taints": [{"key": "gpu", "value": "x", "effect": "NoSchedule"}], "unschedulable": True},
+        "status": {"nodeInfo": {"containerRuntimeVersion": "cri-o://1.34.1", "kubeletVersion": "v1.35.0"}},
+    }
+    assert node_from_dict(slim) == node_from_dict(full)
+    assert inv._slim(namespace("team-a", {"x": "y"})) == {"metadata": {"name": "team-a", "labels": {"x": "y"}}}
+    # What the readers refuse stays refusable.
+    assert inv._slim("not an object") == "not an object"
+    assert inv._slim({"metadata": "bad"}) == {"metadata": "bad"}
+
+
 def test_a_bookmark_moves_the_resume_point_of_the_next_watch(fake, watching):
     fake.put("nodes", node("n1"))
     inventory = watching()
