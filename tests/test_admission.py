@@ -696,3 +696,11 @@ def test_pure_modules_import_no_io(module):
             imported.add(node.module)
     roots = {name.split(".")[0] for name in imported} | imported
     assert roots & IO_MODULES == set()
+
+
+def test_patches_are_written_even_with_what_only_a_python_caller_can_pass():
+    from webhook.admission import _json
+
+    assert _json([{"op": "add", "path": "/a", "value": 1}]) == b'[{"op":"add","path":"/a","value":1}]'
+    assert _json({"n": 2**70}) == b'{"n":1180591620717411303424}'  # beyond orjson's 64 bits
+    assert json.loads(_json({"s": "\ud800"})) == {"s": "\ud800"}  # a lone surrogate: orjson refuses it

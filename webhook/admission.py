@@ -125,7 +125,7 @@ def _respond(
 ) -> AdmissionReviewResponse:
     response: AdmissionResponse = {"uid": uid, "allowed": allowed}
     if ops:
-        response["patch"] = base64.b64encode(json.dumps(ops, separators=(",", ":")).encode()).decode()
+        response["patch"] = base64.b64encode(_json(ops)).decode()
         response["patchType"] = "JSONPatch"
     if warnings:
         response["warnings"] = [_short(w) for w in warnings]
@@ -134,6 +134,15 @@ def _respond(
     if mode is not None:
         response["auditAnnotations"] = {AUDIT_MODE: mode}
     return {"apiVersion": ADMISSION_API_VERSION, "kind": ADMISSION_KIND, "response": response}
+
+
+def _json(value: Any) -> bytes:
+    # orjson: a third of json's time for a patch. It refuses what only a Python caller can hand over (integers
+    # beyond 64 bits, lone surrogates; the app's parser lets neither in), and json writes those.
+    try:
+        return orjson.dumps(value)
+    except TypeError:
+        return json.dumps(value, separators=(",", ":")).encode()
 
 
 def _short(warning: str) -> str:
