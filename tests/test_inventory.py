@@ -166,6 +166,23 @@ def test_node_and_namespace_updates_that_change_nothing_the_decision_reads_keep_
     assert len(published) == 2
 
 
+def test_relists_and_deletions_that_change_nothing_publish_nothing(fake, tmp_path):
+    inventory = inv.WatchingInventory(inv.api_client(fake.write_kubeconfig(tmp_path / "kubeconfig")))  # not started
+    published = []
+    inventory.publish = published.append
+    inventory._replace_namespaces([namespace("team-a")])
+    inventory._replace_nodes([node("n1"), node("n2")])
+    assert len(published) == 2 and published[-1].synced
+    inventory._replace_nodes([node("n2"), node("n1")])  # the same nodes again (a 410 relist)
+    inventory._replace_namespaces([namespace("team-a")])
+    inventory._node_event("DELETED", node("gone"))
+    inventory._namespace_event("DELETED", namespace("gone"))
+    inventory._node_event("MODIFIED", {"metadata": {}})  # unreadable: ignored with a warning
+    assert len(published) == 2
+    inventory._replace_nodes([node("n1")])  # n2 went while the watch was down
+    assert len(published) == 3 and names(published[-1]) == ["n1"]
+
+
 def test_a_list_keeps_only_what_the_inventory_reads_of_each_node():
     full = node("n1", labels={"pool": "gpu"}, taints=[{"key": "gpu", "value": "x", "effect": "NoSchedule"}])
     full["metadata"].update(uid="u1", resourceVersion="7", annotations={"a": "b"}, managedFields=[{"manager": "kubelet"}])

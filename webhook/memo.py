@@ -55,7 +55,10 @@ class AnswerMemo:
                 return
             self._seen.pop(digest, None)
         self._answers[key] = (settings, answer)
-        self._answers.move_to_end(key)
+        try:
+            self._answers.move_to_end(key)  # a replaced entry (other settings) is the newest too
+        except KeyError:
+            pass
         while len(self._answers) > LIMIT:
             _pop_oldest(self._answers)
 
