@@ -19,7 +19,7 @@ from loader.log import Logger
 from loader.pull import PullOptions, pull
 from tests.support.auth_registry import start_htpasswd_registry, start_token_registry
 from tests.support.oci import Pusher, file_layer
-from tests.test_pull import tree
+from tests.support.files import tree
 
 USERS = {"alice": "alice-secret-pw", "bob": "bob-secret-pw"}
 DATA = {"w.bin": os.urandom(3 << 20), "config.json": b"{}"}

@@ -19,6 +19,7 @@ from loader.errors import ArtifactError, DigestMismatch, UsageError
 from loader.log import NullLogger
 from loader.pull import PullOptions, pull
 from tests.support.oci import OCI_INDEX, OCI_MANIFEST, Pusher, file_layer, sha256
+from tests.support.files import make_tree, tree
 
 LOG = NullLogger()
 ACCEPT = f"{OCI_MANIFEST}, {OCI_INDEX}"
@@ -26,22 +27,6 @@ ACCEPT = f"{OCI_MANIFEST}, {OCI_INDEX}"
 MODEL_A = {"model.safetensors": os.urandom(2 << 20), "config.json": b'{"a": 1}', "sub/dir/tokenizer.json": b"{}"}
 MODEL_B = {"weights.gguf": os.urandom(300_000), "README.md": b"# b\n", "config.json": b'{"a": 1}'}
 INDEXED = {"w.bin": b"indexed weights", "c.json": b"{}"}
-
-
-def tree(root: Path) -> dict[str, bytes]:
-    out = {}
-    for dirpath, _, filenames in os.walk(root):
-        for name in filenames:
-            p = Path(dirpath) / name
-            out[p.relative_to(root).as_posix()] = p.read_bytes()
-    return out
-
-
-def make_tree(root: Path, files: dict[str, bytes]) -> Path:
-    for rel, data in files.items():
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        (root / rel).write_bytes(data)
-    return root
 
 
 def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.oci import file_layer, sha256
-from tests.test_pull import tree
+from tests.support.files import tree
 
 FILES = {f"shard-{i}.bin": os.urandom(8 << 20) for i in range(3)}
 FILES["big.bin"] = os.urandom(72 << 20)  # split into Range requests

@@ -22,6 +22,7 @@ from loader.log import NullLogger
 from loader.pull import PullOptions, pull
 from loader.reference import cache_key
 from tests.support.oci import file_layer, sha256
+from tests.support.files import tree
 
 LOG = NullLogger()
 DAY = 86400
@@ -44,11 +45,6 @@ def do_pull(ref: str, cache: Path):
 
 def set_last_use(cache: Path, digest: str, ts: float) -> None:
     os.utime(cache / contract.LASTUSE_DIR / digest[7:], (ts, ts))
-
-
-def tree(path: str | Path) -> dict[str, bytes]:
-    root = Path(path)
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def listing(cache: Path, sub: str) -> list[str]:

@@ -13,7 +13,7 @@ from loader.pull import PullOptions, pull
 from tests.support.faultproxy import FaultProxy
 from tests.support.oci import Pusher, file_layer
 from tests.support.registry import free_port, start_registry
-from tests.test_pull import tree
+from tests.support.files import tree
 
 DATA = {"w.bin": os.urandom(4 << 20), "tok/t.json": b"{}"}
 

@@ -33,6 +33,7 @@ from loader.pull import PullOptions
 from loader.reference import cache_key
 from tests.support.fake_node_api import FakeNodeApi, Request
 from tests.support.oci import file_layer
+from tests.support.files import tree
 
 ROOT = Path(__file__).resolve().parent.parent
 OVERLAY = ROOT / "manifests" / "overlays" / "prefetch"
@@ -47,11 +48,6 @@ def data(seed: str, size: int) -> bytes:
 
 def push(pusher, repo: str, tag: str, files: dict[str, bytes]) -> str:
     return pusher.push_artifact(repo, tag, [file_layer(n, b) for n, b in files.items()])
-
-
-def tree(path: str | Path) -> dict[str, bytes]:
-    root = Path(path)
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def link_target(cache: Path, ref: str) -> str:

@@ -21,23 +21,10 @@ from loader.log import NullLogger
 from loader.pull import PullOptions, pull
 from loader.reference import cache_key
 from tests.support.oci import FILEPATH, TITLE, UNPACK, Layer, file_layer, sha256, tar_bytes
+from tests.support.files import tree
 
 LOG = NullLogger()
 MP = "application/vnd.cncf.model"
-
-
-def tree(path: str | Path) -> dict[str, bytes | str]:
-    """Every entry under path: files -> bytes, symlinks -> 'link:<target>', empty dirs -> 'dir'."""
-    out: dict[str, bytes | str] = {}
-    root = Path(path)
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
-            p = Path(dirpath) / name
-            rel = str(p.relative_to(root))
-            out[rel] = f"link:{os.readlink(p)}" if p.is_symlink() else p.read_bytes()
-        if not dirnames and not filenames and Path(dirpath) != root:
-            out[str(Path(dirpath).relative_to(root))] = "dir"
-    return out
 
 
 def do_pull(ref: str, cache: Path, **kw):
@@ -62,7 +49,6 @@ def _add_file(tf: tarfile.TarFile, name: str, data: bytes = b"x") -> None:
     info = tarfile.TarInfo(name)
     info.size = len(data)
     tf.addfile(info, io.BytesIO(data))
-
 
 
 WEIGHTS = os.urandom(3 << 20) + b"end"

@@ -22,19 +22,10 @@ from loader.log import NullLogger
 from loader.pull import PullOptions, pull
 from tests.support.faultproxy import FaultProxy
 from tests.support.oci import OCI_MANIFEST, sha256
+from tests.support.files import make_tree as files_make_tree, tree
 
 LOG = NullLogger()
 MiB = 1 << 20
-
-
-def tree(root: Path) -> dict[str, bytes]:
-    """Every file under root with its bytes (no symlinks or empty directories expected here)."""
-    out = {}
-    for dirpath, _, filenames in os.walk(root):
-        for name in filenames:
-            p = Path(dirpath) / name
-            out[p.relative_to(root).as_posix()] = p.read_bytes()
-    return out
 
 
 MODEL = {
@@ -61,11 +52,7 @@ KINDS = {  # what classify() makes of each file
 
 
 def make_tree(root: Path, files: dict[str, bytes] = MODEL) -> Path:
-    for rel, data in files.items():
-        p = root / rel
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_bytes(data)
-    return root
+    return files_make_tree(root, files)
 
 
 def opts(**kw) -> P.PushOptions:
