@@ -7,7 +7,6 @@ import io
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -96,7 +95,6 @@ def test_stalled_connection_times_out_and_resumes(model, proxy, tmp_path):
 
 def test_persistent_failure_gives_up_with_a_clear_error_and_keeps_progress(model, proxy, tmp_path):
     proxy.set_faults(reset_after_bytes=0)  # every blob body is cut at once
-    from loader import fetch
     from loader.errors import NetworkError
 
     with pytest.raises(NetworkError) as e:

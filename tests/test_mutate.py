@@ -20,7 +20,7 @@ from webhook.config import Settings
 from webhook.errors import Denied
 from webhook.patch import applies, make_patch
 from webhook.mutate import mutate_pod, unique_name
-from webhook.snapshot import EMPTY, Snapshot, snapshot_from
+from webhook.snapshot import Snapshot, snapshot_from
 from tests.support.k8s_validate import assert_valid_pod
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "pods"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import stat
 import subprocess
 import sys
 import tarfile
@@ -19,7 +18,6 @@ from loader.cache import Cache
 from loader.errors import ArtifactError, DigestMismatch, NetworkError, NotFoundError, UsageError
 from loader.log import NullLogger
 from loader.pull import PullOptions, pull
-from loader.reference import cache_key
 from tests.support.oci import FILEPATH, TITLE, UNPACK, Layer, file_layer, sha256, tar_bytes
 from tests.support.files import tree
 

@@ -359,7 +359,7 @@ def test_token_short_expires_in_is_reported(token_registry):
 
 def test_token_oauth_post_flows(token_registry):
     """Docker's identity-token flow: password grant returns a refresh token, which later buys access tokens."""
-    reg, ts = token_registry, token_registry.token_server
+    ts = token_registry.token_server
     pw = requests.post(ts.realm, data={"grant_type": "password", "username": "alice", "password": "alice-pw",
                                        "service": ts.service, "client_id": "test", "access_type": "offline",
                                        "scope": "repository:private/a:pull"})
