@@ -17,7 +17,7 @@ from loader.credentials import load_docker_configs
 from loader.errors import AuthError
 from loader.log import Logger
 from loader.pull import PullOptions, pull
-from tests.support.auth_registry import start_htpasswd_registry, start_token_registry
+from tests.support.auth_registry import session_for, start_htpasswd_registry, start_token_registry
 from tests.support.oci import Pusher, file_layer
 from tests.support.files import tree
 
@@ -31,17 +31,6 @@ def docker_config(tmp_path, host, user, password, name="config.json"):
     auth = base64.b64encode(f"{user}:{password}".encode()).decode()
     (d / name).write_text(json.dumps({"auths": {host: {"auth": auth}}}))
     return d
-
-
-def session(reg, auth=None, bearer=None):
-    s = requests.Session()
-    s.trust_env = False
-    s.verify = reg.verify
-    if auth:
-        s.auth = auth
-    if bearer:
-        s.headers["Authorization"] = f"Bearer {bearer}"
-    return s
 
 
 def run(ref, cache, creds, **kw):
@@ -58,7 +47,7 @@ def run(ref, cache, creds, **kw):
 @pytest.fixture(scope="module", params=[False, True], ids=["http", "https"])
 def basic_registry(request):
     with start_htpasswd_registry(USERS, tls=request.param) as reg:
-        Pusher(reg.url, session=session(reg, ("alice", USERS["alice"]))).push_artifact(
+        Pusher(reg.url, session=session_for(reg, ("alice", USERS["alice"]))).push_artifact(
             "private/model", "v1", [file_layer(n, d) for n, d in DATA.items()])
         reg.tls = request.param
         yield reg
@@ -90,7 +79,7 @@ def token_registry():
         for repo in ("private/model", "public/model"):
             tok = requests.get(ts.realm, params={"service": ts.service, "scope": f"repository:{repo}:pull,push"},
                                auth=("alice", USERS["alice"])).json()["token"]
-            Pusher(reg.url, session=session(reg, bearer=tok)).push_artifact(
+            Pusher(reg.url, session=session_for(reg, bearer=tok)).push_artifact(
                 repo, "v1", [file_layer(n, d) for n, d in DATA.items()])
         yield reg
 

@@ -14,7 +14,7 @@ import threading
 import pytest
 import requests
 
-from tests.support.auth_registry import AuthRegistry, start_htpasswd_registry, start_token_registry
+from tests.support.auth_registry import AuthRegistry, session_for, start_htpasswd_registry, start_token_registry
 from tests.support.faultproxy import FaultProxy, RequestRecord
 from tests.support.oci import OCI_MANIFEST, Pusher, file_layer, sha256
 
@@ -228,17 +228,6 @@ def test_upstream_down_is_502(fresh_registry):
 
 # --- htpasswd registry ----------------------------------------------------------------------------------------------
 USERS = {"alice": "alice-pw", "bob": "bob-pw"}
-
-
-def session_for(reg: AuthRegistry, auth=None, bearer: str | None = None) -> requests.Session:
-    s = requests.Session()
-    s.trust_env = False  # else REQUESTS_CA_BUNDLE from the environment overrides s.verify
-    s.verify = reg.verify
-    if auth:
-        s.auth = auth
-    if bearer:
-        s.headers["Authorization"] = f"Bearer {bearer}"
-    return s
 
 
 def push_and_pull(reg: AuthRegistry, session: requests.Session, repo: str) -> None:

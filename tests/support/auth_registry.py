@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 import bcrypt
+import requests
 
 from tests.support.registry import REGISTRY_BIN, RegistryProcess, free_port
 from tests.support.tokenserver import Algorithm, TokenServer
@@ -194,3 +195,15 @@ def start_token_registry(
         shutil.rmtree(workdir, ignore_errors=True)
         raise
     return AuthRegistry(reg, dict(users), workdir, ca_path=workdir / "tls/ca.pem" if tls else None, token_server=ts)
+
+
+def session_for(reg: AuthRegistry, auth=None, bearer: str | None = None) -> requests.Session:
+    """A requests session that trusts the registry's CA and sends basic or bearer credentials."""
+    s = requests.Session()
+    s.trust_env = False  # else REQUESTS_CA_BUNDLE from the environment overrides s.verify
+    s.verify = reg.verify
+    if auth:
+        s.auth = auth
+    if bearer:
+        s.headers["Authorization"] = f"Bearer {bearer}"
+    return s
