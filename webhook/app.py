@@ -22,11 +22,10 @@ import json
 import logging
 import time
 import weakref
-
-import orjson
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
@@ -36,6 +35,7 @@ from webhook.errors import MalformedReview
 from webhook.fifo import FifoRunner
 from webhook.inventory import Inventory
 from webhook.metrics import Metrics
+from webhook.models import ADMISSION_API_VERSION, ADMISSION_KIND
 
 log = logging.getLogger(__name__)
 
@@ -133,8 +133,8 @@ def _noop_review(body: dict, snapshot: Any, settings: Any) -> dict:
     request = body.get("request") if isinstance(body.get("request"), dict) else {}
     uid = request.get("uid")
     return {
-        "apiVersion": "admission.k8s.io/v1",
-        "kind": "AdmissionReview",
+        "apiVersion": ADMISSION_API_VERSION,
+        "kind": ADMISSION_KIND,
         "response": {"uid": uid if isinstance(uid, str) else "", "allowed": True},
     }
 
