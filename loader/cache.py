@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loader import contract
+from loader.digest import Digest
 from loader.errors import NoSpaceError
 from loader.reference import Reference, cache_key
 
@@ -279,10 +280,8 @@ def is_no_space(exc: OSError) -> bool:
 
 
 def _hex(digest: str) -> str:
-    algo, _, hexd = digest.partition(":")
-    if algo != "sha256" or len(hexd) != 64:
-        raise ValueError(f"unsupported digest {digest!r}")
-    return hexd
+    # Every cache path is built through here: Digest() refuses anything but sha256:<64 lowercase hex> (exit 8).
+    return Digest(digest).hex
 
 
 def _mb(n: int) -> str:
