@@ -16,6 +16,13 @@ Layout (names from loader.contract, relative to the cache root)::
 Every state a crash can leave is either the old one or the new one: blobs and trees become visible only by
 ``os.replace``/``os.rename`` after they are complete and verified, and locks are ``flock``s that the kernel drops
 when a process dies. Several loaders (pods on one node, or nodes sharing an RWX volume) can use one cache at once.
+
+Nothing in the cache is trusted because of where it sits. Every path is built from a validated
+:class:`~loader.digest.Digest`; the cache's own directories must be real directories (a symlink planted for
+``locks``, ``blobs/sha256``, ``refs``... is refused, not followed); files are opened with ``O_NOFOLLOW``; a blob
+counts as present only when it is a regular, read-only file of the descriptor's size (what a verified publish
+leaves); a ``refs/`` link counts only when it points exactly at ``../models/sha256/<hex>``; meta files are parsed
+and validated like any other input. Lock waits are bounded (:class:`~loader.errors.LockTimeout`).
 """
 
 from __future__ import annotations
@@ -29,23 +36,36 @@ import shutil
 import stat
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from loader import contract
-from loader.digest import Digest
-from loader.errors import NoSpaceError
+from loader.digest import Digest, is_digest
+from loader.errors import LoaderError, LockTimeout, NoSpaceError
 from loader.reference import Reference, cache_key
 
 META_DIR = "meta"
+CACHE_DIRS = ("blobs", contract.BLOBS_DIR, contract.PARTIAL_DIR, "models", contract.MODELS_DIR, contract.REFS_DIR,
+              contract.LOCKS_DIR, contract.TMP_DIR, contract.LASTUSE_DIR, META_DIR)
+MODEL_LOCK_TIMEOUT = 600.0  # publishing or re-verifying one model; a holder that takes longer is stuck
+GC_LOCK_TIMEOUT = 900.0  # a pull waiting for a running gc, or gc waiting for running pulls
+MAX_META_BYTES = 8 * 1024 * 1024
+_NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class CacheCorrupt(LoaderError):
+    """Something in the cache is not what model-loader writes there (a planted symlink, a foreign file type)."""
 
 
 @dataclass(frozen=True)
 class CachedModel:
-    digest: str
+    digest: Digest
     path: Path
     bytes: int
     files: int
+    meta: dict[str, Any]
 
 
 class Cache:
@@ -73,21 +93,36 @@ class Cache:
 
     # ---- setup ---------------------------------------------------------------------------------------------------
     def ensure(self) -> "Cache":
-        for d in (contract.BLOBS_DIR, contract.PARTIAL_DIR, contract.MODELS_DIR, contract.REFS_DIR, contract.LOCKS_DIR,
-                  contract.TMP_DIR, contract.LASTUSE_DIR, META_DIR):
-            (self.root / d).mkdir(parents=True, exist_ok=True)
+        """Create the layout, and refuse a cache whose own directories are not real directories."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        for d in CACHE_DIRS:
+            path = self.root / d
+            try:
+                os.mkdir(path, 0o755)
+            except FileExistsError:
+                pass
+            st = os.lstat(path)
+            if not stat.S_ISDIR(st.st_mode):
+                what = f"a symlink to {os.readlink(path)!r}" if stat.S_ISLNK(st.st_mode) else "not a directory"
+                raise CacheCorrupt(
+                    f"cache {self.root}: {d} is {what}; model-loader never makes one, so it refuses to follow it."
+                    f" Remove {path} (the cache recreates it) and find out who wrote it")
         return self
 
     # ---- locks ---------------------------------------------------------------------------------------------------
+    def _lock_fd(self, name: str) -> int:
+        return self.open_file(self.root / contract.LOCKS_DIR / name, os.O_RDWR | os.O_CREAT)
+
     @contextlib.contextmanager
-    def lock(self, name: str, blocking: bool = True):
-        """An exclusive flock on locks/<name>. Yields True when held, False when busy and not blocking."""
-        path = self.root / contract.LOCKS_DIR / name
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    def lock(self, name: str, blocking: bool = True, timeout: float = MODEL_LOCK_TIMEOUT) -> Iterator[bool]:
+        """An exclusive flock on locks/<name>. Yields True when held, False when busy and not blocking; a blocking
+        wait longer than ``timeout`` seconds raises LockTimeout."""
+        fd = self._lock_fd(name)
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-            except BlockingIOError:
+            if not _flock(fd, fcntl.LOCK_EX, timeout if blocking else 0.0):
+                if blocking:
+                    raise LockTimeout(f"lock {name} in cache {self.root} was held by another loader for more than"
+                                      f" {timeout:.0f}s; retry later, or look for a stuck model-loader on this node")
                 yield False
                 return
             yield True
@@ -95,58 +130,105 @@ class Cache:
             os.close(fd)  # closing drops the flock
 
     @contextlib.contextmanager
-    def gc_lock(self, shared: bool = True):
+    def gc_lock(self, shared: bool = True, timeout: float = GC_LOCK_TIMEOUT) -> Iterator[None]:
         """Pulls hold this shared for their whole run; gc holds it exclusive while it deletes.
 
         A pull's blobs are referenced by no model until it publishes, and a hit's model must not vanish between
-        the lookup and the mount, so gc waits for in-flight pulls and pulls wait for a running gc.
+        the lookup and the mount, so gc waits for in-flight pulls and pulls wait for a running gc, each for at
+        most ``timeout`` seconds (pulls have a deadline, so a long wait means something is stuck).
         """
-        path = self.root / contract.LOCKS_DIR / "gc"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = self._lock_fd("gc")
         try:
-            fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+            if not _flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX, timeout):
+                who = "a running gc" if shared else "running pulls"
+                raise LockTimeout(f"cache {self.root}: waited {timeout:.0f}s for {who} (the gc lock); retry later")
             yield
         finally:
             os.close(fd)
 
+    # ---- files ---------------------------------------------------------------------------------------------------
+    def open_file(self, path: Path, flags: int, mode: int = 0o644) -> int:
+        """os.open that never follows a symlink at ``path`` (a planted link is CacheCorrupt, not followed)."""
+        try:
+            return os.open(path, flags | _NOFOLLOW, mode)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise CacheCorrupt(f"cache {self.root}: {path} is a symlink; model-loader never makes one there and"
+                                   " refuses to follow it. Remove it") from exc
+            raise
+
+    def open_partial(self, path: Path) -> int:
+        return self.open_file(path, os.O_RDWR | os.O_CREAT)
+
     # ---- blobs ---------------------------------------------------------------------------------------------------
     def has_blob(self, digest: str, size: int) -> bool:
+        """A regular, read-only file of the right size: only a verified publish leaves one (symlinks, writable
+        files and other sizes do not count, and are replaced by the next verified download)."""
         try:
-            return self.blob_path(digest).stat().st_size == size
+            st = os.lstat(self.blob_path(digest))
         except FileNotFoundError:
             return False
+        return stat.S_ISREG(st.st_mode) and st.st_size == size and not st.st_mode & 0o222
 
     def publish_blob(self, partial: Path, digest: str) -> None:
-        """Make a verified partial file the cache's blob: read-only, durable, then renamed into place."""
-        os.chmod(partial, 0o444)
+        """Make a verified partial file the cache's blob: read-only, then renamed into place."""
+        _chmod_nofollow(partial, 0o444)
         os.replace(partial, self.blob_path(digest))
 
     # ---- models --------------------------------------------------------------------------------------------------
     def lookup_digest(self, digest: str) -> CachedModel | None:
+        digest = Digest(digest)
         path = self.model_path(digest)
         meta = self.read_meta(digest)
-        if meta is None or not path.is_dir():
+        if meta is None or not _is_real_dir(path):
             return None
-        if meta.get("boot_id") != current_boot_id() and not self.verify_after_reboot(digest):
-            return None
-        return CachedModel(digest, path, meta.get("bytes", 0), meta.get("files", 0))
+        if meta.get("boot_id") != current_boot_id():
+            if not self.verify_after_reboot(digest):
+                return None
+            meta = self.read_meta(digest) or meta
+        return CachedModel(digest, path, meta["bytes"], meta["files"], meta)
 
-    def lookup_ref(self, ref: Reference | str) -> CachedModel | None:
-        """The model a reference last resolved to in this cache, without any network."""
+    def ref_target(self, ref: Reference | str) -> Digest | None:
+        """The digest refs/<key> points at, when it is a link model-loader made (``../models/sha256/<hex>``)."""
         try:
             target = os.readlink(self.ref_path(ref))
         except OSError:
             return None
-        name = os.path.basename(target)
-        if len(name) != 64:
-            return None
-        return self.lookup_digest(f"sha256:{name}")
+        prefix = os.path.join("..", contract.MODELS_DIR, "")
+        hexd = target[len(prefix):] if target.startswith(prefix) else ""
+        return Digest("sha256:" + hexd) if is_digest("sha256:" + hexd) else None
 
-    def read_meta(self, digest: str) -> dict | None:
+    def lookup_ref(self, ref: Reference | str) -> CachedModel | None:
+        """The model a reference last resolved to in this cache, without any network."""
+        digest = self.ref_target(ref)
+        return self.lookup_digest(digest) if digest is not None else None
+
+    def read_meta(self, digest: str) -> dict[str, Any] | None:
+        """The model's meta file, validated (None when missing or not what model-loader writes)."""
+        digest = Digest(digest)
         try:
-            return json.loads(self.meta_path(digest).read_text())
-        except (OSError, ValueError):
+            fd = self.open_file(self.meta_path(digest), os.O_RDONLY)
+        except (FileNotFoundError, CacheCorrupt):
             return None
+        try:
+            with os.fdopen(fd, "rb") as f:
+                data = f.read(MAX_META_BYTES + 1)
+        except OSError:
+            return None
+        return parse_meta(data, digest)
+
+    def update_meta(self, digest: str, change: Any) -> None:
+        """Read, change (``change(meta)`` edits it in place) and rewrite a model's meta, under the model lock."""
+        digest = Digest(digest)
+        with self.lock(f"model-{digest.hex}"):
+            meta = self.read_meta(digest)
+            if meta is None:
+                return
+            before = json.dumps(meta, sort_keys=True)
+            change(meta)
+            after = json.dumps(meta, sort_keys=True)
+            if after != before:
+                _write_atomic(self.meta_path(digest), after.encode(), self.tmp_dir())
 
     def verify_after_reboot(self, digest: str) -> bool:
         """True when the model's blobs can be trusted on this boot.
@@ -160,7 +242,7 @@ class Cache:
         boot = current_boot_id()
         if meta.get("boot_id") == boot:
             return True
-        for blob in meta.get("blobs", []):
+        for blob in meta["blobs"]:
             path = self.blob_path(blob)
             try:
                 if _sha256_file(path) != blob:
@@ -180,7 +262,7 @@ class Cache:
         path.mkdir()
         return path
 
-    def publish_model(self, digest: str, staging: Path, meta: dict) -> Path:
+    def publish_model(self, digest: str, staging: Path, meta: dict[str, Any]) -> Path:
         """Move a complete, verified staging tree to models/sha256/<hex>. Caller holds the model lock."""
         final = self.model_path(digest)
         _write_atomic(self.meta_path(digest), json.dumps(meta, sort_keys=True).encode(), self.tmp_dir())
@@ -207,16 +289,20 @@ class Cache:
 
     def add_ref_to_meta(self, digest: str, ref: str) -> None:
         meta = self.read_meta(digest)
-        if meta is not None and ref not in meta.get("refs", []):
-            meta["refs"] = sorted(set(meta.get("refs", [])) | {ref})
-            _write_atomic(self.meta_path(digest), json.dumps(meta, sort_keys=True).encode(), self.tmp_dir())
+        if meta is None or ref in meta["refs"]:
+            return
+
+        def add(m: dict[str, Any]) -> None:
+            m["refs"] = sorted(set(m["refs"]) | {ref})
+
+        self.update_meta(digest, add)
 
     def touch(self, digest: str) -> None:
-        path = self.root / contract.LASTUSE_DIR / _hex(digest)
+        fd = self.open_file(self.root / contract.LASTUSE_DIR / _hex(digest), os.O_WRONLY | os.O_CREAT)
         try:
-            os.utime(path)
-        except FileNotFoundError:
-            path.touch()
+            os.utime(fd)
+        finally:
+            os.close(fd)
 
     def remove_tree(self, path: Path) -> None:
         """Remove a (read-only) tree: staging leftovers, or a model gc evicts."""
@@ -225,16 +311,6 @@ class Cache:
         for dirpath, dirnames, _ in os.walk(path):
             os.chmod(dirpath, 0o755)
         shutil.rmtree(path, ignore_errors=True)
-
-    def clean_stale_staging(self, older_than: float = 3600) -> None:
-        """Staging trees of crashed loaders. Only old ones: a live loader may be staging right now."""
-        now = time.time()
-        for p in self.tmp_dir().glob("stage-*"):
-            try:
-                if now - p.stat().st_mtime > older_than:
-                    self.remove_tree(p)
-            except FileNotFoundError:
-                pass
 
     # ---- space ---------------------------------------------------------------------------------------------------
     def check_space(self, needed: int, what: str) -> None:
@@ -290,11 +366,80 @@ def _mb(n: int) -> str:
 
 def _write_atomic(path: Path, data: bytes, tmpdir: Path) -> None:
     tmp = tmpdir / f".{path.name}.{uuid.uuid4().hex[:8]}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o644)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def _flock(fd: int, op: int, timeout: float) -> bool:
+    """flock with a bounded wait: True when taken, False when still busy after ``timeout`` seconds."""
+    try:
+        fcntl.flock(fd, op | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        if timeout <= 0:
+            return False
+    deadline = time.monotonic() + timeout
+    delay = 0.02
+    while True:
+        time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+        try:
+            fcntl.flock(fd, op | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+        delay = min(0.5, delay * 2)
+
+
+def _is_real_dir(path: Path) -> bool:
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return False
+
+
+def _chmod_nofollow(path: str | Path, mode: int) -> None:
+    """chmod that never acts through a symlink (Linux has no lchmod): on an O_NOFOLLOW descriptor."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | _NOFOLLOW)
+    try:
+        os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
+
+
+def parse_meta(data: bytes, digest: Digest) -> dict[str, Any] | None:
+    """A meta file as written by publish_model, validated: None when it is not one (a torn or foreign file)."""
+    try:
+        meta = json.loads(data)
+    except ValueError:
+        return None
+    if not isinstance(meta, dict) or meta.get("digest") != digest:
+        return None
+    refs, blobs = meta.get("refs", []), meta.get("blobs", [])
+    if not isinstance(refs, list) or not all(isinstance(r, str) for r in refs):
+        return None
+    if not isinstance(blobs, list) or not all(is_digest(b) for b in blobs):
+        return None
+    for key in ("bytes", "files"):
+        if not isinstance(meta.get(key, 0), int) or meta.get(key, 0) < 0:
+            return None
+    sources = meta.get("sources", [])
+    if not isinstance(sources, list) or not all(isinstance(x, dict) for x in sources):
+        return None
+    meta["blobs"] = [Digest(b) for b in blobs]
+    meta.setdefault("refs", [])
+    meta.setdefault("bytes", 0)
+    meta.setdefault("files", 0)
+    meta.setdefault("sources", [])
+    return meta
 
 
 def _fsync_dir(path: Path) -> None:
@@ -307,12 +452,13 @@ def _fsync_dir(path: Path) -> None:
 
 def _make_read_only(root: Path, top: bool) -> None:
     # Bottom-up so a directory is made read-only after its children. Files that are hard links to blobs are
-    # already 0444. The top stays writable until it has been renamed (a rename across parents needs it).
-    for dirpath, dirnames, filenames in os.walk(root, topdown=False):
+    # already 0444. The top stays writable until it has been renamed (a rename across parents needs it). Never
+    # through a symlink: a link in the tree pointing elsewhere must not turn another file read-only.
+    for dirpath, _dirnames, filenames in os.walk(root, topdown=False):
         for name in filenames:
             p = os.path.join(dirpath, name)
             st = os.lstat(p)
             if stat.S_ISREG(st.st_mode) and st.st_mode & 0o222:
-                os.chmod(p, 0o444 | (st.st_mode & 0o111 and 0o555))
+                _chmod_nofollow(p, 0o444 | (0o111 if st.st_mode & 0o111 else 0))
         if dirpath != str(root) or top:
-            os.chmod(dirpath, 0o555)
+            _chmod_nofollow(dirpath, 0o555)

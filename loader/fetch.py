@@ -20,7 +20,13 @@ How a pull spends its time on a 2-core node decides the design:
   loses nothing (the page cache survives it); what only a power loss could tear is caught by re-verifying a
   model's blobs on its first use after a reboot (``Cache.verify_after_reboot``).
 * Each blob is fetched under an exclusive ``flock`` on ``locks/blob-<hex>``: N loaders pulling one model fetch
-  each blob once. Blobs another process holds are deferred until the end, then waited for.
+  each blob once. Blobs another process holds are deferred until the end, then waited for, but not for ever: a
+  waiter gives up (LockTimeout, exit 7) when the holder's partial file has not grown for ``lock_stall`` seconds,
+  and at the pull's deadline.
+* Bounded resources: at most ``concurrency`` blobs are open at once (one partial file descriptor and one lock
+  descriptor each), whatever the number of files in the model; memory is one buffer per worker.
+* One retry policy (loader.retry): attempts per range reset only by real progress (a trickle does not), a
+  minimum rate per connection, Retry-After honoured up to a cap, and one deadline for the whole fetch.
 """
 
 from __future__ import annotations
@@ -30,21 +36,51 @@ import json
 import math
 import os
 import queue
-import random
 import threading
+import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from collections.abc import Set
 from pathlib import Path
+from typing import Any, Protocol
 
 from loader.cache import Cache, is_no_space, no_space
-from loader.errors import DigestMismatch, LoaderError, NetworkError, TransientError
+from loader.digest import Digest
+from loader.errors import DigestMismatch, LoaderError, LockTimeout, RangeNotSatisfiable, TransientError
+from loader.retry import Attempts, Deadline, RateWatch, RetryPolicy
 
 MiB = 1 << 20
 MIN_CHUNK = 32 * MiB  # below this a Range split costs more in requests than it gains
 BUF_SIZE = 1 * MiB
 STATE_EVERY = 32 * MiB  # resume granularity after a crash
-MAX_TRIES_WITHOUT_PROGRESS = 6
-MAX_RETRY_AFTER = 60.0
+LOCK_STALL = 120.0  # a blob lock whose holder's partial file has not grown for this long is given up on
+LOCK_POLL = 0.5
+
+#: The blob-transfer policy: 6 tries without progress per range, at least 64 KiB/s per connection over 30 s,
+#: Retry-After up to 60 s. The deadline is per fetch, scaled with its size (see fetch_deadline).
+BLOB_POLICY = RetryPolicy(attempts=6, max_retry_after=60.0)
+DEADLINE_BASE = 1800.0  # seconds, plus the model's bytes at DEADLINE_RATE
+DEADLINE_RATE = 1e6  # bytes/s: a 10 GB model gets 30 min + 2.8 h
+
+
+def fetch_deadline(nbytes: int) -> float:
+    return DEADLINE_BASE + nbytes / DEADLINE_RATE
+
+
+class BlobBody(Protocol):
+    start: int
+    total: int | None
+
+    def readinto(self, buf: memoryview) -> int: ...
+    def __enter__(self) -> "BlobBody": ...
+    def __exit__(self, *exc: object) -> None: ...
+
+
+class BlobSource(Protocol):
+    """Where blobs come from: a registry repository (with its mirrors)."""
+
+    def open_blob(self, digest: str, start: int = 0, end: int | None = None, size: int | None = None) -> Any: ...
+    def count_bytes(self, n: int) -> None: ...
 
 
 @dataclass
@@ -61,7 +97,7 @@ class Range:
 
 @dataclass
 class BlobJob:
-    digest: str
+    digest: Digest
     size: int
     partial: Path
     state: Path
@@ -76,11 +112,12 @@ class BlobJob:
     since_state: int = 0
     finished: bool = False
     lock_stack: ExitStack | None = None
+    slot: "threading.Semaphore | None" = None  # released when the job ends: bounds open jobs (fds)
 
 
 @dataclass(frozen=True)
 class Blob:
-    digest: str
+    digest: Digest
     size: int
 
 
@@ -148,21 +185,32 @@ class _Pool:
 
 
 class Fetcher:
-    def __init__(self, client, cache: Cache, *, concurrency: int = 8, log=None, progress=None, label: str = ""):
+    def __init__(self, client: BlobSource, cache: Cache, *, concurrency: int = 8, log: Any = None,
+                 progress: Any = None, label: str = "", source_name: str = "",
+                 policy: RetryPolicy = BLOB_POLICY, lock_stall: float = LOCK_STALL):
         self.client = client
         self.cache = cache
         self.concurrency = max(1, concurrency)
         self.log = log
         self.progress = progress
         self.label = label
+        self.source_name = source_name or getattr(getattr(client, "ref", None), "registry", "the registry")
+        self.policy = policy
+        self.lock_stall = lock_stall
+        self.deadline: Deadline | None = None
         self._stop = threading.Event()
         self._local = threading.local()
+        self._jobs: list[BlobJob] = []
+        self._jobs_lock = threading.Lock()
+        self.verify_only: frozenset[Digest] = frozenset()
 
     # ---- public --------------------------------------------------------------------------------------------------
-    def missing(self, blobs: list[Blob]) -> list[Blob]:
-        seen, out = set(), []
+    def missing(self, blobs: list[Blob], verify_only: Set[Digest] = frozenset()) -> list[Blob]:
+        """What fetch() downloads: blobs not in the cache, and those to verify again (``verify_only``)."""
+        seen: set[str] = set()
+        out = []
         for b in blobs:
-            if b.digest not in seen and not self.cache.has_blob(b.digest, b.size):
+            if b.digest not in seen and (b.digest in verify_only or not self.cache.has_blob(b.digest, b.size)):
                 seen.add(b.digest)
                 out.append(b)
         return out
@@ -176,67 +224,131 @@ class Fetcher:
                 n += sum(r.done for r in st)
         return n
 
-    def fetch(self, blobs: list[Blob]) -> None:
-        """Make every blob present and verified in the cache, or raise."""
-        todo = self.missing(blobs)
+    def fetch(self, blobs: list[Blob], deadline: Deadline | None = None,
+              verify_only: Set[Digest] = frozenset()) -> None:
+        """Make every blob present and verified in the cache, or raise.
+
+        Blobs in ``verify_only`` are downloaded and verified even though the cache has them (a pod proving it can
+        read them from its registry); their download is then dropped, the cached file is kept as it is."""
+        self.verify_only = frozenset(verify_only)
+        todo = self.missing(blobs, self.verify_only)
         if not todo:
             return
-        self._stop = threading.Event()
-        self._jobs: list[BlobJob] = []
         total_missing = sum(b.size for b in todo)
+        self.deadline = deadline or Deadline.after(fetch_deadline(total_missing), f"the download of {self.label}")
+        self._stop = stop = threading.Event()
+        self._jobs = []
         chunk = target_chunk(total_missing, self.concurrency)
-        pool = _Pool(min(self.concurrency, max(1, sum(len(plan_ranges(b.size, chunk)) for b in todo))), self._stop)
+        pool = _Pool(min(self.concurrency, max(1, sum(len(plan_ranges(b.size, chunk)) for b in todo))), stop)
+        # At most `concurrency` blobs open at once: each holds a lock fd and a partial fd until it finishes.
+        slots = threading.BoundedSemaphore(self.concurrency)
         deferred: list[Blob] = []
         try:
             # Largest first, so the long tail is a small blob, not a big one.
             for b in sorted(todo, key=lambda b: -b.size):
-                job = self._start_job(b, chunk, blocking=False)
+                if not self._take_slot(slots, stop):
+                    break
+                job = self._start_job(b, chunk, slots, wait=False)
                 if job is None:
-                    if not self.cache.has_blob(b.digest, b.size):
+                    if self._wanted(b):
                         deferred.append(b)
                     continue
                 self._submit_job(pool, job)
-            pool.wait()
             # Blobs other loaders were fetching: wait for their locks (in parallel), then fetch what is still missing.
             for b in deferred:
-                pool.submit(lambda b=b: self._after_wait(pool, b, chunk))
+                if not self._take_slot(slots, stop):
+                    break
+                pool.submit(lambda b=b: self._after_wait(pool, b, chunk, slots))
             pool.wait()
         finally:
-            self._stop.set()
+            stop.set()
             pool.close()
-            for job in self._jobs:
+            with self._jobs_lock:
+                jobs = list(self._jobs)
+            for job in jobs:
                 self._abandon(job)
 
     # ---- jobs ----------------------------------------------------------------------------------------------------
-    def _after_wait(self, pool: _Pool, b: Blob, chunk: int) -> None:
-        job = self._start_job(b, chunk, blocking=True)
+    def _wanted(self, b: Blob) -> bool:
+        return b.digest in self.verify_only or not self.cache.has_blob(b.digest, b.size)
+
+    @staticmethod
+    def _take_slot(slots: threading.Semaphore, stop: threading.Event) -> bool:
+        while not slots.acquire(timeout=0.2):
+            if stop.is_set():
+                return False
+        if stop.is_set():
+            slots.release()
+            return False
+        return True
+
+    def _after_wait(self, pool: "_Pool", b: Blob, chunk: int, slots: threading.Semaphore) -> None:
+        job = self._start_job(b, chunk, slots, wait=True)
         if job is not None:
             self._submit_job(pool, job)
 
-    def _start_job(self, b: Blob, chunk: int, blocking: bool, attempt: int = 0) -> BlobJob | None:
+    def _start_job(self, b: Blob, chunk: int, slots: threading.Semaphore, wait: bool) -> BlobJob | None:
+        """Lock the blob and open its partial file; None (slot released) when another loader has it or had it."""
         stack = ExitStack()
-        held = stack.enter_context(self.cache.lock(f"blob-{b.digest[7:]}", blocking=blocking))
-        if not held or self.cache.has_blob(b.digest, b.size):
-            stack.close()
-            return None
+        stack.callback(slots.release)
         try:
-            job = self._open_job(b, chunk, attempt)
+            held = self._try_lock(b, stack)
+            if not held and wait:
+                held = self._wait_for_lock(b, stack)
+            if not held or not self._wanted(b):
+                stack.close()
+                return None
+            job = self._open_job(b, chunk, attempt=0)
         except BaseException:
             stack.close()
             raise
         job.lock_stack = stack
         return job
 
+    def _try_lock(self, b: Blob, stack: ExitStack) -> bool:
+        """Take the blob's lock without waiting; when held, ``stack`` owns it."""
+        attempt = ExitStack()
+        if attempt.enter_context(self.cache.lock(f"blob-{b.digest.hex}", blocking=False)):
+            stack.enter_context(attempt)
+            return True
+        attempt.close()
+        return False
+
+    def _wait_for_lock(self, b: Blob, stack: ExitStack) -> bool:
+        """Wait for another loader's lock on a blob while that loader makes progress (its partial file grows);
+        LockTimeout when it has not for ``lock_stall`` seconds, DeadlineExceeded at the deadline."""
+        partial = self.cache.partial_path(b.digest)
+        last, since = _progress_mark(partial), time.monotonic()
+        while True:
+            if self._stop.is_set():
+                return False
+            if not self._wanted(b):
+                return False
+            if self._try_lock(b, stack):
+                return True
+            now = time.monotonic()
+            mark = _progress_mark(partial)
+            if mark != last:
+                last, since = mark, now
+            elif now - since > self.lock_stall:
+                raise LockTimeout(
+                    f"blob {b.digest} of {self.label} is locked by another loader on this cache that has not written"
+                    f" a byte for {self.lock_stall:.0f}s; giving up so this pod is not held behind it (the pod's"
+                    " init container is retried by the kubelet)")
+            if self.deadline is not None:
+                self.deadline.check(now)
+            self._stop.wait(LOCK_POLL)
+
     def _open_job(self, b: Blob, chunk: int, attempt: int) -> BlobJob:
         partial = self.cache.partial_path(b.digest)
         state_path = partial.with_name(partial.name + ".state")
         ranges = _load_state(partial, b) if attempt == 0 else None
         resumed = ranges is not None
-        if not resumed:
+        if ranges is None:
             for p in (partial, *_state_files(state_path)):
                 p.unlink(missing_ok=True)
             ranges = [Range(i, s, e) for i, (s, e) in enumerate(plan_ranges(b.size, chunk))]
-        fd = os.open(partial, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = self.cache.open_partial(partial)
         try:
             if not resumed:
                 _preallocate(fd, b.size, self.cache, b.digest)
@@ -244,7 +356,8 @@ class Fetcher:
             os.close(fd)
             raise
         job = BlobJob(b.digest, b.size, partial, state_path, ranges, fd, attempt=attempt)
-        self._jobs.append(job)
+        with self._jobs_lock:
+            self._jobs.append(job)
         if not resumed:
             job.inline = ranges[0]
             job.hashing = True  # owned by the first range until it completes
@@ -254,7 +367,7 @@ class Fetcher:
             self.log.info("fetch.resume", ref=self.label, blob=b.digest, bytes_on_disk=done, size=b.size)
         return job
 
-    def _submit_job(self, pool: _Pool, job: BlobJob) -> None:
+    def _submit_job(self, pool: "_Pool", job: BlobJob) -> None:
         if job.size == 0 or all(r.complete for r in job.ranges):
             job.inline, job.hashing = None, False
             pool.submit(lambda: self._hash_forward(pool, job))
@@ -266,29 +379,34 @@ class Fetcher:
             if not r.complete:
                 pool.submit(lambda r=r: self._run_range(pool, job, r))
 
-    def _run_range(self, pool: _Pool, job: BlobJob, r: Range) -> None:
-        tries = 0
+    def _run_range(self, pool: "_Pool", job: BlobJob, r: Range) -> None:
         client = self.client
         buf = self._buffer()
         mv = memoryview(buf)
+        attempts = Attempts(self.policy, f"blob {job.digest} of {self.label}", self.deadline,
+                            hint="The partial download is kept and resumes on the next pull.")
         while not r.complete:
             if self._stop.is_set():
                 return
+            if self.deadline is not None:
+                self.deadline.check()
             pos = r.start + r.done
             before = r.done
             try:
                 with client.open_blob(job.digest, pos, r.end - 1, size=job.size) as body:
                     if body.total is not None and body.total != job.size:
-                        raise self._size_mismatch(client, job, body.total)
+                        raise self._size_mismatch(job, body.total)
+                    watch = RateWatch(self.policy, f"blob {job.digest.short} from {self.source_name}")
                     skip = pos - body.start  # a server that ignored Range sends from byte 0
                     while r.start + r.done < r.end:
                         if self._stop.is_set():
                             return
-                        want = min(len(buf), r.end - (r.start + r.done) + skip) if skip else min(len(buf), r.end - (r.start + r.done))
+                        want = min(len(buf), r.end - (r.start + r.done) + skip)
                         n = body.readinto(mv[:want])
                         if n == 0:
                             raise TransientError(f"registry closed the connection {r.end - r.start - r.done} bytes early")
                         client.count_bytes(n)
+                        watch.add(n)
                         chunk = mv[:n]
                         if skip:
                             drop = min(skip, n)
@@ -316,23 +434,17 @@ class Fetcher:
                                 job.since_state = 0
                                 self._save_state(job)
             except TransientError as exc:
-                real = getattr(exc, "blob_size", None)  # a 416: the blob is shorter than this range
-                if real is not None and real != job.size:
-                    raise self._size_mismatch(client, job, real) from exc
-                if r.done > before:
-                    tries = 0
-                tries += 1
-                if tries >= MAX_TRIES_WITHOUT_PROGRESS:
+                if isinstance(exc, RangeNotSatisfiable) and exc.blob_size is not None and exc.blob_size != job.size:
+                    raise self._size_mismatch(job, exc.blob_size) from exc
+                try:
+                    delay = attempts.failed(exc, progressed=r.done - before)
+                except LoaderError:
                     with job.lock:
                         self._save_state(job)
-                    raise NetworkError(
-                        f"giving up on blob {job.digest} of {self.label} after {tries} failed attempts without progress:"
-                        f" {exc}. The partial download is kept and resumes on the next pull."
-                    ) from exc
-                delay = _delay(tries, exc.retry_after)
+                    raise
                 if self.log:
-                    self.log.warning("fetch.retry", ref=self.label, blob=job.digest[:19], offset=r.start + r.done,
-                                     attempt=tries, delay_s=round(delay, 2), error=str(exc))
+                    self.log.warning("fetch.retry", ref=self.label, blob=job.digest.short, offset=r.start + r.done,
+                                     attempt=attempts.tries, delay_s=round(delay, 2), error=str(exc))
                 if self._stop.wait(delay):
                     return
         with job.lock:
@@ -343,15 +455,15 @@ class Fetcher:
                 job.hashing = False
         self._hash_forward(pool, job)
 
-    def _size_mismatch(self, client, job: BlobJob, real: int) -> DigestMismatch:
+    def _size_mismatch(self, job: BlobJob, real: int) -> DigestMismatch:
         # Deterministic, so not retried: the same request gets the same answer until the artifact is fixed.
         return DigestMismatch(
-            f"registry {client.ref.registry} serves blob {job.digest} of {self.label} as {real} bytes, but the"
+            f"registry {self.source_name} serves blob {job.digest} of {self.label} as {real} bytes, but the"
             f" manifest's descriptor says {job.size}: the manifest does not describe its blobs; push the model"
             " again (model-loader push) so the manifest is rebuilt from the files. Nothing was published"
         )
 
-    def _hash_forward(self, pool: _Pool, job: BlobJob) -> None:
+    def _hash_forward(self, pool: "_Pool", job: BlobJob) -> None:
         """Hash every complete range that follows what is hashed; finish the blob when all of it is."""
         buf = self._buffer()  # the same buffer the thread downloads with: memory stays one buffer per worker
         with job.lock:
@@ -382,20 +494,30 @@ class Fetcher:
             raise
         self._finish(pool, job)
 
-    def _finish(self, pool: _Pool, job: BlobJob) -> None:
-        got = "sha256:" + job.hasher.hexdigest()
-        with job.lock:
-            job.finished = True
-        if got == job.digest:
+    def _close_job(self, job: BlobJob) -> None:
+        if job.fd >= 0:
             os.close(job.fd)
             job.fd = -1
-            self.cache.publish_blob(job.partial, job.digest)
+        with self._jobs_lock:
+            if job in self._jobs:
+                self._jobs.remove(job)
+
+    def _finish(self, pool: "_Pool", job: BlobJob) -> None:
+        got = Digest.from_hasher(job.hasher)
+        with job.lock:
+            job.finished = True
+        stack = job.lock_stack
+        assert stack is not None
+        self._close_job(job)
+        if got == job.digest:
+            if job.digest in self.verify_only:
+                job.partial.unlink()  # proven; the cached file (identical, and hard-linked by trees) stays
+            else:
+                self.cache.publish_blob(job.partial, job.digest)
             for p in _state_files(job.state):
                 p.unlink(missing_ok=True)
-            job.lock_stack.close()
+            stack.close()
             return
-        os.close(job.fd)
-        job.fd = -1
         job.partial.unlink(missing_ok=True)
         for p in _state_files(job.state):
             p.unlink(missing_ok=True)
@@ -407,29 +529,29 @@ class Fetcher:
             try:
                 fresh = self._open_job(Blob(job.digest, job.size), target_chunk(job.size, self.concurrency), attempt=1)
             except BaseException:
-                job.lock_stack.close()
+                stack.close()
                 raise
-            fresh.lock_stack, job.lock_stack = job.lock_stack, None
+            fresh.lock_stack, job.lock_stack = stack, None
             self._submit_job(pool, fresh)
             return
-        job.lock_stack.close()
+        stack.close()
         raise DigestMismatch(
-            f"blob {job.digest} of {self.label} from registry {self.client.ref.registry} hashed to {got} twice:"
+            f"blob {job.digest} of {self.label} from registry {self.source_name} hashed to {got} twice:"
             " the registry or something between it and this node is corrupting data; nothing was published"
         )
 
     def _abandon(self, job: BlobJob) -> None:
-        """On failure, keep the partial file and its state for the next pull; drop the lock."""
+        """On failure, keep the partial file and its state for the next pull; drop the lock and the slot."""
         if job.fd >= 0:
             try:
                 with job.lock:
                     self._save_state(job)
             except OSError:
                 pass
-            os.close(job.fd)
-            job.fd = -1
+        self._close_job(job)
         if job.lock_stack is not None:
             job.lock_stack.close()
+            job.lock_stack = None
 
     # ---- helpers -------------------------------------------------------------------------------------------------
     def _buffer(self, size: int = BUF_SIZE) -> bytearray:
@@ -486,7 +608,16 @@ def _preallocate(fd: int, size: int, cache: Cache, digest: str) -> None:
         raise
 
 
-def _delay(tries: int, retry_after: float | None) -> float:
-    if retry_after is not None:
-        return min(MAX_RETRY_AFTER, retry_after)
-    return min(10.0, 0.25 * 2 ** (tries - 1)) * (0.5 + random.random() / 2)
+def _progress_mark(partial: Path) -> tuple[int, int, float]:
+    """What changes while a holder writes a blob: the partial's allocated blocks (it is sparse until written),
+    its state file's mtime; or the blob's appearance (the partial is renamed away)."""
+    try:
+        st = os.stat(partial)
+        blocks = st.st_blocks
+    except OSError:
+        blocks = -1
+    try:
+        mtime = os.stat(partial.with_name(partial.name + ".state")).st_mtime
+    except OSError:
+        mtime = 0.0
+    return blocks, 0, mtime

@@ -6,18 +6,24 @@ the sequence below is the only place that combines the registry, the fetch engin
 
 from __future__ import annotations
 
-import platform
+import json
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
-from loader import layout
-from loader.cache import Cache, current_boot_id
+from loader import layout, oci, retry
+from loader.access import Source, add_source, hit_proof, identity_of, may_fall_back, possession_failures, sources_of
+from loader.cache import Cache, CachedModel, current_boot_id
+from loader.digest import Digest
 from loader.errors import ArtifactError, NetworkError, UsageError
 from loader.fetch import Blob, Fetcher
 from loader.progress import Progress
 from loader.reference import Reference, parse
-from loader.registry import INDEX_TYPES, RegistryClient, retrying
+from loader.registry import RegistryClient
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -26,7 +32,7 @@ class PullOptions:
     concurrency: int = 8
     plain_http: bool | None = None  # None: plain HTTP only for loopback registries
     insecure: bool = False
-    credentials: object | None = None  # loader.credentials.DockerConfig
+    credentials: Any = None  # loader.credentials.DockerConfig
     mirrors: dict[str, list[str]] = field(default_factory=dict)  # registry host -> mirror URLs
     offline: bool = False
     timeout: float = 30.0
@@ -53,7 +59,7 @@ class PullResult:
                 "seconds": round(self.seconds, 3), "cache_hit": self.cache_hit}
 
 
-def pull(text: str, opts: PullOptions, log) -> PullResult:
+def pull(text: str, opts: PullOptions, log: Any) -> PullResult:
     t0 = time.monotonic()
     try:
         ref = parse(text)
@@ -64,17 +70,28 @@ def pull(text: str, opts: PullOptions, log) -> PullResult:
         return _pull(ref, cache, opts, log, t0)
 
 
-def _pull(ref: Reference, cache: Cache, opts: PullOptions, log, t0: float) -> PullResult:
-    label = str(ref)
+class _Hit:
+    """What a cache hit does, for one pull: link the ref, record the use (and the source that proved access)."""
 
-    def hit(model, warnings=()) -> PullResult:
-        cache.link_ref(ref, model.digest)
-        cache.add_ref_to_meta(model.digest, label)
-        cache.touch(model.digest)
-        res = PullResult(label, model.digest, str(model.path), model.bytes, model.files, time.monotonic() - t0, True,
-                         list(warnings))
-        log.info("pull.hit", ref=label, digest=model.digest, path=res.path, seconds=round(res.seconds, 3))
+    def __init__(self, ref: Reference, cache: Cache, log: Any, t0: float):
+        self.ref, self.cache, self.log, self.t0 = ref, cache, log, t0
+
+    def __call__(self, model: CachedModel, warnings: Sequence[str] = (), source: Source | None = None) -> PullResult:
+        label = str(self.ref)
+        self.cache.link_ref(self.ref, model.digest)
+        self.cache.add_ref_to_meta(model.digest, label)
+        if source is not None:
+            self.cache.update_meta(model.digest, lambda meta: add_source(meta, source))
+        self.cache.touch(model.digest)
+        res = PullResult(label, model.digest, str(model.path), model.bytes, model.files, time.monotonic() - self.t0,
+                         True, list(warnings))
+        self.log.info("pull.hit", ref=label, digest=model.digest, path=res.path, seconds=round(res.seconds, 3))
         return res
+
+
+def _pull(ref: Reference, cache: Cache, opts: PullOptions, log: Any, t0: float) -> PullResult:
+    label = str(ref)
+    hit = _Hit(ref, cache, log, t0)
 
     # A digest names immutable content: a cached copy needs no network at all (unless access is to be proven).
     if ref.digest and (opts.offline or not opts.check_access):
@@ -90,45 +107,86 @@ def _pull(ref: Reference, cache: Cache, opts: PullOptions, log, t0: float) -> Pu
 
     with RegistryClient(ref, plain_http=opts.plain_http, insecure=opts.insecure, credentials=opts.credentials,
                         mirrors=opts.mirrors.get(ref.registry, []), timeout=opts.timeout, log=log) as client:
-        return _pull_online(ref, client, cache, opts, log, t0, hit)
+        creds = opts.credentials.credentials_for(ref.registry) if opts.credentials is not None else None
+        plain = opts.plain_http if opts.plain_http is not None else ref.is_loopback
+        tls = not plain and not opts.insecure  # TLS vouches for the registry's identity
+        source = Source(ref.registry, ref.repository, identity_of(ref.registry, creds), tls)
+        return _pull_online(ref, client, cache, opts, log, t0, hit, source)
 
 
-def _pull_online(ref: Reference, client: RegistryClient, cache: Cache, opts: PullOptions, log, t0: float, hit):
+def _fallback(exc: NetworkError, model: CachedModel | None, ref: Reference, source: Source, opts: PullOptions,
+              hit: _Hit, log: Any) -> PullResult:
+    """The registry cannot be reached: the cached copy, if the access rule grants it to this pod."""
+    if model is None:
+        raise exc
+    if opts.check_access and not may_fall_back(sources_of(model.meta), ref, source.identity):
+        raise NetworkError(
+            f"registry {ref.registry} is unreachable ({exc}) and the cached copy of {ref} ({model.digest}) is not"
+            f" given out in its place: this shared cache has no record that these credentials, or anonymous access,"
+            f" read {ref.registry}/{ref.repository}. The pod starts once the registry answers"
+        ) from exc
+    msg = f"registry {ref.registry} unreachable ({exc}); using the cached copy {model.digest}"
+    log.warning("pull.registry_unreachable", ref=str(ref), digest=model.digest, error=str(exc))
+    return hit(model, [msg])
+
+
+def _pull_online(ref: Reference, client: RegistryClient, cache: Cache, opts: PullOptions, log: Any, t0: float,
+                 hit: _Hit, source: Source) -> PullResult:
     label = str(ref)
-    cached_digest = cache.lookup_digest(ref.digest) if ref.digest else None
-    if not ref.digest or cached_digest:
-        # One HEAD re-checks the tag (or, with check_access, the cached digest) and proves these credentials may
-        # read it.
+    if ref.digest:
+        digest = Digest.parse(ref.digest, f"reference {label}")
+        model = cache.lookup_digest(digest)
+    else:
+        # One HEAD re-checks the tag.
+        cached_ref = None
         try:
             head = _retrying(lambda: client.head_manifest(ref.reference), log, label)
         except NetworkError as exc:
-            model = cached_digest or cache.lookup_ref(ref)
-            if model is None:
-                raise
-            msg = f"registry {ref.registry} unreachable ({exc}); using the cached copy {model.digest}"
-            log.warning("pull.registry_unreachable", ref=label, digest=model.digest, error=str(exc))
-            return hit(model, [msg])
-        model = cached_digest or cache.lookup_digest(head.digest)
-        if model:
+            cached_ref = cache.lookup_ref(ref)
+            return _fallback(exc, cached_ref, ref, source, opts, hit, log)
+        digest = Digest.parse(head.digest, f"registry {ref.registry}: the digest of {label}")
+        model = cache.lookup_digest(digest)
+        if model and not opts.check_access:
             return hit(model)
-        digest = head.digest
-    else:
-        digest = ref.digest
 
-    top = _retrying(lambda: client.get_manifest(digest), log, label)
-    manifest = top.json()
-    media_type = manifest.get("mediaType") or top.media_type
-    image = manifest
-    if media_type in INDEX_TYPES or "manifests" in manifest:
-        child = pick_manifest(manifest, label)
-        image = _retrying(lambda: client.get_manifest(child["digest"]), log, label).json()
-    entries = layout.layer_entries(image, label)  # refuses unsafe names before any byte is fetched
+    # The manifest, by digest (its bytes are verified against it): the first part of every access proof.
+    try:
+        top = _retrying(lambda: client.get_manifest(digest), log, label)
+    except NetworkError as exc:
+        return _fallback(exc, model if ref.digest else None, ref, source, opts, hit, log)
+    assert top.data is not None
+    manifest = oci.parse_manifest(top.data, digest, top.media_type, f"{label}")
+    if isinstance(manifest, oci.ImageIndex):
+        child = oci.pick_manifest(manifest, label)
+        got = _retrying(lambda: client.get_manifest(child.digest), log, label)
+        assert got.data is not None
+        image = oci.parse_manifest(got.data, child.digest, child.media_type or got.media_type, label)
+        if not isinstance(image, oci.ImageManifest):
+            raise ArtifactError(f"{label}: index {digest} names another index ({child.digest}) as its model; nested"
+                                " indexes are not supported for models")
+    else:
+        image = manifest
+    entries = layout.layer_entries(dict(image.raw), label)  # refuses unsafe names before any byte is fetched
     if not entries:
         raise ArtifactError(f"{label}: no layer has an {layout.TITLE} or {layout.MODELPACK_FILEPATH} annotation,"
                             " so the model would be empty; push files with titles (model-loader push, oras push)")
-    blobs = [Blob(e.digest, e.size) for e in entries]
-    fetcher = Fetcher(client, cache, concurrency=opts.concurrency, log=log, label=label)
-    missing = fetcher.missing(blobs)
+    blobs = _unique([Blob(Digest(e.digest), e.size) for e in entries])
+
+    verify_only: set[Digest] = set()
+    if opts.check_access:
+        if model is not None and hit_proof(sources_of(model.meta), ref, source.tls) == "manifest":
+            return hit(model, source=source)
+        present = [(b.digest, b.size) for b in blobs if cache.has_blob(b.digest, b.size)]
+        verify_only = set(possession_failures(client, present, cache.blob_path))
+        if verify_only:
+            log.info("pull.prove_by_download", ref=label, blobs=len(verify_only),
+                     reason="the registry did not serve the cached bytes of these blobs")
+        elif model is not None:
+            return hit(model, source=source)
+
+    fetcher = Fetcher(client, cache, concurrency=opts.concurrency, log=log, label=label,
+                      source_name=ref.registry)
+    missing = fetcher.missing(blobs, verify_only)
     resumable = fetcher.resumable_bytes(missing)
     need = sum(b.size for b in missing) - resumable + sum(e.size for e in entries if e.kind == "tar")
     cache.check_space(need, f"{label} ({len(missing)} blobs)")
@@ -137,9 +195,11 @@ def _pull_online(ref: Reference, client: RegistryClient, cache: Cache, opts: Pul
              concurrency=opts.concurrency)
     with Progress(log, label, total, already=resumable, mode=opts.progress, interval=opts.progress_interval) as prog:
         fetcher.progress = prog
-        fetcher.fetch(blobs)
+        fetcher.fetch(blobs, verify_only=verify_only)
 
-    model = publish_model(cache, digest, entries, image, media_type, [label], label)
+    if model is not None:  # every blob this pod could not show is now downloaded and verified from its registry
+        return hit(model, source=source)
+    model = publish_model(cache, digest, entries, dict(image.raw), image.media_type, [label], label, [source])
     cache.link_ref(ref, digest)
     cache.add_ref_to_meta(digest, label)
     cache.touch(digest)
@@ -150,10 +210,22 @@ def _pull_online(ref: Reference, client: RegistryClient, cache: Cache, opts: Pul
     return PullResult(label, digest, str(model.path), model.bytes, model.files, secs, False)
 
 
-def publish_model(cache: Cache, digest: str, entries, image: dict, media_type: str, refs: list[str], label: str):
+def _unique(blobs: list[Blob]) -> list[Blob]:
+    seen: set[str] = set()
+    out = []
+    for b in blobs:
+        if b.digest not in seen:
+            seen.add(b.digest)
+            out.append(b)
+    return out
+
+
+def publish_model(cache: Cache, digest: str, entries: list[layout.Entry], image: dict[str, Any], media_type: str,
+                  refs: list[str], label: str, sources: Sequence[Source] = ()) -> CachedModel:
     """Materialise a model's tree from its verified blobs and publish it, under the model lock, unless another
     loader already has; the published model. Shared by pull (after its fetch) and bundle import."""
-    with cache.lock(f"model-{digest[7:]}"):
+    digest = Digest(digest)
+    with cache.lock(f"model-{digest.hex}"):
         model = cache.lookup_digest(digest)
         if model is None:
             staging = cache.new_staging()
@@ -161,29 +233,28 @@ def publish_model(cache: Cache, digest: str, entries, image: dict, media_type: s
                 nbytes, nfiles = layout.materialize(entries, staging, cache.blob_path, label)
                 meta = {"digest": digest, "refs": refs, "bytes": nbytes, "files": nfiles, "manifest": image,
                         "media_type": media_type, "blobs": sorted({e.digest for e in entries}),
+                        "sources": [s.as_json() for s in sources],
                         "created": time.time(), "boot_id": current_boot_id()}
                 cache.publish_model(digest, staging, meta)
             finally:
                 cache.remove_tree(staging)
             model = cache.lookup_digest(digest)
+            sources = ()
+    # Already published by another loader: this pull verified its own copy of every blob, so its source counts.
+    for src in sources:
+        cache.update_meta(digest, lambda meta, src=src: add_source(meta, src))
+    if model is None:
+        raise ArtifactError(f"{label}: model {digest} was published but cannot be read back from cache {cache.root}")
     return model
 
 
-def pick_manifest(index: dict, label: str) -> dict:
-    """Choose the manifest of an index: a model artifact has no platform, else this node's platform."""
-    manifests = [m for m in index.get("manifests") or [] if isinstance(m, dict) and isinstance(m.get("digest"), str)]
-    if not manifests:
-        raise ArtifactError(f"{label}: image index lists no manifests")
-    arch = {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine(), platform.machine())
-    for m in manifests:
-        if not m.get("platform"):
-            return m
-    for m in manifests:
-        p = m["platform"]
-        if p.get("os") == "linux" and p.get("architecture") == arch:
-            return m
-    return manifests[0]
+def pick_manifest(index: dict[str, Any], label: str) -> dict[str, Any]:
+    """Choose the manifest of an index (raw JSON): see loader.oci.pick_manifest. Kept for bundle import."""
+    parsed = oci.parse_manifest(json.dumps(index).encode(), Digest.of(b""), oci.OCI_INDEX, label)
+    if not isinstance(parsed, oci.ImageIndex):
+        raise ArtifactError(f"{label}: not an image index")
+    return oci.pick_manifest(parsed, label).as_json()
 
 
-def _retrying(fn, log, label):
-    return retrying(fn, log, "manifest.retry", ref=label)
+def _retrying(fn: Callable[[], T], log: Any, label: str) -> T:
+    return retry.call(fn, retry.SMALL_REQUESTS, label, log, "manifest.retry", ref=label)
