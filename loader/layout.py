@@ -3,33 +3,78 @@
 Each layer becomes one file named by its ``org.opencontainers.image.title`` annotation (or ModelPack's
 ``org.cncf.model.filepath``); a layer with neither is skipped, as CRI-O skips it. Directory layers (tar,
 tar+gzip, tar+zstd, as ``oras push`` makes for a directory with ``io.deis.oras.content.unpack``, and ModelPack's
-``.tar`` media types) are extracted instead. Names and tar entries that are absolute, contain ``..``, pass through
-a symlink, or are devices are refused before anything is published.
+``.tar`` media types) are extracted instead. :func:`layer_entries` is pure (manifest -> entries, digests parsed
+with :class:`~loader.digest.Digest`); :func:`materialize` does the I/O into a staging directory.
 
-``plan()`` is pure (manifest JSON -> entries); ``materialize()`` does the I/O into a staging directory.
+A tar layer is hostile input written into a directory that sits inside a cache many tenants share, so
+extraction never resolves a path through the filesystem's own name lookup:
+
+* Every entry is created relative to a directory file descriptor reached from the staging root one component at a
+  time with ``O_NOFOLLOW``: no entry is written, and no hard-link source is found, through a symlink, and no entry
+  replaces an existing one (``O_EXCL``, ``mkdirat``, ``symlinkat`` and ``linkat`` all refuse to).
+* A symlink may only climb at the start of its target: ``../../x/y`` is fine when the link sits at least two
+  directories below the layer's root, ``a/../b`` is refused. The kernel resolves ``a`` before the ``..`` that
+  follows it, so a later ``a -> .`` would turn a lexically harmless ``a/a/../..`` into a way out; with ``..`` only
+  at the start, every step of every link's resolution stays inside the root whatever the other links are (each
+  link starts from the real directory it sits in, climbs no higher than the root, then only descends, through
+  directories or links that obey the same rule). After the last layer every link is also resolved the way the
+  kernel would, against the finished tree and without following anything, which refuses loops and over-long
+  chains as well.
+* Hard-link sources must be regular files already in the tree; devices, fifos, sparse files, absolute names,
+  ``..``, NUL and non-UTF-8 names are refused, and the number of entries, the length of names, their depth and the
+  size of tar extension headers are bounded (``MAX_*`` below).
+* Expanded bytes are charged to an :class:`ExpansionBudget` as they are written (and, from the tar headers, before
+  any is), which stops with :class:`~loader.errors.NoSpaceError` (exit 6) while the filesystem still has its
+  reserve; an ENOSPC or EDQUOT that happens anyway becomes the same error, never a traceback.
+
+Every refusal is an :class:`~loader.errors.ArtifactError` (exit 8) naming the reference, the layer, the entry and
+what is wrong with it.
 """
 
 from __future__ import annotations
 
+import errno
 import gzip
 import os
 import posixpath
 import stat
 import tarfile
+import zlib
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Any, BinaryIO, Literal, Protocol
 
 import zstandard
 
-from loader.errors import ArtifactError
+from loader.digest import Digest
+from loader.errors import ArtifactError, NoSpaceError
+from loader.oci import MAX_LAYERS, Descriptor, ImageManifest
 
 TITLE = "org.opencontainers.image.title"
 MODELPACK_FILEPATH = "org.cncf.model.filepath"
 ORAS_UNPACK = "io.deis.oras.content.unpack"
 MODELPACK_PREFIX = "application/vnd.cncf.model."
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+
+# ---- bounds on what one artifact can make us do ------------------------------------------------------------------
+MAX_TAR_ENTRIES = 200_000  # tar entries (files, dirs, links) in one model, over all its layers; checked before writing
+MAX_NAME_BYTES = 4095  # a name or symlink target, UTF-8 encoded (PATH_MAX less the NUL)
+MAX_COMPONENT_BYTES = 255  # one path component (NAME_MAX)
+MAX_DEPTH = 128  # path components in a name or symlink target; bounds the directory walk per entry
+MAX_EXTENSION_HEADER_BYTES = 1 << 20  # one pax or GNU long-name header (tarfile reads each into memory)
+MAX_EXTENSION_CHAIN = 16  # extension headers before one entry (tarfile reads a chain by recursion)
+MAX_SYMLINK_HOPS = 40  # links inside links, as the kernel's MAXSYMLINKS
+
+# ---- the expansion budget --------------------------------------------------------------------------------------
+CHECK_EVERY = 4 << 20  # re-read statvfs at least this often while writing, so other writers are seen
+BLOCK = 4096  # what a directory, and the tail of a file, may take on disk beyond its bytes
+DEFAULT_RESERVE_MAX = 128 << 20  # the default reserve: 1/32 of the filesystem, at most this
+DEFAULT_RESERVE_FRACTION = 32
+
+_CHUNK = 1 << 20
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_FD_CACHE = 16  # directory fds kept open per tree (the last directories written to)
 
 Kind = Literal["file", "tar"]
 Compression = Literal["none", "gzip", "zstd"]
@@ -39,41 +84,47 @@ Compression = Literal["none", "gzip", "zstd"]
 class Entry:
     name: str  # relative POSIX path inside the model tree
     kind: Kind
-    digest: str
+    digest: Digest
     size: int
     media_type: str
     compression: Compression = "none"
 
 
-def layer_entries(manifest: dict, ref: str) -> list[Entry]:
-    """Turn an image manifest into the files it should become. Raises ArtifactError for anything unsafe."""
-    layers = manifest.get("layers")
-    if not isinstance(layers, list):
-        raise ArtifactError(f"{ref}: manifest has no layers list; is it an image index or a config-only artifact?")
+def layer_entries(manifest: Mapping[str, Any] | ImageManifest, ref: str) -> list[Entry]:
+    """Turn an image manifest (its JSON, or an :class:`~loader.oci.ImageManifest`) into the files it should become.
+
+    Every layer is parsed as a descriptor (so a digest that is not ``sha256:<64 lowercase hex>`` is refused, exit 8,
+    even on a layer without a title); raises ArtifactError for anything unsafe.
+    """
+    if isinstance(manifest, ImageManifest):
+        descriptors: Sequence[Descriptor] = manifest.layers
+    else:
+        layers = manifest.get("layers")
+        if not isinstance(layers, list):
+            raise ArtifactError(f"{ref}: manifest has no layers list; is it an image index or a config-only artifact?")
+        if len(layers) > MAX_LAYERS:
+            raise ArtifactError(f"{ref}: manifest has {len(layers)} layers, over the limit of {MAX_LAYERS}")
+        descriptors = []
+        for i, layer in enumerate(layers):
+            if not isinstance(layer, dict):
+                raise ArtifactError(f"{ref}: layer {i} is not an object")
+            descriptors.append(Descriptor.parse(layer, f"{ref}: layer {i}"))
     entries: list[Entry] = []
-    for i, layer in enumerate(layers):
-        if not isinstance(layer, dict):
-            raise ArtifactError(f"{ref}: layer {i} is not an object")
-        ann = layer.get("annotations") or {}
-        name = ann.get(TITLE) or ann.get(MODELPACK_FILEPATH)
+    for d in descriptors:
+        name = d.annotations.get(TITLE) or d.annotations.get(MODELPACK_FILEPATH)
         if not name:
             continue
-        digest, size, mt = layer.get("digest"), layer.get("size"), layer.get("mediaType", "")
-        if not isinstance(digest, str) or not digest.startswith("sha256:") or len(digest) != 71:
-            raise ArtifactError(f"{ref}: layer {name!r} has digest {digest!r}; only sha256 digests are supported")
-        if not isinstance(size, int) or size < 0:
-            raise ArtifactError(f"{ref}: layer {name!r} has an invalid size {size!r}")
         clean = safe_name(name, f"{ref}: layer title")
-        kind, comp = _kind(mt, ann)
-        entries.append(Entry(clean, kind, digest, size, mt, comp))
+        kind, comp = _kind(d.media_type, d.annotations)
+        entries.append(Entry(clean, kind, d.digest, d.size, d.media_type, comp))
     _check_collisions(entries, ref)
     return entries
 
 
-def safe_name(name: str, what: str) -> str:
+def safe_name(name: object, what: str) -> str:
     """Validate a relative path from an untrusted artifact and return it normalised."""
     if not isinstance(name, str) or not name or "\x00" in name:
-        raise ArtifactError(f"{what} {name!r} is empty or not a string")
+        raise ArtifactError(f"{what} {name!r} is empty, not a string, or contains a NUL byte")
     if name.startswith("/") or name.startswith("\\"):
         raise ArtifactError(f"{what} {name!r} is an absolute path: artifacts may only name relative paths")
     parts = name.replace("\\", "/").split("/")
@@ -82,10 +133,28 @@ def safe_name(name: str, what: str) -> str:
     clean = posixpath.normpath(name)
     if clean in (".", ""):
         raise ArtifactError(f"{what} {name!r} names the model root itself")
+    _check_encoded(clean, what, "name")
     return clean
 
 
-def _kind(media_type: str, ann: dict) -> tuple[Kind, Compression]:
+def _check_encoded(path: str, what: str, noun: str) -> None:
+    """UTF-8 (tarfile hands undecodable bytes over as surrogates), and within the filesystem's limits."""
+    try:
+        raw = path.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ArtifactError(f"{what} {path!r}: the {noun} is not valid UTF-8") from None
+    if len(raw) > MAX_NAME_BYTES:
+        raise ArtifactError(f"{what} {path[:100]!r}...: the {noun} is {len(raw)} bytes long, over {MAX_NAME_BYTES}")
+    parts = path.split("/")
+    if len(parts) > MAX_DEPTH:
+        raise ArtifactError(f"{what} {path[:100]!r}...: the {noun} has {len(parts)} components, over {MAX_DEPTH}")
+    for part in parts:
+        if len(part.encode("utf-8")) > MAX_COMPONENT_BYTES:
+            raise ArtifactError(f"{what} {path[:100]!r}: the component {part[:40]!r}... is longer than"
+                                f" {MAX_COMPONENT_BYTES} bytes")
+
+
+def _kind(media_type: str, ann: Mapping[str, str]) -> tuple[Kind, Compression]:
     mt = media_type.lower()
     comp: Compression = "gzip" if mt.endswith("gzip") else "zstd" if mt.endswith("zstd") else "none"
     if str(ann.get(ORAS_UNPACK, "")).lower() == "true":
@@ -110,125 +179,558 @@ def _check_collisions(entries: list[Entry], ref: str) -> None:
                 parent = posixpath.dirname(parent)
 
 
+# ---- the expansion budget ------------------------------------------------------------------------------------------
+def default_reserve(fs_bytes: int) -> int:
+    """Space left free for everyone else on the cache's filesystem: 1/32 of it, at most 128 MiB."""
+    return min(DEFAULT_RESERVE_MAX, fs_bytes // DEFAULT_RESERVE_FRACTION)
+
+
+class ExpansionBudget:
+    """What extraction may still write on the filesystem of ``root``, charged as it is written.
+
+    ``charge(n, where)`` is called before ``n`` bytes are written. It keeps the free space it last read with
+    ``os.statvfs`` and reads it again after every ``check_every`` bytes, or as soon as its estimate says the write
+    would eat into ``reserve`` (``None``: :func:`default_reserve` of the filesystem's size), and raises
+    :class:`~loader.errors.NoSpaceError` (exit 6) then, while the disk still has the reserve. ``limit``, when set,
+    caps the bytes charged whatever the free space (a per-model cap). ``what`` names what is being written (the
+    reference), ``where`` the layer and entry. :meth:`precheck` refuses bytes declared ahead (tar headers) before
+    any is written; :meth:`disk_full` turns an ENOSPC/EDQUOT that happened anyway into the same error.
+    """
+
+    def __init__(self, root: Path, what: str, reserve: int | None = None, *, limit: int | None = None,
+                 check_every: int = CHECK_EVERY) -> None:
+        self.root = Path(root)
+        self.what = what
+        self.limit = limit
+        self.check_every = check_every
+        self.charged = 0  # bytes charged so far
+        self._reserve = reserve
+        self._free: int | None = None  # f_bavail bytes at the last statvfs
+        self._since = 0  # bytes charged since then
+
+    @property
+    def reserve(self) -> int:
+        if self._reserve is None:
+            self._read_free()
+        assert self._reserve is not None
+        return self._reserve
+
+    def _read_free(self) -> int:
+        st = os.statvfs(self.root)
+        if self._reserve is None:
+            self._reserve = default_reserve(st.f_blocks * st.f_frsize)
+        self._free = st.f_bavail * st.f_frsize
+        self._since = 0
+        return self._free
+
+    def room(self) -> int:
+        """Bytes that may still be written now (a fresh statvfs), never negative."""
+        room = self._read_free() - self.reserve
+        if self.limit is not None:
+            room = min(room, self.limit - self.charged)
+        return max(room, 0)
+
+    def precheck(self, n: int, where: str) -> int:
+        """Refuse ``n`` more bytes announced ahead of writing them when they cannot fit now; else the room now."""
+        room = self.room()
+        if n > room:
+            raise self._refusal(where, n)
+        return room
+
+    def charge(self, n: int, where: str) -> None:
+        if n <= 0:
+            return
+        if self.limit is not None and self.charged + n > self.limit:
+            raise self._refusal(where, n)
+        self.charged += n
+        self._since += n
+        if self._free is None or self._since >= self.check_every or self._free - self._since < self.reserve:
+            free = self._read_free()
+            self._since = n  # what was charged before is on disk, and in ``free``; these n bytes are not yet
+            if free - n < self.reserve:
+                self.charged -= n
+                raise self._refusal(where, n)
+
+    def disk_full(self, where: str, exc: OSError) -> NoSpaceError:
+        free = self._read_free()
+        return NoSpaceError(
+            f"{self.what}: the disk of {self.root} filled up ({exc.strerror}) while writing {where}, {_mb(free)}"
+            " free now: free space (model-loader gc) or give the cache volume more room"
+        )
+
+    def _refusal(self, where: str, n: int) -> NoSpaceError:
+        if self.limit is not None and self.charged + n > self.limit:
+            return NoSpaceError(
+                f"{self.what}: {where} would take the model past its budget of {_mb(self.limit)} of expanded"
+                f" bytes ({_mb(self.charged)} written, {_mb(n)} more wanted); refused as a decompression bomb."
+                " If the model really is that large, raise the budget"
+            )
+        free = self._free if self._free is not None else self._read_free()
+        return NoSpaceError(
+            f"{self.what}: {where} needs {_mb(n)} more, but the filesystem of {self.root} has {_mb(free)} free and"
+            f" {_mb(self.reserve)} of it is kept in reserve so the disk never fills ({_mb(self.charged)} extracted"
+            " so far): free space (model-loader gc) or give the cache volume more room"
+        )
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def _is_no_space(exc: OSError) -> bool:
+    return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
 # ---- materialise ----------------------------------------------------------------------------------------------
-def materialize(entries: list[Entry], staging: Path, blob_path: Callable[[str], Path], ref: str) -> tuple[int, int]:
-    """Build the model tree in ``staging`` from verified blobs. Returns (bytes, files) of the tree."""
+def materialize(entries: Sequence[Entry], staging: Path, blob_path: Callable[[Digest], Path], ref: str, *,
+                budget: ExpansionBudget | None = None, max_entries: int = MAX_TAR_ENTRIES) -> tuple[int, int]:
+    """Build the model tree in ``staging`` from verified blobs. Returns (bytes, files) of the tree.
+
+    ``budget`` is charged every byte tar layers expand to (file layers are hard links to their blobs and cost
+    nothing); by default it is an :class:`ExpansionBudget` on the staging directory's filesystem with the default
+    reserve. ``max_entries`` bounds the tar entries of the whole model. Raises ArtifactError (exit 8) for anything
+    unsafe and NoSpaceError (exit 6) when the tree would not fit; ``staging`` may then hold a partial tree, which
+    the caller removes.
+    """
+    if budget is None:
+        budget = ExpansionBudget(staging, ref)
+    tree = _Tree.open_root(staging, ref)
+    symlinks: list[tuple[str, str]] = []  # (path from the staging root, who for messages)
+    counter = _Counter(max_entries)
     total_bytes = total_files = 0
-    for e in entries:
-        if e.kind == "file":
-            dest = _safe_parent(staging, e.name, ref)
-            if os.path.lexists(dest):
-                raise ArtifactError(f"{ref}: {e.name!r} is written by two layers")
-            os.link(blob_path(e.digest), dest)  # no copy: the tree shares the blob's inode
-            total_bytes += e.size
-            total_files += 1
-        else:
-            b, f = _extract_tar(blob_path(e.digest), e, staging, ref)
-            total_bytes += b
-            total_files += f
+    try:
+        for e in entries:
+            where = f"layer {e.name!r}"
+            try:
+                if e.kind == "file":
+                    _link_blob(tree, e, blob_path(e.digest), ref)
+                    total_bytes += e.size
+                    total_files += 1
+                else:
+                    b, f = _extract_tar(tree, blob_path(e.digest), e, ref, budget, counter, symlinks)
+                    total_bytes += b
+                    total_files += f
+            except OSError as exc:
+                if _is_no_space(exc):
+                    raise budget.disk_full(where, exc) from exc
+                raise
+        _check_symlinks(tree.fd, symlinks, ref)
+    finally:
+        tree.close()
     return total_bytes, total_files
 
 
-def _safe_parent(root: Path, name: str, ref: str) -> Path:
-    """Create the parent directories of ``name`` under root, refusing to pass through symlinks or files."""
-    cur = root
-    parts = name.split("/")
-    for part in parts[:-1]:
-        cur = cur / part
+def _link_blob(tree: _Tree, e: Entry, blob: Path, ref: str) -> None:
+    who = f"{ref}: layer {e.name!r}"
+    st = os.lstat(blob)
+    if not stat.S_ISREG(st.st_mode):
+        raise ArtifactError(f"{who}: the cache's blob {blob} is not a regular file; refused")
+    parent, leaf = tree.parent(e.name, who)
+    try:
+        os.link(blob, leaf, dst_dir_fd=parent, follow_symlinks=False)  # no copy: the tree shares the blob's inode
+    except FileExistsError:
+        raise ArtifactError(f"{ref}: {e.name!r} is written by two layers") from None
+
+
+class _Counter:
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.n = 0
+
+
+class _Tree:
+    """A directory reached without following links, and the directories under it, by file descriptor.
+
+    Paths handed in are safe names (relative, no ``..``), and every component is opened with ``O_NOFOLLOW``
+    relative to its parent's fd, so nothing is ever reached through a symlink, whatever the tree holds. The last
+    few directories used stay open: tar entries come grouped by directory.
+    """
+
+    def __init__(self, fd: int, ref: str, prefix: str) -> None:
+        self.fd = fd
+        self.ref = ref
+        self.prefix = prefix  # this tree's path from the staging root, for messages ("" for the root)
+        self._dirs: OrderedDict[str, int] = OrderedDict()
+
+    @classmethod
+    def open_root(cls, staging: Path, ref: str) -> _Tree:
+        return cls(os.open(staging, _DIR_FLAGS), ref, "")
+
+    def close(self) -> None:
+        for fd in self._dirs.values():
+            os.close(fd)
+        self._dirs.clear()
+        os.close(self.fd)
+
+    def subtree(self, rel: str, who: str, budget: ExpansionBudget) -> _Tree:
+        """A new tree for the directory ``rel`` (created when missing); the caller closes it."""
+        fd = self.dir(rel, who, create=True, budget=budget)
+        return _Tree(os.dup(fd), self.ref, posixpath.join(self.prefix, rel))
+
+    def parent(self, name: str, who: str, create: bool = True, budget: ExpansionBudget | None = None
+               ) -> tuple[int, str]:
+        """(fd of the directory that holds ``name``, the last component). The fd is borrowed: do not close it."""
+        head, _, leaf = name.rpartition("/")
+        return (self.dir(head, who, create, budget) if head else self.fd), leaf
+
+    def dir(self, rel: str, who: str, create: bool, budget: ExpansionBudget | None = None) -> int:
+        """The fd of directory ``rel``, walked from the deepest directory already open; missing ones are made
+        (``create``) or refused. Borrowed: valid until the next call makes room for another."""
+        if not rel:
+            return self.fd
+        fd = self._dirs.get(rel)
+        if fd is not None:
+            self._dirs.move_to_end(rel)
+            return fd
+        parts = rel.split("/")
+        start, cur = 0, self.fd
+        for i in range(len(parts) - 1, 0, -1):
+            known = self._dirs.get("/".join(parts[:i]))
+            if known is not None:
+                start, cur = i, known
+                break
+        opened: list[int] = []
         try:
-            st = os.lstat(cur)
-        except FileNotFoundError:
-            os.mkdir(cur, 0o755)
-            continue
-        if stat.S_ISLNK(st.st_mode):
-            raise ArtifactError(f"{ref}: {name!r} would be written through the symlink {str(cur.relative_to(root))!r}")
-        if not stat.S_ISDIR(st.st_mode):
-            raise ArtifactError(f"{ref}: {name!r} needs {str(cur.relative_to(root))!r} to be a directory, but it is a file")
-    return cur / parts[-1]
+            for i in range(start, len(parts)):
+                cur = self._open_dir(cur, parts, i, who, create, budget)
+                opened.append(cur)
+        except BaseException:
+            for fd in opened:
+                os.close(fd)
+            raise
+        for fd in opened[:-1]:
+            os.close(fd)
+        self._dirs[rel] = cur
+        while len(self._dirs) > _FD_CACHE:
+            os.close(self._dirs.popitem(last=False)[1])
+        return cur
+
+    def _open_dir(self, parent: int, parts: list[str], i: int, who: str, create: bool,
+                  budget: ExpansionBudget | None) -> int:
+        part = parts[i]
+        for _ in range(2):
+            try:
+                return os.open(part, _DIR_FLAGS, dir_fd=parent)
+            except FileNotFoundError:
+                if not create:
+                    raise ArtifactError(f"{who}: {self._rel(parts, i)!r} does not exist") from None
+                if budget is not None:
+                    budget.charge(BLOCK, who)
+                try:
+                    os.mkdir(part, 0o755, dir_fd=parent)
+                except FileExistsError:
+                    pass  # made since: open it (or find out what it is)
+            except OSError as exc:
+                if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+                    raise
+                st = os.stat(part, dir_fd=parent, follow_symlinks=False)
+                if stat.S_ISLNK(st.st_mode):
+                    raise ArtifactError(f"{who} would be written through the symlink {self._rel(parts, i)!r};"
+                                        " refused") from None
+                raise ArtifactError(f"{who} needs {self._rel(parts, i)!r} to be a directory, but it is a file;"
+                                    " refused") from None
+        raise ArtifactError(f"{who}: {self._rel(parts, i)!r} keeps changing while it is created")
+
+    @staticmethod
+    def _rel(parts: list[str], i: int) -> str:
+        return "/".join(parts[: i + 1])
 
 
-def _open_decompressed(path: Path, comp: Compression):
-    raw = open(path, "rb")
+# ---- tar layers ------------------------------------------------------------------------------------------------
+class _Readable(Protocol):
+    def read(self, n: int = ..., /) -> bytes: ...
+
+
+class _Stream(Protocol):
+    """What tarfile.open wants of a stream (the decompressors have all of it)."""
+
+    def read(self, size: int, /) -> bytes: ...
+    def write(self, b: bytes, /) -> object: ...
+    def tell(self) -> int: ...
+    def seek(self, pos: int, /) -> object: ...
+    def close(self) -> object: ...
+
+
+class _TarLimit(tarfile.TarError):
+    """An extension header over our bounds. Not a HeaderError, so tarfile passes it on unchanged."""
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """tarfile reads a pax or GNU long-name header whole into memory, and a chain of them by recursion: bound both
+    before it does (``_proc_member`` is where tarfile dispatches on the header type)."""
+
+    def _proc_member(self, tf: tarfile.TarFile) -> tarfile.TarInfo:
+        if self.type in _EXTENSION_TYPES:
+            chain = getattr(tf, "_model_cache_chain", 0) + 1
+            tf._model_cache_chain = chain  # type: ignore[attr-defined]  # reset by the member the chain belongs to
+            if self.size > MAX_EXTENSION_HEADER_BYTES:
+                raise _TarLimit(f"an extension header of {self.size} bytes, over {MAX_EXTENSION_HEADER_BYTES}")
+            if chain > MAX_EXTENSION_CHAIN:
+                raise _TarLimit(f"more than {MAX_EXTENSION_CHAIN} extension headers in a row")
+        else:
+            tf._model_cache_chain = 0  # type: ignore[attr-defined]
+        proc: Callable[[tarfile.TarFile], tarfile.TarInfo] = super()._proc_member  # type: ignore[misc]
+        return proc(tf)
+
+
+_EXTENSION_TYPES = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE, tarfile.GNUTYPE_LONGNAME,
+                    tarfile.GNUTYPE_LONGLINK)
+_UNREADABLE = (tarfile.TarError, EOFError, zstandard.ZstdError, zlib.error, gzip.BadGzipFile)
+
+
+def _open_decompressed(path: Path, comp: Compression) -> tuple[_Stream, BinaryIO]:
+    raw = os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), "rb")
     head = raw.read(4)
     raw.seek(0)
     if comp == "gzip" or head[:2] == b"\x1f\x8b":
         return gzip.GzipFile(fileobj=raw, mode="rb"), raw
     if comp == "zstd" or head == b"\x28\xb5\x2f\xfd":
-        return zstandard.ZstdDecompressor().stream_reader(raw, read_size=1 << 20), raw
+        return zstandard.ZstdDecompressor().stream_reader(raw, read_size=_CHUNK), raw
     return raw, raw
 
 
-def _extract_tar(blob: Path, e: Entry, staging: Path, ref: str) -> tuple[int, int]:
+class _TarReader:
+    """One streaming pass over a tar layer (``with`` it, iterate members, ``extractfile`` the current one)."""
+
+    def __init__(self, blob: Path, e: Entry) -> None:
+        self.stream, self.raw = _open_decompressed(blob, e.compression)
+        try:
+            self.tf = tarfile.open(fileobj=self.stream, mode="r|", tarinfo=_BoundedTarInfo)
+        except BaseException:
+            self.raw.close()
+            raise
+
+    def __enter__(self) -> _TarReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.raw.close()
+
+    def __iter__(self) -> _TarReader:
+        return self
+
+    def __next__(self) -> tarfile.TarInfo:
+        m = self.tf.next()
+        if m is None:
+            raise StopIteration
+        # A stream keeps every member it has read (public, but not in the stubs); we never ask tarfile to resolve a
+        # link, so nothing needs them, and a layer of many entries would otherwise hold them all in memory.
+        self.tf.members.clear()  # type: ignore[attr-defined]
+        return m
+
+    def data(self, m: tarfile.TarInfo) -> _Readable:
+        f = self.tf.extractfile(m)
+        assert f is not None
+        return f
+
+
+def _extract_tar(root: _Tree, blob: Path, e: Entry, ref: str, budget: ExpansionBudget, counter: _Counter,
+                 symlinks: list[tuple[str, str]]) -> tuple[int, int]:
     # A tar whose entries all live under the layer's name (oras directories, modctl's one-file tars) is
     # extracted at the root; any other tar is extracted into a directory named by the layer.
-    names = _tar_names(blob, e, ref)
-    prefix = e.name
-    under = all(n == prefix or n.startswith(prefix + "/") for n in names)
-    base = staging if under else staging / prefix
-    if not under:
-        _safe_parent(staging, prefix + "/x", ref)
-    total_bytes = total_files = 0
-    stream, raw = _open_decompressed(blob, e.compression)
+    layer = f"layer {e.name!r}"
     try:
-        with tarfile.open(fileobj=stream, mode="r|") as tf:
-            for m in tf:
-                if m.isdir() and posixpath.normpath(m.name) == ".":
-                    continue  # "./" from `tar -C dir .`
-                name = safe_name(m.name, f"{ref}: tar entry in layer {e.name!r}")
+        names = _scan(blob, e, ref, budget, counter)
+        prefix = e.name
+        under = all(n == prefix or n.startswith(prefix + "/") for n in names)
+        del names
+        base = root if under else root.subtree(prefix, f"{ref}: {layer}", budget)
+        try:
+            return _extract_into(base, blob, e, ref, budget, symlinks)
+        finally:
+            if base is not root:
+                base.close()
+    except _TarLimit as exc:
+        raise ArtifactError(f"{ref}: {layer} ({e.media_type}) has {exc}; refused") from None
+    except _UNREADABLE as exc:
+        raise ArtifactError(f"{ref}: {layer} ({e.media_type}) is not a readable tar archive: {exc}") from exc
+
+
+def _scan(blob: Path, e: Entry, ref: str, budget: ExpansionBudget, counter: _Counter) -> list[str]:
+    """First pass: the entry names (to place the layer), the entry count, and the bytes the headers announce,
+    refused against the budget before anything is written or the rest of a bomb is even decompressed."""
+    names: list[str] = []
+    declared, room = 0, -1
+    with _TarReader(blob, e) as tar:
+        for m in tar:
+            counter.n += 1
+            if counter.n > counter.limit:
+                raise ArtifactError(f"{ref}: layer {e.name!r} brings the model past {counter.limit} tar entries"
+                                    f" (at {m.name[:200]!r}); refused")
+            n = posixpath.normpath(m.name)
+            if n != ".":
+                names.append(n)
+            declared += _disk_bytes(m)
+            if declared > room:  # statvfs only when the known room is used up
+                room = budget.precheck(declared, f"layer {e.name!r} (up to its entry {m.name[:200]!r})")
+    return names
+
+
+def _disk_bytes(m: tarfile.TarInfo) -> int:
+    """What an entry will take on disk, as the budget counts it."""
+    if m.isdir():
+        return BLOCK
+    if m.isreg() and m.sparse is None:
+        return m.size + (-m.size % BLOCK)
+    return 0
+
+
+def _extract_into(base: _Tree, blob: Path, e: Entry, ref: str, budget: ExpansionBudget,
+                  symlinks: list[tuple[str, str]]) -> tuple[int, int]:
+    total_bytes = total_files = 0
+    with _TarReader(blob, e) as tar:
+        for m in tar:
+            if m.isdir() and posixpath.normpath(m.name) == ".":
+                continue  # "./" from `tar -C dir .`
+            name = safe_name(m.name, f"{ref}: tar entry in layer {e.name!r}")
+            who = f"{ref}: {name!r} in layer {e.name!r}"
+            try:
                 if m.isdev() or m.isfifo():
-                    raise ArtifactError(f"{ref}: layer {e.name!r} contains the device or fifo {m.name!r}; refused")
+                    raise ArtifactError(f"{who} is a device or fifo; refused")
+                if m.sparse is not None or m.type == tarfile.GNUTYPE_SPARSE:
+                    raise ArtifactError(f"{who} is a GNU sparse file; refused (repack without --sparse)")
                 if m.isdir():
-                    _safe_parent(base, name + "/x", ref)  # makes the directory, refusing an escape
+                    base.dir(name, who, create=True, budget=budget)  # refuses a symlink or a file in the way
                     continue
-                dest = _safe_parent(base, name, ref)
-                if os.path.lexists(dest):
-                    raise ArtifactError(f"{ref}: {name!r} in layer {e.name!r} is written twice")
+                parent, leaf = base.parent(name, who, budget=budget)
                 if m.issym():
-                    _check_link_target(base, name, m.linkname, ref, e.name)
-                    os.symlink(m.linkname, dest)
-                    total_files += 1
+                    _check_symlink_target(name, m.linkname, who)
+                    budget.charge(BLOCK if len(m.linkname) >= 60 else 0, who)  # longer targets take a block
+                    _create(lambda: os.symlink(m.linkname, leaf, dir_fd=parent), who)
+                    symlinks.append((posixpath.join(base.prefix, name), who))
                 elif m.islnk():
-                    target = safe_name(m.linkname, f"{ref}: hard link target in layer {e.name!r}")
-                    src = base / target
-                    if not src.is_file() or src.is_symlink():
-                        raise ArtifactError(f"{ref}: hard link {name!r} in layer {e.name!r} points at {target!r}, which is not an extracted file")
-                    os.link(src, dest)
-                    total_files += 1
-                elif m.isfile():
-                    src = tf.extractfile(m)
-                    with open(dest, "xb") as out:
-                        while chunk := src.read(1 << 20):
-                            out.write(chunk)
-                        out.flush()
-                        os.fsync(out.fileno())  # unlike blobs, extracted files cannot be re-verified after a crash
-                    os.chmod(dest, 0o555 if m.mode & 0o111 else 0o444)
-                    total_bytes += m.size
-                    total_files += 1
+                    _hard_link(base, parent, leaf, m.linkname, who, ref, e.name)
+                elif m.isreg():
+                    total_bytes += _write_file(tar, m, parent, leaf, who, budget)
                 else:
-                    raise ArtifactError(f"{ref}: layer {e.name!r} has the unsupported tar entry type of {m.name!r}")
-    except (tarfile.TarError, EOFError, zstandard.ZstdError, OSError) as exc:
-        if isinstance(exc, OSError) and not isinstance(exc, (gzip.BadGzipFile,)) and exc.errno:
-            raise
-        raise ArtifactError(f"{ref}: layer {e.name!r} ({e.media_type}) is not a readable tar archive: {exc}") from exc
-    finally:
-        raw.close()
+                    raise ArtifactError(f"{who} has the unsupported tar entry type {m.type!r}; refused")
+            except OSError as exc:
+                if _is_no_space(exc):
+                    raise budget.disk_full(f"{name!r} in layer {e.name!r}", exc) from exc
+                if exc.errno in (errno.ENAMETOOLONG, errno.EILSEQ, errno.EINVAL):
+                    raise ArtifactError(f"{who} cannot be created here: {exc.strerror}") from exc
+                raise
+            total_files += 1
     return total_bytes, total_files
 
 
-def _tar_names(blob: Path, e: Entry, ref: str) -> list[str]:
-    stream, raw = _open_decompressed(blob, e.compression)
+def _create(make: Callable[[], None], who: str) -> None:
     try:
-        with tarfile.open(fileobj=stream, mode="r|") as tf:
-            return [n for n in (posixpath.normpath(m.name) for m in tf) if n != "."]
-    except (tarfile.TarError, EOFError, zstandard.ZstdError, gzip.BadGzipFile) as exc:
-        raise ArtifactError(f"{ref}: layer {e.name!r} ({e.media_type}) is not a readable tar archive: {exc}") from exc
+        make()
+    except FileExistsError:
+        raise ArtifactError(_written_twice(who)) from None
+
+
+def _written_twice(who: str) -> str:
+    return f"{who} is written twice: an entry of that name already exists, and entries never replace one another; refused"
+
+
+def _write_file(tar: _TarReader, m: tarfile.TarInfo, parent: int, leaf: str, who: str, budget: ExpansionBudget) -> int:
+    budget.charge(-m.size % BLOCK, who)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC  # O_EXCL: never through a link
+    try:
+        fd = os.open(leaf, flags, 0o600, dir_fd=parent)
+    except FileExistsError:
+        raise ArtifactError(_written_twice(who)) from None
+    try:
+        src = tar.data(m)
+        written = 0
+        while chunk := src.read(_CHUNK):
+            budget.charge(len(chunk), who)
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(fd, view):]
+            written += len(chunk)
+        os.fsync(fd)  # unlike blobs, extracted files cannot be re-verified after a crash
+        os.fchmod(fd, 0o555 if m.mode & 0o111 else 0o444)
     finally:
-        raw.close()
+        os.close(fd)
+    return written
 
 
-def _check_link_target(base: Path, name: str, target: str, ref: str, layer: str) -> None:
+def _check_symlink_target(name: str, target: str, who: str) -> None:
+    """The rule that keeps every link inside the layer's root (see the module docstring): relative, ``..`` only
+    at the start, and no more of them than the directories above the link."""
+    what = f"{who} is a symlink to {target!r}, which"
+    if not target or "\x00" in target:
+        raise ArtifactError(f"{what} is empty or contains a NUL byte; refused")
     if target.startswith("/"):
-        raise ArtifactError(f"{ref}: symlink {name!r} in layer {layer!r} points at the absolute path {target!r}; refused")
-    resolved = posixpath.normpath(posixpath.join(posixpath.dirname(name), target))
-    if resolved == ".." or resolved.startswith("../"):
-        raise ArtifactError(f"{ref}: symlink {name!r} in layer {layer!r} escapes the model through {target!r}; refused")
+        raise ArtifactError(f"{who} is a symlink that points at the absolute path {target!r}; refused")
+    _check_encoded(target, who, "symlink target")
+    parts = [p for p in target.split("/") if p not in ("", ".")]
+    ups = 0
+    while ups < len(parts) and parts[ups] == "..":
+        ups += 1
+    if ".." in parts[ups:]:
+        raise ArtifactError(f"{what} could escape the model: a '..' after a name climbs from wherever that name"
+                            " leads (a symlink can lead anywhere), so '..' is allowed only at the start of a target;"
+                            " refused")
+    if ups > name.count("/"):
+        raise ArtifactError(f"{what} escapes the model: it climbs {ups} directories from a link"
+                            f" {name.count('/')} below the root; refused")
+
+
+def _hard_link(base: _Tree, parent: int, leaf: str, linkname: str, who: str, ref: str, layer: str) -> None:
+    target = safe_name(linkname, f"{ref}: hard link target of {who}")
+    # One more directory in the fd cache evicts only the least recently used one, never ``parent`` (used last).
+    src_dir, src_leaf = base.parent(target, f"{who} (a hard link to {target!r})", create=False)
+    try:
+        st = os.stat(src_leaf, dir_fd=src_dir, follow_symlinks=False)
+    except FileNotFoundError:
+        st = None
+    if st is None or not stat.S_ISREG(st.st_mode):
+        kind = ("nothing extracted yet" if st is None else "a symlink" if stat.S_ISLNK(st.st_mode)
+                else "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file")
+        raise ArtifactError(f"{who} is a hard link to {target!r}, which is {kind}: a hard link may only name a"
+                            f" regular file extracted before it in layer {layer!r}; refused")
+    _create(lambda: os.link(src_leaf, leaf, src_dir_fd=src_dir, dst_dir_fd=parent, follow_symlinks=False), who)
+
+
+def _check_symlinks(root: int, links: list[tuple[str, str]], ref: str) -> None:
+    """Resolve every link of the finished tree the way the kernel would, without following anything: refuse a
+    link whose resolution leaves the root at any step (the target rule already prevents it), loops and chains
+    deeper than the kernel follows. Dangling links are allowed, as a directory of them can be honest."""
+    memo: dict[str, tuple[str, ...] | None] = {}  # link -> the real directory it resolves to (None: not a dir)
+    active: set[str] = set()
+
+    def resolve(link: str, who: str, depth: int) -> tuple[str, ...] | None:
+        if link in memo:
+            return memo[link]
+        if link in active or depth > MAX_SYMLINK_HOPS:
+            raise ArtifactError(f"{who}: the symlink {link!r} is part of a loop or of a chain of more than"
+                                f" {MAX_SYMLINK_HOPS} links; refused")
+        active.add(link)
+        target = os.readlink(link, dir_fd=root)
+        if target.startswith("/"):
+            raise ArtifactError(f"{who}: the symlink {link!r} points at the absolute path {target!r}; refused")
+        pos = link.split("/")[:-1]
+        result: tuple[str, ...] | None = None
+        parts = [p for p in target.split("/") if p not in ("", ".")]
+        for i, part in enumerate(parts):
+            if part == "..":
+                if not pos:
+                    raise ArtifactError(f"{who}: the symlink {link!r} -> {target!r} leaves the model; refused")
+                pos.pop()
+                continue
+            path = "/".join(pos + [part])  # every component but the last is a real directory: nothing is followed
+            try:
+                st = os.stat(path, dir_fd=root, follow_symlinks=False)
+            except (FileNotFoundError, NotADirectoryError):
+                break
+            if stat.S_ISLNK(st.st_mode):
+                inner = resolve(path, who, depth + 1)
+                if inner is None:
+                    break
+                pos = list(inner)
+            elif stat.S_ISDIR(st.st_mode):
+                pos.append(part)
+            else:
+                break  # a file: the end of the resolution (or ENOTDIR for the kernel)
+        else:
+            result = tuple(pos)
+        active.discard(link)
+        memo[link] = result
+        return result
+
+    for link, who in links:
+        resolve(link, who, 0)
