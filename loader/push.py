@@ -49,8 +49,8 @@ from typing import Callable, Iterator, Literal
 import zstandard
 
 from loader import layout
-from loader.errors import (ArtifactError, AuthError, LoaderError, NetworkError, RegistryError, TransientError,
-                           UsageError)
+from loader.errors import (ArtifactError, AuthError, LoaderError, NetworkError, RegistryError, RejectedError,
+                           TransientError, UsageError)
 from loader.progress import Progress
 from loader.reference import Reference, parse
 from loader.registry import RegistryClient, backoff_delays, retrying
@@ -411,7 +411,7 @@ class Uploader:
                                      error=str(exc))
                 time.sleep(delay)
             except RegistryError as exc:
-                if type(exc) is RegistryError and "DIGEST" in str(exc).upper():
+                if isinstance(exc, RejectedError) and exc.code in {"DIGEST_INVALID", "SIZE_INVALID"}:
                     raise RegistryError(f"registry {self.client.ref.registry} rejected {what}: its bytes no longer"
                                         f" hash to {digest} (was it modified during the push?): {exc}") from exc
                 raise

@@ -1,67 +1,105 @@
-"""The only module that speaks HTTP to a registry: manifests, blobs, auth, redirects and mirrors.
+"""A registry repository: the manifests, blobs and uploads of one repository, on its registry and its mirrors.
 
-Built on ``http.client`` rather than a higher-level client because the fetch engine needs ``readinto`` on a
-reused buffer (no per-chunk allocation, the GIL released during each ``recv``) and exact control over Range
-requests. Connections are pooled per thread and per host, so each download worker keeps its own keep-alive
-connection.
+Composed of two parts it does not reimplement: loader.transport (connections, TLS, redirects, bounds on what a
+server may send; the only module that speaks HTTP) and loader.auth (which credentials may go to which origin,
+challenges, tokens). This module decides what to ask, in which order (live mirrors first, then the registry
+itself), and turns each answer into a typed value at the boundary: ``Docker-Content-Digest`` into a
+:class:`~loader.digest.Digest` (a malformed one is refused, never used), ``Content-Length`` into a non-negative
+int, ``Content-Range`` into its three numbers, ``Retry-After`` into seconds, an error body into its distribution
+error code. Manifests are read to at most MAX_MANIFEST_BYTES, error bodies to at most 4 KiB.
 
-Auth follows the distribution token spec: a request answered 401 with ``WWW-Authenticate: Bearer realm=...``
-gets a token from the realm (anonymously, with basic credentials, or with an identity token) and is retried;
-``Basic`` challenges are answered with the configured credentials. Tokens are cached per scope until shortly
-before they expire, and refetched once when a registry rejects a cached one. Credentials never appear in logs or
-error messages.
+Mirrors are read-only caches the registry's operator chose, each with its own credentials (see loader.auth). Any
+refusal or failure of a mirror falls back to the registry for that request; a mirror that cannot be connected
+to, breaks the protocol, or serves something other than what was asked (another size, other manifest bytes, a
+malformed digest) is passed over for the rest of the client's life.
+
+Errors are types, never matched by their text (loader.errors has the tree)::
+
+    401, 403            AuthError
+    404                 NotFoundError
+    416                 RangeNotSatisfiable, with ``blob_size`` from ``Content-Range: bytes */SIZE``
+    408, 429, 5xx       TransientError, with ``retry_after``
+    other 4xx           RejectedError(status, code), ``code`` the distribution error code (DIGEST_INVALID, ...)
+    anything else       ProtocolError (loader.transport), as is a broken header or a broken bound
+    no connection       ConnectError; a dropped one TransientError
+
+Nothing here retries: ``retrying`` is the helper callers wrap small requests in.
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import http.client
 import json
-import ssl
+import re
 import threading
 import time
 import urllib.parse
-from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence, TypeVar
 
-from loader.errors import AuthError, NetworkError, NotFoundError, RegistryError, TransientError
+from loader.auth import Authenticator, Log
+from loader.credentials import Credentials
+from loader.digest import Digest, is_digest
+from loader.errors import (ArtifactError, AuthError, ConnectError, NetworkError, NotFoundError, RangeNotSatisfiable,
+                           RegistryError, RejectedError, TransientError, UsageError)
+from loader.oci import INDEX_TYPES, MANIFEST_TYPES, MAX_MANIFEST_BYTES
 from loader.reference import Reference
+from loader.transport import (USER_AGENT, BodyFactory, Buffer, DowngradeRefused, Origin, ProtocolError, Response,
+                              Transport, redact_url)
 
-MANIFEST_TYPES = (
-    "application/vnd.oci.image.manifest.v1+json",
-    "application/vnd.oci.image.index.v1+json",
-    "application/vnd.docker.distribution.manifest.v2+json",
-    "application/vnd.docker.distribution.manifest.list.v2+json",
-)
-INDEX_TYPES = ("application/vnd.oci.image.index.v1+json", "application/vnd.docker.distribution.manifest.list.v2+json")
-MAX_MANIFEST_BYTES = 4 * 1024 * 1024  # the distribution spec's recommended limit
-USER_AGENT = "model-loader/0.1"
-_REDIRECTS = (301, 302, 303, 307, 308)
+if TYPE_CHECKING:
+    from loader.credentials import DockerConfig
+
+__all__ = [
+    "INDEX_TYPES", "MANIFEST_TYPES", "MAX_MANIFEST_BYTES", "SMALL_REQUEST_ATTEMPTS", "USER_AGENT", "BlobResponse",
+    "Endpoint", "Manifest", "RegistryClient", "backoff_delays", "parse_content_range", "parse_retry_after",
+    "retrying",
+]
+
+MAX_ERROR_BODY = 4096
+MAX_SMALL_BODY = 64 * 1024  # upload and HEAD answers carry no body worth reading; more than this is dropped
+MAX_RETRY_AFTER = 3600.0
+MAX_MEDIA_TYPE = 255
+_ACCEPT = ", ".join(MANIFEST_TYPES)
+_CONTENT_RANGE = re.compile(r"bytes ([0-9]{1,19})-([0-9]{1,19})/([0-9]{1,19}|\*)")
+_UNSATISFIED_RANGE = re.compile(r"bytes \*/([0-9]{1,19})")
+_UPLOAD_RANGE = re.compile(r"([0-9]{1,19})-(-1|[0-9]{1,19})")  # Distribution says 0--1 for an empty upload
+_RETRY_SECONDS = re.compile(r"[0-9]{1,10}(?:\.[0-9]{1,6})?")
+_ERROR_CODE = re.compile(r"[A-Z][A-Z0-9_]{0,63}")
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
 class Endpoint:
-    """Where to send requests: ``scheme://netloc`` plus an optional query (Spegel-style ``ns=`` for mirrors)."""
+    """Where requests go: an origin, its role ("registry" or "mirror"), how messages name it (``host[:port]``,
+    never with userinfo) and an optional query (containerd and Spegel name the upstream in ``?ns=``)."""
 
-    scheme: str
-    netloc: str
+    origin: Origin
+    role: str
+    label: str
     query: str = ""
-    is_mirror: bool = False
+
+    @property
+    def scheme(self) -> str:
+        return self.origin.scheme
+
+    @property
+    def netloc(self) -> str:
+        return self.label
 
     def url(self, path: str) -> str:
-        q = f"?{self.query}" if self.query else ""
-        return f"{self.scheme}://{self.netloc}{path}{q}"
+        return self.origin.url(path + (f"?{self.query}" if self.query else ""))
 
 
 @dataclass
 class Manifest:
-    digest: str
+    digest: Digest
     media_type: str
     data: bytes | None  # None for a HEAD
     size: int
 
-    def json(self) -> dict:
+    def json(self) -> dict[str, Any]:
         assert self.data is not None
         try:
             obj = json.loads(self.data)
@@ -72,45 +110,26 @@ class Manifest:
         return obj
 
 
-@dataclass
-class _Token:
-    value: str
-    expires: float
-
-
-@dataclass
-class _Auth:
-    """Per-registry-host auth state, shared by every worker thread."""
-
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    basic: bool = False
-    challenge: dict | None = None  # last Bearer challenge params (realm, service)
-    tokens: dict[str, _Token] = field(default_factory=dict)  # scope -> token
-
-
 class BlobResponse:
-    """An open blob body. ``start`` is the first byte it carries (a server may ignore Range and send 200)."""
+    """An open blob body. ``start`` is the first byte it carries (a server may ignore Range and send 200);
+    ``total`` the whole blob's size as the answer states it, when it does."""
 
-    def __init__(self, resp: http.client.HTTPResponse, start: int, total: int | None, release: Callable[[bool], None]):
+    def __init__(self, resp: Response, start: int, total: int | None) -> None:
         self._resp = resp
         self.start = start
         self.total = total
         self.length = resp.length
-        self._release = release
 
-    def readinto(self, buf) -> int:
-        try:
-            return self._resp.readinto(buf)
-        except (OSError, http.client.HTTPException) as exc:
-            raise TransientError(f"connection dropped while reading a blob: {exc or type(exc).__name__}") from exc
+    def readinto(self, buf: Buffer) -> int:
+        return self._resp.readinto(buf)
 
     def close(self, reusable: bool = False) -> None:
-        self._release(reusable and self._resp.isclosed())
+        self._resp.close(reusable)
 
-    def __enter__(self) -> "BlobResponse":
+    def __enter__(self) -> BlobResponse:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close(reusable=exc[0] is None)
 
 
@@ -123,47 +142,57 @@ class RegistryClient:
         *,
         plain_http: bool | None = None,
         insecure: bool = False,
-        credentials=None,  # loader.credentials.DockerConfig or None
-        mirrors: list[str] = (),
+        credentials: DockerConfig | None = None,
+        mirrors: Sequence[str] = (),
         timeout: float = 30.0,
-        log=None,
+        log: Log | None = None,
         actions: str = "pull",  # token scope actions: "pull,push" for push and import --to
         extra_scopes: tuple[str, ...] = (),  # e.g. pull on a cross-repository mount's source repository
-    ):
+    ) -> None:
         self.ref = ref
         self.repo = ref.repository
         self.actions = actions
         self.extra_scopes = tuple(extra_scopes)
-        scheme = "http" if (plain_http if plain_http is not None else ref.is_loopback) else "https"
-        self.upstream = Endpoint(scheme, ref.endpoint_host)
-        self.mirrors = [_mirror_endpoint(m, ref.registry) for m in mirrors]
         self.timeout = timeout
         self.log = log
-        self._creds = credentials
-        self._ssl = ssl.create_default_context()
-        if insecure:
-            self._ssl.check_hostname = False
-            self._ssl.verify_mode = ssl.CERT_NONE
-        self._local = threading.local()
-        self._auth: dict[str, _Auth] = {}
-        self._auth_lock = threading.Lock()
+        self.transport = Transport(insecure=insecure, timeout=timeout)
+        self.auth = Authenticator(self.transport, str(ref), log)
+        scheme = "http" if (plain_http if plain_http is not None else ref.is_loopback) else "https"
+        try:
+            origin = Origin.of(f"{scheme}://{ref.endpoint_host}")
+        except ValueError as exc:
+            raise UsageError(f"registry {ref.registry!r} of {ref} is not a usable host[:port]: {exc}") from None
+        self.upstream = Endpoint(origin, "registry", ref.registry)
+        docker = credentials
+        self.auth.add_origin(
+            origin, role="registry", label=ref.registry,
+            lookup=lambda: docker.credentials_for(ref.registry) if docker is not None else None,
+            fix=f"check that the pod's imagePullSecrets (or --docker-config) hold credentials for {ref.registry}"
+                " that may pull it",
+        )
+        self.mirrors: list[Endpoint] = []
+        for url in mirrors:
+            ep, own, key = parse_mirror(url, ref.registry)
+            self.mirrors.append(ep)
+            self.auth.add_origin(
+                ep.origin, role="mirror", label=ep.label,
+                lookup=_mirror_lookup(own, docker, key),
+                fix=f"give the mirror its own credentials (user:password in its --mirror URL, or an entry for {key}"
+                    " in the docker config); the registry's are never sent to a mirror",
+            )
         self._dead_mirrors: set[Endpoint] = set()
         self.bytes_received = 0  # body bytes of blob responses, for tests and progress
         self.bytes_sent = 0  # request body bytes of blob uploads
         self._stats_lock = threading.Lock()
-        self._conns: list[http.client.HTTPConnection] = []  # every connection opened, closed by close()
 
     def close(self) -> None:
         """Close every pooled connection, in every thread's pool."""
-        with self._stats_lock:
-            conns, self._conns = self._conns, []
-        for c in conns:
-            c.close()
+        self.transport.close()
 
-    def __enter__(self) -> "RegistryClient":
+    def __enter__(self) -> RegistryClient:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     # ----------------------------------------------------------------------------------------------- public
@@ -179,275 +208,73 @@ class RegistryClient:
         return " ".join(self.scopes)
 
     def head_manifest(self, reference: str) -> Manifest:
-        resp, _ = self._with_endpoints("HEAD", f"/v2/{self.repo}/manifests/{reference}", {"Accept": ", ".join(MANIFEST_TYPES)})
-        digest = resp.getheader("Docker-Content-Digest")
-        size = int(resp.getheader("Content-Length") or 0)
-        mt = (resp.getheader("Content-Type") or "").split(";")[0].strip()
-        resp.read()
-        if not digest:
-            # Some registries omit the digest on HEAD; a GET tells us for certain.
-            return self.get_manifest(reference)
-        return Manifest(digest, mt, None, size)
+        def accept(resp: Response, ep: Endpoint) -> Manifest | None:
+            resp.discard()
+            value = resp.header("Docker-Content-Digest")
+            if value is None:
+                return None
+            digest = Digest.parse(value.strip(), f"{resp.name} header Docker-Content-Digest")
+            if is_digest(reference) and digest != reference:
+                raise ProtocolError(f"{resp.name} answered HEAD for {self.repo}@{reference} with"
+                                    f" Docker-Content-Digest {digest}: it claims to hold other content")
+            return Manifest(digest, _media_type(resp), None, resp.content_length or 0)
+
+        head = self._with_endpoints("HEAD", f"/v2/{self.repo}/manifests/{reference}", {"Accept": _ACCEPT}, accept)
+        # Some registries omit the digest on HEAD; a GET tells us for certain.
+        return head if head is not None else self.get_manifest(reference)
 
     def get_manifest(self, reference: str) -> Manifest:
-        resp, _ = self._with_endpoints("GET", f"/v2/{self.repo}/manifests/{reference}", {"Accept": ", ".join(MANIFEST_TYPES)})
-        length = resp.length
-        if length is not None and length > MAX_MANIFEST_BYTES:
-            resp.close()
-            raise RegistryError(f"manifest {self.ref} is {length} bytes, over the {MAX_MANIFEST_BYTES} byte limit")
-        data = resp.read(MAX_MANIFEST_BYTES + 1)
-        if len(data) > MAX_MANIFEST_BYTES:
-            raise RegistryError(f"manifest {self.ref} is over the {MAX_MANIFEST_BYTES} byte limit")
-        digest = "sha256:" + hashlib.sha256(data).hexdigest()
-        if reference.startswith("sha256:") and digest != reference:
-            raise RegistryError(
-                f"registry {self.ref.registry} returned a manifest for {self.repo}@{reference} whose digest is {digest}"
-            )
-        mt = (resp.getheader("Content-Type") or "").split(";")[0].strip()
-        return Manifest(digest, mt, data, len(data))
+        def accept(resp: Response, ep: Endpoint) -> Manifest:
+            data = resp.read_body(MAX_MANIFEST_BYTES, f"the manifest of {self.ref}")
+            digest = Digest.of(data)
+            if is_digest(reference) and digest != reference:
+                raise ProtocolError(f"{resp.name} returned a manifest for {self.repo}@{reference} whose digest is"
+                                    f" {digest}")
+            value = resp.header("Docker-Content-Digest")
+            if value is not None:
+                claimed = Digest.parse(value.strip(), f"{resp.name} header Docker-Content-Digest")
+                if claimed != digest:
+                    raise ProtocolError(f"{resp.name} sent manifest bytes for {self.repo}:{reference} hashing to"
+                                        f" {digest} under Docker-Content-Digest {claimed}")
+            return Manifest(digest, _media_type(resp), data, len(data))
+
+        return self._with_endpoints("GET", f"/v2/{self.repo}/manifests/{reference}", {"Accept": _ACCEPT}, accept)
 
     def open_blob(self, digest: str, start: int = 0, end: int | None = None, size: int | None = None) -> BlobResponse:
         """GET a blob from ``start`` (to ``end`` inclusive, or the end). Raises TransientError on retryable faults.
 
         With ``size`` (the descriptor's), a mirror that reports another total size is passed over for the
         upstream registry; the caller judges what the upstream reports (``BlobResponse.total``)."""
+        dgst = Digest.parse(digest, f"blob of {self.ref}")
         headers = {}
         if start or end is not None:
             headers["Range"] = f"bytes={start}-{'' if end is None else end}"
 
-        def wrong_size(resp) -> str | None:
-            total = _total_size(resp)
-            return None if size is None or total in (None, size) else f"reports {total} bytes for a {size}-byte blob"
+        def accept(resp: Response, ep: Endpoint) -> BlobResponse:
+            try:
+                if resp.status == 206:
+                    first, last, total = parse_content_range(resp.header("Content-Range"), resp.name)
+                    if resp.length is not None and resp.length != last - first + 1:
+                        raise ProtocolError(f"{resp.name} sent Content-Range {first}-{last} with a body of"
+                                            f" {resp.length} bytes")
+                    if first != start:
+                        raise TransientError(f"{resp.name} answered Range {start}- with Content-Range starting at"
+                                             f" {first}")
+                    blob = BlobResponse(resp, start, total)
+                else:
+                    blob = BlobResponse(resp, 0, resp.length)
+                if ep.role == "mirror" and size is not None and blob.total not in (None, size):
+                    raise ProtocolError(f"mirror {ep.label} reports {blob.total} bytes for a {size}-byte blob")
+                return blob
+            except BaseException:
+                resp.close()
+                raise
 
-        resp, release = self._with_endpoints("GET", f"/v2/{self.repo}/blobs/{digest}", headers, keep_open=True,
-                                             mirror_check=wrong_size)
-        if resp.status == 206:
-            got_start, total = _content_range(resp.getheader("Content-Range"))
-            if got_start != start:
-                release(False)
-                raise TransientError(f"registry answered Range {start}- with Content-Range starting at {got_start}")
-            return BlobResponse(resp, start, total, release)
-        return BlobResponse(resp, 0, resp.length, release)
+        return self._with_endpoints("GET", f"/v2/{self.repo}/blobs/{dgst}", headers, accept)
 
     def count_bytes(self, n: int) -> None:
         with self._stats_lock:
             self.bytes_received += n
-
-    # ----------------------------------------------------------------------------------------------- internals
-    def _with_endpoints(self, method, path, headers, keep_open=False, mirror_check=None):
-        """Try each live mirror, then the upstream. A mirror's failure of any kind falls back to upstream, and so
-        does a mirror answer that ``mirror_check(resp)`` finds wrong (it returns why; the mirror is then dead)."""
-        for ep in self.mirrors:
-            if ep in self._dead_mirrors:
-                continue
-            try:
-                resp, release = self._request(ep, method, path, headers, keep_open)
-                why = mirror_check(resp) if mirror_check is not None else None
-                if why is None:
-                    return resp, release
-                release(False)
-                self._dead_mirrors.add(ep)
-                raise NetworkError(f"mirror {ep.netloc} {why}")
-            except (NetworkError, NotFoundError, AuthError) as exc:
-                if isinstance(exc, NetworkError) and not isinstance(exc, TransientError):
-                    self._dead_mirrors.add(ep)
-                if isinstance(exc, TransientError) and "connect" in str(exc):
-                    self._dead_mirrors.add(ep)
-                if self.log:
-                    self.log.warning("mirror.fallback", mirror=ep.netloc, registry=self.ref.registry, error=str(exc))
-        return self._request(self.upstream, method, path, headers, keep_open)
-
-    def _request(self, ep: Endpoint, method: str, path: str, headers: dict, keep_open: bool, body=None):
-        # ``path`` may be an absolute URL (an upload Location). ``body`` is a callable returning the request body
-        # (bytes or an iterable of buffers), called again for each resend after a 401 or a redirect.
-        url = path if path.startswith(("http://", "https://")) else ep.url(path)
-        auth_tried = 0
-        redirects = 0
-        send_auth = True
-        while True:
-            parsed = urllib.parse.urlsplit(url)
-            h = {"User-Agent": USER_AGENT, **headers}
-            if send_auth:
-                h.update(self._auth_header(parsed.netloc))
-            conn, release = self._conn(parsed.scheme, parsed.netloc)
-            target = parsed.path + (f"?{parsed.query}" if parsed.query else "")
-            try:
-                conn.request(method, target, body=body() if body is not None else None, headers=h)
-                resp = conn.getresponse()
-            except (OSError, http.client.HTTPException) as exc:
-                release(False)
-                what = "connect to" if isinstance(exc, ConnectionRefusedError) else "talk to"
-                raise TransientError(
-                    f"could not {what} registry {parsed.netloc} ({exc or type(exc).__name__}) for {self.ref}"
-                ) from exc
-            status = resp.status
-            if status in _REDIRECTS and redirects < 5:
-                location = resp.getheader("Location") or ""
-                resp.read()
-                release(True)
-                new = urllib.parse.urljoin(url, location)
-                # Blob redirects go to storage (S3, GCS): never hand our registry credentials to another host.
-                send_auth = urllib.parse.urlsplit(new).netloc == urllib.parse.urlsplit(ep.url("/")).netloc
-                url, redirects = new, redirects + 1
-                continue
-            if status == 401 and auth_tried < 2 and send_auth:
-                challenge = resp.getheader("WWW-Authenticate") or ""
-                resp.read()
-                release(True)
-                auth_tried += 1
-                self._on_challenge(parsed.netloc, challenge, retry=auth_tried > 1)
-                continue
-            if 200 <= status < 300:
-                if keep_open:
-                    return resp, release
-                if method == "HEAD":
-                    resp.read()
-                    release(True)
-                    return resp, release
-                # Small bodies (manifests): read fully here so the connection can be reused.
-                body = resp.read(MAX_MANIFEST_BYTES + 1)
-                release(True)
-                return _BufferedResponse(resp, body), release
-            body = b""
-            try:
-                body = resp.read(4096) if method != "HEAD" else b""
-            except (OSError, http.client.HTTPException):
-                pass
-            release(False)
-            raise _status_error(status, resp, body, self.ref, parsed.netloc, method, path)
-
-    def _conn(self, scheme: str, netloc: str):
-        pool = getattr(self._local, "pool", None)
-        if pool is None:
-            pool = self._local.pool = {}
-        key = (scheme, netloc)
-        conn = pool.pop(key, None)
-        if conn is None:
-            if scheme == "https":
-                conn = http.client.HTTPSConnection(netloc, timeout=self.timeout, context=self._ssl)
-            else:
-                conn = http.client.HTTPConnection(netloc, timeout=self.timeout)
-            with self._stats_lock:
-                self._conns.append(conn)
-
-        def release(reusable: bool) -> None:
-            if reusable and key not in pool:
-                pool[key] = conn
-            else:
-                conn.close()
-
-        return conn, release
-
-    # auth ------------------------------------------------------------------------------------------------
-    def _auth_state(self, netloc: str) -> _Auth:
-        with self._auth_lock:
-            return self._auth.setdefault(netloc, _Auth())
-
-    def _credentials(self):
-        if self._creds is None:
-            return None
-        return self._creds.credentials_for(self.ref.registry)
-
-    def _auth_header(self, netloc: str) -> dict:
-        st = self._auth_state(netloc)
-        with st.lock:
-            tok = st.tokens.get(self.scope)
-            if tok and tok.expires > time.monotonic():
-                return {"Authorization": f"Bearer {tok.value}"}
-            basic = st.basic
-        if basic:
-            creds = self._credentials()
-            if creds and getattr(creds, "username", None) and getattr(creds, "password", None):
-                raw = f"{creds.username}:{creds.password}".encode()
-                return {"Authorization": "Basic " + base64.b64encode(raw).decode()}
-        return {}
-
-    def _on_challenge(self, netloc: str, header: str, retry: bool) -> None:
-        from loader.credentials import parse_www_authenticate
-
-        challenges = {c.scheme.lower(): c for c in parse_www_authenticate(header)} if header else {}
-        st = self._auth_state(netloc)
-        creds = self._credentials()
-        if "bearer" in challenges:
-            params = challenges["bearer"].params
-            with st.lock:
-                st.challenge = params
-                st.tokens.pop(self.scope, None)
-            try:
-                token = self._fetch_token(params, creds, self.scopes)
-            except AuthError:
-                if not self.extra_scopes:
-                    raise
-                # The token spec says to grant the allowed subset of the scopes; a service that refuses the whole
-                # request instead gets the base scope alone (a mount then falls back to an upload).
-                token = self._fetch_token(params, creds, self.scopes[:1])
-            with st.lock:
-                st.tokens[self.scope] = token
-            return
-        if "basic" in challenges:
-            if creds is None or retry:
-                raise AuthError(
-                    f"registry {self.ref.registry} requires credentials for {self.ref} and "
-                    + ("rejected the configured ones" if creds else "none are configured")
-                    + ": add an imagePullSecret (or --docker-config) with access to it"
-                )
-            with st.lock:
-                st.basic = True
-            return
-        raise AuthError(f"registry {self.ref.registry} refused {self.ref} with 401 and no usable challenge ({header[:80]!r})")
-
-    def _fetch_token(self, params: dict, creds, scopes: tuple[str, ...]) -> _Token:
-        realm = params.get("realm")
-        if not realm:
-            raise AuthError(f"registry {self.ref.registry} sent a Bearer challenge without a realm")
-        # The token spec repeats ``scope`` in a GET query; the OAuth2 POST form takes one space-separated list.
-        query: list[tuple[str, str]] = [("scope", s) for s in scopes]
-        if params.get("service"):
-            query.append(("service", params["service"]))
-        parsed = urllib.parse.urlsplit(realm)
-        headers = {"User-Agent": USER_AGENT}
-        method, body = "GET", None
-        identity = getattr(creds, "identity_token", None) if creds else None
-        if identity:
-            method = "POST"
-            form = {"grant_type": "refresh_token", "refresh_token": identity, "client_id": "model-loader",
-                    "scope": " ".join(scopes), **({"service": params["service"]} if params.get("service") else {})}
-            body = urllib.parse.urlencode(form)
-            headers["Content-Type"] = "application/x-www-form-urlencoded"
-        elif creds and getattr(creds, "username", None):
-            raw = f"{creds.username}:{creds.password}".encode()
-            headers["Authorization"] = "Basic " + base64.b64encode(raw).decode()
-        sep = "&" if parsed.query else ""
-        target = (parsed.path or "/") + "?" + parsed.query + sep + (urllib.parse.urlencode(query) if method == "GET" else "")
-        conn, release = self._conn(parsed.scheme, parsed.netloc)
-        try:
-            conn.request(method, target, body=body, headers=headers)
-            resp = conn.getresponse()
-            data = resp.read(1024 * 1024)
-        except (OSError, http.client.HTTPException) as exc:
-            release(False)
-            raise TransientError(f"could not reach token service {parsed.netloc} for {self.ref}: {exc}") from exc
-        release(True)
-        if resp.status in (401, 403):
-            raise AuthError(
-                f"token service {parsed.netloc} refused "
-                + ("the configured credentials" if creds else "anonymous access")
-                + f" for {self.ref}: check the imagePullSecret (or --docker-config) for {self.ref.registry}"
-            )
-        if resp.status != 200:
-            raise (TransientError if resp.status >= 500 else AuthError)(
-                f"token service {parsed.netloc} answered {resp.status} for {self.ref}"
-            )
-        try:
-            obj = json.loads(data)
-            value = obj.get("token") or obj.get("access_token")
-            expires_in = float(obj.get("expires_in") or 60)
-        except (ValueError, AttributeError, TypeError) as exc:
-            raise AuthError(f"token service {parsed.netloc} sent an unreadable token response for {self.ref}") from exc
-        if not value:
-            raise AuthError(f"token service {parsed.netloc} sent no token for {self.ref}")
-        # Refresh a little early so a long download never sends an expired token.
-        return _Token(value, time.monotonic() + max(1.0, expires_in * 0.9 - 5))
 
     # ----------------------------------------------------------------------------------------------- uploads
     # Push primitives (distribution spec "Pushing blobs" and "Pushing manifests"). They always talk to the
@@ -455,11 +282,13 @@ class RegistryClient:
     # loader.push; these methods are one request each.
     def blob_size(self, digest: str) -> int | None:
         """The size of a blob the repository already has, or None when it has not."""
+        dgst = Digest.parse(digest, f"blob of {self.ref}")
         try:
-            resp, _ = self._request(self.upstream, "HEAD", f"/v2/{self.repo}/blobs/{digest}", {}, False)
+            resp = self._request(self.upstream, "HEAD", self.upstream.url(f"/v2/{self.repo}/blobs/{dgst}"), {})
         except NotFoundError:
             return None
-        return int(resp.getheader("Content-Length") or 0)
+        resp.discard()
+        return resp.content_length or 0
 
     def start_upload(self, mount: str | None = None, from_repo: str | None = None) -> str | None:
         """Open an upload session and return its absolute Location URL.
@@ -468,152 +297,233 @@ class RegistryClient:
         linked it (201) and nothing needs uploading; a registry that cannot mount opens a session instead (202).
         """
         query = "?" + urllib.parse.urlencode({"mount": mount, "from": from_repo}) if mount and from_repo else ""
-        resp, _ = self._request(self.upstream, "POST", f"/v2/{self.repo}/blobs/uploads/{query}", {}, False)
+        resp = self._request(self.upstream, "POST", self.upstream.url(f"/v2/{self.repo}/blobs/uploads/{query}"), {})
+        resp.read_some(MAX_SMALL_BODY)
         if query and resp.status == 201:
             return None
         return self._location(resp, "POST blobs/uploads/")
 
-    def upload_chunk(self, location: str, body: Callable[[], object], start: int, length: int) -> str:
+    def upload_chunk(self, location: str, body: BodyFactory, start: int, length: int) -> str:
         """PATCH ``length`` bytes at ``start`` of an open upload; returns the next Location."""
         headers = {"Content-Type": "application/octet-stream", "Content-Length": str(length),
                    "Content-Range": f"{start}-{start + length - 1}"}
-        resp, _ = self._request(self.upstream, "PATCH", location, headers, False, body=body)
+        resp = self._request(self.upstream, "PATCH", location, headers, body=body)
+        resp.read_some(MAX_SMALL_BODY)
         return self._location(resp, "PATCH upload")
 
     def upload_offset(self, location: str) -> int:
         """How many bytes of an open upload the registry holds (GET on the session, its ``Range: 0-N``)."""
-        resp, _ = self._request(self.upstream, "GET", location, {}, False)
-        rng = resp.getheader("Range") or ""
-        try:
-            first, last = rng.split("-", 1)
-            return int(last) + 1 if int(first) == 0 else 0
-        except ValueError as exc:
-            raise TransientError(f"registry {self.ref.registry} sent an unreadable upload Range {rng!r}") from exc
+        resp = self._request(self.upstream, "GET", location, {})
+        resp.read_some(MAX_SMALL_BODY)
+        rng = (resp.header("Range") or "").strip()
+        m = _UPLOAD_RANGE.fullmatch(rng)
+        if m is None:
+            raise TransientError(f"{resp.name} sent an unreadable upload Range {rng[:80]!r} for {self.ref}")
+        first, last = int(m.group(1)), int(m.group(2))
+        return last + 1 if first == 0 else 0
 
-    def finish_upload(self, location: str, digest: str, body: Callable[[], object] | None = None,
-                      length: int = 0) -> None:
+    def finish_upload(self, location: str, digest: str, body: BodyFactory | None = None, length: int = 0) -> None:
         """PUT ?digest= to close an upload, with the last (or only) bytes as its body."""
+        dgst = Digest.parse(digest, f"blob of {self.ref}")
         sep = "&" if "?" in location else "?"
         headers = {"Content-Type": "application/octet-stream", "Content-Length": str(length)}
-        self._request(self.upstream, "PUT", f"{location}{sep}{urllib.parse.urlencode({'digest': digest})}", headers,
-                      False, body=body if length else (lambda: b""))
+        resp = self._request(self.upstream, "PUT", f"{location}{sep}{urllib.parse.urlencode({'digest': dgst})}",
+                             headers, body=body if length and body is not None else (lambda: b""))
+        resp.read_some(MAX_SMALL_BODY)
 
     def put_manifest(self, reference: str, data: bytes, media_type: str) -> str:
         """PUT a manifest under a tag or digest; returns its digest (checked against the registry's)."""
-        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        digest = Digest.of(data)
         headers = {"Content-Type": media_type, "Content-Length": str(len(data))}
-        resp, _ = self._request(self.upstream, "PUT", f"/v2/{self.repo}/manifests/{reference}", headers, False,
-                                body=lambda: data)
-        theirs = resp.getheader("Docker-Content-Digest")
-        if theirs and theirs != digest:
-            raise RegistryError(f"registry {self.ref.registry} stored the manifest of {self.ref} as {theirs},"
-                                f" not {digest}: it rewrote the manifest")
+        resp = self._request(self.upstream, "PUT", self.upstream.url(f"/v2/{self.repo}/manifests/{reference}"),
+                             headers, body=lambda: data)
+        resp.read_some(MAX_SMALL_BODY)
+        value = resp.header("Docker-Content-Digest")
+        if value is not None:
+            theirs = Digest.parse(value.strip(), f"{resp.name} header Docker-Content-Digest")
+            if theirs != digest:
+                raise RegistryError(f"registry {self.ref.registry} stored the manifest of {self.ref} as {theirs},"
+                                    f" not {digest}: it rewrote the manifest")
         return digest
 
     def count_sent(self, n: int) -> None:
         with self._stats_lock:
             self.bytes_sent += n
 
-    def _location(self, resp, what: str) -> str:
-        location = resp.getheader("Location")
+    # ----------------------------------------------------------------------------------------------- internals
+    def _with_endpoints(self, method: str, path: str, headers: dict[str, str],
+                        accept: Callable[[Response, Endpoint], T]) -> T:
+        """Try each live mirror, then the registry. ``accept`` turns a 2xx answer into the result (closing it on
+        failure). A mirror's failure of any kind, ``accept``'s included, falls back to the registry."""
+        for ep in self.mirrors:
+            if ep in self._dead_mirrors:
+                continue
+            try:
+                return accept(self._request(ep, method, ep.url(path), headers), ep)
+            except (RegistryError, ArtifactError) as exc:
+                # Dead for good: unreachable, or it broke the protocol or served something other than asked.
+                # Per request only: refusals, missing content, 5xx, dropped connections.
+                if isinstance(exc, (ConnectError, ProtocolError, ArtifactError)) or (
+                        isinstance(exc, NetworkError) and not isinstance(exc, TransientError)):
+                    self._dead_mirrors.add(ep)
+                if self.log is not None:
+                    self.log.warning("mirror.fallback", mirror=ep.label, registry=self.ref.registry, error=str(exc))
+        return accept(self._request(self.upstream, method, self.upstream.url(path), headers), self.upstream)
+
+    def _request(self, ep: Endpoint, method: str, url: str, headers: dict[str, str],
+                 body: BodyFactory | None = None) -> Response:
+        """One request to ``ep`` (``url`` may be an upload Location), answering up to two auth challenges of
+        ``ep``'s own origin; returns a 2xx answer or raises its typed error."""
+        scope = self.scope
+        for attempt in range(3):
+            resp = self.transport.request(method, url, headers, body=body,
+                                          authorize=lambda o: self.auth.headers(o, scope), role=ep.role,
+                                          context=f" for {self.ref}")
+            if resp.status == 401 and attempt < 2 and resp.origin == ep.origin:
+                challenge = resp.header("WWW-Authenticate") or ""
+                resp.discard()
+                self.auth.answer(ep.origin, challenge, self.scopes, retry=attempt > 0)
+                continue
+            if 200 <= resp.status < 300:
+                return resp
+            raise self._status_error(resp, method)
+        raise AssertionError("unreachable")
+
+    def _status_error(self, resp: Response, method: str) -> RegistryError:
+        status, name = resp.status, resp.name
+        body = resp.read_some(MAX_ERROR_BODY if method != "HEAD" else 0)
+        resp.close()
+        path = urllib.parse.urlsplit(resp.url).path
+        what = "manifest" if "/manifests/" in path else "blob" if "/blobs/" in path else "resource"
+        code, detail = parse_error_body(body)
+        ref = self.ref
+        if status in (401, 403):
+            return AuthError(
+                f"{name} refused access to the {what} of {ref} ({status}{detail}): check that the pod's"
+                " imagePullSecrets (or --docker-config) hold credentials that may pull it"
+            )
+        if status == 404:
+            return NotFoundError(f"{name} has no {what} for {ref} ({path.rsplit('/', 1)[-1][:80]}){detail}: check"
+                                 " the repository and tag")
+        if status == 416:
+            # Go's ServeContent (Distribution) says how long the blob really is: ``Content-Range: bytes */SIZE``.
+            m = _UNSATISFIED_RANGE.fullmatch((resp.header("Content-Range") or "").strip())
+            return RangeNotSatisfiable(f"{name} answered 416 (range not satisfiable) for the {what} of {ref}",
+                                       int(m.group(1)) if m else None)
+        if status in (408, 429) or status >= 500:
+            return TransientError(f"{name} answered {status} for the {what} of {ref}{detail}",
+                                  parse_retry_after(resp.header("Retry-After")))
+        if 400 <= status < 500:
+            return RejectedError(f"{name} refused {method} {path[:200]} for {ref} ({status}{detail})", status, code)
+        return ProtocolError(f"{name} answered {status} to {method} {path[:200]} for {ref}{detail}")
+
+    def _location(self, resp: Response, what: str) -> str:
+        location = resp.header("Location")
         if not location:
             raise RegistryError(f"registry {self.ref.registry} answered {what} for {self.ref} without a Location")
-        return urllib.parse.urljoin(self.upstream.url(f"/v2/{self.repo}/blobs/uploads/"), location)
-
-
-class _BufferedResponse:
-    """A fully read small response that still answers getheader()/read() like HTTPResponse."""
-
-    def __init__(self, resp: http.client.HTTPResponse, body: bytes):
-        self.status = resp.status
-        self._headers = resp
-        self._body = body
-        self.length = len(body)
-
-    def getheader(self, name, default=None):
-        return self._headers.getheader(name, default)
-
-    def read(self, n: int | None = None) -> bytes:
-        data, self._body = (self._body, b"") if n is None else (self._body[:n], self._body[n:])
-        return data
-
-    def close(self) -> None:
-        pass
-
-
-def _mirror_endpoint(url: str, registry: str) -> Endpoint:
-    parsed = urllib.parse.urlsplit(url if "://" in url else f"https://{url}")
-    # containerd and Spegel name the upstream in ?ns= so one mirror can front several registries.
-    return Endpoint(parsed.scheme or "https", parsed.netloc, urllib.parse.urlencode({"ns": registry}), is_mirror=True)
-
-
-def _total_size(resp) -> int | None:
-    """The whole blob's size as a blob response states it: the Content-Range total of a 206, else the length."""
-    if resp.status == 206:
+        url = urllib.parse.urljoin(resp.url, location.strip())
         try:
-            return _content_range(resp.getheader("Content-Range"))[1]
-        except TransientError:
-            return None
-    return resp.length
+            origin = Origin.of(url)
+        except ValueError as exc:
+            raise ProtocolError(f"registry {self.ref.registry} answered {what} for {self.ref} with an unusable"
+                                f" Location ({exc})") from None
+        if self.upstream.origin.secure and not origin.secure:
+            raise DowngradeRefused(f"registry {self.ref.registry} answered {what} for {self.ref} with a plain http"
+                                   f" Location ({origin}); the loader does not send model bytes or credentials"
+                                   " over a downgrade from https: fix the registry's external URL")
+        return url
 
 
-def _content_range(header: str | None) -> tuple[int, int | None]:
-    # "bytes 100-199/1000"
+# --------------------------------------------------------------------------------------------------- mirrors
+def parse_mirror(url: str, registry: str) -> tuple[Endpoint, Credentials | None, str]:
+    """A ``--mirror`` URL as (endpoint, its own credentials from ``user:password@``, its docker config key).
+
+    The userinfo is taken out here and appears nowhere else: the endpoint's label is ``host[:port]``, and a
+    message about a bad URL shows it as ``user:***@``."""
+    text = url.strip() if "://" in url else f"https://{url.strip()}"
     try:
-        unit, rest = (header or "").split(" ", 1)
-        span, total = rest.split("/", 1)
-        return int(span.split("-", 1)[0]), (None if total == "*" else int(total))
+        origin = Origin.of(text)
     except ValueError as exc:
-        raise TransientError(f"registry sent an unreadable Content-Range {header!r}") from exc
+        raise UsageError(f"mirror {redact_url(text)!r} for {registry} is not a usable URL ({exc}): write"
+                         " http(s)://[user:password@]host[:port]") from None
+    parts = urllib.parse.urlsplit(text)
+    userinfo, at, hostport = parts.netloc.rpartition("@")
+    own = None
+    if at:
+        user, _, password = userinfo.partition(":")
+        own = Credentials(urllib.parse.unquote(user), urllib.parse.unquote(password),
+                          source=f"--mirror URL of {hostport}")
+    # containerd and Spegel name the upstream in ?ns= so one mirror can front several registries.
+    return Endpoint(origin, "mirror", hostport, urllib.parse.urlencode({"ns": registry})), own, hostport
 
 
-def _retry_after(resp) -> float | None:
-    value = resp.getheader("Retry-After")
+def _mirror_lookup(own: Credentials | None, docker: DockerConfig | None,
+                   key: str) -> Callable[[], Credentials | None]:
+    def lookup() -> Credentials | None:
+        if own is not None:
+            return own
+        return docker.credentials_for(key) if docker is not None else None
+
+    return lookup
+
+
+# --------------------------------------------------------------------------------------------------- headers
+def parse_content_range(value: str | None, name: str) -> tuple[int, int, int | None]:
+    """``bytes FIRST-LAST/TOTAL`` (TOTAL may be ``*``) as (first, last, total or None); anything else, or
+    numbers that contradict each other, is a ProtocolError naming ``name`` (the server)."""
+    m = _CONTENT_RANGE.fullmatch((value or "").strip())
+    if m is None:
+        shown = (value or "")[:80]
+        raise ProtocolError(f"{name} sent an unreadable Content-Range {shown!r}")
+    first, last = int(m.group(1)), int(m.group(2))
+    total = None if m.group(3) == "*" else int(m.group(3))
+    if last < first or (total is not None and last >= total):
+        raise ProtocolError(f"{name} sent Content-Range {m.group(0)!r}, whose numbers contradict each other")
+    return first, last, total
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """``Retry-After`` in seconds (delta-seconds or an HTTP date), clamped to [0, MAX_RETRY_AFTER]; None when
+    absent or unreadable (callers then use their own backoff)."""
     if not value:
         return None
+    value = value.strip()
+    if _RETRY_SECONDS.fullmatch(value):
+        return min(float(value), MAX_RETRY_AFTER)
     try:
-        return max(0.0, float(value))
-    except ValueError:
-        from email.utils import parsedate_to_datetime
-
-        try:
-            return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
-        except (TypeError, ValueError):
-            return None
+        when = parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError, OverflowError, IndexError):
+        return None
+    return min(max(0.0, when - time.time()), MAX_RETRY_AFTER)
 
 
-def _status_error(status, resp, body: bytes, ref: Reference, netloc: str, method: str, path: str) -> RegistryError:
-    what = "manifest" if "/manifests/" in path else "blob" if "/blobs/" in path else "resource"
-    detail = _error_detail(body)
-    if status in (401, 403):
-        return AuthError(
-            f"registry {netloc} refused access to the {what} of {ref} ({status}{detail}): check that the pod's"
-            " imagePullSecrets (or --docker-config) hold credentials that may pull it"
-        )
-    if status == 404:
-        return NotFoundError(f"registry {netloc} has no {what} for {ref} ({path.rsplit('/', 1)[-1]}){detail}: check the repository and tag")
-    if status == 429 or status >= 500:
-        return TransientError(f"registry {netloc} answered {status} for the {what} of {ref}{detail}", _retry_after(resp))
-    if status == 416:
-        # Go's ServeContent (Distribution) says how long the blob really is: ``Content-Range: bytes */SIZE``.
-        exc = TransientError(f"registry {netloc} answered 416 (range not satisfiable) for the {what} of {ref}")
-        try:
-            exc.blob_size = int((resp.getheader("Content-Range") or "").rpartition("/")[2])
-        except ValueError:
-            pass
-        return exc
-    return RegistryError(f"registry {netloc} answered {status} to {method} {path}{detail}")
-
-
-def _error_detail(body: bytes) -> str:
+def parse_error_body(body: bytes) -> tuple[str | None, str]:
+    """(the first distribution error code, a short detail for messages) from an error body (already bounded)."""
     try:
         errs = json.loads(body).get("errors") or []
-        msgs = [e.get("message") or e.get("code") for e in errs if isinstance(e, dict)]
-        return f": {'; '.join(m for m in msgs if m)}" if msgs else ""
-    except (ValueError, AttributeError):
-        return ""
+    except (ValueError, AttributeError, UnicodeDecodeError):
+        return None, ""
+    if not isinstance(errs, list):
+        return None, ""
+    code = None
+    msgs = []
+    for e in errs[:3]:
+        if not isinstance(e, dict):
+            continue
+        c = e.get("code")
+        if code is None and isinstance(c, str) and _ERROR_CODE.fullmatch(c):
+            code = c
+        m = e.get("message") or c
+        if isinstance(m, str) and m:
+            msgs.append("".join(ch for ch in m[:200] if ch.isprintable()))
+    return code, (f": {'; '.join(msgs)}" if msgs else "")
 
 
+def _media_type(resp: Response) -> str:
+    return (resp.header("Content-Type") or "").split(";")[0].strip()[:MAX_MEDIA_TYPE]
+
+
+# --------------------------------------------------------------------------------------------------- retries
 def backoff_delays(attempts: int, base: float = 0.5, cap: float = 10.0) -> Iterator[float]:
     delay = base
     for _ in range(attempts):
@@ -625,7 +535,7 @@ def backoff_delays(attempts: int, base: float = 0.5, cap: float = 10.0) -> Itera
 SMALL_REQUEST_ATTEMPTS = 4
 
 
-def retrying(fn, log, event: str, **fields):
+def retrying(fn: Callable[[], T], log: Log | None, event: str, **fields: object) -> T:
     """``fn()``, one small request, retried on transient faults with backoff that honours Retry-After (capped at
     30 s); after SMALL_REQUEST_ATTEMPTS tries, a NetworkError. Each retry is logged as ``event`` with ``fields``."""
     delays = list(backoff_delays(SMALL_REQUEST_ATTEMPTS - 1, base=0.25))
@@ -639,3 +549,4 @@ def retrying(fn, log, event: str, **fields):
             if log is not None:
                 log.warning(event, **fields, attempt=i + 1, delay_s=delay, error=str(exc))
             time.sleep(delay)
+    raise AssertionError("unreachable")

@@ -1,0 +1,331 @@
+"""HTTP/1.1 to registries, token services and blob storage: the only loader module that imports ``http.client``
+or ``ssl``.
+
+It owns one TLS context, a connection pool per thread and per origin (so each download worker keeps its own
+keep-alive connection), redirects, the bounds on what a server may send, and the mapping of socket and protocol
+failures to the loader's error types. It never retries (the one retry policy lives with the callers) and it
+decides nothing about credentials: every hop of a request, redirects included, gets exactly the headers that the
+caller's ``authorize(origin)`` returns for that hop's origin (loader.auth decides), so a redirect can never carry
+an ``Authorization`` meant for another origin.
+
+``http.client`` rather than a higher-level client because the fetch engine needs ``readinto`` on a reused buffer
+(no per-chunk allocation, the GIL released during each ``recv``) and exact control over Range requests.
+
+Redirects: at most MAX_REDIRECTS hops, and never from https to http. A downgrade is refused for every request,
+manifests and blobs alike: a blob is verified by digest afterwards, so integrity is not what is at stake, but a
+private model's bytes (and the pre-signed storage URL, itself a credential) would cross the network in clear
+text, and a registry we reached over TLS that points us at plain http is either misconfigured or not the
+registry. Nothing is sent to the http location at all.
+
+Errors (the loader's tree is in loader.errors; the two classes defined here extend it)::
+
+    RegistryError
+    ├── ProtocolError                  the answer broke HTTP or one of our bounds, or a TLS certificate did not
+    │   └── DowngradeRefused           verify; retrying cannot help (exit 7)
+    └── NetworkError
+        └── TransientError             the connection dropped or timed out mid-request (retried by callers)
+            └── ConnectError           no connection at all: refused, unreachable, DNS, connect timeout
+"""
+
+from __future__ import annotations
+
+import http.client
+import re
+import ssl
+import threading
+import urllib.parse
+from dataclasses import dataclass
+from typing import Callable, Iterable, Mapping, Union
+
+from loader.errors import ConnectError, RegistryError, TransientError
+
+USER_AGENT = "model-loader/0.1"
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+MAX_REDIRECTS = 5
+# http.client already refuses more than 100 header lines and lines over 64 KiB; this bounds their sum.
+MAX_HEADER_BYTES = 64 * 1024
+MAX_DISCARD_BYTES = 64 * 1024  # a body we do not need is read this far to keep the connection, else dropped
+DEFAULT_PORTS = {"http": 80, "https": 443}
+_HOST_RE = re.compile(r"[a-z0-9]([a-z0-9._-]{0,252})|[0-9a-f:.]{2,45}")
+_DIGITS_RE = re.compile(r"[0-9]{1,19}")
+
+Buffer = Union[bytes, bytearray, memoryview]
+Body = Union[bytes, Iterable[Buffer]]
+BodyFactory = Callable[[], Body]
+Authorize = Callable[["Origin"], Mapping[str, str]]
+
+
+class ProtocolError(RegistryError):
+    """A server's answer broke HTTP or one of the loader's bounds (headers, body sizes, header syntax), or its
+    certificate did not verify. Not retried: asking again gets the same answer."""
+
+
+class DowngradeRefused(ProtocolError):
+    """An https origin redirected to http; the redirect was not followed."""
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where a credential may go: scheme, host (lower case, IPv6 without brackets) and port (default filled in)."""
+
+    scheme: str
+    host: str
+    port: int
+
+    @classmethod
+    def of(cls, url: str) -> Origin:
+        """The origin of an absolute http(s) URL. Raises ValueError (never quoting the URL: it may hold a
+        password) when it has another scheme, no host, a bad host or a bad port."""
+        parts = urllib.parse.urlsplit(url)
+        scheme = parts.scheme.lower()
+        if scheme not in DEFAULT_PORTS:
+            raise ValueError("the scheme is not http or https")
+        host = parts.hostname or ""
+        if not _HOST_RE.fullmatch(host):
+            raise ValueError("the host is missing or not a host name or IP address")
+        port = parts.port  # raises ValueError for a port out of range or not a number
+        return cls(scheme, host, DEFAULT_PORTS[scheme] if port is None else port)
+
+    @property
+    def hostport(self) -> str:
+        """``host[:port]`` as people write it: the port only when it is not the scheme's default."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return host if self.port == DEFAULT_PORTS[self.scheme] else f"{host}:{self.port}"
+
+    @property
+    def secure(self) -> bool:
+        return self.scheme == "https"
+
+    def url(self, target: str) -> str:
+        return f"{self.scheme}://{self.hostport}{target}"
+
+    def __str__(self) -> str:
+        return f"{self.scheme}://{self.hostport}"
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password replaced by ``***`` (``user:***@host``), for logs and messages."""
+    parts = urllib.parse.urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    user = userinfo.split(":", 1)[0]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{hostport}"))
+
+
+def parse_content_length(value: str | None, where: str) -> int | None:
+    """A Content-Length header as a non-negative int; None when absent. Anything else (a sign, a list of
+    values, junk) is refused rather than guessed at."""
+    if value is None:
+        return None
+    value = value.strip()
+    if not _DIGITS_RE.fullmatch(value):
+        raise ProtocolError(f"{where} sent Content-Length {_short(value)}, not a non-negative integer")
+    return int(value)
+
+
+def _short(value: str, limit: int = 80) -> str:
+    return repr(value if len(value) <= limit else value[:limit] + "...")
+
+
+def _why(exc: BaseException) -> str:
+    text = (exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)) or type(exc).__name__
+    return text[:200]
+
+
+class Response:
+    """One answer. Its connection goes back to the pool once the body has been read to the end (``read_body``,
+    ``discard``), or is closed (``close``). ``origin`` and ``url`` are those of the last hop."""
+
+    def __init__(self, raw: http.client.HTTPResponse, url: str, origin: Origin, name: str,
+                 release: Callable[[bool], None]) -> None:
+        self._raw = raw
+        self._release: Callable[[bool], None] | None = release
+        self.status = raw.status
+        self.url = url
+        self.origin = origin
+        self.name = name  # "registry 127.0.0.1:5000", for messages
+        size = sum(len(k) + len(v) + 4 for k, v in raw.getheaders())
+        if size > MAX_HEADER_BYTES:
+            self.close()
+            raise ProtocolError(f"{name} answered with {size} bytes of headers, over the {MAX_HEADER_BYTES} byte"
+                                " limit")
+        try:
+            self.content_length = parse_content_length(raw.getheader("Content-Length"), name)
+        except ProtocolError:
+            self.close()
+            raise
+
+    def header(self, name: str) -> str | None:
+        """A header's value (several of the same name joined by ``, ``), or None."""
+        return self._raw.getheader(name)
+
+    @property
+    def length(self) -> int | None:
+        """Body bytes not yet read, when the server said (None: chunked or until close)."""
+        return self._raw.length
+
+    def readinto(self, buf: Buffer) -> int:
+        try:
+            return self._raw.readinto(buf)  # type: ignore[arg-type]
+        except (OSError, http.client.HTTPException) as exc:
+            raise TransientError(f"connection to {self.name} dropped while reading: {_why(exc)}") from exc
+
+    def read_body(self, limit: int, what: str) -> bytes:
+        """The whole body, at most ``limit`` bytes (ProtocolError naming ``what`` when longer), then the
+        connection goes back to the pool."""
+        if self.content_length is not None and self.content_length > limit:
+            self.close()
+            raise ProtocolError(f"{self.name} sent {what} of {self.content_length} bytes, over the {limit} byte"
+                                " limit")
+        try:
+            data = self._raw.read(limit + 1)
+        except (OSError, http.client.HTTPException) as exc:
+            self.close()
+            raise TransientError(f"connection to {self.name} dropped while reading {what}: {_why(exc)}") from exc
+        if len(data) > limit:
+            self.close()
+            raise ProtocolError(f"{self.name} sent {what} of more than {limit} bytes, over the limit")
+        self.close(reusable=True)
+        return data
+
+    def read_some(self, limit: int) -> bytes:
+        """Up to ``limit`` bytes of a body we only quote (an error's), never an error itself; then closed."""
+        try:
+            data = self._raw.read(limit)  # read(0) still ends a HEAD answer, so its connection is kept
+        except (OSError, http.client.HTTPException):
+            data = b""
+        self.close(reusable=True)
+        return data
+
+    def discard(self) -> None:
+        """Read and drop a body we do not need (a redirect's, a 401's), keeping the connection when it is short."""
+        self.read_some(MAX_DISCARD_BYTES)
+
+    def isclosed(self) -> bool:
+        return self._raw.isclosed()
+
+    def close(self, reusable: bool = False) -> None:
+        """Give the connection back (only when ``reusable`` and the body was read to its end) or close it."""
+        release, self._release = self._release, None
+        if release is not None:
+            release(reusable and self._raw.isclosed())
+
+
+class Transport:
+    """Pooled connections for one client (see the module docstring). Thread-safe; ``close()`` closes every
+    connection of every thread."""
+
+    def __init__(self, *, insecure: bool = False, timeout: float = 30.0) -> None:
+        self.timeout = timeout
+        self._ssl = ssl.create_default_context()
+        if insecure:
+            self._ssl.check_hostname = False
+            self._ssl.verify_mode = ssl.CERT_NONE
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._conns: list[http.client.HTTPConnection] = []
+
+    def close(self) -> None:
+        with self._lock:
+            conns, self._conns = self._conns, []
+        for c in conns:
+            c.close()
+
+    def request(self, method: str, url: str, headers: Mapping[str, str], *, body: BodyFactory | None = None,
+                authorize: Authorize | None = None, role: str = "registry", context: str = "") -> Response:
+        """Send a request and follow redirects; returns the last answer, whatever its status.
+
+        ``body`` is called again for each hop. ``authorize(origin)`` gives each hop its credentials headers;
+        ``headers`` must hold none. ``role`` names the first server in messages ("registry", "mirror",
+        "token service"); ``context`` ends them (" for REF")."""
+        if any(k.lower() in ("authorization", "host") for k in headers):
+            raise ValueError("credentials headers come from authorize(), per origin")
+        try:
+            origin = Origin.of(url)
+        except ValueError as exc:
+            raise ProtocolError(f"{role} URL {_short(redact_url(url))} is unusable: {exc}{context}") from None
+        name = f"{role} {origin.hostport}"
+        first = name
+        for hop in range(MAX_REDIRECTS + 1):
+            h = {"User-Agent": USER_AGENT, **headers, **(authorize(origin) if authorize is not None else {})}
+            resp = self._send(method, url, origin, name, h, body, context)
+            if resp.status not in REDIRECT_STATUSES:
+                return resp
+            location = resp.header("Location")
+            resp.discard()
+            if not location:
+                raise ProtocolError(f"{name} answered {resp.status} without a Location{context}")
+            new_url = urllib.parse.urljoin(url, location.strip())
+            try:
+                new_origin = Origin.of(new_url)
+            except ValueError as exc:
+                raise ProtocolError(f"{name} redirected to an unusable location ({exc}){context}") from None
+            if origin.secure and not new_origin.secure:
+                raise DowngradeRefused(
+                    f"{name} redirected {method} over https to plain http ({new_origin}){context}; the loader"
+                    " does not follow a redirect from https to http (credentials and model bytes would cross the"
+                    " network unencrypted): fix the registry's or its storage's redirect to use https"
+                )
+            if resp.status == 303 and method != "HEAD":
+                method, body = "GET", None
+            url, origin = new_url, new_origin
+            name = f"{new_origin.hostport} (redirected from {first})"
+        raise ProtocolError(f"{first} redirected more than {MAX_REDIRECTS} times{context}")
+
+    # ------------------------------------------------------------------------------------------------ internals
+    def _send(self, method: str, url: str, origin: Origin, name: str, headers: dict[str, str],
+              body: BodyFactory | None, context: str) -> Response:
+        parts = urllib.parse.urlsplit(url)
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        conn, release = self._checkout(origin)
+        if conn.sock is None:
+            try:
+                conn.connect()
+            except ssl.SSLCertVerificationError as exc:
+                release(False)
+                raise ProtocolError(
+                    f"the TLS certificate of {name} did not verify ({exc.verify_message}){context}: trust its CA"
+                    " in the system store, or pass --insecure for a registry you trust otherwise"
+                ) from exc
+            except (OSError, http.client.HTTPException) as exc:
+                release(False)
+                raise ConnectError(f"could not connect to {name} ({_why(exc)}){context}") from exc
+        try:
+            conn.request(method, target, body=body() if body is not None else None, headers=headers)
+            raw = conn.getresponse()
+        except http.client.LineTooLong as exc:
+            release(False)
+            raise ProtocolError(f"{name} sent a header or status line over 64 KiB{context}") from exc
+        except http.client.HTTPException as exc:
+            release(False)
+            if type(exc) is http.client.HTTPException:  # http.client's "got more than 100 headers"
+                raise ProtocolError(f"{name} sent more than 100 headers{context}") from exc
+            raise TransientError(f"could not talk to {name} ({_why(exc)}){context}") from exc
+        except OSError as exc:
+            release(False)
+            raise TransientError(f"could not talk to {name} ({_why(exc)}){context}") from exc
+        return Response(raw, url, origin, name, release)
+
+    def _checkout(self, origin: Origin) -> tuple[http.client.HTTPConnection, Callable[[bool], None]]:
+        pool: dict[Origin, http.client.HTTPConnection] | None = getattr(self._local, "pool", None)
+        if pool is None:
+            pool = self._local.pool = {}
+        conn = pool.pop(origin, None)
+        if conn is None:
+            if origin.secure:
+                conn = http.client.HTTPSConnection(origin.host, origin.port, timeout=self.timeout,
+                                                   context=self._ssl)
+            else:
+                conn = http.client.HTTPConnection(origin.host, origin.port, timeout=self.timeout)
+            with self._lock:
+                self._conns.append(conn)
+        held = conn
+
+        def release(reusable: bool) -> None:
+            if reusable and origin not in pool:
+                pool[origin] = held
+            else:
+                held.close()
+
+        return conn, release
