@@ -541,7 +541,12 @@ class Fetcher:
         )
 
     def _abandon(self, job: BlobJob) -> None:
-        """On failure, keep the partial file and its state for the next pull; drop the lock and the slot."""
+        """On failure, keep the partial file and its state for the next pull; drop the lock and the slot. A
+        download that was only to verify a cached blob is not kept: the cache has the blob."""
+        if job.digest in self.verify_only and job.lock_stack is not None:
+            self._close_job(job)
+            for p in (job.partial, *_state_files(job.state)):
+                p.unlink(missing_ok=True)
         if job.fd >= 0:
             try:
                 with job.lock:

@@ -15,13 +15,14 @@ from typing import Any, TypeVar
 
 from loader import layout, oci, retry
 from loader.access import Source, add_source, hit_proof, identity_of, may_fall_back, possession_failures, sources_of
-from loader.cache import Cache, CachedModel, current_boot_id
+from loader.cache import GC_LOCK_TIMEOUT, Cache, CachedModel, current_boot_id
 from loader.digest import Digest
 from loader.errors import ArtifactError, NetworkError, UsageError
-from loader.fetch import Blob, Fetcher
+from loader.fetch import BLOB_POLICY, LOCK_STALL, Blob, Fetcher
 from loader.progress import Progress
 from loader.reference import Reference, parse
 from loader.registry import RegistryClient
+from loader.retry import RetryPolicy
 
 T = TypeVar("T")
 
@@ -41,6 +42,11 @@ class PullOptions:
     # Ask the registry even for a cached digest, so a pod on a shared node cache cannot read a private model
     # it has no credentials for just by knowing its digest. An unreachable registry still falls back to the cache.
     check_access: bool = False
+    # Bounds (loader.retry): the blob-transfer policy (attempts, minimum rate, deadline), how long to wait on a
+    # blob lock whose holder writes nothing, and on the cache's gc lock.
+    policy: RetryPolicy = BLOB_POLICY
+    lock_stall: float = LOCK_STALL
+    gc_lock_timeout: float = GC_LOCK_TIMEOUT
 
 
 @dataclass
@@ -66,7 +72,7 @@ def pull(text: str, opts: PullOptions, log: Any) -> PullResult:
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     cache = Cache(opts.cache).ensure()
-    with cache.gc_lock(shared=True):
+    with cache.gc_lock(shared=True, timeout=opts.gc_lock_timeout):
         return _pull(ref, cache, opts, log, t0)
 
 
@@ -185,7 +191,7 @@ def _pull_online(ref: Reference, client: RegistryClient, cache: Cache, opts: Pul
             return hit(model, source=source)
 
     fetcher = Fetcher(client, cache, concurrency=opts.concurrency, log=log, label=label,
-                      source_name=ref.registry)
+                      source_name=ref.registry, policy=opts.policy, lock_stall=opts.lock_stall)
     missing = fetcher.missing(blobs, verify_only)
     resumable = fetcher.resumable_bytes(missing)
     need = sum(b.size for b in missing) - resumable + sum(e.size for e in entries if e.kind == "tar")
