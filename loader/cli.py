@@ -7,6 +7,7 @@ import argparse
 import importlib
 import os
 import sys
+from types import ModuleType
 
 from loader import contract
 from loader.config import LoaderSettings, SettingsError
@@ -18,13 +19,13 @@ COMMANDS = {"pull": "pull", "push": "push", "prefetch": "prefetch", "gc": "gc", 
             "import": "import_bundle"}
 
 
-def _modules(argv: list[str]) -> list:
+def _modules(argv: list[str]) -> list[ModuleType]:
     # Import only the subcommand being run (start-up time matters for a warm pull); all of them for --help.
     wanted = [m for c, m in COMMANDS.items() if c in argv[:1]] or list(COMMANDS.values())
     return [importlib.import_module(f"loader.commands.{m}") for m in wanted]
 
 
-def build_parser(settings: LoaderSettings, modules) -> argparse.ArgumentParser:
+def build_parser(settings: LoaderSettings, modules: list[ModuleType]) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=contract.PROGRAM,
                                 description="Pull, package and manage OCI model artifacts in a shared cache.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -43,9 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     log = Logger(level=settings.log_level)
     modules = _modules(argv)
     args = build_parser(settings, modules).parse_args(argv)
-    command = next(m for m in modules if m.NAME == args.command)
+    command = next(m for m in modules if args.command == m.NAME)
     try:
-        return command.run(args, settings, log)
+        code: int = command.run(args, settings, log)
+        return code
     except LoaderError as exc:
         log.error("failed", command=args.command, exit_code=int(exc.exit_code), error=str(exc))
         _termination_failure(settings.termination_log, exc)

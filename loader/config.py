@@ -11,8 +11,9 @@ loader before it touches the cache, with a message naming the variable, the valu
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import Mapping
+from typing import Any
 
 PREFIX = "MODEL_LOADER_"
 _CHOICES = {
@@ -20,6 +21,9 @@ _CHOICES = {
     "log_level": ("debug", "info", "warning", "error"),
 }
 _RANGES = {"concurrency": (1, 64), "timeout": (0.001, 3600.0), "progress_interval": (0.01, 3600.0)}
+#: Where a failed command leaves its one-line reason: kubelet's default terminationMessagePath, which the pod
+#: status shows. The loader alone writes it (the webhook leaves the containers' default), so it is not in contract.
+TERMINATION_LOG = "/dev/termination-log"
 
 
 class SettingsError(ValueError):
@@ -32,7 +36,7 @@ class LoaderSettings:
     timeout: float = 30.0  # seconds a connection may stall before it is retried
     progress: str = "auto"  # bar on a terminal, periodic log lines otherwise
     progress_interval: float = 5.0  # seconds between progress lines in a pod log
-    termination_log: str = "/dev/termination-log"
+    termination_log: str = TERMINATION_LOG
     log_level: str = "info"
     docker_config: str | None = None  # from DOCKER_CONFIG
     home: str | None = None  # from HOME
@@ -44,9 +48,9 @@ class LoaderSettings:
     kube_ca_file: str = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> "LoaderSettings":
+    def from_env(cls, env: Mapping[str, str] | None = None) -> LoaderSettings:
         env = os.environ if env is None else env
-        values: dict = {}
+        values: dict[str, Any] = {}
         for f in fields(cls):
             if f.name in ("docker_config", "home", "path", "kubernetes_service_host", "kubernetes_service_port"):
                 values[f.name] = env.get(f.name.upper()) or None
@@ -55,7 +59,7 @@ class LoaderSettings:
             if key not in env:
                 continue
             raw = env[key].strip()
-            kind = type(f.default)
+            kind: type[Any] = type(f.default)
             try:
                 value = kind(raw)
             except ValueError:

@@ -49,7 +49,6 @@ def ref_subpath(ref: Reference | str) -> str:
 DEFAULT_NODE_CACHE = "/var/lib/model-cache"  # hostPath on the node for the `node` cache
 CACHE_MOUNT = "/cache"  # the cache volume inside the loader container
 DOCKER_CONFIG_MOUNT = "/run/model-cache/docker"  # each pull secret at <this>/<secret-name>/ (config.json or .dockercfg)
-TERMINATION_LOG = "/dev/termination-log"
 
 
 class ExitCode(enum.IntEnum):

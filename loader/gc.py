@@ -22,13 +22,19 @@ from __future__ import annotations
 import os
 import re
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from loader import contract
 from loader.cache import META_DIR, Cache
 from loader.errors import UsageError
 from loader.reference import ReferenceError, cache_key, parse
+
+if TYPE_CHECKING:
+    from loader.log import Logger
 
 HEX_RE = re.compile(r"^[0-9a-f]{64}$")
 STALE_PARTIAL = 24 * 3600.0  # an interrupted download this old is not going to be resumed
@@ -142,7 +148,7 @@ class Inventory:
     orphan_metas: tuple[str, ...]  # meta/<hex>.json without a tree (a publish crashed before its rename)
     lastuse: tuple[str, ...]  # hex of every lastuse file
 
-    def disk_bytes(self, models) -> int:
+    def disk_bytes(self, models: Iterable[Model]) -> int:
         """Bytes the given models hold on disk, each shared inode counted once."""
         held: set[Inode] = set()
         for m in models:
@@ -165,7 +171,7 @@ def _listdir(path: Path) -> list[str]:
         return []
 
 
-def _stat_inode(path, sizes: dict[Inode, int]) -> Inode | None:
+def _stat_inode(path: str | Path, sizes: dict[Inode, int]) -> Inode | None:
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -335,7 +341,7 @@ class Report:
     models_after: int = 0
     bytes_after: int = 0
 
-    def as_json(self) -> dict:
+    def as_json(self) -> dict[str, Any]:
         return {
             "dry_run": self.dry_run,
             "models_before": self.models_before,
@@ -375,7 +381,7 @@ class Report:
         return lines
 
 
-def collect(cache: Cache, policy: Policy, keep_refs: list[str], log, dry_run: bool = False,
+def collect(cache: Cache, policy: Policy, keep_refs: list[str], log: Logger, dry_run: bool = False,
             now: float | None = None) -> Report:
     """Evict by ``policy`` and remove what no remaining model needs. ``dry_run`` takes no lock and changes nothing."""
     if dry_run:
@@ -385,7 +391,8 @@ def collect(cache: Cache, policy: Policy, keep_refs: list[str], log, dry_run: bo
         return _collect(cache, policy, keep_refs, log, False, now)
 
 
-def _collect(cache: Cache, policy: Policy, keep_refs: list[str], log, dry_run: bool, now: float | None) -> Report:
+def _collect(cache: Cache, policy: Policy, keep_refs: list[str], log: Logger, dry_run: bool,
+             now: float | None) -> Report:
     inv = scan(cache)  # inside the lock: what in-flight pulls published while gc waited is seen
     now = time.time() if now is None else now
     keep = resolve_keep(inv, keep_refs)
@@ -439,11 +446,11 @@ def _collect(cache: Cache, policy: Policy, keep_refs: list[str], log, dry_run: b
         report.refs.append(name)
 
     for hexd in inv.orphan_trees:
-        if dry_run or _locked(cache, f"model-{hexd}", lambda h=hexd: cache.remove_tree(root / contract.MODELS_DIR / h)):
+        if dry_run or _locked(cache, f"model-{hexd}", partial(cache.remove_tree, root / contract.MODELS_DIR / hexd)):
             report.other.append(f"{contract.MODELS_DIR}/{hexd}")
     for hexd in inv.orphan_metas:
         meta = root / META_DIR / f"{hexd}.json"
-        if dry_run or _locked(cache, f"model-{hexd}", lambda m=meta: m.unlink(missing_ok=True)):
+        if dry_run or _locked(cache, f"model-{hexd}", partial(meta.unlink, missing_ok=True)):
             report.other.append(f"{META_DIR}/{hexd}.json")
     known = {m.digest[7:] for m in inv.models}  # an evicted model's lastuse went with it
     for hexd in inv.lastuse:
@@ -470,7 +477,7 @@ def _remove_model(cache: Cache, inv: Inventory, hexd: str) -> bool:
     return _locked(cache, f"model-{hexd}", remove)
 
 
-def _locked(cache: Cache, lock: str, fn) -> bool:
+def _locked(cache: Cache, lock: str, fn: Callable[[], object]) -> bool:
     with cache.lock(lock, blocking=False) as held:
         if held:
             fn()
@@ -478,7 +485,11 @@ def _locked(cache: Cache, lock: str, fn) -> bool:
 
 
 def _locked_unlink(cache: Cache, lock: str, paths: list[Path]) -> bool:
-    return _locked(cache, lock, lambda: [p.unlink(missing_ok=True) for p in paths])
+    def unlink() -> None:
+        for p in paths:
+            p.unlink(missing_ok=True)
+
+    return _locked(cache, lock, unlink)
 
 
 def _remove_any(cache: Cache, path: Path) -> None:

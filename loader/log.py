@@ -9,9 +9,11 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from collections.abc import Callable
+from typing import Any, TextIO
 
 
-def _fmt(v) -> str:
+def _fmt(v: object) -> str:
     s = str(v)
     if s == "" or any(c in s for c in ' "=\n\t'):
         return '"' + s.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
@@ -19,14 +21,14 @@ def _fmt(v) -> str:
 
 
 class Logger:
-    def __init__(self, stream=None, level: str = "info"):
-        self.stream = stream or sys.stderr
+    def __init__(self, stream: TextIO | None = None, level: str = "info") -> None:
+        self.stream: TextIO = stream or sys.stderr
         self.levels = {"debug": 10, "info": 20, "warning": 30, "error": 40}
         self.min = self.levels.get(level, 20)
         self._lock = threading.Lock()
-        self.before_write = None  # the progress bar clears its line first
+        self.before_write: Callable[[], None] | None = None  # the progress bar clears its line first
 
-    def _emit(self, level: str, event: str, fields: dict) -> None:
+    def _emit(self, level: str, event: str, fields: dict[str, Any]) -> None:
         if self.levels[level] < self.min:
             return
         ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{int(time.time() * 1000) % 1000:03d}Z"
@@ -38,19 +40,19 @@ class Logger:
             self.stream.write(" ".join(parts) + "\n")
             self.stream.flush()
 
-    def debug(self, event: str, **f) -> None:
+    def debug(self, event: str, **f: Any) -> None:
         self._emit("debug", event, f)
 
-    def info(self, event: str, **f) -> None:
+    def info(self, event: str, **f: Any) -> None:
         self._emit("info", event, f)
 
-    def warning(self, event: str, **f) -> None:
+    def warning(self, event: str, **f: Any) -> None:
         self._emit("warning", event, f)
 
-    def error(self, event: str, **f) -> None:
+    def error(self, event: str, **f: Any) -> None:
         self._emit("error", event, f)
 
 
 class NullLogger(Logger):
-    def _emit(self, level, event, fields) -> None:
+    def _emit(self, level: str, event: str, fields: dict[str, Any]) -> None:
         pass

@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -29,7 +30,11 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from loader import gc
 from loader.cache import Cache
 from loader.errors import LoaderError, UsageError
-from loader.pull import PullOptions, pull
+from loader.pull import PullOptions, PullResult, pull
+
+if TYPE_CHECKING:
+    from loader.config import LoaderSettings
+    from loader.log import Logger
 
 RETRY_BEFORE_FIRST_SUCCESS = 30.0  # seconds: a node still warming retries a failed round sooner than --interval
 UNTAINT_ATTEMPTS = 5
@@ -114,7 +119,7 @@ class StatusServer:
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+            def do_GET(self) -> None:  # http.server's naming
                 path = self.path.split("?", 1)[0]
                 if path == "/metrics":
                     self._send(200, outer.metrics.exposition(), CONTENT_TYPE_LATEST)
@@ -133,7 +138,7 @@ class StatusServer:
                 self.end_headers()
                 self.wfile.write(body)
 
-            def log_message(self, *args) -> None:  # scrapes every few seconds would drown the round logs
+            def log_message(self, format: str, *args: Any) -> None:  # scrapes every few seconds would drown the round logs
                 pass
 
         self.metrics = metrics
@@ -143,7 +148,7 @@ class StatusServer:
         self.port = self.server.server_address[1]
         self.thread = threading.Thread(target=self.server.serve_forever, name="status", daemon=True)
 
-    def start(self) -> "StatusServer":
+    def start(self) -> StatusServer:
         self.thread.start()
         return self
 
@@ -167,7 +172,7 @@ class NodeApi:
             raise NodeApiError(f"cannot load the service-account CA {ca_file}: {exc}") from exc
 
     @classmethod
-    def from_settings(cls, settings) -> "NodeApi":
+    def from_settings(cls, settings: LoaderSettings) -> NodeApi:
         host, port = settings.kubernetes_service_host, settings.kubernetes_service_port
         if not host or not port:
             raise UsageError("--untaint needs the in-cluster API server, but KUBERNETES_SERVICE_HOST/PORT are not"
@@ -177,8 +182,8 @@ class NodeApi:
         except ValueError:
             raise UsageError(f"KUBERNETES_SERVICE_PORT={port!r} is not a port number") from None
 
-    def request(self, method: str, path: str, body: dict | None = None,
-                content_type: str = "application/json") -> tuple[int, dict | None]:
+    def request(self, method: str, path: str, body: dict[str, Any] | None = None,
+                content_type: str = "application/json") -> tuple[int, dict[str, Any] | None]:
         try:
             token = Path(self.token_file).read_text().strip()
         except OSError as exc:
@@ -205,7 +210,7 @@ class NodeApi:
         return resp.status, obj if isinstance(obj, dict) else None
 
 
-def taint_removal_patch(node: dict, key: str) -> dict | None:
+def taint_removal_patch(node: dict[str, Any], key: str) -> dict[str, Any] | None:
     """A JSON merge patch that removes every taint with ``key`` (any effect) and leaves the others as they are,
     guarded by the resourceVersion that was read (the API server answers 409 if the node changed since).
     None when the node has no such taint."""
@@ -217,7 +222,7 @@ def taint_removal_patch(node: dict, key: str) -> dict | None:
     return {"metadata": {"resourceVersion": node["metadata"]["resourceVersion"]}, "spec": {"taints": kept or None}}
 
 
-def remove_taint(api: NodeApi, target: Untaint, log, attempts: int = UNTAINT_ATTEMPTS) -> bool:
+def remove_taint(api: NodeApi, target: Untaint, log: Logger, attempts: int = UNTAINT_ATTEMPTS) -> bool:
     """Remove the taint from the node. True when this call removed it, False when it was already gone."""
     path = f"/api/v1/nodes/{quote(target.node, safe='')}"
     for attempt in range(1, attempts + 1):
@@ -238,7 +243,7 @@ def remove_taint(api: NodeApi, target: Untaint, log, attempts: int = UNTAINT_ATT
     raise NodeApiError(f"node {target.node} kept changing: {attempts} patches removing taint {target.key} conflicted")
 
 
-def _explain(status: int, body: dict | None, verb: str, target: Untaint) -> str:
+def _explain(status: int, body: dict[str, Any] | None, verb: str, target: Untaint) -> str:
     msg = (body or {}).get("message", "")
     hint = {
         401: "the API server rejected the service-account token",
@@ -259,8 +264,8 @@ class Round:
     number: int
     refs: list[str]
     errors: list[str] = field(default_factory=list)  # unreadable list lines or file
-    results: dict = field(default_factory=dict)  # ref -> PullResult
-    failures: dict = field(default_factory=dict)  # ref -> LoaderError
+    results: dict[str, PullResult] = field(default_factory=dict)
+    failures: dict[str, LoaderError] = field(default_factory=dict)
     seconds: float = 0.0
     stopped: bool = False
 
@@ -275,7 +280,7 @@ class Round:
 
 
 class Prefetcher:
-    def __init__(self, cfg: Config, opts: PullOptions, log, metrics: Metrics | None = None,
+    def __init__(self, cfg: Config, opts: PullOptions, log: Logger, metrics: Metrics | None = None,
                  node_api: NodeApi | None = None, stop: threading.Event | None = None) -> None:
         if cfg.untaint and node_api is None:
             raise UsageError("--untaint needs the node API")
@@ -330,6 +335,7 @@ class Prefetcher:
         rnd = self.round()
         if rnd.ok and not self.ready.is_set():
             if self.cfg.untaint and not self.untainted:
+                assert self.node_api is not None  # __init__ refuses --untaint without one
                 remove_taint(self.node_api, self.cfg.untaint, self.log)
                 self.untainted = True
             self.ready.set()

@@ -9,17 +9,20 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from typing import Any, TextIO
+
+from loader.log import Logger
 
 
 class Progress:
-    def __init__(self, log, label: str, total: int, already: int = 0, mode: str = "auto", interval: float = 5.0,
-                 stream=None):
+    def __init__(self, log: Logger, label: str, total: int, already: int = 0, mode: str = "auto",
+                 interval: float = 5.0, stream: TextIO | None = None) -> None:
         self.log = log
         self.label = label
         self.total = total
         self.done = already
         self._start_done = already
-        self.stream = stream or sys.stderr
+        self.stream: TextIO = stream or sys.stderr
         if mode == "auto":
             mode = "bar" if getattr(self.stream, "isatty", lambda: False)() else "log"
         self.mode = mode
@@ -34,7 +37,7 @@ class Progress:
         with self._lock:
             self.done += n
 
-    def __enter__(self) -> "Progress":
+    def __enter__(self) -> Progress:
         if self.mode in ("bar", "log") and self.total:
             if self.mode == "bar":
                 self.log.before_write = self._clear
@@ -42,7 +45,7 @@ class Progress:
             self._thread.start()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self._stop.set()
         if self._thread:
             self._thread.join()
@@ -50,7 +53,7 @@ class Progress:
             self._clear()
             self.log.before_write = None
 
-    def snapshot(self) -> dict:
+    def snapshot(self) -> dict[str, Any]:
         with self._lock:
             done = self.done
         elapsed = max(1e-6, time.monotonic() - self._t0)
@@ -72,7 +75,7 @@ class Progress:
             else:
                 self._draw(s)
 
-    def _draw(self, s: dict) -> None:
+    def _draw(self, s: dict[str, Any]) -> None:
         width = 30
         filled = int(width * s["percent"] / 100)
         eta = f"{s['eta_s']}s" if s["eta_s"] is not None else "?"

@@ -64,9 +64,6 @@ class Reference:
         """The last path segment of the repository: the default model name in a pod."""
         return self.repository.rsplit("/", 1)[-1]
 
-    def with_digest(self, digest: str) -> "Reference":
-        return Reference(self.registry, self.repository, self.tag, digest)
-
     def __str__(self) -> str:
         s = f"{self.registry}/{self.repository}"
         if self.tag:

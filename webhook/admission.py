@@ -159,7 +159,9 @@ def _labels(snapshot: Snapshot, namespace: str) -> Mapping[str, str] | None:
     return snapshot.namespaces.get(namespace) if namespace else None
 
 
-def _bounded(review_fn: Callable[[Any, Snapshot, Settings], AdmissionReviewResponse]):
+def _bounded(
+    review_fn: Callable[[Any, Snapshot, Settings], AdmissionReviewResponse],
+) -> Callable[[Any, Snapshot, Settings], AdmissionReviewResponse]:
     """A review function for which nesting too deep for the interpreter is a malformed review, not a crash.
 
     Reviews are not walked whole up front (that walk cost as much as parsing the JSON): the decision reads a
@@ -250,13 +252,18 @@ def _template_of(obj: Mapping[str, Any], kind: str, where: str) -> Mapping[str, 
             return None
         if not isinstance(node, Mapping):
             raise MalformedReview(f"{where}.{'.'.join(path[: i + 1])} must be an object")  # type: ignore[index]
-    return node
+    template: Mapping[str, Any] = node
+    return template
+
+
+def _object(value: object) -> Mapping[str, Any]:
+    """``value`` when it is a JSON object, else an empty one."""
+    return value if isinstance(value, Mapping) else {}
 
 
 def _relevant(template: Mapping[str, Any]) -> tuple[Any, Any]:
     """What the decision reads from a pod template: its model.cache annotations and its spec."""
-    meta = template.get("metadata") if isinstance(template.get("metadata"), Mapping) else {}
-    annotations = meta.get("annotations") if isinstance(meta.get("annotations"), Mapping) else {}
+    annotations = _object(_object(template.get("metadata")).get("annotations"))
     return {k: v for k, v in annotations.items() if k.startswith(ann.PREFIX)}, template.get("spec")
 
 
@@ -306,7 +313,7 @@ def validate_review(body: Any, snapshot: Snapshot, settings: Settings) -> Admiss
 
 
 def _ident(obj: Mapping[str, Any], kind: str) -> str:
-    meta = obj.get("metadata") if isinstance(obj.get("metadata"), Mapping) else {}
+    meta = _object(obj.get("metadata"))
     name = meta.get("name") or (f"{meta['generateName']}*" if meta.get("generateName") else "(unnamed)")
     return f"{kind}/{name}"
 

@@ -22,7 +22,7 @@ import json
 import logging
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
 
 import orjson
@@ -35,7 +35,8 @@ from webhook.errors import MalformedReview
 from webhook.fifo import FifoRunner
 from webhook.inventory import Inventory
 from webhook.metrics import Metrics
-from webhook.models import ADMISSION_API_VERSION, ADMISSION_KIND
+from webhook.models import ADMISSION_API_VERSION, ADMISSION_KIND, AdmissionReviewResponse
+from webhook.snapshot import Snapshot
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +46,16 @@ NOOP = "noop"
 
 _JSON = "application/json"
 
+#: A review function of the core: (the parsed body, the inventory snapshot, the settings) -> the answer.
+_Core = Callable[[Any, Snapshot, Any], AdmissionReviewResponse]
 
-def _mode(response: dict) -> str:
+
+def _dict(value: object) -> dict[str, Any]:
+    """``value`` when it is a JSON object, else an empty one."""
+    return value if isinstance(value, dict) else {}
+
+
+def _mode(response: Mapping[str, Any]) -> str:
     """The path a mutated pod got, from the core's audit annotation or else from the status annotation the patch
     writes (``<mode>: <reason>``); ``none`` when nothing was injected."""
     audit = response.get("auditAnnotations")
@@ -72,10 +81,10 @@ def _mode(response: dict) -> str:
     return "unknown"
 
 
-def _labels(body: dict, review: dict) -> tuple[str, str, str]:
+def _labels(body: dict[str, Any], review: Mapping[str, Any]) -> tuple[str, str, str]:
     """(kind, mode, outcome) of an answered review for the metrics."""
-    request = body.get("request") if isinstance(body.get("request"), dict) else {}
-    kind_obj = request.get("kind") if isinstance(request.get("kind"), dict) else {}
+    request = _dict(body.get("request"))
+    kind_obj = _dict(request.get("kind"))
     kind = str(kind_obj.get("kind") or "unknown")
     response = review.get("response") or {}
     if not response.get("allowed", False):
@@ -115,11 +124,11 @@ def _not_json(error: str) -> str:
     return f"request body is not JSON: {error}"
 
 
-def _log_denial(endpoint: str, kind: str, body: dict, answer: dict) -> None:
+def _log_denial(endpoint: str, kind: str, body: dict[str, Any], answer: Mapping[str, Any]) -> None:
     """One line per denial, so an operator can find why a team's pods are refused without the audit log."""
     request = body.get("request") or {}
-    obj = request.get("object") if isinstance(request.get("object"), dict) else {}
-    meta = obj.get("metadata") if isinstance(obj.get("metadata"), dict) else {}
+    obj = _dict(request.get("object"))
+    meta = _dict(obj.get("metadata"))
     name = request.get("name") or meta.get("name") or (f"{meta.get('generateName')}*" if meta.get("generateName") else "")
     message = ((answer.get("response") or {}).get("status") or {}).get("message", "")
     log.info(
@@ -128,9 +137,9 @@ def _log_denial(endpoint: str, kind: str, body: dict, answer: dict) -> None:
     )
 
 
-def _noop_review(body: dict, snapshot: Any, settings: Any) -> dict:
+def _noop_review(body: Any, snapshot: Snapshot, settings: Any) -> AdmissionReviewResponse:
     """Allowed, unchanged: the benchmark's baseline for the cost of transport alone."""
-    request = body.get("request") if isinstance(body.get("request"), dict) else {}
+    request = _dict(body.get("request"))
     uid = request.get("uid")
     return {
         "apiVersion": ADMISSION_API_VERSION,
@@ -152,7 +161,7 @@ def create_app(
     from contextlib import asynccontextmanager
 
     @asynccontextmanager
-    async def lifespan(_app: FastAPI):
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         if manage_inventory:
             inventory.start()
         try:
@@ -176,7 +185,7 @@ def create_app(
             found = runners[loop] = FifoRunner(loop)
         return found
 
-    def review(endpoint: str, core: Callable[[dict, Any, Any], dict], raw: bytes, started: float) -> Response:
+    def review(endpoint: str, core: _Core, raw: bytes, started: float) -> Response:
         body: Any = None
         try:
             try:
@@ -204,7 +213,7 @@ def create_app(
         metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
         return Response(payload, media_type=_JSON)
 
-    async def answer(endpoint: str, core: Callable[[dict, Any, Any], dict], request: Request) -> Response:
+    async def answer(endpoint: str, core: _Core, request: Request) -> Response:
         raw = await _read_body(request)
         started = time.perf_counter()  # the latency metric includes the wait for the reviews ahead
         if raw is None:

@@ -19,14 +19,20 @@ import ipaddress
 import logging
 import os
 import tempfile
-from collections.abc import Iterable
+import threading
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, rsa
+from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes, PrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+if TYPE_CHECKING:
+    from webhook.inventory import ClusterObjects
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +103,7 @@ def generate(
     """A fresh CA and a serving certificate for ``service.namespace`` (plus ``extra_sans``: DNS names or IPs)."""
     if days < 1:
         raise ValueError(f"certificate lifetime must be at least 1 day, got {days}")
-    now = now or datetime.datetime.now(datetime.timezone.utc)
+    now = now or datetime.datetime.now(datetime.UTC)
     ca_key = _new_key()
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"model-cache-ca.{namespace}")])
     # The CA outlives the leaf so a renewed leaf signed by it does not force a caBundle change.
@@ -140,7 +146,7 @@ def generate(
 
 def sign_serving(
     ca_cert: x509.Certificate,
-    ca_key: ec.EllipticCurvePrivateKey,
+    ca_key: CertificateIssuerPrivateKeyTypes,
     service: str,
     namespace: str,
     *,
@@ -149,7 +155,7 @@ def sign_serving(
     now: datetime.datetime | None = None,
 ) -> tuple[bytes, bytes]:
     """A new serving key and certificate signed by an existing CA: (cert PEM, key PEM)."""
-    now = now or datetime.datetime.now(datetime.timezone.utc)
+    now = now or datetime.datetime.now(datetime.UTC)
     key = _new_key()
     names = service_dns_names(service, namespace)
     sans = [_san(n) for n in dict.fromkeys([*names, *extra_sans])]
@@ -258,7 +264,7 @@ def split_pem(bundle_pem: bytes) -> list[bytes]:
     return out
 
 
-def bundle_from_secret(secret: dict | None) -> CertBundle | None:
+def bundle_from_secret(secret: dict[str, Any] | None) -> CertBundle | None:
     """The bundle a Secret holds, or None when it lacks a key or a key is not base64."""
     data = (secret or {}).get("data") or {}
     try:
@@ -268,13 +274,16 @@ def bundle_from_secret(secret: dict | None) -> CertBundle | None:
     return CertBundle(parts[CA_CERT_FILE], parts[SECRET_CA_KEY], parts[TLS_CERT_FILE], parts[TLS_KEY_FILE])
 
 
-def secret_body(bundle: CertBundle, cfg: SelfManaged, existing: dict | None) -> dict:
+def secret_body(bundle: CertBundle, cfg: SelfManaged, existing: dict[str, Any] | None) -> dict[str, Any]:
     """The Secret to write: a ``kubernetes.io/tls`` Secret plus ``ca.crt`` and ``ca.key``; an update carries the
     resourceVersion it replaces (optimistic concurrency) and keeps the metadata others put there."""
     meta = dict((existing or {}).get("metadata") or {})
     meta.update({"name": cfg.secret, "namespace": cfg.namespace})
     meta.setdefault("labels", {"app.kubernetes.io/name": "model-cache", "app.kubernetes.io/component": "webhook"})
-    encode = lambda b: base64.b64encode(b).decode("ascii")  # noqa: E731
+
+    def encode(b: bytes) -> str:
+        return base64.b64encode(b).decode("ascii")
+
     return {
         "apiVersion": "v1",
         "kind": "Secret",
@@ -305,6 +314,21 @@ def chains_to(leaf_pem: bytes, trust_pem: bytes) -> bool:
     return False
 
 
+# Certificate key types that have public numbers. Any other (Ed25519, ...; DH cannot be in a certificate) is never
+# one this module made: comparing it raises AttributeError, which _usable takes as "not usable".
+_NUMBERED_KEYS = (rsa.RSAPublicKey, ec.EllipticCurvePublicKey, dsa.DSAPublicKey)
+_ISSUER_KEYS = (rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey, dsa.DSAPrivateKey)
+
+
+def _same_key(private_key: PrivateKeyTypes, cert: x509.Certificate) -> bool:
+    """The certificate carries the public half of ``private_key`` (compared by public numbers)."""
+    mine, theirs = private_key.public_key(), cert.public_key()
+    if not isinstance(mine, _NUMBERED_KEYS) or not isinstance(theirs, _NUMBERED_KEYS):
+        raise AttributeError(f"cannot compare {type(mine).__name__} and {type(theirs).__name__} keys")
+    same: bool = mine.public_numbers() == theirs.public_numbers()
+    return same
+
+
 def _usable(bundle: CertBundle, cfg: SelfManaged, now: datetime.datetime) -> tuple[bool, bool]:
     """(CA usable, leaf usable) for ``bundle`` at ``now``."""
     try:
@@ -312,7 +336,7 @@ def _usable(bundle: CertBundle, cfg: SelfManaged, now: datetime.datetime) -> tup
         ca = x509.load_pem_x509_certificate(ca_pems[0])
         ca_key = serialization.load_pem_private_key(bundle.ca_key, None)
         ca_ok = (
-            ca_key.public_key().public_numbers() == ca.public_key().public_numbers()
+            _same_key(ca_key, ca)
             and not renewal_due(ca_pems[0], now, before=cfg.renew_before)
         )
     except (ValueError, IndexError, TypeError, AttributeError):
@@ -322,7 +346,7 @@ def _usable(bundle: CertBundle, cfg: SelfManaged, now: datetime.datetime) -> tup
         key = serialization.load_pem_private_key(bundle.tls_key, None)
         names = set(leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName))
         leaf_ok = (
-            key.public_key().public_numbers() == leaf.public_key().public_numbers()
+            _same_key(key, leaf)
             and set(service_dns_names(cfg.service, cfg.namespace)) <= names
             and chains_to(bundle.tls_cert, ca_pems[0])
             and not renewal_due(bundle.tls_cert, now, before=cfg.renew_before)
@@ -347,6 +371,7 @@ def plan(existing: CertBundle | None, cfg: SelfManaged, now: datetime.datetime) 
     if ca_ok:
         ca = x509.load_pem_x509_certificate(split_pem(existing.ca_cert)[0])
         ca_key = serialization.load_pem_private_key(existing.ca_key, None)
+        assert isinstance(ca_key, _ISSUER_KEYS)  # _usable matched it with the CA certificate's key
         cert, key = sign_serving(ca, ca_key, cfg.service, cfg.namespace, days=cfg.days, now=now)
         return dataclasses.replace(existing, tls_cert=cert, tls_key=key)
     fresh = generate(cfg.service, cfg.namespace, days=cfg.days, now=now)
@@ -360,7 +385,7 @@ def plan(existing: CertBundle | None, cfg: SelfManaged, now: datetime.datetime) 
     return dataclasses.replace(fresh, ca_cert=fresh.ca_cert + b"".join(still_valid))
 
 
-def with_ca_bundle(configuration: dict, ca_bundle_b64: str) -> dict | None:
+def with_ca_bundle(configuration: dict[str, Any], ca_bundle_b64: str) -> dict[str, Any] | None:
     """``configuration`` with every webhook's ``clientConfig.caBundle`` set, or None if all already are."""
     webhooks = configuration.get("webhooks") or []
     if all((w.get("clientConfig") or {}).get("caBundle") == ca_bundle_b64 for w in webhooks):
@@ -378,10 +403,11 @@ class CertManager:
 
     _ATTEMPTS = 5
 
-    def __init__(self, cluster, cfg: SelfManaged, *, clock=None) -> None:
+    def __init__(self, cluster: ClusterObjects, cfg: SelfManaged, *,
+                 clock: Callable[[], datetime.datetime] | None = None) -> None:
         self._cluster = cluster
         self.cfg = cfg
-        self._clock = clock or (lambda: datetime.datetime.now(datetime.timezone.utc))
+        self._clock = clock or (lambda: datetime.datetime.now(datetime.UTC))
         self.published: bytes | None = None  # the trust bundle both webhook configurations carry
         self.problem: str | None = "the certificate Secret has not been reconciled yet"
 
@@ -452,7 +478,7 @@ class CertManager:
             return "the served certificate is not signed by the published caBundle yet (kubelet has not projected the Secret)"
         return None
 
-    def run(self, stopping, interval: float) -> None:
+    def run(self, stopping: threading.Event, interval: float) -> None:
         """Reconcile every ``interval`` seconds until ``stopping`` is set; failures are logged and retried."""
         while not stopping.wait(interval):
             try:

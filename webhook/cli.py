@@ -19,11 +19,14 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from webhook.errors import ConfigError
+
+if TYPE_CHECKING:
+    from webhook.certs import CertManager, SelfManaged
 
 EXIT_OK = 0
 EXIT_DENIED = 1
@@ -86,7 +89,7 @@ CERT_BOOTSTRAP_SECONDS = 170.0
 CERT_RECONCILE_SECONDS = 600.0
 
 
-def _self_managed(settings: Any):
+def _self_managed(settings: Any) -> SelfManaged | None:
     """The self-managed certificate settings, or None when certificates come from outside.
 
     From MODEL_CACHE_MANAGE_CERTS, _TLS_SECRET, _SERVICE_NAME, _WEBHOOK_CONFIGURATION and _NAMESPACE (see
@@ -104,7 +107,7 @@ def _self_managed(settings: Any):
     )
 
 
-def _bootstrap_certs(manager, cert_file: Path, key_file: Path, deadline: float) -> str | None:
+def _bootstrap_certs(manager: CertManager, cert_file: Path, key_file: Path, deadline: float) -> str | None:
     """Reconcile the Secret (retrying the API), then wait until kubelet has projected a certificate the
     published caBundle trusts. Returns None when done, else why it gave up."""
     import time
@@ -234,7 +237,7 @@ def _objects(docs: list[Any]) -> list[Any]:
 def _describe(obj: Any) -> str:
     if not isinstance(obj, dict):
         return f"document of type {type(obj).__name__}"
-    meta = obj.get("metadata") if isinstance(obj.get("metadata"), dict) else {}
+    meta = m if isinstance(m := obj.get("metadata"), dict) else {}
     name = meta.get("name") or (f"{meta['generateName']}*" if meta.get("generateName") else "<unnamed>")
     return f"{obj.get('kind', '<no kind>')}/{name}"
 

@@ -13,7 +13,7 @@ import json
 import posixpath
 import re
 from decimal import Decimal, InvalidOperation
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -186,7 +186,7 @@ class Settings(BaseSettings):
         return out
 
     @model_validator(mode="after")
-    def _requests_within_limits(self) -> "Settings":
+    def _requests_within_limits(self) -> Settings:
         for what, req, lim in (
             ("cpu", self.loader_cpu_request, self.loader_cpu_limit),
             ("memory", self.loader_memory_request, self.loader_memory_limit),
@@ -209,7 +209,7 @@ def _msg(text: str) -> str:
     return text.removeprefix("Value error, ")
 
 
-def load_settings(**overrides: object) -> Settings:
+def load_settings(**overrides: Any) -> Settings:
     """Settings from the environment (and keyword overrides), or ConfigError listing every bad value."""
     try:
         return Settings(**overrides)

@@ -61,7 +61,7 @@ class FifoRunner:
                 continue
             try:
                 result = fn()
-            except Exception as exc:  # handed to the caller, who raises it
+            except Exception as exc:  # noqa: BLE001 - handed to the caller, who raises it
                 future.set_exception(exc)
             except BaseException:
                 future.cancel()

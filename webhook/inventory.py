@@ -35,7 +35,7 @@ import time
 import types
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from kubernetes import client as k8s_client
@@ -43,6 +43,9 @@ from kubernetes import config as k8s_config
 from kubernetes.client.exceptions import ApiException
 
 from webhook.snapshot import EMPTY, Snapshot, node_from_dict, snapshot_from
+
+if TYPE_CHECKING:
+    import urllib3
 
 log = logging.getLogger(__name__)
 
@@ -101,14 +104,14 @@ class Inventory:
 # --- file source -------------------------------------------------------------------------------------------
 
 
-def parse_inventory_documents(docs: list[Any]) -> tuple[list[dict], list[dict]]:
+def parse_inventory_documents(docs: list[Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Split loaded YAML/JSON documents into (nodes, namespaces).
 
     Accepts NodeList / NamespaceList / v1 List documents (items without a ``kind`` inside a NodeList are nodes)
     and bare Node and Namespace documents; anything else is an error, so a wrong file is not silently empty.
     """
-    nodes: list[dict] = []
-    namespaces: list[dict] = []
+    nodes: list[dict[str, Any]] = []
+    namespaces: list[dict[str, Any]] = []
 
     def add(obj: Any, default_kind: str | None, where: str) -> None:
         if not isinstance(obj, dict):
@@ -161,17 +164,18 @@ def static(snapshot: Snapshot) -> Inventory:
 def api_client(kubeconfig: str | Path | None = None) -> k8s_client.ApiClient:
     """An API client from a kubeconfig file, or from the pod's service account when none is given."""
     if kubeconfig is not None:
-        return k8s_config.new_client_from_config(config_file=str(kubeconfig))
+        client: k8s_client.ApiClient = k8s_config.new_client_from_config(config_file=str(kubeconfig))
+        return client
     configuration = k8s_client.Configuration()
     k8s_config.load_incluster_config(client_configuration=configuration)
     return k8s_client.ApiClient(configuration)
 
 
-def _labels(obj: dict) -> Mapping[str, str]:
+def _labels(obj: dict[str, Any]) -> Mapping[str, str]:
     return types.MappingProxyType({str(k): str(v) for k, v in ((obj.get("metadata") or {}).get("labels") or {}).items()})
 
 
-def _node_infos(items: list[dict]) -> dict[str, Any]:
+def _node_infos(items: list[Any]) -> dict[str, Any]:
     """Name -> NodeInfo, skipping (with a warning) objects that are not nodes, so one bad object cannot stall the
     watch by failing on every replay."""
     out = {}
@@ -197,15 +201,16 @@ def _slim(obj: Any) -> Any:
     return out
 
 
-def _name(obj: dict) -> str:
-    return (obj.get("metadata") or {}).get("name", "")
+def _name(obj: dict[str, Any]) -> str:
+    name: str = (obj.get("metadata") or {}).get("name", "")
+    return name
 
 
-def _resource_version(obj: dict) -> str | None:
+def _resource_version(obj: dict[str, Any]) -> str | None:
     return (obj.get("metadata") or {}).get("resourceVersion")
 
 
-def _lines(resp) -> Iterator[bytes]:
+def _lines(resp: urllib3.HTTPResponse) -> Iterator[bytes]:
     """Newline-delimited records of a streaming (chunked) response, yielded as soon as each is complete."""
     buffer = bytearray()
     for chunk in resp.stream(amt=None, decode_content=True):
@@ -229,17 +234,18 @@ class _Reflector:
         self,
         api: k8s_client.ApiClient,
         resource: str,
-        on_replace: Callable[[list[dict]], None],
-        on_event: Callable[[str, dict], None],
+        on_replace: Callable[[list[Any]], None],
+        on_event: Callable[[str, dict[str, Any]], None],
         stopping: threading.Event,
     ) -> None:
         self.resource = resource
         core = k8s_client.CoreV1Api(api)
-        self._list = core.list_node if resource == NODES else core.list_namespace
+        # With _preload_content=False these return the raw urllib3 response, not the model they are declared to.
+        self._list: Callable[..., Any] = core.list_node if resource == NODES else core.list_namespace
         self._on_replace = on_replace
         self._on_event = on_event
         self._stopping = stopping
-        self._response = None
+        self._response: urllib3.HTTPResponse | None = None
         self._response_lock = threading.Lock()
         self.lists = 0  # how many full lists completed (the first, then one per relist)
 
@@ -247,13 +253,15 @@ class _Reflector:
 
     def list_all(self) -> str:
         """Paginated LIST; replaces the state; returns the list's resourceVersion."""
-        items: list[dict] = []
+        items: list[Any] = []  # malformed objects too: _node_infos reports them
         token = None
         while True:
             kwargs: dict[str, Any] = {"limit": _LIST_PAGE}
             if token:
                 kwargs["_continue"] = token
-            resp = self._list(**kwargs, _preload_content=False, _request_timeout=(_CONNECT_TIMEOUT, 60))
+            resp: urllib3.HTTPResponse = self._list(
+                **kwargs, _preload_content=False, _request_timeout=(_CONNECT_TIMEOUT, 60)
+            )
             try:
                 body = json.loads(resp.data)
             finally:
@@ -267,7 +275,8 @@ class _Reflector:
             if not token:
                 self._on_replace(items)
                 self.lists += 1
-                return meta.get("resourceVersion", "")
+                version: str = meta.get("resourceVersion", "")
+                return version
 
     def watch(self, resource_version: str) -> str:
         """One WATCH from ``resource_version`` until the server ends it; returns the last version seen.
@@ -275,7 +284,7 @@ class _Reflector:
         Raises :class:`Gone` when the version is too old, ``ApiException`` / urllib3 errors on failure.
         """
         try:
-            resp = self._list(
+            resp: urllib3.HTTPResponse = self._list(
                 watch=True,
                 resource_version=resource_version,
                 allow_watch_bookmarks=True,
@@ -375,7 +384,7 @@ class WatchingInventory(Inventory):
     # minutes (conditions, heartbeats, images): 5000 nodes make ~17 such events a second, and each new snapshot
     # starts with empty memos (decisions per constraint, whole answers).
 
-    def _replace_nodes(self, items: list[dict]) -> None:
+    def _replace_nodes(self, items: list[Any]) -> None:
         fresh = _node_infos(items)
         with self._lock:
             if fresh == self._nodes and NODES in self._listed:
@@ -384,7 +393,7 @@ class WatchingInventory(Inventory):
             self._listed.add(NODES)
             self._publish_locked()
 
-    def _node_event(self, kind: str, obj: dict) -> None:
+    def _node_event(self, kind: str, obj: dict[str, Any]) -> None:
         with self._lock:
             if kind == "DELETED":
                 if self._nodes.pop(_name(obj), None) is None:
@@ -396,7 +405,7 @@ class WatchingInventory(Inventory):
                 self._nodes.update(changed)
             self._publish_locked()
 
-    def _replace_namespaces(self, items: list[dict]) -> None:
+    def _replace_namespaces(self, items: list[Any]) -> None:
         fresh = {_name(o): _labels(o) for o in items}
         with self._lock:
             if fresh == self._namespaces and NAMESPACES in self._listed:
@@ -405,7 +414,7 @@ class WatchingInventory(Inventory):
             self._listed.add(NAMESPACES)
             self._publish_locked()
 
-    def _namespace_event(self, kind: str, obj: dict) -> None:
+    def _namespace_event(self, kind: str, obj: dict[str, Any]) -> None:
         with self._lock:
             name = _name(obj)
             if kind == "DELETED":
@@ -455,7 +464,7 @@ class ClusterObjects:
     def __init__(self, api: k8s_client.ApiClient) -> None:
         self._api = api
 
-    def _request(self, method: str, path: str, body: dict | None = None, *, missing_ok: bool = False) -> dict | None:
+    def _request(self, method: str, path: str, body: dict[str, Any] | None = None, *, missing_ok: bool = False) -> dict[str, Any] | None:
         headers = {"Accept": "application/json"}
         if body is not None:
             headers["Content-Type"] = "application/json"
@@ -463,14 +472,15 @@ class ClusterObjects:
             method, path, header_params=headers, body=body, auth_settings=["BearerToken"]
         )
         resp = self._api.call_api(*request, _request_timeout=(_CONNECT_TIMEOUT, 30))
-        resp.read()
+        data: bytes = resp.read()
         if resp.status == 404 and missing_ok:
             return None
         if resp.status == 409:
-            raise Conflict(f"{method} {path}: {resp.data.decode(errors='replace')}")
+            raise Conflict(f"{method} {path}: {data.decode(errors='replace')}")
         if not 200 <= resp.status <= 299:
-            raise ApiException(status=resp.status, reason=f"{method} {path}: {resp.data.decode(errors='replace')}")
-        return json.loads(resp.data)
+            raise ApiException(status=resp.status, reason=f"{method} {path}: {data.decode(errors='replace')}")
+        obj: dict[str, Any] | None = json.loads(data)
+        return obj
 
     @staticmethod
     def _secrets(namespace: str) -> str:
@@ -480,17 +490,17 @@ class ClusterObjects:
     def _configuration(kind: str, name: str) -> str:
         return f"/apis/admissionregistration.k8s.io/v1/{kind}webhookconfigurations/{name}"
 
-    def read_secret(self, namespace: str, name: str) -> dict | None:
+    def read_secret(self, namespace: str, name: str) -> dict[str, Any] | None:
         return self._request("GET", f"{self._secrets(namespace)}/{name}", missing_ok=True)
 
-    def create_secret(self, namespace: str, body: dict) -> dict:
+    def create_secret(self, namespace: str, body: dict[str, Any]) -> dict[str, Any] | None:
         return self._request("POST", self._secrets(namespace), body)
 
-    def replace_secret(self, namespace: str, name: str, body: dict) -> dict:
+    def replace_secret(self, namespace: str, name: str, body: dict[str, Any]) -> dict[str, Any] | None:
         return self._request("PUT", f"{self._secrets(namespace)}/{name}", body)
 
-    def read_webhook_configuration(self, kind: str, name: str) -> dict | None:
+    def read_webhook_configuration(self, kind: str, name: str) -> dict[str, Any] | None:
         return self._request("GET", self._configuration(kind, name), missing_ok=True)
 
-    def replace_webhook_configuration(self, kind: str, name: str, body: dict) -> dict:
+    def replace_webhook_configuration(self, kind: str, name: str, body: dict[str, Any]) -> dict[str, Any] | None:
         return self._request("PUT", self._configuration(kind, name), body)

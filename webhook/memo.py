@@ -16,7 +16,10 @@ a concurrent eviction only turns a hit into a miss (KeyError is tolerated).
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from webhook.models import AdmissionReviewResponse
 
 LIMIT = 256
 KEY_MAX_BYTES = 64 * 1024  # pod metadata + spec are ~5-30 KB; the body limit is 16 MiB
@@ -27,10 +30,10 @@ class AnswerMemo:
     __slots__ = ("_answers", "_seen")
 
     def __init__(self) -> None:
-        self._answers: OrderedDict[bytes, tuple[Any, dict[str, Any]]] = OrderedDict()
+        self._answers: OrderedDict[bytes, tuple[Any, AdmissionReviewResponse]] = OrderedDict()
         self._seen: OrderedDict[int, None] = OrderedDict()
 
-    def get(self, key: bytes, settings: Any) -> dict[str, Any] | None:
+    def get(self, key: bytes, settings: Any) -> AdmissionReviewResponse | None:
         """The answer remembered for ``key`` under these very settings (identity), or None."""
         hit = self._answers.get(key)
         if hit is None or hit[0] is not settings:
@@ -41,7 +44,7 @@ class AnswerMemo:
             pass
         return hit[1]
 
-    def put(self, key: bytes, settings: Any, answer: dict[str, Any]) -> None:
+    def put(self, key: bytes, settings: Any, answer: AdmissionReviewResponse) -> None:
         """Remember ``answer`` if ``key`` missed before (and is small enough). The settings object is held with
         it, so its id cannot be reused by other settings while the answer lives."""
         if len(key) > KEY_MAX_BYTES:
@@ -70,7 +73,7 @@ class AnswerMemo:
         return list(self._answers)
 
 
-def _pop_oldest(d: OrderedDict) -> None:
+def _pop_oldest(d: OrderedDict[Any, Any]) -> None:
     try:
         d.popitem(last=False)
     except KeyError:

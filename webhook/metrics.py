@@ -9,25 +9,29 @@ admission path saw.
 from __future__ import annotations
 
 from collections import Counter as _Tally
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
+
+if TYPE_CHECKING:
+    from webhook.snapshot import NodeInfo, Snapshot
 
 # Sub-millisecond to the apiserver's 10 s webhook timeout ceiling.
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
 
 
-def node_runtime(node) -> str:
+def node_runtime(node: NodeInfo) -> str:
     """The runtime name of a snapshot node for the gauge label (``cri-o``, ``containerd``, ``unknown``)."""
     return node.runtime or "unknown"
 
 
 class _InventoryCollector:
-    def __init__(self, snapshot: Callable[[], object]) -> None:
+    def __init__(self, snapshot: Callable[[], Snapshot]) -> None:
         self._snapshot = snapshot
 
-    def collect(self):
+    def collect(self) -> Iterator[GaugeMetricFamily]:
         snap = self._snapshot()
         nodes = GaugeMetricFamily(
             "model_cache_inventory_nodes", "Nodes in the inventory, by container runtime.", labels=["runtime"]
@@ -46,7 +50,7 @@ class _InventoryCollector:
 
 
 class Metrics:
-    def __init__(self, snapshot: Callable[[], object]) -> None:
+    def __init__(self, snapshot: Callable[[], Snapshot]) -> None:
         self.registry = CollectorRegistry()
         self.reviews = Counter(
             "model_cache_reviews",

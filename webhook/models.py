@@ -9,14 +9,14 @@ never a 500.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Final, Literal, NotRequired
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, with_config
 from pydantic.alias_generators import to_camel
-from typing_extensions import NotRequired, TypedDict
+from typing_extensions import TypedDict
 
-ADMISSION_API_VERSION = "admission.k8s.io/v1"
-ADMISSION_KIND = "AdmissionReview"
+ADMISSION_API_VERSION: Final = "admission.k8s.io/v1"
+ADMISSION_KIND: Final = "AdmissionReview"
 
 
 class _Wire(BaseModel):

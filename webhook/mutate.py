@@ -333,7 +333,7 @@ def _inject_loader(
     taken = set(map(_NAME, spec.get("volumes") or ()))
     cache_name = unique_name(CACHE_VOLUME, taken)
     volumes = [_cache_volume(cache_name, cache, plan.claim, settings)]
-    loader_mounts = [{"name": cache_name, "mountPath": contract.CACHE_MOUNT}]
+    loader_mounts: list[dict[str, Any]] = [{"name": cache_name, "mountPath": contract.CACHE_MOUNT}]
     config_args: list[str] = []
     for secret in dict.fromkeys(s.get("name") for s in spec.get("imagePullSecrets") or () if s.get("name")):
         vol = unique_name(PULL_SECRET_VOLUME + secret, taken)

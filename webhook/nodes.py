@@ -105,7 +105,7 @@ class _Req(NamedTuple):
 
 def _compile(req: Mapping[str, Any], fields: bool) -> _Req:
     key, op = req.get("key") or "", req.get("operator") or ""
-    vals = req.get("values") or ()
+    vals: Sequence[Any] = req.get("values") or ()
     number = None
     if op in ("Gt", "Lt") and len(vals) == 1:
         try:
@@ -179,10 +179,6 @@ def _tolerates(tol: Mapping[str, Any], taint: Taint) -> bool:
     if op == "Equal":
         return (tol.get("value") or "") == taint.value
     return True  # Exists, or an operator newer than this code
-
-
-def blocking_taints(node: NodeInfo) -> tuple[Taint, ...]:
-    return tuple(t for t in node.taints if t.effect in BLOCKING_EFFECTS and t.key not in TRANSIENT_TAINTS)
 
 
 def candidate_nodes(pod_spec: Mapping[str, Any], snapshot: Snapshot) -> tuple[NodeInfo, ...]:

@@ -45,7 +45,8 @@ def _same(a: Any, b: Any) -> bool:
         return all(map(is_, a.values(), theirs)) or all(map(_same, a.values(), theirs))
     if isinstance(a, list):
         return len(a) == len(b) and (all(map(is_, a, b)) or all(map(_same, a, b)))
-    return a == b
+    equal: bool = a == b  # JSON values: == is a bool
+    return equal
 
 
 def _common_prefix(a: list[Any], b: list[Any]) -> int:
@@ -87,7 +88,7 @@ def _diff(a: Any, b: Any, path: str, ops: list[Op]) -> None:
         suffix = _common_prefix(a[prefix:][::-1], b[prefix:][::-1])
         mid_a, mid_b = a[prefix : len(a) - suffix], b[prefix : len(b) - suffix]
         if len(mid_a) == len(mid_b):
-            for i, (x, y) in enumerate(zip(mid_a, mid_b)):
+            for i, (x, y) in enumerate(zip(mid_a, mid_b, strict=True)):
                 _diff(x, y, f"{path}/{prefix + i}", ops)
         elif not mid_a:
             for i, value in enumerate(mid_b):

@@ -12,10 +12,14 @@ import socket
 import sys
 import time
 import traceback
+from typing import TYPE_CHECKING, TextIO
 
 import uvicorn
 
 from webhook.tls import ReloadingContext
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
 
 # Longer than the apiserver's idle-connection timeout (90 s), so the apiserver, not us, closes idle keep-alive
 # connections: a server-side close racing a new request on the same connection would fail that admission.
@@ -37,7 +41,7 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
-def configure_logging(level: str = "INFO", stream=None) -> None:
+def configure_logging(level: str = "INFO", stream: TextIO | None = None) -> None:
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()
@@ -48,7 +52,7 @@ def configure_logging(level: str = "INFO", stream=None) -> None:
         logging.getLogger(name).propagate = True
 
 
-def make_server(app, tls: ReloadingContext, *, host: str = "0.0.0.0", port: int = 8443) -> uvicorn.Server:
+def make_server(app: FastAPI, tls: ReloadingContext, *, host: str = "0.0.0.0", port: int = 8443) -> uvicorn.Server:
     config = uvicorn.Config(
         app,
         host=host,

@@ -11,7 +11,7 @@ kubelet ``v1.35.0-eks-4f5a`` -> (1, 35, 0).
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -81,7 +81,7 @@ def parse_version(text: str) -> tuple[int, ...] | None:
     return tuple(int(g) for g in m.groups() if g is not None)
 
 
-def _dict(value: object) -> dict:
+def _dict(value: object) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
@@ -122,7 +122,9 @@ def node_from_dict(d: Mapping[str, Any]) -> NodeInfo:
     )
 
 
-def snapshot_from(nodes: list[Mapping[str, Any]], namespaces: list[Mapping[str, Any]], synced: bool = True) -> Snapshot:
+def snapshot_from(
+    nodes: Sequence[Mapping[str, Any]], namespaces: Sequence[Mapping[str, Any]], synced: bool = True
+) -> Snapshot:
     """A Snapshot from Node and Namespace objects (as in the ``items`` of a NodeList / NamespaceList)."""
     ns: dict[str, Mapping[str, str]] = {}
     for obj in namespaces:

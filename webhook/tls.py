@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 MINIMUM_VERSION = ssl.TLSVersion.TLSv1_2
 
 
-def server_context(cert_file: str | os.PathLike, key_file: str | os.PathLike) -> ssl.SSLContext:
+def server_context(cert_file: str | os.PathLike[str], key_file: str | os.PathLike[str]) -> ssl.SSLContext:
     """A server context with the policy we serve: TLS 1.2+, no client certificates, the given key pair."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = MINIMUM_VERSION
@@ -44,7 +44,7 @@ class ReloadingContext:
     certificate (the same object until the first rotation).
     """
 
-    def __init__(self, cert_file: str | os.PathLike, key_file: str | os.PathLike) -> None:
+    def __init__(self, cert_file: str | os.PathLike[str], key_file: str | os.PathLike[str]) -> None:
         self.cert_file = Path(cert_file)
         self.key_file = Path(key_file)
         self._lock = threading.Lock()
@@ -54,10 +54,10 @@ class ReloadingContext:
         self.context.sni_callback = self._on_client_hello
         self.current = self.context
         self._loaded = signature
-        self._failed: tuple | None = None
+        self._failed: tuple[object, ...] | None = None  # the signature (or the error) that last failed to load
         self.reloads = 0
 
-    def _signature(self) -> tuple:
+    def _signature(self) -> tuple[tuple[int, int, int, int], tuple[int, int, int, int]]:
         return (_identity(self.cert_file), _identity(self.key_file))
 
     def reload_if_changed(self) -> ssl.SSLContext:
@@ -95,7 +95,7 @@ class ReloadingContext:
             log.info("tls certificate reloaded from %s", self.cert_file)
             return fresh
 
-    def _on_client_hello(self, ssl_obj, server_name, original_ctx) -> None:
+    def _on_client_hello(self, ssl_obj: ssl.SSLObject, server_name: str | None, original_ctx: ssl.SSLContext) -> None:
         ctx = self.reload_if_changed()
         if ssl_obj.context is not ctx:
             ssl_obj.context = ctx

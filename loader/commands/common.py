@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import argparse
 import os
+from typing import TYPE_CHECKING, TypeAlias
 
 from loader import contract
 from loader.config import LoaderSettings
 from loader.errors import UsageError
 
+if TYPE_CHECKING:
+    from loader.credentials import DockerConfig
+    from loader.log import Logger
 
-def add_registry_flags(p, settings: LoaderSettings) -> None:
+#: What ``add_parser(sub, settings)`` receives: the ``model-loader`` parser's subcommands.
+SubParsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
+
+def add_registry_flags(p: argparse.ArgumentParser, settings: LoaderSettings) -> None:
     p.add_argument(contract.FLAG_CONCURRENCY, type=int, default=settings.concurrency, metavar="N",
                    help=f"parallel transfers (default {settings.concurrency})")
     p.add_argument(contract.FLAG_PLAIN_HTTP, action="store_true", default=None,
@@ -42,7 +51,7 @@ def _empty_config_dir(path: str) -> bool:
     return os.path.isdir(path) and all(name.startswith("..") for name in os.listdir(path))
 
 
-def load_credentials(paths: list[str], settings: LoaderSettings, log=None):
+def load_credentials(paths: list[str], settings: LoaderSettings, log: Logger | None = None) -> DockerConfig:
     from loader import credentials
 
     # The webhook mounts pull secrets with optional: true (a deleted secret must not wedge the pod in

@@ -11,15 +11,20 @@ import`` loads it into a node cache or another registry. See loader.bundle.
 
 from __future__ import annotations
 
+import argparse
 import json
+from typing import TYPE_CHECKING
 
-from loader.commands.common import add_registry_flags, check_concurrency, load_credentials
+from loader.commands.common import SubParsers, add_registry_flags, check_concurrency, load_credentials
 from loader.config import LoaderSettings
+
+if TYPE_CHECKING:
+    from loader.log import Logger
 
 NAME = "export"
 
 
-def add_parser(sub, settings: LoaderSettings) -> None:
+def add_parser(sub: SubParsers, settings: LoaderSettings) -> None:
     p = sub.add_parser(NAME, help="write refs to an OCI image layout tarball (for air-gapped sites)")
     p.add_argument("refs", nargs="+", metavar="REF", help="host[:port]/repo[:tag][@sha256:...]")
     p.add_argument("-o", "--bundle", required=True, metavar="BUNDLE.tar", help="the tarball to write")
@@ -27,7 +32,7 @@ def add_parser(sub, settings: LoaderSettings) -> None:
     p.add_argument("--output", choices=["text", "json"], default="text")
 
 
-def run(args, settings: LoaderSettings, log) -> int:
+def run(args: argparse.Namespace, settings: LoaderSettings, log: Logger) -> int:
     from loader.bundle import RegistryOptions, export
 
     check_concurrency(args.concurrency)

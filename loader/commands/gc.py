@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from loader import contract
 from loader.config import LoaderSettings
 
+if TYPE_CHECKING:
+    from loader.commands.common import SubParsers
+    from loader.log import Logger
+
 NAME = "gc"
 
 
-def add_parser(sub, settings: LoaderSettings) -> None:
+def add_parser(sub: SubParsers, settings: LoaderSettings) -> None:
     p = sub.add_parser(NAME, help="remove unused models, unreferenced blobs and stale downloads from the cache",
                        description="Remove models unused for longer than --max-unused, then the least recently used"
                                    " until the models fit in --max-size, then blobs no remaining model references,"
@@ -26,7 +32,7 @@ def add_parser(sub, settings: LoaderSettings) -> None:
     p.add_argument(contract.FLAG_OUTPUT, choices=["text", "json"], default="text")
 
 
-def run(args, settings: LoaderSettings, log) -> int:
+def run(args: argparse.Namespace, settings: LoaderSettings, log: Logger) -> int:
     from loader import gc
     from loader.cache import Cache
     from loader.errors import UsageError

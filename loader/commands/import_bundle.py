@@ -12,16 +12,21 @@ loader.bundle.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
+from typing import TYPE_CHECKING
 
-from loader.commands.common import add_registry_flags, check_concurrency, load_credentials
+from loader.commands.common import SubParsers, add_registry_flags, check_concurrency, load_credentials
 from loader.config import LoaderSettings
+
+if TYPE_CHECKING:
+    from loader.log import Logger
 
 NAME = "import"
 
 
-def add_parser(sub, settings: LoaderSettings) -> None:
+def add_parser(sub: SubParsers, settings: LoaderSettings) -> None:
     p = sub.add_parser(NAME, help="load a bundle from model-loader export into a node cache or a registry")
     p.add_argument("bundle", metavar="BUNDLE.tar")
     where = p.add_mutually_exclusive_group(required=True)
@@ -31,7 +36,7 @@ def add_parser(sub, settings: LoaderSettings) -> None:
     p.add_argument("--output", choices=["text", "json"], default="text")
 
 
-def run(args, settings: LoaderSettings, log) -> int:
+def run(args: argparse.Namespace, settings: LoaderSettings, log: Logger) -> int:
     from loader.bundle import RegistryOptions, import_to_cache, import_to_registry
 
     if args.cache:

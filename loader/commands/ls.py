@@ -2,22 +2,29 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from loader import contract
 from loader.config import LoaderSettings
 
+if TYPE_CHECKING:
+    from loader.commands.common import SubParsers
+    from loader.gc import Inventory
+    from loader.log import Logger
+
 NAME = "ls"
 
 
-def add_parser(sub, settings: LoaderSettings) -> None:
+def add_parser(sub: SubParsers, settings: LoaderSettings) -> None:
     p = sub.add_parser(NAME, help="list the models in a cache")
     p.add_argument(contract.FLAG_CACHE, required=True, metavar="DIR", help="cache directory")
     p.add_argument(contract.FLAG_OUTPUT, choices=["text", "json"], default="text")
 
 
-def run(args, settings: LoaderSettings, log) -> int:
+def run(args: argparse.Namespace, settings: LoaderSettings, log: Logger) -> int:
     from loader import gc
     from loader.cache import Cache
     from loader.errors import UsageError
@@ -32,7 +39,7 @@ def run(args, settings: LoaderSettings, log) -> int:
     return 0
 
 
-def as_json(inv) -> dict:
+def as_json(inv: Inventory) -> dict[str, Any]:
     from loader.gc import iso
 
     return {
@@ -46,7 +53,7 @@ def as_json(inv) -> dict:
     }
 
 
-def as_text(inv) -> list[str]:
+def as_text(inv: Inventory) -> list[str]:
     from loader.gc import human, iso
 
     rows = [("DIGEST", "SIZE", "FILES", "LAST USE", "REFS")]

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import argparse
 import signal
 import threading
 from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING
 
 from loader import contract
-from loader.commands.common import add_registry_flags, check_concurrency, load_credentials, parse_mirrors
+from loader.commands.common import SubParsers, add_registry_flags, check_concurrency, load_credentials, parse_mirrors
 from loader.config import LoaderSettings
+
+if TYPE_CHECKING:
+    from loader.log import Logger
 
 NAME = "prefetch"
 
@@ -17,7 +23,7 @@ class _Terminated(BaseException):
     """Raised from the SIGTERM handler so an in-flight pull stops now (its partial download resumes later)."""
 
 
-def add_parser(sub, settings: LoaderSettings) -> None:
+def add_parser(sub: SubParsers, settings: LoaderSettings) -> None:
     p = sub.add_parser(NAME, help="pull listed models into a node cache, and keep them current",
                        description="Pull every listed model into the cache; with --interval keep re-checking tags"
                                    " and re-reading the models file. Runs as the prefetch DaemonSet.")
@@ -40,7 +46,7 @@ def add_parser(sub, settings: LoaderSettings) -> None:
                    help="try URL first for registry HOST, then the registry itself (repeatable)")
 
 
-def run(args, settings: LoaderSettings, log) -> int:
+def run(args: argparse.Namespace, settings: LoaderSettings, log: Logger) -> int:
     from loader import gc, prefetch
     from loader.errors import UsageError
     from loader.pull import PullOptions
@@ -83,7 +89,7 @@ def run(args, settings: LoaderSettings, log) -> int:
                              f" {args.metrics_address}:{args.metrics_port}: {exc.strerror}") from exc
         server.start()
 
-    def on_term(signum, frame):
+    def on_term(signum: int, frame: FrameType | None) -> None:
         stop.set()
         raise _Terminated
 

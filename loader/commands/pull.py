@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from loader import contract
-from loader.commands.common import add_registry_flags, check_concurrency, load_credentials, parse_mirrors
+from loader.commands.common import SubParsers, add_registry_flags, check_concurrency, load_credentials, parse_mirrors
 from loader.config import LoaderSettings
+
+if TYPE_CHECKING:
+    from loader.log import Logger
+    from loader.pull import PullResult
 
 NAME = contract.PULL
 
 
-def add_parser(sub, settings: LoaderSettings) -> None:
+def add_parser(sub: SubParsers, settings: LoaderSettings) -> None:
     p = sub.add_parser(NAME, help="pull models into the cache (parallel, verified, resumable)")
     p.add_argument("refs", nargs="+", metavar="REF", help="host[:port]/repo[:tag][@sha256:...]")
     p.add_argument(contract.FLAG_CACHE, required=True, metavar="DIR", help="cache directory (shared by pods)")
@@ -29,7 +35,7 @@ def add_parser(sub, settings: LoaderSettings) -> None:
     p.add_argument("--progress", choices=["auto", "bar", "log", "none"], default=settings.progress)
 
 
-def run(args, settings: LoaderSettings, log) -> int:
+def run(args: argparse.Namespace, settings: LoaderSettings, log: Logger) -> int:
     from loader.pull import PullOptions, pull
 
     check_concurrency(args.concurrency)
@@ -46,7 +52,7 @@ def run(args, settings: LoaderSettings, log) -> int:
         progress_interval=settings.progress_interval,
         check_access=args.check_access,
     )
-    results = []
+    results: list[PullResult] = []
     for ref in args.refs:
         res = pull(ref, opts, log)
         results.append(res)
@@ -61,7 +67,7 @@ def run(args, settings: LoaderSettings, log) -> int:
     return 0
 
 
-def termination_summary(path: str, results) -> None:
+def termination_summary(path: str, results: list[PullResult]) -> None:
     """kubectl shows this in the pod status (terminationMessagePath); only when running where the file exists."""
     if not path or not os.path.exists(path):
         return

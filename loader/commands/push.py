@@ -12,17 +12,22 @@ warns that image-volume mounts show compressed bytes. See loader.push for the de
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
+from typing import TYPE_CHECKING
 
-from loader.commands.common import add_registry_flags, check_concurrency, load_credentials
+from loader.commands.common import SubParsers, add_registry_flags, check_concurrency, load_credentials
 from loader.config import LoaderSettings
 from loader.errors import UsageError
+
+if TYPE_CHECKING:
+    from loader.log import Logger
 
 NAME = "push"
 
 
-def add_parser(sub, settings: LoaderSettings) -> None:
+def add_parser(sub: SubParsers, settings: LoaderSettings) -> None:
     p = sub.add_parser(NAME, help="push a model directory as an OCI artifact (one layer per file)")
     p.add_argument("directory", metavar="DIR", help="the model directory")
     p.add_argument("ref", metavar="REF", help="host[:port]/repo[:tag]")
@@ -39,7 +44,7 @@ def add_parser(sub, settings: LoaderSettings) -> None:
     p.add_argument("--progress", choices=["auto", "bar", "log", "none"], default=settings.progress)
 
 
-def run(args, settings: LoaderSettings, log) -> int:
+def run(args: argparse.Namespace, settings: LoaderSettings, log: Logger) -> int:
     from loader.push import MiB, PushOptions, push
 
     check_concurrency(args.concurrency)
