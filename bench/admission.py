@@ -309,7 +309,7 @@ def start_server(tmp: Path, nodes_file: Path, tls_dir: Path) -> tuple[subprocess
         [sys.executable, "-m", "webhook.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
          "--tls-cert", str(tls_dir / "tls.crt"), "--tls-key", str(tls_dir / "tls.key"),
          "--nodes-file", str(nodes_file), "--log-level", "WARNING"],
-        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=open(tmp / f"server-{port}.log", "wb"),
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=open(tmp / f"server-{port}.log", "wb"),  # noqa: SIM115 (open while the server runs)
     )
     return proc, port
 

@@ -19,15 +19,23 @@ import os
 import shutil
 import statistics
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench._common import (Blob, Pusher, Run, generate_model, install_interrupt_handlers,  # noqa: E402
-                           remove, run_measured, scratch_dir)
+from bench._common import (  # noqa: E402
+    Blob,
+    Pusher,
+    Run,
+    generate_model,
+    install_interrupt_handlers,
+    remove,
+    run_measured,
+    scratch_dir,
+)
 from tests.support.registry import start_registry  # noqa: E402
 
 REPO = "bench/model"
@@ -185,14 +193,17 @@ def target_rows(contenders: list[Contender], warm: list[float], size_mib: int) -
                      rss < TARGET_RSS_MB))
     if warm:
         w = statistics.median(warm)
-        rows.append(("warm digest hit (median of %d)" % len(warm), f"< {TARGET_WARM_S} s", f"{w:.3f} s",
+        rows.append((f"warm digest hit (median of {len(warm)})", f"< {TARGET_WARM_S} s", f"{w:.3f} s",
                      w < TARGET_WARM_S))
     return rows
 
 
 def table(rows: list[list[str]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    fmt = lambda r: "  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths)))
+
+    def fmt(r: list[str]) -> str:
+        return "  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths, strict=True)))
+
     return "\n".join([fmt(rows[0]), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows[1:]])
 
 

@@ -134,7 +134,7 @@ def main() -> int:
         print(f"certificates in {certs.relative_to(ROOT)} (caBundle {ca_bundle[:24]}...)")
         port = free_port()
         env = {**os.environ, "MODEL_CACHE_LOADER_IMAGE": "ghcr.io/model-cache/loader:0.1.0"}
-        log = open(WORK / "webhook.log", "w")
+        log = open(WORK / "webhook.log", "w")  # noqa: SIM115 (the webhook's log, open while it runs)
         webhook = subprocess.Popen(
             [BIN / "model-cache-webhook", "serve", "--host", "127.0.0.1", "--port", str(port),
              "--tls-cert", certs / "tls.crt", "--tls-key", certs / "tls.key", "--nodes-file", ROOT / "examples/nodes.yaml"],

@@ -18,12 +18,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.support.k8s_validate import assert_valid
 from webhook import annotations as ann
 from webhook.admission import Decision, decide, mutate_object, mutate_review, validate_review
 from webhook.config import Settings, load_settings
 from webhook.errors import ConfigError, Denied, MalformedReview
 from webhook.snapshot import snapshot_from
-from tests.support.k8s_validate import assert_valid
 
 SETTINGS = Settings()
 CRIO = {"containerRuntimeVersion": "cri-o://1.34.2", "kubeletVersion": "v1.35.0"}
@@ -245,7 +245,7 @@ def test_malformed_pods_are_not_remembered_and_stay_malformed():
     snap = fresh_snapshot()
     bad = review({**pod(), "spec": "not an object"})
     for _ in range(2):
-        with pytest.raises(MalformedReview, match="request.object.spec"):
+        with pytest.raises(MalformedReview, match=r"request\.object\.spec"):
             mutate_review(bad, snap, SETTINGS)
     assert len(snap.answers) == 0
 

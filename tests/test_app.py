@@ -173,7 +173,7 @@ def test_concurrent_replicas_are_each_answered_with_their_own_uid_and_decided_on
         bodies.append(review(replica, uid=f"uid-{n:02d}"))
     with server.client() as client, concurrent.futures.ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(lambda b: client.post("/mutate", json=b).json(), bodies))
-    for body, answer in zip(bodies, answers):
+    for body, answer in zip(bodies, answers, strict=True):
         assert answer == admission.mutate_review(copy.deepcopy(body), snapshot_from(NODES, NAMESPACES), SETTINGS)
         assert answer["response"]["uid"] == body["request"]["uid"]
     assert len({a["response"]["patch"] for a in answers}) == 1
@@ -369,9 +369,9 @@ def _handshake(port: int, ca_pem: bytes, version: ssl.TLSVersion) -> str:
         ctx.minimum_version = ssl.TLSVersion.MINIMUM_SUPPORTED
         ctx.maximum_version = version
     ctx.set_ciphers("ALL:@SECLEVEL=0")  # let the client offer old protocols, so the refusal is the server's
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
-        with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
-            return tls.version()
+    with (socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+          ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls):
+        return tls.version()
 
 
 def _permissive_server(secret: SecretDir) -> tuple[socket.socket, threading.Thread]:
@@ -437,8 +437,10 @@ def test_a_rotated_certificate_is_served_on_new_connections_without_a_restart(se
 
 # --- anything a client can send: never a 5xx ----------------------------------------------------------------------
 
-from hypothesis import HealthCheck, given, settings as hyp_settings  # noqa: E402
+from hypothesis import HealthCheck, given  # noqa: E402
+from hypothesis import settings as hyp_settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
+
 
 def _containers(inner):
     # Named, not a lambda: see tests/test_patch.py.

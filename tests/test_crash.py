@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.oci import file_layer, sha256
 from tests.support.files import tree
+from tests.support.oci import file_layer, sha256
 
 FILES = {f"shard-{i}.bin": os.urandom(8 << 20) for i in range(3)}
 FILES["big.bin"] = os.urandom(72 << 20)  # split into Range requests

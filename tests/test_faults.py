@@ -14,8 +14,8 @@ from loader.errors import DigestMismatch
 from loader.log import Logger
 from loader.pull import PullOptions, pull
 from tests.support.faultproxy import FaultProxy
-from tests.support.oci import file_layer, sha256
 from tests.support.files import tree
+from tests.support.oci import file_layer, sha256
 
 FILES = {"a.bin": os.urandom(6 << 20), "b.bin": os.urandom(5 << 20), "big.bin": os.urandom(70 << 20),
          "config.json": b'{"x": 1}'}

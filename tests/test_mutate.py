@@ -15,13 +15,13 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.support.k8s_validate import assert_valid_pod
 from webhook import annotations as ann
 from webhook.config import Settings
 from webhook.errors import Denied
-from webhook.patch import applies, make_patch
 from webhook.mutate import mutate_pod, unique_name
+from webhook.patch import applies, make_patch
 from webhook.snapshot import Snapshot, snapshot_from
-from tests.support.k8s_validate import assert_valid_pod
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "pods"
 EXPECTED = FIXTURES / "expected"

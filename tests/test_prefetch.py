@@ -27,13 +27,22 @@ from loader.config import LoaderSettings
 from loader.errors import NotFoundError
 from loader.gc import Policy, parse_models_list
 from loader.log import Logger, NullLogger
-from loader.prefetch import (Config, NodeApi, NodeApiError, Prefetcher, StatusServer, Untaint, parse_untaint,
-                             remove_taint, taint_removal_patch)
+from loader.prefetch import (
+    Config,
+    NodeApi,
+    NodeApiError,
+    Prefetcher,
+    StatusServer,
+    Untaint,
+    parse_untaint,
+    remove_taint,
+    taint_removal_patch,
+)
 from loader.pull import PullOptions
 from loader.reference import cache_key
 from tests.support.fake_node_api import FakeNodeApi, Request
-from tests.support.oci import file_layer
 from tests.support.files import tree
+from tests.support.oci import file_layer
 
 ROOT = Path(__file__).resolve().parent.parent
 OVERLAY = ROOT / "manifests" / "overlays" / "prefetch"

@@ -28,7 +28,7 @@ def test_log_mode_prints_percent_rate_and_eta_lines():
         assert prog.mode == "log"  # not a terminal
         feed(prog, 1000, 10, 0.01)
         time.sleep(0.05)
-    lines = [l for l in out.getvalue().splitlines() if "event=progress" in l]
+    lines = [line for line in out.getvalue().splitlines() if "event=progress" in line]
     assert lines, out.getvalue()
     for line in lines:
         assert re.search(r"level=info event=progress ref=r\.io/m:v1 percent=[0-9.]+ done_mb=[0-9.]+ total_mb=0\.0"

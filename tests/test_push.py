@@ -21,8 +21,9 @@ from loader.errors import ArtifactError, UsageError
 from loader.log import NullLogger
 from loader.pull import PullOptions, pull
 from tests.support.faultproxy import FaultProxy
+from tests.support.files import make_tree as files_make_tree
+from tests.support.files import tree
 from tests.support.oci import OCI_MANIFEST, sha256
-from tests.support.files import make_tree as files_make_tree, tree
 
 LOG = NullLogger()
 MiB = 1 << 20
@@ -95,8 +96,8 @@ def test_push_then_pull_gives_the_identical_tree(fmt, compress, registry, tmp_pa
     names = sorted(MODEL)
     # Layers are in path order, one per file, titled with the relative path.
     layers = manifest["layers"]
-    assert [l["annotations"]["org.opencontainers.image.title"] for l in layers] == names
-    for layer, rel in zip(layers, names):
+    assert [layer["annotations"]["org.opencontainers.image.title"] for layer in layers] == names
+    for layer, rel in zip(layers, names, strict=True):
         if compress == "none":
             assert layer["digest"] == sha256(MODEL[rel]) and layer["size"] == len(MODEL[rel])
         else:
@@ -116,7 +117,7 @@ def test_push_then_pull_gives_the_identical_tree(fmt, compress, registry, tmp_pa
     config = get_blob(registry, repo, manifest["config"]["digest"])
     if fmt == "modelpack":
         diff_ids = []
-        for layer, rel in zip(layers, names):
+        for layer, rel in zip(layers, names, strict=True):
             if compress == "none":
                 diff_ids.append(sha256(MODEL[rel]))
             else:  # the DiffID is the hash of the uncompressed tar
@@ -358,7 +359,7 @@ def test_large_file_push_keeps_memory_flat(registry, tmp_path):
         h.update(zeros[: min(left, len(zeros))])
         left -= min(left, len(zeros))
     layers = get_json(registry, "push/big", "v1")["layers"]
-    assert [(l["annotations"]["org.opencontainers.image.title"], l["digest"], l["size"]) for l in layers] == [
+    assert [(ly["annotations"]["org.opencontainers.image.title"], ly["digest"], ly["size"]) for ly in layers] == [
         ("config.json", sha256(b"{}"), 2), ("model.safetensors", "sha256:" + h.hexdigest(), size)]
 
 

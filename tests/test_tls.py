@@ -17,7 +17,7 @@ from tests.support.tls import SecretDir, new_bundle, peer_certificate
 from webhook import certs
 from webhook.tls import ReloadingContext
 
-NOW = datetime.datetime(2026, 11, 22, 12, 0, tzinfo=datetime.timezone.utc)
+NOW = datetime.datetime(2026, 11, 22, 12, 0, tzinfo=datetime.UTC)
 
 
 def _load(pem: bytes) -> x509.Certificate:

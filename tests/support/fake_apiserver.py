@@ -253,7 +253,7 @@ class FakeApiServer:
             def log_message(self, *args) -> None:  # keep test output clean
                 pass
 
-            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            def do_GET(self) -> None:  # http.server's naming
                 url = urlsplit(self.path)
                 params = {k: v[-1] for k, v in parse_qs(url.query).items()}
                 parts = url.path.strip("/").split("/")
@@ -284,10 +284,10 @@ class FakeApiServer:
                     body = None
                 self._json(*fake._store_request(method, urlsplit(self.path).path.rstrip("/"), body))
 
-            def do_POST(self) -> None:  # noqa: N802
+            def do_POST(self) -> None:
                 self._write("POST")
 
-            def do_PUT(self) -> None:  # noqa: N802
+            def do_PUT(self) -> None:
                 self._write("PUT")
 
             def _json(self, code: int, body: dict) -> None:

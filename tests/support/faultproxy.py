@@ -109,7 +109,7 @@ class FaultProxy:
         self._thread: threading.Thread | None = None
 
     # --- lifecycle ---------------------------------------------------------------------------------------------
-    def start(self) -> "FaultProxy":
+    def start(self) -> FaultProxy:
         handler = type("_BoundHandler", (_Handler,), {"proxy": self})
         self._server = _Server(("127.0.0.1", 0), handler, self)
         self._thread = threading.Thread(target=self._server.serve_forever, name="faultproxy", daemon=True)
@@ -126,7 +126,7 @@ class FaultProxy:
             self._thread.join()
             self._thread = None
 
-    def __enter__(self) -> "FaultProxy":
+    def __enter__(self) -> FaultProxy:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -205,11 +205,11 @@ class FaultProxy:
                         f.reset_count -= 1
                 if hit:
                     plan.cut_at, plan.cut_kind = f.reset_after_bytes, "reset"
-            if plan.cut_kind is None and f.stall_after_bytes is not None:
-                if f.stall_count is None or f.stall_count > 0:
-                    if f.stall_count is not None:
-                        f.stall_count -= 1
-                    plan.cut_at, plan.cut_kind = f.stall_after_bytes, "stall"
+            if (plan.cut_kind is None and f.stall_after_bytes is not None
+                    and (f.stall_count is None or f.stall_count > 0)):
+                if f.stall_count is not None:
+                    f.stall_count -= 1
+                plan.cut_at, plan.cut_kind = f.stall_after_bytes, "stall"
             if f.flip_byte_at is not None and (f.flip_digest is None or f.flip_digest == digest):
                 plan.flip_at = f.flip_byte_at
         return plan

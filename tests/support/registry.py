@@ -57,7 +57,7 @@ class RegistryProcess:
             f"http: {{addr: 127.0.0.1:{self.port}}}\n" + self.extra_config
         )
 
-    def start(self, timeout: float = 20.0) -> "RegistryProcess":
+    def start(self, timeout: float = 20.0) -> RegistryProcess:
         if not os.path.exists(REGISTRY_BIN):
             raise RuntimeError(f"{REGISTRY_BIN} is missing: run `make setup` (apt-get install -y docker-registry)")
         cfg = self.root.parent / f"registry-{self.port}.yml"

@@ -62,6 +62,5 @@ def client_context(ca_pem: bytes) -> ssl.SSLContext:
 def peer_certificate(host: str, port: int, ca_pem: bytes) -> x509.Certificate:
     """The certificate the server presents on a new connection, verified against ``ca_pem``."""
     ctx = client_context(ca_pem)
-    with socket.create_connection((host, port), timeout=10) as raw:
-        with ctx.wrap_socket(raw, server_hostname=host) as tls:
-            return x509.load_der_x509_certificate(tls.getpeercert(binary_form=True))
+    with socket.create_connection((host, port), timeout=10) as raw, ctx.wrap_socket(raw, server_hostname=host) as tls:
+        return x509.load_der_x509_certificate(tls.getpeercert(binary_form=True))
