@@ -123,8 +123,10 @@ def layer_entries(manifest: Mapping[str, Any] | ImageManifest, ref: str) -> list
 
 def safe_name(name: object, what: str) -> str:
     """Validate a relative path from an untrusted artifact and return it normalised."""
-    if not isinstance(name, str) or not name or "\x00" in name:
-        raise ArtifactError(f"{what} {name!r} is empty, not a string, or contains a NUL byte")
+    if not isinstance(name, str) or not name:
+        raise ArtifactError(f"{what} {name!r} is empty or not a string")
+    if "\x00" in name:
+        raise ArtifactError(f"{what} {name!r} contains a NUL byte")
     if name.startswith("/") or name.startswith("\\"):
         raise ArtifactError(f"{what} {name!r} is an absolute path: artifacts may only name relative paths")
     parts = name.replace("\\", "/").split("/")
@@ -495,7 +497,8 @@ class _TarReader:
     def __init__(self, blob: Path, e: Entry) -> None:
         self.stream, self.raw = _open_decompressed(blob, e.compression)
         try:
-            self.tf = tarfile.open(fileobj=self.stream, mode="r|", tarinfo=_BoundedTarInfo)
+            # Closed in __exit__, with the streams under it.
+            self.tf = tarfile.open(fileobj=self.stream, mode="r|", tarinfo=_BoundedTarInfo)  # noqa: SIM115
         except BaseException:
             self.raw.close()
             raise
@@ -504,7 +507,11 @@ class _TarReader:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.raw.close()
+        try:
+            self.tf.close()
+            self.stream.close()
+        finally:
+            self.raw.close()
 
     def __iter__(self) -> _TarReader:
         return self
@@ -582,7 +589,7 @@ def _extract_into(base: _Tree, blob: Path, e: Entry, ref: str, budget: Expansion
         for m in tar:
             if m.isdir() and posixpath.normpath(m.name) == ".":
                 continue  # "./" from `tar -C dir .`
-            name = safe_name(m.name, f"{ref}: tar entry in layer {e.name!r}")
+            name = safe_name(m.name, f"{ref}: layer {e.name!r}: tar entry")
             who = f"{ref}: {name!r} in layer {e.name!r}"
             try:
                 if m.isdev() or m.isfifo():
@@ -596,10 +603,13 @@ def _extract_into(base: _Tree, blob: Path, e: Entry, ref: str, budget: Expansion
                 if m.issym():
                     _check_symlink_target(name, m.linkname, who)
                     budget.charge(BLOCK if len(m.linkname) >= 60 else 0, who)  # longer targets take a block
-                    _create(lambda: os.symlink(m.linkname, leaf, dir_fd=parent), who)
+                    try:
+                        os.symlink(m.linkname, leaf, dir_fd=parent)  # symlinkat never replaces an entry
+                    except FileExistsError:
+                        raise ArtifactError(_written_twice(who)) from None
                     symlinks.append((posixpath.join(base.prefix, name), who))
                 elif m.islnk():
-                    _hard_link(base, parent, leaf, m.linkname, who, ref, e.name)
+                    _hard_link(base, parent, leaf, m.linkname, who)
                 elif m.isreg():
                     total_bytes += _write_file(tar, m, parent, leaf, who, budget)
                 else:
@@ -612,13 +622,6 @@ def _extract_into(base: _Tree, blob: Path, e: Entry, ref: str, budget: Expansion
                 raise
             total_files += 1
     return total_bytes, total_files
-
-
-def _create(make: Callable[[], None], who: str) -> None:
-    try:
-        make()
-    except FileExistsError:
-        raise ArtifactError(_written_twice(who)) from None
 
 
 def _written_twice(who: str) -> str:
@@ -670,8 +673,8 @@ def _check_symlink_target(name: str, target: str, who: str) -> None:
                             f" {name.count('/')} below the root; refused")
 
 
-def _hard_link(base: _Tree, parent: int, leaf: str, linkname: str, who: str, ref: str, layer: str) -> None:
-    target = safe_name(linkname, f"{ref}: hard link target of {who}")
+def _hard_link(base: _Tree, parent: int, leaf: str, linkname: str, who: str) -> None:
+    target = safe_name(linkname, f"{who} is a hard link, and its target")
     # One more directory in the fd cache evicts only the least recently used one, never ``parent`` (used last).
     src_dir, src_leaf = base.parent(target, f"{who} (a hard link to {target!r})", create=False)
     try:
@@ -682,8 +685,11 @@ def _hard_link(base: _Tree, parent: int, leaf: str, linkname: str, who: str, ref
         kind = ("nothing extracted yet" if st is None else "a symlink" if stat.S_ISLNK(st.st_mode)
                 else "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file")
         raise ArtifactError(f"{who} is a hard link to {target!r}, which is {kind}: a hard link may only name a"
-                            f" regular file extracted before it in layer {layer!r}; refused")
-    _create(lambda: os.link(src_leaf, leaf, src_dir_fd=src_dir, dst_dir_fd=parent, follow_symlinks=False), who)
+                            " regular file already in the model, reached without following a symlink; refused")
+    try:
+        os.link(src_leaf, leaf, src_dir_fd=src_dir, dst_dir_fd=parent, follow_symlinks=False)
+    except FileExistsError:
+        raise ArtifactError(_written_twice(who)) from None
 
 
 def _check_symlinks(root: int, links: list[tuple[str, str]], ref: str) -> None:
@@ -696,7 +702,7 @@ def _check_symlinks(root: int, links: list[tuple[str, str]], ref: str) -> None:
     def resolve(link: str, who: str, depth: int) -> tuple[str, ...] | None:
         if link in memo:
             return memo[link]
-        if link in active or depth > MAX_SYMLINK_HOPS:
+        if link in active or depth >= MAX_SYMLINK_HOPS:
             raise ArtifactError(f"{who}: the symlink {link!r} is part of a loop or of a chain of more than"
                                 f" {MAX_SYMLINK_HOPS} links; refused")
         active.add(link)
@@ -706,7 +712,7 @@ def _check_symlinks(root: int, links: list[tuple[str, str]], ref: str) -> None:
         pos = link.split("/")[:-1]
         result: tuple[str, ...] | None = None
         parts = [p for p in target.split("/") if p not in ("", ".")]
-        for i, part in enumerate(parts):
+        for part in parts:
             if part == "..":
                 if not pos:
                     raise ArtifactError(f"{who}: the symlink {link!r} -> {target!r} leaves the model; refused")
