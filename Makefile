@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all setup system-deps demo test bench clean
+.PHONY: all setup system-deps demo lint test bench clean
 
 all: test
 
@@ -29,7 +29,13 @@ setup: $(STAMP) system-deps
 demo: setup
 	$(PY) -m examples.demo
 
-test: setup
+# The static gates, fast first; configured in pyproject.toml ([tool.ruff], [tool.mypy], [tool.importlinter]).
+lint: $(STAMP)
+	$(PY) -m ruff check webhook loader tests bench examples
+	$(PY) -m mypy
+	$(VENV)/bin/lint-imports --cache-dir $(VENV)/.import_linter_cache
+
+test: setup lint
 	$(PY) -m pytest -q
 
 bench: setup
