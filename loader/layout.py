@@ -296,7 +296,7 @@ def materialize(entries: Sequence[Entry], staging: Path, blob_path: Callable[[Di
     """
     if budget is None:
         budget = ExpansionBudget(staging, ref)
-    tree = _Tree.open_root(staging, ref)
+    tree = _Tree.open_root(staging)
     symlinks: list[tuple[str, str]] = []  # (path from the staging root, who for messages)
     counter = _Counter(max_entries)
     total_bytes = total_files = 0
@@ -316,7 +316,7 @@ def materialize(entries: Sequence[Entry], staging: Path, blob_path: Callable[[Di
                 if _is_no_space(exc):
                     raise budget.disk_full(where, exc) from exc
                 raise
-        _check_symlinks(tree.fd, symlinks, ref)
+        _check_symlinks(tree.fd, symlinks)
     finally:
         tree.close()
     return total_bytes, total_files
@@ -348,15 +348,14 @@ class _Tree:
     few directories used stay open: tar entries come grouped by directory.
     """
 
-    def __init__(self, fd: int, ref: str, prefix: str) -> None:
+    def __init__(self, fd: int, prefix: str) -> None:
         self.fd = fd
-        self.ref = ref
         self.prefix = prefix  # this tree's path from the staging root, for messages ("" for the root)
         self._dirs: OrderedDict[str, int] = OrderedDict()
 
     @classmethod
-    def open_root(cls, staging: Path, ref: str) -> _Tree:
-        return cls(os.open(staging, _DIR_FLAGS), ref, "")
+    def open_root(cls, staging: Path) -> _Tree:
+        return cls(os.open(staging, _DIR_FLAGS), "")
 
     def close(self) -> None:
         for fd in self._dirs.values():
@@ -367,7 +366,7 @@ class _Tree:
     def subtree(self, rel: str, who: str, budget: ExpansionBudget) -> _Tree:
         """A new tree for the directory ``rel`` (created when missing); the caller closes it."""
         fd = self.dir(rel, who, create=True, budget=budget)
-        return _Tree(os.dup(fd), self.ref, posixpath.join(self.prefix, rel))
+        return _Tree(os.dup(fd), posixpath.join(self.prefix, rel))
 
     def parent(self, name: str, who: str, create: bool = True, budget: ExpansionBudget | None = None
                ) -> tuple[int, str]:
@@ -427,7 +426,8 @@ class _Tree:
                     raise
                 st = os.stat(part, dir_fd=parent, follow_symlinks=False)
                 if stat.S_ISLNK(st.st_mode):
-                    raise ArtifactError(f"{who} would be written through the symlink {self._rel(parts, i)!r};"
+                    how = "written" if create else "reached"
+                    raise ArtifactError(f"{who} would be {how} through the symlink {self._rel(parts, i)!r};"
                                         " refused") from None
                 raise ArtifactError(f"{who} needs {self._rel(parts, i)!r} to be a directory, but it is a file;"
                                     " refused") from None
@@ -692,10 +692,11 @@ def _hard_link(base: _Tree, parent: int, leaf: str, linkname: str, who: str) -> 
         raise ArtifactError(_written_twice(who)) from None
 
 
-def _check_symlinks(root: int, links: list[tuple[str, str]], ref: str) -> None:
+def _check_symlinks(root: int, links: list[tuple[str, str]]) -> None:
     """Resolve every link of the finished tree the way the kernel would, without following anything: refuse a
     link whose resolution leaves the root at any step (the target rule already prevents it), loops and chains
-    deeper than the kernel follows. Dangling links are allowed, as a directory of them can be honest."""
+    deeper than the kernel follows (a link's resolution is remembered, so a chain is measured from the first link
+    that reaches it). Dangling links are allowed: a tree can honestly hold one."""
     memo: dict[str, tuple[str, ...] | None] = {}  # link -> the real directory it resolves to (None: not a dir)
     active: set[str] = set()
 
