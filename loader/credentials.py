@@ -8,7 +8,10 @@ default ``credsStore``. Several files merge and the earliest file that knows a r
 
 Reading and validating the files happens once, at start-up (``load_docker_configs``); a malformed file stops the
 loader there with a message naming the file. Credential helpers are programs (``docker-credential-<name>``), so
-they run lazily, only for a registry that is actually contacted.
+they run lazily, only for a registry that is actually contacted. A pull secret is written by a tenant, so a
+helper name (``credHelpers`` values, ``credsStore``) must be a plain program name (``[A-Za-z0-9][A-Za-z0-9._-]*``,
+no ``..``, at most 64 characters) or the file is refused; the program is looked up only in the absolute
+directories of the configured PATH, never as a path.
 
 Secrets never leave a ``Credentials`` object by accident: its repr hides them and no error message here quotes
 a file's content or a helper's output beyond its first line of error text.
@@ -25,6 +28,7 @@ import base64
 import binascii
 import json
 import os
+import re
 import shutil
 import subprocess
 from dataclasses import dataclass, field
@@ -42,6 +46,9 @@ DOCKER_HUB_SERVER_URL = "https://index.docker.io/v1/"
 
 HELPER_PREFIX = "docker-credential-"
 HELPER_TIMEOUT_SECONDS = 60.0
+HELPER_NAME_MAX = 64
+# A helper is a program name looked up on PATH, never a path: no "/", no leading "." or "-", no "..".
+_HELPER_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 TOKEN_USERNAME = "<token>"  # a helper's Username when its Secret is an identity (refresh) token
 
 
@@ -112,6 +119,20 @@ def _fail(path: str, what: str) -> DockerConfigError:
     return DockerConfigError(f"docker config {path}: {what}")
 
 
+def valid_helper_name(name: str) -> bool:
+    """Whether ``name`` may complete ``docker-credential-<name>``: a plain program name, found only on PATH."""
+    return len(name) <= HELPER_NAME_MAX and _HELPER_NAME_RE.fullmatch(name) is not None and ".." not in name
+
+
+def _check_helper(path: str, key: str, name: str) -> None:
+    # A pull secret is tenant-controlled: a name with a "/" would make shutil.which run that path.
+    if not valid_helper_name(name):
+        shown = name if len(name) <= 80 else name[:80] + "..."
+        raise _fail(path, f"{key} names the credential helper {shown!r}, which is not a plain program name"
+                          f" (letters, digits, '.', '_' and '-', starting with a letter or digit, no '..', at most"
+                          f" {HELPER_NAME_MAX} characters): a helper is the program {HELPER_PREFIX}<name> on PATH")
+
+
 def _decode_auth(path: str, key: str, value: object) -> tuple[str, str]:
     if not isinstance(value, str):
         raise _fail(path, f'auths[{key!r}].auth must be a string (base64 of "user:password")')
@@ -174,8 +195,11 @@ def parse_config(path: str, text: str, legacy: bool = False) -> _ConfigFile:
             auths[host] = creds
             if is_exact:
                 exact.add(host)
-    cred_helpers = {}
+    if store is not None:
+        _check_helper(path, '"credsStore"', store)
+    cred_helpers: dict[str, str] = {}
     for key, name in helpers_doc.items():
+        _check_helper(path, f"credHelpers[{key[:80]!r}]", name)
         cred_helpers.setdefault(normalize_registry(key), name)
     return _ConfigFile(path, auths, cred_helpers, store)
 
@@ -220,7 +244,12 @@ def run_helper(name: str, registry: str, env: Mapping[str, str]) -> Credentials 
     no credentials for it (its "credentials not found" answer)."""
     program = HELPER_PREFIX + name
     server_url = helper_server_url(registry)
-    exe = shutil.which(program, path=env.get("PATH", os.defpath))
+    if not valid_helper_name(name):  # parse_config refused it already; this keeps run_helper safe on its own
+        raise CredentialHelperError(f"credential helper name {name[:80]!r} (configured for registry {registry}) is"
+                                    " not a plain program name: it is looked up on PATH only")
+    # Only absolute PATH entries: an empty or relative one would resolve the name against the working directory.
+    search = os.pathsep.join(d for d in env.get("PATH", os.defpath).split(os.pathsep) if os.path.isabs(d))
+    exe = shutil.which(program, path=search)
     if exe is None:
         raise CredentialHelperError(
             f"credential helper {program} (configured for registry {registry}) is not on PATH: install it or "

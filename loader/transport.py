@@ -185,7 +185,7 @@ class Response:
             raise TransientError(f"connection to {self.name} dropped while reading {what}: {_why(exc)}") from exc
         if len(data) > limit:
             self.close()
-            raise ProtocolError(f"{self.name} sent {what} of more than {limit} bytes, over the limit")
+            raise ProtocolError(f"{self.name} sent {what} longer than the {limit} byte limit")
         self.close(reusable=True)
         return data
 

@@ -369,3 +369,77 @@ def test_helper_found_on_monkeypatched_path(tmp_path, helper_env, monkeypatch):
 )
 def test_parse_www_authenticate(header, expected):
     assert parse_www_authenticate(header) == expected
+
+
+# --- helper names from a (tenant-written) pull secret --------------------------------------------------------------
+SENTINEL = """#!/bin/sh
+echo ran >> "{marker}"
+printf '{{"Username":"u","Secret":"s"}}'
+"""
+
+
+def _plant(path: Path, marker: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(SENTINEL.format(marker=marker))
+    path.chmod(0o755)
+
+
+@pytest.mark.parametrize("field", ["credHelpers", "credsStore"])
+@pytest.mark.parametrize("name", ["../x", "/bin/sh", "a/b", "..", ".hidden", "-x", "a..b", "x" * 65, "a b", "x\n"],
+                         ids=["dotdot-slash", "absolute", "slash", "dotdot", "leading-dot", "leading-dash", "inner-dotdot",
+                              "too-long", "space", "newline"])
+def test_helper_names_that_are_not_plain_program_names_are_refused_before_anything_runs(tmp_path, monkeypatch, field,
+                                                                                         name):
+    """A name with a '/' would make the lookup run a path (relative to the working directory, or absolute):
+    refused when the file is read, naming the file and the key, and no helper is spawned."""
+    marker = tmp_path / "helper-ran"
+    cwd, bindir = tmp_path / "cwd", tmp_path / "bin"
+    cwd.mkdir()
+    bindir.mkdir()
+    monkeypatch.chdir(cwd)
+    # A helper wherever the name could lead: resolved against the working directory, and on PATH.
+    for base in (cwd, bindir):
+        target = base / f"docker-credential-{name}"
+        if "\n" not in name and target.resolve().is_relative_to(tmp_path) and not target.exists():
+            _plant(target, marker)
+    doc = {"credHelpers": {"r.example": name}} if field == "credHelpers" else {"credsStore": name}
+    path = write(tmp_path / "config.json", doc)
+    with pytest.raises(DockerConfigError) as e:
+        load_docker_configs([path], {"PATH": str(bindir)}).credentials_for("r.example")
+    msg = str(e.value)
+    assert msg.startswith(f"docker config {path}: ") and field in msg and "not a plain program name" in msg
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("name", ["../x", "/bin/sh", "a/b"])
+def test_run_helper_refuses_a_path_on_its_own(tmp_path, monkeypatch, name):
+    from loader.credentials import run_helper
+
+    marker = tmp_path / "helper-ran"
+    monkeypatch.chdir(tmp_path)
+    target = tmp_path / f"docker-credential-{name}"
+    if target.resolve().is_relative_to(tmp_path):
+        _plant(target, marker)
+    with pytest.raises(CredentialHelperError, match="not a plain program name"):
+        run_helper(name, "r.example", {"PATH": "/usr/bin"})
+    assert not marker.exists()
+
+
+def test_helpers_are_looked_up_only_in_absolute_path_entries(tmp_path, monkeypatch):
+    """An empty or relative PATH entry would find the helper relative to the working directory."""
+    marker = tmp_path / "helper-ran"
+    monkeypatch.chdir(tmp_path)
+    _plant(tmp_path / "rel" / "docker-credential-fake", marker)
+    _plant(tmp_path / "docker-credential-fake", marker)
+    path = write(tmp_path / "config.json", {"credHelpers": {"r.example": "fake"}})
+    cfg = load_docker_configs([path], {"PATH": f"rel{os.pathsep}{os.pathsep}."})
+    with pytest.raises(CredentialHelperError, match="is not on PATH"):
+        cfg.credentials_for("r.example")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("name", ["fake", "ecr-login", "gcloud", "desktop.exe", "secret_service", "x" * 64])
+def test_plain_helper_names_are_accepted(name):
+    from loader.credentials import valid_helper_name
+
+    assert valid_helper_name(name)
