@@ -9,17 +9,25 @@ and other OCI tools read it too::
                                io.containerd.image.name = the full reference
     blobs/sha256/<hex>         every manifest (index children too), config and layer of every ref, once each
 
-Export streams each blob from the registry straight into the tar (one reused buffer, no temp copies), hashing
-as it goes: a blob that does not match its digest is fetched once more, then the export fails. The tar is
-written beside the output under a temporary name and renamed into place only when complete, so a failed export
-leaves no bundle. The small files come first, so a reader meets index.json before the blobs.
+The bundle is a content store like a registry repository: :class:`Bundle` reads it (``open_blob`` serves any
+byte range of a member, so the copy engine reads it exactly as it reads a registry), :class:`TarWriter` writes it.
 
-Import reads the tar in place (it is seekable: members are located by their headers, never extracted to
-arbitrary paths), and verifies every manifest and blob it uses against its digest before anything is published:
+Export streams each blob from the registry straight into the tar with the engine's read loop (loader.fetch.transfer:
+one reused buffer, Range resume, the one retry policy with its minimum rate), hashing as it goes: a blob that does
+not match its digest is fetched once more, then the export fails. The tar is written beside the output under a
+temporary name and renamed into place only when complete, so a failed export leaves no bundle. The small files
+come first, so a reader meets index.json before the blobs.
 
-* ``--cache DIR`` stages the missing layer blobs in the cache's tmp directory, hashing while copying, then
-  publishes them under the cache's blob locks and builds each model exactly as ``pull`` does (the same layout
-  functions, the same meta, the ref link), so ``pull --offline REF`` and a tag pull with no registry hit it.
+Import reads the tar in place (members are located by their headers, never extracted to arbitrary paths; every
+digest in index.json, in a manifest or in a member name is parsed as a :class:`~loader.digest.Digest` first) and
+verifies every manifest and blob it uses against its digest before anything is published:
+
+* ``--cache DIR`` copies the missing layer blobs into the cache with pull's own engine (:class:`loader.fetch.Fetcher`:
+  the same verifying ingest, blob locks, bounds and progress), then builds each model exactly as ``pull`` does (the
+  same layout functions, the same meta, the ref link), so ``pull --offline REF`` and a tag pull with no registry
+  hit it. An imported model is recorded as read anonymously from the registry and repository the bundle names it
+  by (an admin imported it under that name): the shared cache's outage fallback grants it to pods naming that
+  reference, and online pods prove possession against their registry (docs/architecture.md).
 * ``--to REGISTRY[/prefix]`` verifies the whole bundle first, then pushes each ref's blobs (HEAD-skipping what
   the registry has) and manifests, children before parents, to ``REGISTRY/prefix/<original repository>:<tag>``.
 
@@ -35,23 +43,28 @@ import os
 import tarfile
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, BinaryIO, TypeVar
 
-from loader import layout
+from loader import layout, oci, retry
+from loader.access import ANONYMOUS, Source
 from loader.cache import Cache
-from loader.errors import ArtifactError, AuthError, DigestMismatch, NetworkError, TransientError, UsageError
+from loader.digest import Digest
+from loader.errors import ArtifactError, AuthError, DigestMismatch, UsageError
+from loader.fetch import BLOB_POLICY, Blob, Fetcher, transfer
+from loader.publish import publish_model
 from loader.reference import Reference, parse
-from loader.registry import INDEX_TYPES, MAX_MANIFEST_BYTES, RegistryClient, backoff_delays, retrying
+from loader.registry import RegistryClient
+from loader.retry import Attempts, Deadline
+from loader.upload import Uploader, file_source, push_auth_error, run_parallel
 
 REF_NAME = "org.opencontainers.image.ref.name"
 IMAGE_NAME = "io.containerd.image.name"
 OCI_LAYOUT_VERSION = "1.0.0"
-OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 BUF_SIZE = 1 << 20
-BLOB_ATTEMPTS = 6  # tries without progress for one blob's stream
-MAX_DEPTH = 4  # nested indexes
+T = TypeVar("T")
 
 
 def _parse(text: str) -> Reference:
@@ -61,44 +74,18 @@ def _parse(text: str) -> Reference:
         raise UsageError(str(exc)) from exc
 
 
-def _hex(digest: str) -> str:
-    algo, _, hexd = digest.partition(":")
-    if algo != "sha256" or len(hexd) != 64 or any(c not in "0123456789abcdef" for c in hexd):
-        raise ArtifactError(f"unsupported digest {digest!r}: only sha256 is supported")
-    return hexd
-
-
-def _is_index(obj: dict, media_type: str) -> bool:
-    return media_type in INDEX_TYPES or obj.get("mediaType") in INDEX_TYPES or "manifests" in obj
-
-
-def _children(obj: dict, what: str) -> list[dict]:
-    out = []
-    for d in obj.get("manifests") or []:
-        if not isinstance(d, dict) or not isinstance(d.get("digest"), str) or not isinstance(d.get("size"), int):
-            raise ArtifactError(f"{what}: an index entry has no digest or size")
-        out.append(d)
-    return out
-
-
-def _blob_descs(obj: dict, what: str) -> list[dict]:
-    """The config and layers an image manifest references."""
-    descs = []
-    for d in ([obj["config"]] if isinstance(obj.get("config"), dict) else []) + list(obj.get("layers") or []):
-        if not isinstance(d, dict) or not isinstance(d.get("digest"), str) or not isinstance(d.get("size"), int):
-            raise ArtifactError(f"{what}: a config or layer descriptor has no digest or size")
-        descs.append(d)
-    return descs
+def _retrying(fn: Callable[[], T], log: Any, label: str) -> T:
+    return retry.call(fn, retry.SMALL_REQUESTS, label, log, "manifest.retry", ref=label)
 
 
 # ---- tar writing ----------------------------------------------------------------------------------------------------
 class TarWriter:
     """A minimal streaming tar writer: headers from tarfile (PAX when needed), data written by the caller."""
 
-    def __init__(self, f):
+    def __init__(self, f: BinaryIO):
         self.f = f
 
-    def _header(self, name: str, size: int, kind=tarfile.REGTYPE, mode: int = 0o644) -> None:
+    def _header(self, name: str, size: int, kind: bytes = tarfile.REGTYPE, mode: int = 0o644) -> None:
         info = tarfile.TarInfo(name)
         info.size, info.type, info.mode, info.mtime = size, kind, mode, 0
         self.f.write(info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
@@ -139,9 +126,14 @@ class TarWriter:
 class RegistryOptions:
     plain_http: bool | None = None
     insecure: bool = False
-    credentials: object | None = None
+    credentials: Any = None
     timeout: float = 30.0
     concurrency: int = 4
+
+    def client(self, ref: Reference, log: Any, actions: str = "pull") -> RegistryClient:
+        """The one place export and import open a repository."""
+        return RegistryClient(ref, plain_http=self.plain_http, insecure=self.insecure, credentials=self.credentials,
+                              timeout=self.timeout, log=log, actions=actions)
 
 
 @dataclass
@@ -152,39 +144,41 @@ class ExportResult:
     bytes: int
     seconds: float
 
-    def as_json(self) -> dict:
+    def as_json(self) -> dict[str, Any]:
         return {"bundle": self.bundle, "refs": [{"ref": r, "digest": d} for r, d in self.refs], "blobs": self.blobs,
                 "bytes": self.bytes, "seconds": round(self.seconds, 3)}
 
 
-def export(refs: list[str], out: str | Path, opts: RegistryOptions, log) -> ExportResult:
+def export(refs: list[str], out: str | Path, opts: RegistryOptions, log: Any) -> ExportResult:
     t0 = time.monotonic()
     out = Path(out)
     parsed = [_parse(r) for r in refs]
     tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.incomplete")
     clients: list[RegistryClient] = []
     try:
-        index_entries: list[dict] = []
-        manifests: dict[str, bytes] = {}  # digest -> bytes, in the order met
-        blobs: dict[str, tuple[int, RegistryClient]] = {}
-        results = []
+        index_entries: list[dict[str, Any]] = []
+        manifests: dict[Digest, bytes] = {}  # digest -> bytes, in the order met
+        blobs: dict[Digest, tuple[int, RegistryClient]] = {}
+        results: list[tuple[str, str]] = []
         for ref in parsed:
-            client = RegistryClient(ref, plain_http=opts.plain_http, insecure=opts.insecure,
-                                    credentials=opts.credentials, timeout=opts.timeout, log=log)
+            client = opts.client(ref, log)
             clients.append(client)
-            top = _retrying(lambda: client.get_manifest(ref.reference), log, str(ref))
-            if ref.digest and top.digest != ref.digest:
-                raise DigestMismatch(f"registry {ref.registry} returned a manifest for {ref} hashing to {top.digest}")
-            obj = top.json()
-            mt = obj.get("mediaType") or top.media_type or OCI_MANIFEST
-            _collect(client, top.data, top.digest, obj, mt, manifests, blobs, log, str(ref), 0)
-            ann = {IMAGE_NAME: str(ref)}
+            label = str(ref)
+            top = _retrying(lambda client=client, ref=ref: client.get_manifest(ref.reference), log, label)
+            digest = Digest.parse(top.digest, f"registry {ref.registry}: the digest of {label}")
+            if ref.digest and digest != ref.digest:
+                raise DigestMismatch(f"registry {ref.registry} returned a manifest for {ref} hashing to {digest}")
+            assert top.data is not None
+            parsed_top = oci.parse_manifest(top.data, digest, top.media_type, label)
+            _collect(client, top.data, parsed_top, manifests, blobs, log, label, 0)
+            ann = {IMAGE_NAME: label}
             if ref.tag:
                 ann[REF_NAME] = ref.tag
-            index_entries.append({"mediaType": mt, "digest": top.digest, "size": top.size, "annotations": ann})
-            results.append((str(ref), top.digest))
-            log.info("export.ref", ref=str(ref), digest=top.digest, media_type=mt)
-        index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": index_entries}
+            index_entries.append({"mediaType": parsed_top.media_type, "digest": str(digest), "size": len(top.data),
+                                  "annotations": ann})
+            results.append((label, str(digest)))
+            log.info("export.ref", ref=label, digest=digest, media_type=parsed_top.media_type)
+        index = {"schemaVersion": 2, "mediaType": oci.OCI_INDEX, "manifests": index_entries}
         total = 0
         with open(tmp, "wb") as f:
             w = TarWriter(f)
@@ -192,13 +186,13 @@ def export(refs: list[str], out: str | Path, opts: RegistryOptions, log) -> Expo
             w.add_bytes("index.json", json.dumps(index, indent=2).encode())
             w.add_dir("blobs")
             w.add_dir("blobs/sha256")
-            for digest, data in manifests.items():
-                w.add_bytes(f"blobs/sha256/{_hex(digest)}", data)
+            for mdigest, data in manifests.items():
+                w.add_bytes(f"blobs/sha256/{mdigest.hex}", data)
                 total += len(data)
-            for digest, (size, client) in blobs.items():
-                if digest in manifests:
+            for bdigest, (size, client) in blobs.items():
+                if bdigest in manifests:
                     continue
-                _export_blob(w, client, digest, size, log)
+                _export_blob(w, client, bdigest, size, log)
                 total += size
             w.close()
             f.flush()
@@ -214,28 +208,38 @@ def export(refs: list[str], out: str | Path, opts: RegistryOptions, log) -> Expo
     return ExportResult(str(out), results, nblobs, total, secs)
 
 
-def _collect(client, data, digest, obj, mt, manifests, blobs, log, label, depth) -> None:
-    if depth > MAX_DEPTH:
-        raise ArtifactError(f"{label}: indexes nested deeper than {MAX_DEPTH}")
-    manifests.setdefault(digest, data)
-    if _is_index(obj, mt):
-        for child in _children(obj, label):
-            m = _retrying(lambda: client.get_manifest(child["digest"]), log, label)  # verified: fetched by digest
-            cobj = m.json()
-            _collect(client, m.data, m.digest, cobj, cobj.get("mediaType") or child.get("mediaType") or m.media_type,
-                     manifests, blobs, log, label, depth + 1)
+def _collect(client: RegistryClient, data: bytes, m: oci.Manifest, manifests: dict[Digest, bytes],
+             blobs: dict[Digest, tuple[int, RegistryClient]], log: Any, label: str, depth: int) -> None:
+    if depth > oci.MAX_INDEX_DEPTH:
+        raise ArtifactError(f"{label}: indexes nested deeper than {oci.MAX_INDEX_DEPTH}")
+    manifests.setdefault(m.digest, data)
+    if isinstance(m, oci.ImageIndex):
+        for child in m.manifests:
+            got = _retrying(lambda child=child: client.get_manifest(child.digest), log, label)  # verified by digest
+            assert got.data is not None
+            parsed = oci.parse_manifest(got.data, child.digest, child.media_type or got.media_type, label)
+            _collect(client, got.data, parsed, manifests, blobs, log, label, depth + 1)
         return
-    for d in _blob_descs(obj, label):
-        _hex(d["digest"])
-        blobs.setdefault(d["digest"], (d["size"], client))
+    for d in m.blobs():
+        blobs.setdefault(d.digest, (d.size, client))
 
 
-def _export_blob(w: TarWriter, client: RegistryClient, digest: str, size: int, log) -> None:
+def _export_blob(w: TarWriter, client: RegistryClient, digest: Digest, size: int, log: Any) -> None:
     label = str(client.ref)
+    got = digest
     for attempt in (1, 2):
         entry_start = w.f.tell()
-        w.begin_file(f"blobs/sha256/{_hex(digest)}", size)
-        got = _stream_blob(client, digest, size, w.f.write, log)
+        w.begin_file(f"blobs/sha256/{digest.hex}", size)
+        h = hashlib.sha256()
+
+        def write(chunk: memoryview, _offset: int, h: Any = h) -> None:
+            w.f.write(chunk)
+            h.update(chunk)
+
+        attempts = Attempts(BLOB_POLICY, f"blob {digest} of {label}", Deadline.after(BLOB_POLICY.deadline, label))
+        transfer(client, digest, size, 0, size, write, bytearray(BUF_SIZE), attempts=attempts, policy=BLOB_POLICY,
+                 stop=None, log=log, label=label, source_name=client.ref.registry, event="export.retry")
+        got = Digest.from_hasher(h)
         if got == digest:
             w.end_file(size)
             return
@@ -245,59 +249,37 @@ def _export_blob(w: TarWriter, client: RegistryClient, digest: str, size: int, l
                          " the registry or something between it and this host is corrupting data; no bundle written")
 
 
-def _stream_blob(client: RegistryClient, digest: str, size: int, write, log) -> str:
-    """Write a blob's ``size`` bytes, resuming dropped connections with Range; return the sha256 of what was written."""
-    h = hashlib.sha256()
-    buf = bytearray(BUF_SIZE)
-    mv = memoryview(buf)
-    pos = 0
-    tries = 0
-    delays = backoff_delays(BLOB_ATTEMPTS, base=0.25)
-    while pos < size:
-        before = pos
-        try:
-            with client.open_blob(digest, pos) as body:
-                skip = pos - body.start  # a registry that ignored Range starts from byte 0
-                while pos < size:
-                    n = body.readinto(mv[: min(len(buf), size - pos + skip)])
-                    if n == 0:
-                        raise TransientError(f"registry closed the connection {size - pos} bytes early")
-                    chunk = mv[:n]
-                    if skip:
-                        drop = min(skip, n)
-                        skip -= drop
-                        chunk = chunk[drop:]
-                    if len(chunk):
-                        write(chunk)
-                        h.update(chunk)
-                        pos += len(chunk)
-                        client.count_bytes(len(chunk))
-        except TransientError as exc:
-            tries = 0 if pos > before else tries + 1
-            if tries >= BLOB_ATTEMPTS:
-                raise NetworkError(f"giving up on blob {digest} of {client.ref} after {tries} attempts: {exc}") from exc
-            delay = min(exc.retry_after, 30.0) if exc.retry_after is not None else next(delays, 10.0)
-            log.warning("export.retry", ref=str(client.ref), blob=digest[:19], offset=pos, delay_s=delay, error=str(exc))
-            time.sleep(delay)
-    return "sha256:" + h.hexdigest()
-
-
-def _retrying(fn, log, label):
-    return retrying(fn, log, "manifest.retry", ref=label)
-
-
 # ---- reading a bundle -----------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class BundleRef:
     name: str | None  # the full reference (io.containerd.image.name), when the bundle carries it
     tag: str | None  # org.opencontainers.image.ref.name
-    digest: str
+    digest: Digest
     media_type: str
     size: int
 
     @property
     def label(self) -> str:
         return self.name or self.tag or self.digest
+
+
+class _MemberBody:
+    """Bytes [start, end] of a bundle member, read with pread: what open_blob returns (like a registry's body)."""
+
+    def __init__(self, fd: int, base: int, start: int, end: int, total: int):
+        self._fd, self._pos, self._end = fd, base + start, base + end + 1
+        self.start, self.total = start, total
+
+    def readinto(self, buf: memoryview) -> int:
+        n = os.preadv(self._fd, [buf[: max(0, min(len(buf), self._end - self._pos))]], self._pos)
+        self._pos += n
+        return n
+
+    def __enter__(self) -> _MemberBody:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
 
 
 class Bundle:
@@ -315,9 +297,11 @@ class Bundle:
             except (OSError, tarfile.TarError) as exc:
                 raise ArtifactError(f"{self.path} is not a readable (uncompressed) tar bundle: {exc}") from exc
             self._read_layout(members)
+            self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
         except BaseException:
             self._tf.close()
             raise
+        self.bytes_read = 0
 
     def _read_layout(self, members: list[tarfile.TarInfo]) -> None:
         self.members: dict[str, tarfile.TarInfo] = {}
@@ -327,21 +311,23 @@ class Bundle:
                 self.members[name] = m
         try:
             layout_info = json.loads(self._small("oci-layout", 4096))
-            self.index = json.loads(self._small("index.json", MAX_MANIFEST_BYTES))
+            index = json.loads(self._small("index.json", oci.MAX_MANIFEST_BYTES))
         except ValueError as exc:
             raise ArtifactError(f"{self.path}: oci-layout or index.json is not valid JSON: {exc}") from exc
         if not isinstance(layout_info, dict) or layout_info.get("imageLayoutVersion") != OCI_LAYOUT_VERSION:
             raise ArtifactError(f"{self.path}: oci-layout is {layout_info!r}, expected imageLayoutVersion 1.0.0")
-        if not isinstance(self.index, dict):
+        if not isinstance(index, dict):
             raise ArtifactError(f"{self.path}: index.json is not a JSON object")
+        self.index: dict[str, Any] = index
 
     def close(self) -> None:
+        os.close(self._fd)
         self._tf.close()
 
-    def __enter__(self) -> "Bundle":
+    def __enter__(self) -> Bundle:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def _small(self, name: str, limit: int) -> bytes:
@@ -350,21 +336,25 @@ class Bundle:
             raise ArtifactError(f"{self.path} has no {name}: it is not an OCI image layout bundle (model-loader export)")
         if m.size > limit:
             raise ArtifactError(f"{self.path}: {name} is {m.size} bytes, over the {limit} byte limit")
-        return self._tf.extractfile(m).read()
+        f = self._tf.extractfile(m)
+        assert f is not None
+        return f.read()
 
     def refs(self) -> list[BundleRef]:
+        children = self.index.get("manifests")
+        if not isinstance(children, list):
+            raise ArtifactError(f"{self.path}: index.json has no manifests list")
         out = []
-        for d in _children(self.index, f"{self.path}: index.json"):
-            ann = d.get("annotations") or {}
-            _hex(d["digest"])
-            out.append(BundleRef(ann.get(IMAGE_NAME), ann.get(REF_NAME), d["digest"],
-                                 d.get("mediaType") or OCI_MANIFEST, d["size"]))
+        for i, obj in enumerate(children):
+            d = oci.Descriptor.parse(obj, f"{self.path}: index.json entry {i}")
+            out.append(BundleRef(d.annotations.get(IMAGE_NAME), d.annotations.get(REF_NAME), d.digest,
+                                 d.media_type or oci.OCI_MANIFEST, d.size))
         if not out:
             raise ArtifactError(f"{self.path}: index.json lists no manifests")
         return out
 
-    def member(self, digest: str, size: int | None = None) -> tarfile.TarInfo:
-        m = self.members.get(f"blobs/sha256/{_hex(digest)}")
+    def member(self, digest: Digest, size: int | None = None) -> tarfile.TarInfo:
+        m = self.members.get(f"blobs/sha256/{Digest(digest).hex}")
         if m is None:
             raise ArtifactError(f"{self.path} is missing blob {digest}: the bundle is incomplete; export it again")
         if size is not None and m.size != size:
@@ -372,64 +362,67 @@ class Bundle:
                                  " the bundle is corrupt, nothing was imported")
         return m
 
-    def manifest(self, digest: str, size: int | None = None) -> tuple[bytes, dict]:
+    # -- the blob-source interface the copy engine reads (loader.fetch.BlobSource) --
+    def open_blob(self, digest: str, start: int = 0, end: int | None = None, size: int | None = None) -> _MemberBody:
+        m = self.member(Digest(digest), size)
+        last = m.size - 1 if end is None else min(end, m.size - 1)
+        return _MemberBody(self._fd, m.offset_data, start, last, m.size)
+
+    def count_bytes(self, n: int) -> None:
+        self.bytes_read += n
+
+    def manifest(self, digest: Digest, media_type: str, size: int | None, label: str) -> tuple[bytes, oci.Manifest]:
         m = self.member(digest, size)
-        if m.size > MAX_MANIFEST_BYTES:
+        if m.size > oci.MAX_MANIFEST_BYTES:
             raise ArtifactError(f"{self.path}: manifest {digest} is {m.size} bytes, over the limit")
-        data = self._tf.extractfile(m).read()
-        got = "sha256:" + hashlib.sha256(data).hexdigest()
+        data = os.pread(self._fd, m.size, m.offset_data)
+        got = Digest.of(data)
         if got != digest:
             raise DigestMismatch(f"{self.path}: manifest {digest} hashes to {got}; the bundle is corrupt,"
                                  " nothing was imported")
-        try:
-            obj = json.loads(data)
-        except ValueError as exc:
-            raise ArtifactError(f"{self.path}: manifest {digest} is not valid JSON: {exc}") from exc
-        if not isinstance(obj, dict):
-            raise ArtifactError(f"{self.path}: manifest {digest} is not a JSON object")
-        return data, obj
+        return data, oci.parse_manifest(data, digest, media_type, f"{label} in {self.path}")
 
-    def copy_blob(self, digest: str, size: int, write=None) -> None:
-        """Read a blob (writing it with ``write`` when given) and check its sha256; raise DigestMismatch if not."""
-        m = self.member(digest, size)
+    def verify_blob(self, digest: Digest, size: int) -> None:
+        """Read a blob with the engine's read loop and check its sha256; DigestMismatch if not."""
         h = hashlib.sha256()
-        buf = bytearray(BUF_SIZE)
-        mv = memoryview(buf)
-        with open(self.path, "rb", buffering=0) as f:
-            pos, left = m.offset_data, size
-            while left:
-                n = os.preadv(f.fileno(), [mv[: min(len(buf), left)]], pos)
-                if n <= 0:
-                    raise ArtifactError(f"{self.path} is truncated inside blob {digest}")
-                h.update(mv[:n])
-                if write:
-                    write(mv[:n])
-                pos += n
-                left -= n
-        got = "sha256:" + h.hexdigest()
+        attempts = Attempts(BLOB_POLICY, f"blob {digest} of {self.path}")
+        transfer(self, digest, size, 0, size, lambda chunk, _off: h.update(chunk), bytearray(BUF_SIZE),
+                 attempts=attempts, policy=BLOB_POLICY, stop=None, log=None, label=str(self.path),
+                 source_name=str(self.path))
+        got = Digest.from_hasher(h)
         if got != digest:
             raise DigestMismatch(f"{self.path}: blob {digest} hashes to {got}; the bundle is corrupt (damaged in"
                                  " transfer?), nothing was imported: export it again")
 
-    def closure(self, digest: str, media_type: str, size: int | None, label: str, depth: int = 0):
+    def closure(self, digest: Digest, media_type: str, size: int | None, label: str,
+                depth: int = 0) -> tuple[list[tuple[Digest, str, bytes]], dict[Digest, int]]:
         """Every manifest (children first) and blob a ref needs: ([(digest, media type, bytes)], {digest: size})."""
-        if depth > MAX_DEPTH:
-            raise ArtifactError(f"{label}: indexes nested deeper than {MAX_DEPTH}")
-        data, obj = self.manifest(digest, size)
-        mt = obj.get("mediaType") or media_type
-        manifests, blobs = [], {}
-        if _is_index(obj, mt):
-            for child in _children(obj, label):
-                cm, cb = self.closure(child["digest"], child.get("mediaType") or OCI_MANIFEST, child["size"], label,
+        if depth > oci.MAX_INDEX_DEPTH:
+            raise ArtifactError(f"{label}: indexes nested deeper than {oci.MAX_INDEX_DEPTH}")
+        data, m = self.manifest(digest, media_type, size, label)
+        manifests: list[tuple[Digest, str, bytes]] = []
+        blobs: dict[Digest, int] = {}
+        if isinstance(m, oci.ImageIndex):
+            for child in m.manifests:
+                cm, cb = self.closure(child.digest, child.media_type or oci.OCI_MANIFEST, child.size, label,
                                       depth + 1)
-                manifests += [m for m in cm if m[0] not in {x[0] for x in manifests}]
+                manifests += [x for x in cm if x[0] not in {y[0] for y in manifests}]
                 blobs.update(cb)
         else:
-            for d in _blob_descs(obj, label):
-                _hex(d["digest"])
-                blobs[d["digest"]] = d["size"]
-        manifests.append((digest, mt, data))
+            for d in m.blobs():
+                blobs[d.digest] = d.size
+        manifests.append((digest, m.media_type, data))
         return manifests, blobs
+
+    def image(self, e: BundleRef) -> oci.ImageManifest:
+        """The model manifest of a bundle entry: the entry itself, or the index child a pull would choose."""
+        _, top = self.manifest(e.digest, e.media_type, e.size, e.label)
+        if isinstance(top, oci.ImageIndex):
+            child = oci.pick_manifest(top, e.label)
+            _, top = self.manifest(child.digest, child.media_type or oci.OCI_MANIFEST, child.size, e.label)
+            if not isinstance(top, oci.ImageManifest):
+                raise ArtifactError(f"{e.label}: index {e.digest} names another index as its model")
+        return top
 
 
 # ---- import into a cache --------------------------------------------------------------------------------------------
@@ -443,88 +436,66 @@ class ImportResult:
     files: int = 0
     warnings: list[str] = field(default_factory=list)
 
-    def as_json(self) -> dict:
-        d = {"ref": self.ref, "digest": self.digest, "source": self.source}
+    def as_json(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"ref": self.ref, "digest": self.digest, "source": self.source}
         if self.path is not None:
             d.update(path=self.path, bytes=self.bytes, files=self.files)
         return d
 
 
-def import_to_cache(bundle_path: str | Path, cache_dir: str | Path, log) -> list[ImportResult]:
-    from loader.pull import pick_manifest  # the same platform choice a pull makes
-
+def import_to_cache(bundle_path: str | Path, cache_dir: str | Path, log: Any,
+                    concurrency: int = 4) -> list[ImportResult]:
     cache = Cache(cache_dir).ensure()
     with Bundle(bundle_path) as b, cache.gc_lock(shared=True):
         plans = []
         for e in b.refs():
-            label = e.label
-            data, top = b.manifest(e.digest, e.size)
-            media_type = top.get("mediaType") or e.media_type
-            image = top
-            if _is_index(top, media_type):
-                child = pick_manifest(top, label)
-                _, image = b.manifest(child["digest"], child.get("size"))
-            entries = layout.layer_entries(image, label)  # refuses unsafe names before anything is written
+            image = b.image(e)
+            entries = layout.layer_entries(image, e.label)  # refuses unsafe names before anything is written
             if not entries:
-                raise ArtifactError(f"{label}: no layer has an {layout.TITLE} or {layout.MODELPACK_FILEPATH}"
+                raise ArtifactError(f"{e.label}: no layer has an {layout.TITLE} or {layout.MODELPACK_FILEPATH}"
                                     " annotation, so the model would be empty")
-            if isinstance(image.get("config"), dict):
-                cfg = image["config"]
-                if f"blobs/sha256/{_hex(cfg['digest'])}" in b.members:
-                    b.copy_blob(cfg["digest"], cfg["size"])
-            plans.append((e, media_type, image, entries))
+            if image.config is not None and f"blobs/sha256/{image.config.digest.hex}" in b.members:
+                b.verify_blob(image.config.digest, image.config.size)
+            plans.append((e, image, entries))
 
-        need: dict[str, int] = {}
-        for _, _, _, entries in plans:
+        blobs: dict[Digest, int] = {}
+        for _, _, entries in plans:
             for en in entries:
-                need[en.digest] = en.size
-        missing = {d: s for d, s in need.items() if not cache.has_blob(d, s)}
+                blobs[en.digest] = en.size
+        fetcher = Fetcher(b, cache, concurrency=concurrency, log=log, label=str(b.path), source_name=str(b.path))
+        todo = [Blob(d, s) for d, s in blobs.items()]
+        missing = fetcher.missing(todo)
+        # Every blob the cache lacks is verified before any is copied (one extra local read): a corrupt bundle is
+        # refused before anything becomes visible in the cache. The copy then verifies again, as every ingest does.
+        for x in missing:
+            b.verify_blob(x.digest, x.size)
         # As pull estimates it: the missing blobs, plus room for what tar layers extract to (at least their size).
-        extracted = sum(en.size for _, _, _, entries in plans for en in entries if en.kind == "tar")
-        cache.check_space(sum(missing.values()) + extracted, f"bundle {b.path} ({len(missing)} blobs)")
-        log.info("import.start", bundle=str(b.path), refs=len(plans), blobs=len(missing), bytes=sum(missing.values()))
-        staged: dict[str, Path] = {}
-        try:
-            for digest, size in missing.items():
-                tmp = cache.tmp_dir() / f"import-{uuid.uuid4().hex}"
-                staged[digest] = tmp
-                with open(tmp, "wb") as out:
-                    b.copy_blob(digest, size, out.write)
-            # Every blob verified: only now does anything become visible in the cache.
-            for digest, tmp in staged.items():
-                with cache.lock(f"blob-{_hex(digest)}"):
-                    if cache.has_blob(digest, need[digest]):
-                        tmp.unlink()
-                    else:
-                        cache.publish_blob(tmp, digest)
-        finally:
-            for tmp in staged.values():
-                tmp.unlink(missing_ok=True)
-
-        results = []
-        for e, media_type, image, entries in plans:
-            results.append(_publish_model(cache, e, media_type, image, entries, log))
-        return results
+        extracted = sum(en.size for _, _, entries in plans for en in entries if en.kind == "tar")
+        cache.check_space(sum(x.size for x in missing) + extracted, f"bundle {b.path} ({len(missing)} blobs)")
+        log.info("import.start", bundle=str(b.path), refs=len(plans), blobs=len(missing),
+                 bytes=sum(x.size for x in missing))
+        fetcher.fetch(todo)
+        return [_publish(cache, e, image, entries, log) for e, image, entries in plans]
 
 
-def _publish_model(cache: Cache, e: BundleRef, media_type: str, image: dict, entries, log) -> ImportResult:
+def _publish(cache: Cache, e: BundleRef, image: oci.ImageManifest, entries: list[layout.Entry],
+             log: Any) -> ImportResult:
     """What pull does after its fetch: materialise, publish under the model lock, link the ref, record use."""
-    from loader.pull import publish_model
-
-    digest, label = e.digest, e.label
     ref = _ref_of(e)
-    model = publish_model(cache, digest, entries, image, media_type, [str(ref)] if ref else [], label)
+    sources = [Source(ref.registry, ref.repository, ANONYMOUS, tls=False)] if ref is not None else []
+    model = publish_model(cache, e.digest, entries, dict(image.raw), image.media_type, [str(ref)] if ref else [],
+                          e.label, sources)
     warnings = []
     if ref is not None:
-        cache.link_ref(ref, digest)
-        cache.add_ref_to_meta(digest, str(ref))
+        cache.link_ref(ref, e.digest)
+        cache.add_ref_to_meta(e.digest, str(ref))
     else:
-        warnings.append(f"bundle entry {label} carries no full image name ({IMAGE_NAME}): imported by digest"
-                        f" only; pull it as REPO@{digest}")
-    cache.touch(digest)
-    log.info("import.model", ref=str(ref) if ref else None, digest=digest, path=str(model.path), bytes=model.bytes,
+        warnings.append(f"bundle entry {e.label} carries no full image name ({IMAGE_NAME}): imported by digest"
+                        f" only; pull it as REPO@{e.digest}")
+    cache.touch(e.digest)
+    log.info("import.model", ref=str(ref) if ref else None, digest=e.digest, path=str(model.path), bytes=model.bytes,
              files=model.files)
-    return ImportResult(str(ref) if ref else digest, digest, label, str(model.path), model.bytes, model.files,
+    return ImportResult(str(ref) if ref else e.digest, e.digest, e.label, str(model.path), model.bytes, model.files,
                         warnings)
 
 
@@ -560,9 +531,7 @@ def target_ref(target: str, e: BundleRef) -> Reference:
     return ref
 
 
-def import_to_registry(bundle_path: str | Path, target: str, opts: RegistryOptions, log) -> list[ImportResult]:
-    from loader.push import push_auth_error
-
+def import_to_registry(bundle_path: str | Path, target: str, opts: RegistryOptions, log: Any) -> list[ImportResult]:
     with Bundle(bundle_path) as b:
         jobs = []
         for e in b.refs():
@@ -570,11 +539,11 @@ def import_to_registry(bundle_path: str | Path, target: str, opts: RegistryOptio
             manifests, blobs = b.closure(e.digest, e.media_type, e.size, e.label)
             jobs.append((e, dest, manifests, blobs))
         # Verify everything before the first upload: a corrupt bundle leaves the registry untouched.
-        verified: set[str] = set()
+        verified: set[Digest] = set()
         for _, _, _, blobs in jobs:
             for digest, size in blobs.items():
                 if digest not in verified:
-                    b.copy_blob(digest, size)
+                    b.verify_blob(digest, size)
                     verified.add(digest)
         results = []
         for e, dest, manifests, blobs in jobs:
@@ -585,18 +554,17 @@ def import_to_registry(bundle_path: str | Path, target: str, opts: RegistryOptio
         return results
 
 
-def _push_entry(b: Bundle, e: BundleRef, dest: Reference, manifests, blobs, opts: RegistryOptions, log):
+def _push_entry(b: Bundle, e: BundleRef, dest: Reference, manifests: list[tuple[Digest, str, bytes]],
+                blobs: dict[Digest, int], opts: RegistryOptions, log: Any) -> ImportResult:
     """One ref into the target registry: its blobs in parallel, then its manifests, children before parents."""
-    from loader.push import Uploader, file_source, run_parallel
-
-    with RegistryClient(dest, plain_http=opts.plain_http, insecure=opts.insecure, credentials=opts.credentials,
-                        timeout=opts.timeout, log=log, actions="pull,push") as client:
+    with opts.client(dest, log, actions="pull,push") as client:
         up = Uploader(client, log=log)
         run_parallel([lambda d=d, s=s: up.ensure(d, s, file_source(b.path, b.member(d).offset_data), d)
                       for d, s in sorted(blobs.items(), key=lambda kv: -kv[1])], opts.concurrency, up.stop)
         for digest, mt, data in manifests:
             reference = digest if digest != e.digest else (dest.tag or digest)
-            _retrying(lambda: client.put_manifest(reference, data, mt), log, str(dest))
+            _retrying(lambda reference=reference, data=data, mt=mt: client.put_manifest(reference, data, mt), log,
+                      str(dest))
         log.info("import.pushed", source=e.label, ref=str(dest), digest=e.digest, blobs=len(blobs),
                  uploaded=up.counts["uploaded"], skipped=up.counts["exists"])
     return ImportResult(str(dest), e.digest, e.label)

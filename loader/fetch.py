@@ -40,7 +40,7 @@ import threading
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from collections.abc import Set
+from collections.abc import Callable, Set
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -182,6 +182,71 @@ class _Pool:
             self.q.put(None)
         for t in self.threads:
             t.join()
+
+
+def size_mismatch(source: str, digest: Digest, size: int, label: str, real: int) -> DigestMismatch:
+    # Deterministic, so not retried: the same request gets the same answer until the artifact is fixed.
+    return DigestMismatch(
+        f"registry {source} serves blob {digest} of {label} as {real} bytes, but the manifest's descriptor says"
+        f" {size}: the manifest does not describe its blobs; push the model again (model-loader push) so the"
+        " manifest is rebuilt from the files. Nothing was published"
+    )
+
+
+def transfer(source: BlobSource, digest: Digest, size: int, start: int, end: int,
+             write: Callable[[memoryview, int], None], buf: bytearray, *, attempts: Attempts, policy: RetryPolicy,
+             stop: threading.Event | None, log: Any, label: str, source_name: str, event: str = "fetch.retry") -> bool:
+    """Deliver bytes [start, end) of a blob to ``write(chunk, offset)``, in order, resuming a dropped or stalled
+    connection with a Range request from the last byte delivered; the one read loop of every blob download
+    (pull's ranges, export's streams, import's reads from a bundle). False when ``stop`` was set.
+
+    Retries follow ``attempts`` (its policy and deadline); each connection must keep ``policy.min_rate``. A source
+    that reports another total size than ``size`` fails at once (DigestMismatch): asking again cannot help.
+    """
+    mv = memoryview(buf)
+    pos = start
+    while pos < end:
+        if stop is not None and stop.is_set():
+            return False
+        if attempts.deadline is not None:
+            attempts.deadline.check()
+        before = pos
+        try:
+            with source.open_blob(digest, pos, end - 1, size=size) as body:
+                if body.total is not None and body.total != size:
+                    raise size_mismatch(source_name, digest, size, label, body.total)
+                watch = RateWatch(policy, f"blob {digest.short} from {source_name}")
+                skip = pos - body.start  # a server that ignored Range sends from byte 0
+                while pos < end:
+                    if stop is not None and stop.is_set():
+                        return False
+                    n = body.readinto(mv[:min(len(buf), end - pos + skip)])
+                    if n == 0:
+                        raise TransientError(f"{source_name} closed the connection {end - pos} bytes early")
+                    source.count_bytes(n)
+                    watch.add(n)
+                    chunk = mv[:n]
+                    if skip:
+                        drop = min(skip, n)
+                        skip -= drop
+                        chunk = chunk[drop:]
+                        if not len(chunk):
+                            continue
+                    write(chunk, pos)
+                    pos += len(chunk)
+        except TransientError as exc:
+            if isinstance(exc, RangeNotSatisfiable) and exc.blob_size is not None and exc.blob_size != size:
+                raise size_mismatch(source_name, digest, size, label, exc.blob_size) from exc
+            delay = attempts.failed(exc, progressed=pos - before)
+            if log:
+                log.warning(event, ref=label, blob=digest.short, offset=pos, attempt=attempts.tries,
+                            delay_s=round(delay, 2), error=str(exc))
+            if stop is not None:
+                if stop.wait(delay):
+                    return False
+            else:
+                time.sleep(delay)
+    return True
 
 
 class Fetcher:
@@ -380,73 +445,39 @@ class Fetcher:
                 pool.submit(lambda r=r: self._run_range(pool, job, r))
 
     def _run_range(self, pool: "_Pool", job: BlobJob, r: Range) -> None:
-        client = self.client
-        buf = self._buffer()
-        mv = memoryview(buf)
         attempts = Attempts(self.policy, f"blob {job.digest} of {self.label}", self.deadline,
                             hint="The partial download is kept and resumes on the next pull.")
-        while not r.complete:
-            if self._stop.is_set():
-                return
-            if self.deadline is not None:
-                self.deadline.check()
-            pos = r.start + r.done
-            before = r.done
+
+        def write(chunk: memoryview, off: int) -> None:
             try:
-                with client.open_blob(job.digest, pos, r.end - 1, size=job.size) as body:
-                    if body.total is not None and body.total != job.size:
-                        raise self._size_mismatch(job, body.total)
-                    watch = RateWatch(self.policy, f"blob {job.digest.short} from {self.source_name}")
-                    skip = pos - body.start  # a server that ignored Range sends from byte 0
-                    while r.start + r.done < r.end:
-                        if self._stop.is_set():
-                            return
-                        want = min(len(buf), r.end - (r.start + r.done) + skip)
-                        n = body.readinto(mv[:want])
-                        if n == 0:
-                            raise TransientError(f"registry closed the connection {r.end - r.start - r.done} bytes early")
-                        client.count_bytes(n)
-                        watch.add(n)
-                        chunk = mv[:n]
-                        if skip:
-                            drop = min(skip, n)
-                            skip -= drop
-                            chunk = chunk[drop:]
-                            if not len(chunk):
-                                continue
-                        n = len(chunk)
-                        off = r.start + r.done
-                        try:
-                            os.pwrite(job.fd, chunk, off)
-                        except OSError as exc:
-                            if is_no_space(exc):
-                                raise no_space(exc, self.cache, job.digest) from exc
-                            raise
-                        if job.inline is r:
-                            job.hasher.update(chunk)
-                            job.hashed_upto = off + n
-                        r.done += n
-                        if self.progress:
-                            self.progress.add(n)
-                        job.since_state += n
-                        if job.since_state >= STATE_EVERY:
-                            with job.lock:
-                                job.since_state = 0
-                                self._save_state(job)
-            except TransientError as exc:
-                if isinstance(exc, RangeNotSatisfiable) and exc.blob_size is not None and exc.blob_size != job.size:
-                    raise self._size_mismatch(job, exc.blob_size) from exc
-                try:
-                    delay = attempts.failed(exc, progressed=r.done - before)
-                except LoaderError:
-                    with job.lock:
-                        self._save_state(job)
-                    raise
-                if self.log:
-                    self.log.warning("fetch.retry", ref=self.label, blob=job.digest.short, offset=r.start + r.done,
-                                     attempt=attempts.tries, delay_s=round(delay, 2), error=str(exc))
-                if self._stop.wait(delay):
-                    return
+                os.pwrite(job.fd, chunk, off)
+            except OSError as exc:
+                if is_no_space(exc):
+                    raise no_space(exc, self.cache, job.digest) from exc
+                raise
+            n = len(chunk)
+            if job.inline is r:
+                job.hasher.update(chunk)
+                job.hashed_upto = off + n
+            r.done += n
+            if self.progress:
+                self.progress.add(n)
+            job.since_state += n
+            if job.since_state >= STATE_EVERY:
+                with job.lock:
+                    job.since_state = 0
+                    self._save_state(job)
+
+        try:
+            done = transfer(self.client, job.digest, job.size, r.start + r.done, r.end, write, self._buffer(),
+                            attempts=attempts, policy=self.policy, stop=self._stop, log=self.log, label=self.label,
+                            source_name=self.source_name)
+        except LoaderError:
+            with job.lock:
+                self._save_state(job)
+            raise
+        if not done:
+            return
         with job.lock:
             self._save_state(job)
         if job.inline is r:
@@ -454,14 +485,6 @@ class Fetcher:
                 job.inline = None
                 job.hashing = False
         self._hash_forward(pool, job)
-
-    def _size_mismatch(self, job: BlobJob, real: int) -> DigestMismatch:
-        # Deterministic, so not retried: the same request gets the same answer until the artifact is fixed.
-        return DigestMismatch(
-            f"registry {self.source_name} serves blob {job.digest} of {self.label} as {real} bytes, but the"
-            f" manifest's descriptor says {job.size}: the manifest does not describe its blobs; push the model"
-            " again (model-loader push) so the manifest is rebuilt from the files. Nothing was published"
-        )
 
     def _hash_forward(self, pool: "_Pool", job: BlobJob) -> None:
         """Hash every complete range that follows what is hashed; finish the blob when all of it is."""

@@ -6,7 +6,6 @@ the sequence below is the only place that combines the registry, the fetch engin
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -15,11 +14,12 @@ from typing import Any, TypeVar
 
 from loader import layout, oci, retry
 from loader.access import Source, add_source, hit_proof, identity_of, may_fall_back, possession_failures, sources_of
-from loader.cache import GC_LOCK_TIMEOUT, Cache, CachedModel, current_boot_id
+from loader.cache import GC_LOCK_TIMEOUT, Cache, CachedModel
 from loader.digest import Digest
 from loader.errors import ArtifactError, NetworkError, UsageError
 from loader.fetch import BLOB_POLICY, LOCK_STALL, Blob, Fetcher
 from loader.progress import Progress
+from loader.publish import publish_model
 from loader.reference import Reference, parse
 from loader.registry import RegistryClient
 from loader.retry import RetryPolicy
@@ -224,42 +224,6 @@ def _unique(blobs: list[Blob]) -> list[Blob]:
             seen.add(b.digest)
             out.append(b)
     return out
-
-
-def publish_model(cache: Cache, digest: str, entries: list[layout.Entry], image: dict[str, Any], media_type: str,
-                  refs: list[str], label: str, sources: Sequence[Source] = ()) -> CachedModel:
-    """Materialise a model's tree from its verified blobs and publish it, under the model lock, unless another
-    loader already has; the published model. Shared by pull (after its fetch) and bundle import."""
-    digest = Digest(digest)
-    with cache.lock(f"model-{digest.hex}"):
-        model = cache.lookup_digest(digest)
-        if model is None:
-            staging = cache.new_staging()
-            try:
-                nbytes, nfiles = layout.materialize(entries, staging, cache.blob_path, label)
-                meta = {"digest": digest, "refs": refs, "bytes": nbytes, "files": nfiles, "manifest": image,
-                        "media_type": media_type, "blobs": sorted({e.digest for e in entries}),
-                        "sources": [s.as_json() for s in sources],
-                        "created": time.time(), "boot_id": current_boot_id()}
-                cache.publish_model(digest, staging, meta)
-            finally:
-                cache.remove_tree(staging)
-            model = cache.lookup_digest(digest)
-            sources = ()
-    # Already published by another loader: this pull verified its own copy of every blob, so its source counts.
-    for src in sources:
-        cache.update_meta(digest, lambda meta, src=src: add_source(meta, src))
-    if model is None:
-        raise ArtifactError(f"{label}: model {digest} was published but cannot be read back from cache {cache.root}")
-    return model
-
-
-def pick_manifest(index: dict[str, Any], label: str) -> dict[str, Any]:
-    """Choose the manifest of an index (raw JSON): see loader.oci.pick_manifest. Kept for bundle import."""
-    parsed = oci.parse_manifest(json.dumps(index).encode(), Digest.of(b""), oci.OCI_INDEX, label)
-    if not isinstance(parsed, oci.ImageIndex):
-        raise ArtifactError(f"{label}: not an image index")
-    return oci.pick_manifest(parsed, label).as_json()
 
 
 def _retrying(fn: Callable[[], T], log: Any, label: str) -> T:
