@@ -204,7 +204,7 @@ class Authenticator:
         resp = self.transport.request(
             method, url, headers, body=(lambda: body) if body is not None else None,
             authorize=lambda o: auth if o == realm_origin else {}, role="token service",
-            context=f" for {self.subject}",
+            context=f" for {self.subject}", stay_on_origin=body is not None,
         )
         if resp.status in (401, 403):
             resp.discard()

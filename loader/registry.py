@@ -10,8 +10,8 @@ error code. Manifests are read to at most MAX_MANIFEST_BYTES, error bodies to at
 
 Mirrors are read-only caches the registry's operator chose, each with its own credentials (see loader.auth). Any
 refusal or failure of a mirror falls back to the registry for that request; a mirror that cannot be connected
-to, breaks the protocol, or serves something other than what was asked (another size, other manifest bytes, a
-malformed digest) is passed over for the rest of the client's life.
+to, refuses our credentials, breaks the protocol, or serves something other than what was asked (another size,
+other manifest bytes, a malformed digest) is passed over for the rest of the client's life.
 
 Errors are types, never matched by their text (loader.errors has the tree)::
 
@@ -361,9 +361,10 @@ class RegistryClient:
             try:
                 return accept(self._request(ep, method, ep.url(path), headers), ep)
             except (RegistryError, ArtifactError) as exc:
-                # Dead for good: unreachable, or it broke the protocol or served something other than asked.
-                # Per request only: refusals, missing content, 5xx, dropped connections.
-                if isinstance(exc, (ConnectError, ProtocolError, ArtifactError)) or (
+                # Dead for good: unreachable, refusing our credentials (or their absence: every request of this
+                # repository would be refused alike), breaking the protocol, or serving something other than
+                # asked. Per request only: missing content, other refusals, 5xx, dropped connections.
+                if isinstance(exc, (ConnectError, ProtocolError, ArtifactError, AuthError)) or (
                         isinstance(exc, NetworkError) and not isinstance(exc, TransientError)):
                     self._dead_mirrors.add(ep)
                 if self.log is not None:

@@ -224,21 +224,24 @@ class Transport:
             self._ssl.verify_mode = ssl.CERT_NONE
         self._local = threading.local()
         self._lock = threading.Lock()
-        self._conns: list[http.client.HTTPConnection] = []
+        # Every connection not yet closed (pooled or in use), for close(); one closed on release leaves it.
+        self._conns: set[http.client.HTTPConnection] = set()
 
     def close(self) -> None:
         with self._lock:
-            conns, self._conns = self._conns, []
+            conns, self._conns = list(self._conns), set()
         for c in conns:
             c.close()
 
     def request(self, method: str, url: str, headers: Mapping[str, str], *, body: BodyFactory | None = None,
-                authorize: Authorize | None = None, role: str = "registry", context: str = "") -> Response:
+                authorize: Authorize | None = None, role: str = "registry", context: str = "",
+                stay_on_origin: bool = False) -> Response:
         """Send a request and follow redirects; returns the last answer, whatever its status.
 
         ``body`` is called again for each hop. ``authorize(origin)`` gives each hop its credentials headers;
-        ``headers`` must hold none. ``role`` names the first server in messages ("registry", "mirror",
-        "token service"); ``context`` ends them (" for REF")."""
+        ``headers`` must hold none. ``stay_on_origin``: the body itself is a secret (an OAuth2 refresh token), so
+        a redirect to any other origin is refused rather than followed with it. ``role`` names the first server
+        in messages ("registry", "mirror", "token service"); ``context`` ends them (" for REF")."""
         if any(k.lower() in ("authorization", "host") for k in headers):
             raise ValueError("credentials headers come from authorize(), per origin")
         try:
@@ -267,6 +270,9 @@ class Transport:
                     " does not follow a redirect from https to http (credentials and model bytes would cross the"
                     " network unencrypted): fix the registry's or its storage's redirect to use https"
                 )
+            if stay_on_origin and new_origin != origin:
+                raise ProtocolError(f"{name} redirected {method} to another origin ({new_origin}){context}; the"
+                                    " request carries a secret, so it is not sent anywhere else")
             if resp.status == 303 and method != "HEAD":
                 method, body = "GET", None
             url, origin = new_url, new_origin
@@ -294,6 +300,9 @@ class Transport:
         try:
             conn.request(method, target, body=body() if body is not None else None, headers=headers)
             raw = conn.getresponse()
+        except http.client.InvalidURL as exc:  # a Location with spaces or control characters
+            release(False)
+            raise ProtocolError(f"{name} sent a location that is not a valid request target{context}") from exc
         except http.client.LineTooLong as exc:
             release(False)
             raise ProtocolError(f"{name} sent a header or status line over 64 KiB{context}") from exc
@@ -319,7 +328,7 @@ class Transport:
             else:
                 conn = http.client.HTTPConnection(origin.host, origin.port, timeout=self.timeout)
             with self._lock:
-                self._conns.append(conn)
+                self._conns.add(conn)
         held = conn
 
         def release(reusable: bool) -> None:
@@ -327,5 +336,7 @@ class Transport:
                 pool[origin] = held
             else:
                 held.close()
+                with self._lock:
+                    self._conns.discard(held)
 
         return conn, release
