@@ -117,3 +117,23 @@ def test_mirror_reporting_another_blob_size_falls_back_to_registry(upstream_and_
             assert len(fallbacks) in (1, 2)
     finally:
         liar.close()
+
+
+def test_a_mirror_urls_password_never_reaches_the_output(upstream_and_mirror, tmp_path):
+    """--mirror with user:password@ (a live mirror, then a dead one): the CLI's output names the mirror by
+    host:port only."""
+    import subprocess
+    import sys
+
+    upstream, mirror = upstream_and_mirror
+    secret = "mirror-pw-never-shown"
+    dead = f"127.0.0.1:{free_port()}"
+    with FaultProxy(upstream.url) as up, FaultProxy(mirror.url) as mp:
+        for mirror_host, cache in ((mp.host, "c1"), (dead, "c2")):
+            cmd = [sys.executable, "-m", "loader.cli", "pull", f"{up.host}/models/m:v1", "--progress", "none",
+                   "--cache", str(tmp_path / cache), "--mirror", f"{up.host}=http://mu:{secret}@{mirror_host}"]
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            assert out.returncode == 0, out.stderr
+            assert secret not in out.stderr and secret not in out.stdout
+        assert mp.requests
+        assert f"event=mirror.fallback mirror={dead} registry={up.host}" in out.stderr

@@ -187,6 +187,8 @@ def test_a_mirror_password_is_never_logged_nor_in_an_error(state, tmp_path):
         assert MIRROR_PW not in log and b64(MIRROR_USER, MIRROR_PW) not in log
         if state == "refusing":  # its own credentials were offered to it, and refused
             assert "rejected the configured ones" in log and mirror.authorizations()[-1] == basic(MIRROR_USER, MIRROR_PW)
+        # ... and they are the mirror's alone: the registry never sees them.
+        assert set(reg.authorizations()) == {None} and secrets_in(reg, MIRROR_PW, b64(MIRROR_USER, MIRROR_PW)) == []
         # With the registry gone too, the error names what failed, still without the password.
         reg.stop()
         with client(reg.host, mirrors=[url], log=Logger(stream, "debug")) as c, pytest.raises(RegistryError) as e:
