@@ -158,7 +158,8 @@ class Authenticator:
             if creds is None or retry or not (creds.username and creds.password):
                 why = ("none are configured" if creds is None
                        else "rejected the configured ones" if retry
-                       else "the configured ones are an identity token, which Basic auth cannot use")
+                       else "the configured ones are not a username and password (an identity token works only"
+                            " with a Bearer token realm)")
                 raise AuthError(f"{st.name} requires credentials for {self.subject} and {why}: {st.fix}")
             with st.lock:
                 st.basic = True
