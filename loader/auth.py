@@ -30,8 +30,9 @@ import re
 import threading
 import time
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from loader.credentials import parse_www_authenticate
 from loader.errors import AuthError, TransientError

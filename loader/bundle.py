@@ -37,6 +37,7 @@ published.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -164,7 +165,7 @@ def export(refs: list[str], out: str | Path, opts: RegistryOptions, log: Any) ->
             client = opts.client(ref, log)
             clients.append(client)
             label = str(ref)
-            top = _retrying(lambda client=client, ref=ref: client.get_manifest(ref.reference), log, label)
+            top = _retrying(functools.partial(client.get_manifest, ref.reference), log, label)
             digest = Digest.parse(top.digest, f"registry {ref.registry}: the digest of {label}")
             if ref.digest and digest != ref.digest:
                 raise DigestMismatch(f"registry {ref.registry} returned a manifest for {ref} hashing to {digest}")
@@ -215,7 +216,7 @@ def _collect(client: RegistryClient, data: bytes, m: oci.Manifest, manifests: di
     manifests.setdefault(m.digest, data)
     if isinstance(m, oci.ImageIndex):
         for child in m.manifests:
-            got = _retrying(lambda child=child: client.get_manifest(child.digest), log, label)  # verified by digest
+            got = _retrying(functools.partial(client.get_manifest, child.digest), log, label)  # verified by digest
             assert got.data is not None
             parsed = oci.parse_manifest(got.data, child.digest, child.media_type or got.media_type, label)
             _collect(client, got.data, parsed, manifests, blobs, log, label, depth + 1)
@@ -288,7 +289,7 @@ class Bundle:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         try:
-            self._tf = tarfile.open(self.path, "r:")
+            self._tf = tarfile.open(self.path, "r:")  # noqa: SIM115  open for the Bundle's life; close() closes it
         except (OSError, tarfile.TarError) as exc:
             raise ArtifactError(f"{self.path} is not a readable (uncompressed) tar bundle: {exc}") from exc
         try:
@@ -559,12 +560,11 @@ def _push_entry(b: Bundle, e: BundleRef, dest: Reference, manifests: list[tuple[
     """One ref into the target registry: its blobs in parallel, then its manifests, children before parents."""
     with opts.client(dest, log, actions="pull,push") as client:
         up = Uploader(client, log=log)
-        run_parallel([lambda d=d, s=s: up.ensure(d, s, file_source(b.path, b.member(d).offset_data), d)
+        run_parallel([functools.partial(up.ensure, d, s, file_source(b.path, b.member(d).offset_data), d)
                       for d, s in sorted(blobs.items(), key=lambda kv: -kv[1])], opts.concurrency, up.stop)
         for digest, mt, data in manifests:
             reference = digest if digest != e.digest else (dest.tag or digest)
-            _retrying(lambda reference=reference, data=data, mt=mt: client.put_manifest(reference, data, mt), log,
-                      str(dest))
+            _retrying(functools.partial(client.put_manifest, reference, data, mt), log, str(dest))
         log.info("import.pushed", source=e.label, ref=str(dest), digest=e.digest, blobs=len(blobs),
                  uploaded=up.counts["uploaded"], skipped=up.counts["exists"])
     return ImportResult(str(dest), e.digest, e.label)

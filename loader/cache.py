@@ -69,7 +69,7 @@ class CachedModel:
 
 
 class Cache:
-    def __init__(self, root: str | os.PathLike):
+    def __init__(self, root: str | os.PathLike[str]):
         self.root = Path(root).absolute()
 
     # ---- paths -------------------------------------------------------------------------------------------------
@@ -92,7 +92,7 @@ class Cache:
         return self.root / contract.TMP_DIR
 
     # ---- setup ---------------------------------------------------------------------------------------------------
-    def ensure(self) -> "Cache":
+    def ensure(self) -> Cache:
         """Create the layout, and refuse a cache whose own directories are not real directories."""
         self.root.mkdir(parents=True, exist_ok=True)
         for d in CACHE_DIRS:
@@ -308,7 +308,7 @@ class Cache:
         """Remove a (read-only) tree: staging leftovers, or a model gc evicts."""
         if not path.exists():
             return
-        for dirpath, dirnames, _ in os.walk(path):
+        for dirpath, _dirnames, _ in os.walk(path):
             os.chmod(dirpath, 0o755)
         shutil.rmtree(path, ignore_errors=True)
 

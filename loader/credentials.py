@@ -31,9 +31,9 @@ import os
 import re
 import shutil
 import subprocess
+from collections.abc import Mapping, Set
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
 
 from loader.errors import AuthError, UsageError
 
@@ -351,7 +351,7 @@ def parse_www_authenticate(header: str) -> list[Challenge]:
             i += 1
         return i
 
-    def token(i: int, chars=_TCHAR) -> tuple[str, int]:
+    def token(i: int, chars: Set[str] = _TCHAR) -> tuple[str, int]:
         j = i
         while j < n and s[j] in chars:
             j += 1

@@ -31,6 +31,7 @@ How a pull spends its time on a 2-core node decides the design:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -38,9 +39,9 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Callable, Set
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from collections.abc import Callable, Set
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -72,7 +73,7 @@ class BlobBody(Protocol):
     total: int | None
 
     def readinto(self, buf: memoryview) -> int: ...
-    def __enter__(self) -> "BlobBody": ...
+    def __enter__(self) -> BlobBody: ...
     def __exit__(self, *exc: object) -> None: ...
 
 
@@ -104,7 +105,7 @@ class BlobJob:
     ranges: list[Range]
     fd: int
     attempt: int = 0
-    hasher: "hashlib._Hash" = field(default_factory=hashlib.sha256)
+    hasher: hashlib._Hash = field(default_factory=hashlib.sha256)
     hashed_upto: int = 0
     hashing: bool = False
     inline: Range | None = None  # the range allowed to hash as it downloads
@@ -112,7 +113,7 @@ class BlobJob:
     since_state: int = 0
     finished: bool = False
     lock_stack: ExitStack | None = None
-    slot: "threading.Semaphore | None" = None  # released when the job ends: bounds open jobs (fds)
+    slot: threading.Semaphore | None = None  # released when the job ends: bounds open jobs (fds)
 
 
 @dataclass(frozen=True)
@@ -138,7 +139,7 @@ class _Pool:
     """A queue of callables served by N threads; the first exception stops the rest and is re-raised."""
 
     def __init__(self, n: int, stop: threading.Event):
-        self.q: queue.Queue = queue.Queue()
+        self.q: queue.Queue[Callable[[], object] | None] = queue.Queue()
         self.cv = threading.Condition()
         self.pending = 0
         self.error: BaseException | None = None
@@ -147,7 +148,7 @@ class _Pool:
         for t in self.threads:
             t.start()
 
-    def submit(self, fn) -> None:
+    def submit(self, fn: Callable[[], object]) -> None:
         with self.cv:
             self.pending += 1
         self.q.put(fn)
@@ -160,7 +161,7 @@ class _Pool:
             try:
                 if not self.stop.is_set():
                     fn()
-            except BaseException as exc:  # handed to the caller of wait()
+            except BaseException as exc:  # noqa: BLE001  handed to the caller of wait(), who raises it
                 with self.cv:
                     if self.error is None:
                         self.error = exc
@@ -323,7 +324,7 @@ class Fetcher:
             for b in deferred:
                 if not self._take_slot(slots, stop):
                     break
-                pool.submit(lambda b=b: self._after_wait(pool, b, chunk, slots))
+                pool.submit(functools.partial(self._after_wait, pool, b, chunk, slots))
             pool.wait()
         finally:
             stop.set()
@@ -347,7 +348,7 @@ class Fetcher:
             return False
         return True
 
-    def _after_wait(self, pool: "_Pool", b: Blob, chunk: int, slots: threading.Semaphore) -> None:
+    def _after_wait(self, pool: _Pool, b: Blob, chunk: int, slots: threading.Semaphore) -> None:
         job = self._start_job(b, chunk, slots, wait=True)
         if job is not None:
             self._submit_job(pool, job)
@@ -432,7 +433,7 @@ class Fetcher:
             self.log.info("fetch.resume", ref=self.label, blob=b.digest, bytes_on_disk=done, size=b.size)
         return job
 
-    def _submit_job(self, pool: "_Pool", job: BlobJob) -> None:
+    def _submit_job(self, pool: _Pool, job: BlobJob) -> None:
         if job.size == 0 or all(r.complete for r in job.ranges):
             job.inline, job.hashing = None, False
             pool.submit(lambda: self._hash_forward(pool, job))
@@ -442,9 +443,9 @@ class Fetcher:
             pool.submit(lambda: self._hash_forward(pool, job))
         for r in job.ranges:
             if not r.complete:
-                pool.submit(lambda r=r: self._run_range(pool, job, r))
+                pool.submit(functools.partial(self._run_range, pool, job, r))
 
-    def _run_range(self, pool: "_Pool", job: BlobJob, r: Range) -> None:
+    def _run_range(self, pool: _Pool, job: BlobJob, r: Range) -> None:
         attempts = Attempts(self.policy, f"blob {job.digest} of {self.label}", self.deadline,
                             hint="The partial download is kept and resumes on the next pull.")
 
@@ -486,7 +487,7 @@ class Fetcher:
                 job.hashing = False
         self._hash_forward(pool, job)
 
-    def _hash_forward(self, pool: "_Pool", job: BlobJob) -> None:
+    def _hash_forward(self, pool: _Pool, job: BlobJob) -> None:
         """Hash every complete range that follows what is hashed; finish the blob when all of it is."""
         buf = self._buffer()  # the same buffer the thread downloads with: memory stays one buffer per worker
         with job.lock:
@@ -525,7 +526,7 @@ class Fetcher:
             if job in self._jobs:
                 self._jobs.remove(job)
 
-    def _finish(self, pool: "_Pool", job: BlobJob) -> None:
+    def _finish(self, pool: _Pool, job: BlobJob) -> None:
         got = Digest.from_hasher(job.hasher)
         with job.lock:
             job.finished = True
@@ -618,7 +619,7 @@ def _load_state(partial: Path, b: Blob) -> list[Range] | None:
         return None
     pos = 0
     for r in ranges:  # the ranges must tile the blob exactly
-        if r.start != pos or r.end <= r.start and b.size or not 0 <= r.done <= r.end - r.start:
+        if r.start != pos or (r.end <= r.start and b.size) or not 0 <= r.done <= r.end - r.start:
             return None
         pos = r.end
     return ranges if pos == b.size else None

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import platform
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from loader.digest import Digest
 from loader.errors import ArtifactError

@@ -60,7 +60,7 @@ class PullResult:
     cache_hit: bool
     warnings: list[str] = field(default_factory=list)
 
-    def as_json(self) -> dict:
+    def as_json(self) -> dict[str, Any]:
         return {"ref": self.ref, "digest": self.digest, "path": self.path, "bytes": self.bytes, "files": self.files,
                 "seconds": round(self.seconds, 3), "cache_hit": self.cache_hit}
 

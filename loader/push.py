@@ -32,6 +32,7 @@ directories cannot be expressed by per-file layers and are named in a warning. N
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -53,9 +54,7 @@ from loader.errors import ArtifactError, AuthError, LoaderError, UsageError
 from loader.progress import Progress
 from loader.reference import Reference, parse
 from loader.registry import RegistryClient
-from loader.upload import Uploader, bytes_source, file_source, push_auth_error, run_parallel
-
-from loader.upload import CHUNK_SIZE
+from loader.upload import CHUNK_SIZE, Uploader, bytes_source, file_source, push_auth_error, run_parallel
 
 MiB = 1 << 20
 BUF_SIZE = MiB
@@ -132,7 +131,7 @@ class LayerSpec:
     file: LocalFile
     media_type: str
     archive: bool  # True: a zstd-compressed one-entry tar of the file
-    annotations: dict
+    annotations: dict[str, str]
 
 
 def plan(files: list[LocalFile], fmt: Format, compress: Compress) -> list[LayerSpec]:
@@ -165,7 +164,8 @@ def modelpack_config(name: str, fmt: str | None, diff_ids: list[str]) -> bytes:
     return json.dumps(cfg, separators=(",", ":")).encode()
 
 
-def build_manifest(fmt: Format, config: dict, layers: list[dict], artifact_type: str | None) -> dict:
+def build_manifest(fmt: Format, config: dict[str, Any], layers: list[dict[str, Any]],
+                   artifact_type: str | None) -> dict[str, Any]:
     m = {"schemaVersion": 2, "mediaType": OCI_MANIFEST,
          "artifactType": artifact_type or (MODELPACK_ARTIFACT_TYPE if fmt == "modelpack" else ORAS_ARTIFACT_TYPE),
          "config": config, "layers": layers}
@@ -316,7 +316,7 @@ class PushOptions:
     concurrency: int = 4
     plain_http: bool | None = None
     insecure: bool = False
-    credentials: object | None = None
+    credentials: Any = None  # loader.credentials.DockerConfig
     timeout: float = 30.0
     mount_from: str | None = None
     artifact_type: str | None = None
@@ -347,13 +347,13 @@ class PushResult:
     pushed: list[PushedFile] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
-    def as_json(self) -> dict:
+    def as_json(self) -> dict[str, Any]:
         return {"ref": self.ref, "digest": self.digest, "bytes": self.bytes, "files": self.files,
                 "seconds": round(self.seconds, 3), "uploaded_bytes": self.uploaded_bytes,
                 "skipped_blobs": self.skipped_blobs, "mounted_blobs": self.mounted_blobs}
 
 
-def push(directory: str | Path, text: str, opts: PushOptions, log) -> PushResult:
+def push(directory: str | Path, text: str, opts: PushOptions, log: Any) -> PushResult:
     t0 = time.monotonic()
     try:
         ref = parse(text)
@@ -383,7 +383,8 @@ def push(directory: str | Path, text: str, opts: PushOptions, log) -> PushResult
         raise push_auth_error(ref, exc) from exc
 
 
-def _push(ref: Reference, files, specs, total, warnings, mount_from, opts: PushOptions, log, t0) -> PushResult:
+def _push(ref: Reference, files: list[LocalFile], specs: list[LayerSpec], total: int, warnings: list[str],
+          mount_from: str | None, opts: PushOptions, log: Any, t0: float) -> PushResult:
     with RegistryClient(ref, plain_http=opts.plain_http, insecure=opts.insecure, credentials=opts.credentials,
                         timeout=opts.timeout, log=log, actions="pull,push",
                         extra_scopes=(f"repository:{mount_from}:pull",) if mount_from else ()) as client, \
@@ -392,7 +393,7 @@ def _push(ref: Reference, files, specs, total, warnings, mount_from, opts: PushO
         stop = threading.Event()
         up = Uploader(client, chunk_size=opts.chunk_size, mount_from=mount_from, log=log,
                       progress=prog if opts.compress == "none" else None, stop=stop)
-        results: dict[str, tuple[dict, str, PushedFile]] = {}
+        results: dict[str, tuple[dict[str, Any], str, PushedFile]] = {}
 
         def one(spec: LayerSpec) -> None:
             f = spec.file
@@ -416,7 +417,8 @@ def _push(ref: Reference, files, specs, total, warnings, mount_from, opts: PushO
                      action=action)
             results[f.rel] = (desc, diff_id, PushedFile(f.rel, f.size, spec.media_type, digest, action))
 
-        run_parallel([lambda s=s: one(s) for s in sorted(specs, key=lambda s: -s.file.size)], opts.concurrency, stop)
+        run_parallel([functools.partial(one, s) for s in sorted(specs, key=lambda s: -s.file.size)], opts.concurrency,
+                     stop)
 
         layers = [results[s.file.rel][0] for s in specs]
         if opts.format == "modelpack":

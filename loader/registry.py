@@ -33,19 +33,39 @@ import re
 import threading
 import time
 import urllib.parse
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from loader.auth import Authenticator, Log
 from loader.credentials import Credentials
 from loader.digest import Digest, is_digest
-from loader.errors import (ArtifactError, AuthError, ConnectError, NetworkError, NotFoundError, RangeNotSatisfiable,
-                           RegistryError, RejectedError, TransientError, UsageError)
+from loader.errors import (
+    ArtifactError,
+    AuthError,
+    ConnectError,
+    NetworkError,
+    NotFoundError,
+    RangeNotSatisfiable,
+    RegistryError,
+    RejectedError,
+    TransientError,
+    UsageError,
+)
 from loader.oci import INDEX_TYPES, MANIFEST_TYPES, MAX_MANIFEST_BYTES
 from loader.reference import Reference
-from loader.transport import (USER_AGENT, BodyFactory, Buffer, DowngradeRefused, Origin, ProtocolError, Response,
-                              Transport, redact_url)
+from loader.transport import (
+    USER_AGENT,
+    BodyFactory,
+    Buffer,
+    DowngradeRefused,
+    Origin,
+    ProtocolError,
+    Response,
+    Transport,
+    redact_url,
+)
 
 if TYPE_CHECKING:
     from loader.credentials import DockerConfig

@@ -48,8 +48,9 @@ class RetryPolicy:
         """Seconds to wait before try number ``tries + 1`` (``tries`` >= 1 failures so far)."""
         if retry_after is not None:
             return max(0.0, min(self.max_retry_after, retry_after))
-        r = (rng or random).random()
-        return min(self.max_delay, self.base_delay * 2 ** (tries - 1)) * (0.5 + r / 2)
+        r = rng.random() if rng is not None else random.random()
+        backoff: float = self.base_delay * 2.0 ** (tries - 1)
+        return min(self.max_delay, backoff) * (0.5 + r / 2)
 
 
 SMALL_REQUESTS = RetryPolicy(attempts=4, base_delay=0.25, deadline=300.0)

@@ -34,8 +34,8 @@ import re
 import ssl
 import threading
 import urllib.parse
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping, Union
 
 from loader.errors import ConnectError, RegistryError, TransientError
 
@@ -49,8 +49,8 @@ DEFAULT_PORTS = {"http": 80, "https": 443}
 _HOST_RE = re.compile(r"[a-z0-9]([a-z0-9._-]{0,252})|[0-9a-f:.]{2,45}")
 _DIGITS_RE = re.compile(r"[0-9]{1,19}")
 
-Buffer = Union[bytes, bytearray, memoryview]
-Body = Union[bytes, Iterable[Buffer]]
+Buffer = bytes | bytearray | memoryview
+Body = bytes | Iterable[Buffer]
 BodyFactory = Callable[[], Body]
 Authorize = Callable[["Origin"], Mapping[str, str]]
 
@@ -166,8 +166,27 @@ class Response:
         return self._raw.length
 
     def readinto(self, buf: Buffer) -> int:
+        """Up to ``len(buf)`` body bytes from at most one read of the socket (0 at the end, or when the server
+        closed early). Not ``HTTPResponse.readinto``: it loops until the buffer is full, so a server trickling a
+        byte at a time would never be seen by the engine's minimum-rate rule (loader.retry.RateWatch)."""
+        raw = self._raw
         try:
-            return self._raw.readinto(buf)  # type: ignore[arg-type]
+            if raw.isclosed():
+                return 0
+            if raw.chunked:
+                return raw.readinto(buf)
+            view = memoryview(buf).cast("B")
+            if raw.length is not None and len(view) > raw.length:
+                view = view[: raw.length]
+            if not len(view):
+                raw.close()  # the whole body was read: the connection may be reused
+                return 0
+            n = raw.fp.readinto1(view)
+            if raw.length is not None:
+                raw.length -= n
+            if not n or raw.length == 0:
+                raw.close()
+            return n
         except (OSError, http.client.HTTPException) as exc:
             raise TransientError(f"connection to {self.name} dropped while reading: {_why(exc)}") from exc
 
@@ -250,7 +269,7 @@ class Transport:
             raise ProtocolError(f"{role} URL {_short(redact_url(url))} is unusable: {exc}{context}") from None
         name = f"{role} {origin.hostport}"
         first = name
-        for hop in range(MAX_REDIRECTS + 1):
+        for _hop in range(MAX_REDIRECTS + 1):
             h = {"User-Agent": USER_AGENT, **headers, **(authorize(origin) if authorize is not None else {})}
             resp = self._send(method, url, origin, name, h, body, context)
             if resp.status not in REDIRECT_STATUSES:

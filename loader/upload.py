@@ -46,7 +46,7 @@ Source = Callable[[int, int], Iterator[memoryview | bytes]]  # (offset, length) 
 def file_source(path: Path, base: int = 0) -> Source:
     """Bytes of a file from ``base`` (a tar member's data offset, or 0), streamed with one 1 MiB buffer."""
 
-    def read(offset: int, length: int):
+    def read(offset: int, length: int) -> Iterator[memoryview]:
         buf = bytearray(min(BUF_SIZE, max(1, length)))
         mv = memoryview(buf)
         with open(path, "rb", buffering=0) as f:
@@ -63,7 +63,7 @@ def file_source(path: Path, base: int = 0) -> Source:
 
 
 def bytes_source(data: bytes) -> Source:
-    def read(offset: int, length: int):
+    def read(offset: int, length: int) -> Iterator[bytes]:
         yield data[offset:offset + length]
 
     return read
@@ -73,7 +73,7 @@ class Uploader:
     """Makes blobs present in one repository: skip (HEAD), mount, or a chunked upload with retries."""
 
     def __init__(self, client: RegistryClient, *, chunk_size: int = CHUNK_SIZE, mount_from: str | None = None,
-                 log=None, progress: Progress | None = None, stop: threading.Event | None = None):
+                 log: Any = None, progress: Progress | None = None, stop: threading.Event | None = None):
         self.client = client
         self.chunk_size = chunk_size
         self.mount_from = mount_from
@@ -88,10 +88,9 @@ class Uploader:
     def ensure(self, digest: str, size: int, source: Source, what: str) -> str:
         """Upload one blob unless the registry has it. Returns "exists", "mounted", "uploaded" or "duplicate"."""
         with self._lock:
-            ev = self._done.get(digest)
-            first = ev is None
-            if first:
-                ev = self._done[digest] = threading.Event()
+            found = self._done.get(digest)
+            first = found is None
+            ev = self._done[digest] = threading.Event() if found is None else found
         if not first:
             ev.wait()  # the same bytes as another file of this push: uploaded once
             return "duplicate"
@@ -157,7 +156,7 @@ class Uploader:
                 raise
         raise AssertionError("unreachable")
 
-    def _send(self, location: str, digest: str, size: int, source: Source, sent: "_Counter") -> None:
+    def _send(self, location: str, digest: str, size: int, source: Source, sent: _Counter) -> None:
         """Stream a blob into an open session: PATCH chunks, the last bytes in the closing PUT.
 
         A chunk that fails is resumed from the offset the registry reports for the session; when the registry
@@ -184,12 +183,12 @@ class Uploader:
                 sent.n = mark
                 got = client.upload_offset(location)  # a TransientError here restarts the blob
                 if not 0 <= got <= size or got % chunk:
-                    raise TransientError(f"registry reports {got} bytes of an upload sent in {chunk} byte chunks")
+                    raise TransientError(f"registry reports {got} bytes of an upload sent in {chunk} byte chunks") from None
                 offset = got
         client.finish_upload(location, digest, self._body(source, offset, size - offset, sent), size - offset)
 
-    def _body(self, source: Source, offset: int, length: int, sent: "_Counter"):
-        def body():
+    def _body(self, source: Source, offset: int, length: int, sent: _Counter) -> Callable[[], Iterator[memoryview | bytes]]:
+        def body() -> Iterator[memoryview | bytes]:
             for piece in source(offset, length):
                 n = len(piece)
                 sent.n += n
@@ -212,12 +211,12 @@ def run_parallel(tasks: list[Callable[[], object]], concurrency: int, stop: thre
     with ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="upload") as pool:
         futures = [pool.submit(t) for t in tasks]
         done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-        failed = next((f for f in done if f.exception()), None)
-        if failed is not None:
+        error = next((e for e in (f.exception() for f in done) if e is not None), None)
+        if error is not None:
             stop.set()
             for f in futures:
                 f.cancel()
-            raise failed.exception()
+            raise error
 
 
 def _retrying(fn: Callable[[], T], log: Any, what: str) -> T:

@@ -18,8 +18,8 @@ from loader.errors import AuthError
 from loader.log import Logger
 from loader.pull import PullOptions, pull
 from tests.support.auth_registry import session_for, start_htpasswd_registry, start_token_registry
-from tests.support.oci import Pusher, file_layer
 from tests.support.files import tree
+from tests.support.oci import Pusher, file_layer
 
 USERS = {"alice": "alice-secret-pw", "bob": "bob-secret-pw"}
 DATA = {"w.bin": os.urandom(3 << 20), "config.json": b"{}"}

@@ -18,8 +18,8 @@ from loader import push as P
 from loader.errors import ArtifactError, DigestMismatch, UsageError
 from loader.log import NullLogger
 from loader.pull import PullOptions, pull
-from tests.support.oci import OCI_INDEX, OCI_MANIFEST, Pusher, file_layer, sha256
 from tests.support.files import make_tree, tree
+from tests.support.oci import OCI_INDEX, OCI_MANIFEST, Pusher, file_layer, sha256
 
 LOG = NullLogger()
 ACCEPT = f"{OCI_MANIFEST}, {OCI_INDEX}"
@@ -107,7 +107,7 @@ def test_export_then_import_serves_pulls_with_no_registry(fresh_registry, tmp_pa
     out = cli("import", str(bundle), "--cache", str(cache), "--output", "json")
     imported = [json.loads(line) for line in out.stdout.splitlines()]
     assert [(o["ref"], o["digest"], o["source"]) for o in imported] == [(r, digests[r], r) for r in refs]
-    for o, r in zip(imported, refs):
+    for o, r in zip(imported, refs, strict=True):
         files = TREES[r.rsplit("/", 1)[1]]
         assert o["path"] == str(cache / "models/sha256" / digests[r][7:])
         assert (o["bytes"], o["files"]) == (sum(map(len, files.values())), len(files))
@@ -158,8 +158,8 @@ def test_import_to_another_registry_keeps_repository_paths(registry, fresh_regis
     out = cli("import", str(bundle), "--to", f"{fresh_registry.host}/mirror", "--output", "json")
     pushed = [json.loads(line) for line in out.stdout.splitlines()]
     targets = [f"{fresh_registry.host}/mirror/{r.split('/', 1)[1]}" for r in refs]
-    assert pushed == [{"ref": t, "digest": digests[r], "source": r} for t, r in zip(targets, refs)]
-    for t, r in zip(targets, refs):
+    assert pushed == [{"ref": t, "digest": digests[r], "source": r} for t, r in zip(targets, refs, strict=True)]
+    for t, r in zip(targets, refs, strict=True):
         repo, tag = t.split("/", 1)[1].rsplit(":", 1)
         src_repo = r.split("/", 1)[1].rsplit(":", 1)[0]
         assert manifest_bytes(fresh_registry.url, repo, tag) == manifest_bytes(registry.url, src_repo, tag)

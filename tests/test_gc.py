@@ -21,8 +21,8 @@ from loader.gc import Policy, collect, parse_duration, parse_size
 from loader.log import NullLogger
 from loader.pull import PullOptions, pull
 from loader.reference import cache_key
-from tests.support.oci import file_layer, sha256
 from tests.support.files import tree
+from tests.support.oci import file_layer, sha256
 
 LOG = NullLogger()
 DAY = 86400

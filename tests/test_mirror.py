@@ -11,9 +11,9 @@ import pytest
 from loader.log import Logger
 from loader.pull import PullOptions, pull
 from tests.support.faultproxy import FaultProxy
+from tests.support.files import tree
 from tests.support.oci import Pusher, file_layer
 from tests.support.registry import free_port, start_registry
-from tests.support.files import tree
 
 DATA = {"w.bin": os.urandom(4 << 20), "tok/t.json": b"{}"}
 

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import subprocess
 import sys
 import tarfile
-import io
 from pathlib import Path
 
 import pytest
@@ -18,8 +18,8 @@ from loader.cache import Cache
 from loader.errors import ArtifactError, DigestMismatch, NetworkError, NotFoundError, UsageError
 from loader.log import NullLogger
 from loader.pull import PullOptions, pull
-from tests.support.oci import FILEPATH, TITLE, UNPACK, Layer, file_layer, sha256, tar_bytes
 from tests.support.files import tree
+from tests.support.oci import FILEPATH, TITLE, UNPACK, Layer, file_layer, sha256, tar_bytes
 
 LOG = NullLogger()
 MP = "application/vnd.cncf.model"

@@ -16,16 +16,33 @@ import pytest
 from loader.auth import MAX_EXPIRES_IN, parse_token_response
 from loader.credentials import load_docker_configs
 from loader.digest import InvalidDigest
-from loader.errors import (AuthError, ConnectError, NotFoundError, RangeNotSatisfiable, RegistryError, RejectedError,
-                           TransientError, UsageError)
+from loader.errors import (
+    AuthError,
+    ConnectError,
+    NotFoundError,
+    RangeNotSatisfiable,
+    RegistryError,
+    RejectedError,
+    TransientError,
+    UsageError,
+)
 from loader.log import Logger
 from loader.oci import MAX_MANIFEST_BYTES, OCI_MANIFEST
 from loader.reference import parse
 from loader.registry import RegistryClient
 from loader.transport import DowngradeRefused, ProtocolError
 from tests.support.auth_registry import session_for, start_htpasswd_registry, start_token_registry
-from tests.support.hostile_registry import (Answer, FakeRegistry, HostileServer, Seen, basic, error_answer,
-                                            json_answer, require_basic, require_bearer)
+from tests.support.hostile_registry import (
+    Answer,
+    FakeRegistry,
+    HostileServer,
+    Seen,
+    basic,
+    error_answer,
+    json_answer,
+    require_basic,
+    require_bearer,
+)
 from tests.support.oci import Pusher, file_layer
 from tests.support.registry import free_port
 
@@ -227,9 +244,9 @@ def test_https_registry_redirecting_to_http_is_refused_and_nothing_is_sent_there
             return Answer(302 if what == "manifest" else 307, {"Location": f"http://127.0.0.1:{plain.port}{seen.path}"})
 
         reg.on(None, rf"/v2/{REPO}/(manifests|blobs)/.*", require_basic(UP_USER, UP_PW, downgrade))
-        with client(reg.host, logins(tmp_path, r=(reg.host, UP_USER, UP_PW)), tls=True) as c:
-            with pytest.raises(DowngradeRefused) as e:
-                c.get_manifest("v1") if what == "manifest" else c.open_blob(sha(BLOB), size=len(BLOB))
+        with client(reg.host, logins(tmp_path, r=(reg.host, UP_USER, UP_PW)), tls=True) as c, \
+                pytest.raises(DowngradeRefused) as e:
+            c.get_manifest("v1") if what == "manifest" else c.open_blob(sha(BLOB), size=len(BLOB))
         assert plain.seen() == []
         assert reg.authorizations() == [None, basic(UP_USER, UP_PW)]  # its own origin only
         assert "https to plain http" in str(e.value) and UP_PW not in str(e.value)
@@ -306,9 +323,9 @@ def test_an_http_realm_refusing_anonymous_access_says_why_the_credentials_were_w
     with HostileServer(tls=True) as reg, HostileServer() as realm:
         realm.on(None, r"/token.*", error_answer(401, "UNAUTHORIZED"))
         _realm_registry(reg, f"{realm.url}/token")
-        with client(reg.host, logins(tmp_path, r=(reg.host, UP_USER, UP_PW)), tls=True) as c:
-            with pytest.raises(AuthError) as e:
-                c.get_manifest("v1")
+        with client(reg.host, logins(tmp_path, r=(reg.host, UP_USER, UP_PW)), tls=True) as c, \
+                pytest.raises(AuthError) as e:
+            c.get_manifest("v1")
         assert "named a plain http token realm" in str(e.value) and "must use https" in str(e.value)
         assert UP_PW not in str(e.value) and realm.authorizations() == [None]
 

@@ -330,7 +330,7 @@ def test_a_trickling_registry_is_cut_and_does_not_hold_other_tenants(tmp_path, r
         def slow() -> None:
             try:
                 run(f"{evil.host}/evil/m:v1", cache, policy=FAST_STALL, check_access=False)
-            except BaseException as exc:
+            except BaseException as exc:  # noqa: BLE001  the test asserts on what it was
                 errors.append(exc)
 
         t = threading.Thread(target=slow)

@@ -24,9 +24,9 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping
 
 import bcrypt
 import requests
@@ -87,7 +87,7 @@ class _TLSRegistryProcess(RegistryProcess):
             f"key: {self.tls.key_path}}}}}\n",
         )
 
-    def start(self, timeout: float = 20.0) -> "_TLSRegistryProcess":
+    def start(self, timeout: float = 20.0) -> _TLSRegistryProcess:
         cfg = self.root.parent / f"registry-{self.port}.yml"
         cfg.write_text(self.config_text())
         self.log = self.root.parent / f"registry-{self.port}.log"
@@ -148,7 +148,7 @@ class AuthRegistry:
             self.token_server.stop()
         shutil.rmtree(self.workdir, ignore_errors=True)
 
-    def __enter__(self) -> "AuthRegistry":
+    def __enter__(self) -> AuthRegistry:
         return self
 
     def __exit__(self, *exc) -> None:

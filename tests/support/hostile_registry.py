@@ -23,13 +23,12 @@ import shutil
 import ssl
 import tempfile
 import threading
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Union
 
 from tests.support.auth_registry import TLSFiles, make_tls_files
-
 
 _TLS: TLSFiles | None = None
 _TLS_LOCK = threading.Lock()
@@ -68,7 +67,7 @@ class Seen:
 @dataclass
 class Answer:
     status: int = 200
-    headers: Union[Mapping[str, str], Iterable[tuple[str, str]]] = ()
+    headers: Mapping[str, str] | Iterable[tuple[str, str]] = ()
     body: bytes = b""
     content_length: bool = True  # False: no Content-Length, the body ends when the connection closes
 
@@ -77,7 +76,7 @@ class Answer:
         return list(items)
 
 
-Route = Union[Answer, Callable[[Seen], Answer]]
+Route = Answer | Callable[[Seen], Answer]
 
 
 def json_answer(status: int, doc: object, headers: Mapping[str, str] | None = None) -> Answer:

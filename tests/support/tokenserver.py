@@ -24,10 +24,11 @@ import tempfile
 import threading
 import time
 import urllib.parse
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Iterable, Literal, Mapping
+from typing import Literal
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -98,7 +99,7 @@ class TokenServer:
         self._thread: threading.Thread | None = None
 
     # --- lifecycle ---------------------------------------------------------------------------------------------
-    def start(self) -> "TokenServer":
+    def start(self) -> TokenServer:
         handler = type("_BoundHandler", (_Handler,), {"token_server": self})
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self._server.daemon_threads = True
@@ -117,7 +118,7 @@ class TokenServer:
         if self._owned_dir:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
-    def __enter__(self) -> "TokenServer":
+    def __enter__(self) -> TokenServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -199,7 +200,7 @@ class TokenServer:
             "token": token,
             "access_token": token,
             "expires_in": lifetime,
-            "issued_at": dt.datetime.fromtimestamp(now, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "issued_at": dt.datetime.fromtimestamp(now, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         }
         if offline and user is not None:
             refresh = secrets.token_urlsafe(24)
@@ -226,7 +227,7 @@ class TokenServer:
 def _make_signing_cert(algorithm: Algorithm, issuer: str):
     key = ec.generate_private_key(ec.SECP256R1()) if algorithm == "ES256" else rsa.generate_private_key(65537, 2048)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)])
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(name)
