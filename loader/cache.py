@@ -190,13 +190,7 @@ class Cache:
 
     def ref_target(self, ref: Reference | str) -> Digest | None:
         """The digest refs/<key> points at, when it is a link model-loader made (``../models/sha256/<hex>``)."""
-        try:
-            target = os.readlink(self.ref_path(ref))
-        except OSError:
-            return None
-        prefix = os.path.join("..", contract.MODELS_DIR, "")
-        hexd = target[len(prefix):] if target.startswith(prefix) else ""
-        return Digest("sha256:" + hexd) if is_digest("sha256:" + hexd) else None
+        return self._link_target(self.ref_path(ref))
 
     def lookup_ref(self, ref: Reference | str) -> CachedModel | None:
         """The model a reference last resolved to in this cache, without any network."""
@@ -312,6 +306,73 @@ class Cache:
             os.chmod(dirpath, 0o755)
         shutil.rmtree(path, ignore_errors=True)
 
+    # ---- listing: gc and ls read the cache's layout through these, never by directory names of their own ----------
+    def _names(self, area: str) -> list[str]:
+        try:
+            return sorted(os.listdir(self.root / area))
+        except FileNotFoundError:
+            return []
+
+    def list_blobs(self) -> dict[Digest, Path]:
+        return {Digest.from_hex(n, "blobs"): self.root / contract.BLOBS_DIR / n
+                for n in self._names(contract.BLOBS_DIR) if is_digest("sha256:" + n)}
+
+    def list_models(self) -> list[Digest]:
+        """Published trees (with or without meta)."""
+        return [Digest.from_hex(n, "models") for n in self._names(contract.MODELS_DIR) if is_digest("sha256:" + n)]
+
+    def list_metas(self) -> list[Digest]:
+        return [Digest.from_hex(n[:-5], "meta") for n in self._names(META_DIR)
+                if n.endswith(".json") and is_digest("sha256:" + n[:-5])]
+
+    def list_refs(self) -> dict[str, Digest | None]:
+        """refs/ entries: name -> the model it links to, None when it is not a link model-loader made (or a
+        temporary one a crashed link_ref left, whose name starts with '.')."""
+        out: dict[str, Digest | None] = {}
+        for name in self._names(contract.REFS_DIR):
+            out[name] = None if name.startswith(".") else self._link_target(self.root / contract.REFS_DIR / name)
+        return out
+
+    def list_lastuse(self) -> dict[str, float]:
+        """lastuse/ entries: name -> mtime (names are hex digests unless something else wrote there)."""
+        out = {}
+        for name in self._names(contract.LASTUSE_DIR):
+            with contextlib.suppress(FileNotFoundError):
+                out[name] = os.lstat(self.root / contract.LASTUSE_DIR / name).st_mtime
+        return out
+
+    def list_partials(self) -> dict[Digest, list[Path]]:
+        """partial/ files (a download and its state files) by the blob they belong to."""
+        out: dict[Digest, list[Path]] = {}
+        for name in self._names(contract.PARTIAL_DIR):
+            if is_digest("sha256:" + name[:64]):
+                out.setdefault(Digest.from_hex(name[:64], "partial"), []).append(
+                    self.root / contract.PARTIAL_DIR / name)
+        return out
+
+    def list_tmp(self) -> dict[Path, float]:
+        out = {}
+        for name in self._names(contract.TMP_DIR):
+            path = self.root / contract.TMP_DIR / name
+            with contextlib.suppress(FileNotFoundError):
+                out[path] = os.lstat(path).st_mtime
+        return out
+
+    def lastuse_path(self, name: str) -> Path:
+        return self.root / contract.LASTUSE_DIR / _one_name(name)
+
+    def ref_link_path(self, name: str) -> Path:
+        return self.root / contract.REFS_DIR / _one_name(name)
+
+    def _link_target(self, link: Path) -> Digest | None:
+        try:
+            target = os.readlink(link)
+        except OSError:
+            return None
+        prefix = os.path.join("..", contract.MODELS_DIR, "")
+        hexd = target[len(prefix):] if target.startswith(prefix) else ""
+        return Digest("sha256:" + hexd) if is_digest("sha256:" + hexd) else None
+
     # ---- space ---------------------------------------------------------------------------------------------------
     def check_space(self, needed: int, what: str) -> None:
         st = os.statvfs(self.root)
@@ -376,6 +437,13 @@ def _write_atomic(path: Path, data: bytes, tmpdir: Path) -> None:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+
+
+def _one_name(name: str) -> str:
+    """A name read from one of the cache's directories: one path component, nothing else."""
+    if not name or "/" in name or name in (".", ".."):
+        raise ValueError(f"not a cache entry name: {name!r}")
+    return name
 
 
 def _flock(fd: int, op: int, timeout: float) -> bool:

@@ -28,15 +28,14 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from loader import contract
-from loader.cache import META_DIR, Cache
+from loader.cache import Cache
+from loader.digest import Digest
 from loader.errors import UsageError
 from loader.reference import ReferenceError, cache_key, parse
 
 if TYPE_CHECKING:
     from loader.log import Logger
 
-HEX_RE = re.compile(r"^[0-9a-f]{64}$")
 STALE_PARTIAL = 24 * 3600.0  # an interrupted download this old is not going to be resumed
 STALE_TMP = 3600.0  # staging trees and temp files of a crashed loader (a live one finishes well within this)
 
@@ -164,13 +163,6 @@ class Inventory:
         return sum(self.sizes[i] for i in loose) + sum(b for b, _ in self.partials.values())
 
 
-def _listdir(path: Path) -> list[str]:
-    try:
-        return sorted(os.listdir(path))
-    except FileNotFoundError:
-        return []
-
-
 def _stat_inode(path: str | Path, sizes: dict[Inode, int]) -> Inode | None:
     try:
         st = os.lstat(path)
@@ -182,43 +174,29 @@ def _stat_inode(path: str | Path, sizes: dict[Inode, int]) -> Inode | None:
 
 
 def scan(cache: Cache) -> Inventory:
-    root = cache.root
+    """Read the cache through its own listing API (loader.cache owns the layout; gc never builds a path)."""
     sizes: dict[Inode, int] = {}
 
     blobs: dict[str, Inode] = {}
-    for name in _listdir(root / contract.BLOBS_DIR):
-        if HEX_RE.match(name):
-            ino = _stat_inode(root / contract.BLOBS_DIR / name, sizes)
-            if ino:
-                blobs[f"sha256:{name}"] = ino
+    for digest, path in cache.list_blobs().items():
+        ino = _stat_inode(path, sizes)
+        if ino:
+            blobs[digest] = ino
 
-    links: dict[str, str] = {}
-    for name in _listdir(root / contract.REFS_DIR):
-        try:
-            target = os.path.basename(os.readlink(root / contract.REFS_DIR / name))
-        except OSError:
-            target = ""
-        links[name] = target if HEX_RE.match(target) else ""
+    links = {name: (target.hex if target is not None else "") for name, target in cache.list_refs().items()}
     linked: dict[str, set[str]] = {}
     for name, hexd in links.items():
         linked.setdefault(hexd, set()).add(name)
 
-    lastuse = {}
-    for name in _listdir(root / contract.LASTUSE_DIR):
-        try:
-            lastuse[name] = os.stat(root / contract.LASTUSE_DIR / name).st_mtime
-        except FileNotFoundError:
-            pass
-
-    tree_hexes = [n for n in _listdir(root / contract.MODELS_DIR) if HEX_RE.match(n)]
-    meta_hexes = {n[:-5] for n in _listdir(root / META_DIR) if n.endswith(".json") and HEX_RE.match(n[:-5])}
+    lastuse = cache.list_lastuse()
+    trees = cache.list_models()
+    metas = {d.hex for d in cache.list_metas()}
     models, orphan_trees = [], []
-    for hexd in tree_hexes:
-        digest = f"sha256:{hexd}"
-        meta = cache.read_meta(digest) if hexd in meta_hexes else None
+    for digest in trees:
+        meta = cache.read_meta(digest) if digest.hex in metas else None
         path = cache.model_path(digest)
         if meta is None:
-            orphan_trees.append(hexd)
+            orphan_trees.append(digest.hex)
             continue
         inodes = set()
         for dirpath, _, filenames in os.walk(path):
@@ -226,38 +204,31 @@ def scan(cache: Cache) -> Inventory:
                 ino = _stat_inode(os.path.join(dirpath, f), sizes)
                 if ino:
                     inodes.add(ino)
-        model_blobs = frozenset(b for b in meta.get("blobs", []) if isinstance(b, str))
+        model_blobs = frozenset(str(b) for b in meta["blobs"])
         inodes |= {blobs[b] for b in model_blobs if b in blobs}
-        here = linked.get(hexd, set())
-        recorded = sorted(set(r for r in meta.get("refs", []) if isinstance(r, str)))
+        here = linked.get(digest.hex, set())
+        recorded = sorted(set(meta["refs"]))
         current = tuple(r for r in recorded if _key(r) in here)
         former = tuple(r for r in recorded if r not in current)
-        last = lastuse.get(hexd) or meta.get("created") or path.stat().st_mtime
-        models.append(Model(digest, str(path), current, former, int(meta.get("bytes", 0)), int(meta.get("files", 0)),
+        last = lastuse.get(digest.hex) or meta.get("created") or path.stat().st_mtime
+        models.append(Model(digest, str(path), current, former, int(meta["bytes"]), int(meta["files"]),
                             float(last), model_blobs, frozenset(inodes)))
     models.sort(key=lambda m: (-m.last_use, m.digest))
 
     partials: dict[str, tuple[int, float]] = {}
-    for name in _listdir(root / contract.PARTIAL_DIR):
-        hexd = name[:64]
-        if not HEX_RE.match(hexd):
-            continue
-        try:
-            st = os.lstat(root / contract.PARTIAL_DIR / name)
-        except FileNotFoundError:
-            continue
-        size, newest = partials.get(hexd, (0, 0.0))
-        partials[hexd] = (size + st.st_size, max(newest, st.st_mtime))
+    for digest, files in cache.list_partials().items():
+        for part in files:
+            try:
+                st = os.lstat(part)
+            except FileNotFoundError:
+                continue
+            size, newest = partials.get(digest.hex, (0, 0.0))
+            partials[digest.hex] = (size + st.st_size, max(newest, st.st_mtime))
 
-    tmp = {}
-    for name in _listdir(root / contract.TMP_DIR):
-        try:
-            tmp[name] = os.lstat(root / contract.TMP_DIR / name).st_mtime
-        except FileNotFoundError:
-            pass
-
+    tmp = {path.name: mtime for path, mtime in cache.list_tmp().items()}
+    tree_hexes = {d.hex for d in trees}
     return Inventory(tuple(models), sizes, blobs, links, partials, tmp, tuple(orphan_trees),
-                     tuple(sorted(meta_hexes - set(tree_hexes))), tuple(sorted(lastuse)))
+                     tuple(sorted(metas - tree_hexes)), tuple(sorted(lastuse)))
 
 
 def _key(ref: str) -> str:
@@ -398,7 +369,6 @@ def _collect(cache: Cache, policy: Policy, keep_refs: list[str], log: Logger, dr
     keep = resolve_keep(inv, keep_refs)
     evictions = plan(inv, keep, policy, now)
     report = Report(dry_run, len(inv.models), inv.disk_bytes(inv.models))
-    root = cache.root
 
     gone: set[str] = set()
     for e in evictions:
@@ -426,14 +396,14 @@ def _collect(cache: Cache, policy: Policy, keep_refs: list[str], log: Logger, dr
     for hexd, (size, newest) in sorted(inv.partials.items()):
         if now - newest <= STALE_PARTIAL:
             continue
-        files = [root / contract.PARTIAL_DIR / n for n in _listdir(root / contract.PARTIAL_DIR) if n[:64] == hexd]
+        files = cache.list_partials().get(Digest.from_hex(hexd, "partial"), [])
         if dry_run or _locked_unlink(cache, f"blob-{hexd}", files):
             report.partials.append((f"sha256:{hexd}", size))
 
     for name, mtime in sorted(inv.tmp.items()):
         if now - mtime > STALE_TMP:
             if not dry_run:
-                _remove_any(cache, root / contract.TMP_DIR / name)
+                _remove_any(cache, cache.tmp_dir() / name)
             report.tmp.append(name)
 
     # Links to models that are gone (evicted above, or never published), and temp links of a crashed link_ref.
@@ -442,22 +412,24 @@ def _collect(cache: Cache, policy: Policy, keep_refs: list[str], log: Logger, dr
         if hexd in present and not name.startswith("."):
             continue
         if not dry_run:
-            (root / contract.REFS_DIR / name).unlink(missing_ok=True)
+            cache.ref_link_path(name).unlink(missing_ok=True)
         report.refs.append(name)
 
     for hexd in inv.orphan_trees:
-        if dry_run or _locked(cache, f"model-{hexd}", partial(cache.remove_tree, root / contract.MODELS_DIR / hexd)):
-            report.other.append(f"{contract.MODELS_DIR}/{hexd}")
+        tree = cache.model_path(Digest.from_hex(hexd, "models"))
+        if dry_run or _locked(cache, f"model-{hexd}", partial(cache.remove_tree, tree)):
+            report.other.append(str(tree.relative_to(cache.root)))
     for hexd in inv.orphan_metas:
-        meta = root / META_DIR / f"{hexd}.json"
+        meta = cache.meta_path(Digest.from_hex(hexd, "meta"))
         if dry_run or _locked(cache, f"model-{hexd}", partial(meta.unlink, missing_ok=True)):
-            report.other.append(f"{META_DIR}/{hexd}.json")
+            report.other.append(str(meta.relative_to(cache.root)))
     known = {m.digest[7:] for m in inv.models}  # an evicted model's lastuse went with it
     for hexd in inv.lastuse:
         if hexd not in known:
+            path = cache.lastuse_path(hexd)
             if not dry_run:
-                (root / contract.LASTUSE_DIR / hexd).unlink(missing_ok=True)
-            report.other.append(f"{contract.LASTUSE_DIR}/{hexd}")
+                path.unlink(missing_ok=True)
+            report.other.append(str(path.relative_to(cache.root)))
 
     log.info("gc.done", dry_run=dry_run or None, models_removed=len(report.evicted), blobs_removed=len(report.blobs),
              partials_removed=len(report.partials), tmp_removed=len(report.tmp), refs_removed=len(report.refs),
@@ -469,10 +441,10 @@ def _remove_model(cache: Cache, inv: Inventory, hexd: str) -> bool:
     def remove() -> None:
         for name, target in inv.links.items():
             if target == hexd:
-                (cache.root / contract.REFS_DIR / name).unlink(missing_ok=True)
+                cache.ref_link_path(name).unlink(missing_ok=True)
         cache.meta_path(f"sha256:{hexd}").unlink(missing_ok=True)
         cache.remove_tree(cache.model_path(f"sha256:{hexd}"))
-        (cache.root / contract.LASTUSE_DIR / hexd).unlink(missing_ok=True)
+        cache.lastuse_path(hexd).unlink(missing_ok=True)
 
     return _locked(cache, f"model-{hexd}", remove)
 
