@@ -23,7 +23,8 @@ Errors are types, never matched by their text (loader.errors has the tree)::
     anything else       ProtocolError (loader.transport), as is a broken header or a broken bound
     no connection       ConnectError; a dropped one TransientError
 
-Nothing here retries: ``retrying`` is the helper callers wrap small requests in.
+Nothing here retries: callers wrap small requests in loader.retry.call, and blob reads go through the copy
+engine (loader.fetch.transfer), under the one retry policy (loader.retry).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import re
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -71,9 +72,8 @@ if TYPE_CHECKING:
     from loader.credentials import DockerConfig
 
 __all__ = [
-    "INDEX_TYPES", "MANIFEST_TYPES", "MAX_MANIFEST_BYTES", "SMALL_REQUEST_ATTEMPTS", "USER_AGENT", "BlobResponse",
-    "Endpoint", "Manifest", "RegistryClient", "backoff_delays", "parse_content_range", "parse_retry_after",
-    "retrying",
+    "INDEX_TYPES", "MANIFEST_TYPES", "MAX_MANIFEST_BYTES", "USER_AGENT", "BlobResponse",
+    "Endpoint", "Manifest", "RegistryClient", "parse_content_range", "parse_retry_after",
 ]
 
 MAX_ERROR_BODY = 4096
@@ -544,30 +544,3 @@ def _media_type(resp: Response) -> str:
     return (resp.header("Content-Type") or "").split(";")[0].strip()[:MAX_MEDIA_TYPE]
 
 
-# --------------------------------------------------------------------------------------------------- retries
-def backoff_delays(attempts: int, base: float = 0.5, cap: float = 10.0) -> Iterator[float]:
-    delay = base
-    for _ in range(attempts):
-        yield delay
-        delay = min(cap, delay * 2)
-
-
-#: Tries of one small request (a manifest, a HEAD, an upload POST) before it is a NetworkError.
-SMALL_REQUEST_ATTEMPTS = 4
-
-
-def retrying(fn: Callable[[], T], log: Log | None, event: str, **fields: object) -> T:
-    """``fn()``, one small request, retried on transient faults with backoff that honours Retry-After (capped at
-    30 s); after SMALL_REQUEST_ATTEMPTS tries, a NetworkError. Each retry is logged as ``event`` with ``fields``."""
-    delays = list(backoff_delays(SMALL_REQUEST_ATTEMPTS - 1, base=0.25))
-    for i in range(SMALL_REQUEST_ATTEMPTS):
-        try:
-            return fn()
-        except TransientError as exc:
-            if i == SMALL_REQUEST_ATTEMPTS - 1:
-                raise NetworkError(f"{exc} (after {SMALL_REQUEST_ATTEMPTS} attempts)") from exc
-            delay = min(exc.retry_after, 30.0) if exc.retry_after is not None else delays[i]
-            if log is not None:
-                log.warning(event, **fields, attempt=i + 1, delay_s=delay, error=str(exc))
-            time.sleep(delay)
-    raise AssertionError("unreachable")
