@@ -4,7 +4,9 @@
 2. generate certificates and start the webhook over TLS with a sample inventory (a CRI-O and a containerd pool)
 3. send it the pod of examples/deployment.yaml twice, once per pool, and show each decision and patch
 4. run the injected init container's exact command line locally, show the model tree, run it again (warm hit)
-5. stop everything it started
+5. run it as another tenant would, naming the model's digest on a registry it made unreachable: refused (exit 7),
+   the shared cache's access rule (docs/architecture.md)
+6. stop everything it started
 
 Exits non-zero if any step fails.
 """
@@ -201,7 +203,23 @@ def main() -> int:
         t0 = time.monotonic()
         subprocess.run(local, check=True)
         warm = time.monotonic() - t0
-        print(f"{GREEN}warm cache hit in {warm:.2f}s{RESET} (one manifest HEAD, no blob download)")
+        print(f"{GREEN}warm cache hit in {warm:.2f}s{RESET} (manifest HEAD and GET, a 64-byte proof per blob over"
+              " plain HTTP, no blob download)")
+
+        step("5. another tenant on the same node names the model's digest on a registry it made unreachable")
+        as_json = [("json" if k and local[k - 1] == contract.FLAG_OUTPUT else a) for k, a in enumerate(local)]
+        result = subprocess.run(as_json, check=True, capture_output=True, text=True)
+        digest = json.loads(result.stdout.splitlines()[-1])["digest"]
+        at = local.index(contract.PULL) + 1  # the reference
+        stolen = [*local[:at], f"127.0.0.1:9/models/phi3-mini@{digest}", *local[at + 1:]]
+        print("its init container: " + " ".join(stolen[at - 1:at + 1]) + " ... (the same flags, the same node cache)")
+        out = subprocess.run(stolen, capture_output=True, text=True)
+        last = out.stderr.strip().splitlines()[-1] if out.stderr.strip() else ""
+        if out.returncode != 7 or "is not given out" not in out.stderr:
+            raise RuntimeError(f"another tenant got the cached model: exit {out.returncode}: {last}")
+        print(f"{GREEN}refused (exit {out.returncode}){RESET}: an outage proves nothing; the cache keeps the model for"
+              " the identity that read it (docs/architecture.md, 'The shared cache')")
+        print(f"  {DIM}{last[:300]}{RESET}")
         step(f"done in {time.monotonic() - t_start:.1f}s")
         return 0
     except (subprocess.CalledProcessError, RuntimeError, httpx.HTTPError, OSError, KeyError, StopIteration) as exc:
