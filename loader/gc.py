@@ -28,7 +28,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from loader.cache import Cache
+from loader.cache import GC_LOCK_TIMEOUT, Cache
 from loader.digest import Digest
 from loader.errors import UsageError
 from loader.reference import ReferenceError, cache_key, parse
@@ -353,12 +353,13 @@ class Report:
 
 
 def collect(cache: Cache, policy: Policy, keep_refs: list[str], log: Logger, dry_run: bool = False,
-            now: float | None = None) -> Report:
-    """Evict by ``policy`` and remove what no remaining model needs. ``dry_run`` takes no lock and changes nothing."""
+            now: float | None = None, lock_timeout: float = GC_LOCK_TIMEOUT) -> Report:
+    """Evict by ``policy`` and remove what no remaining model needs. ``dry_run`` takes no lock and changes nothing.
+    Waits at most ``lock_timeout`` seconds for running pulls (LockTimeout, exit 7, after that)."""
     if dry_run:
         return _collect(cache, policy, keep_refs, log, True, now)
     cache.ensure()
-    with cache.gc_lock(shared=False):
+    with cache.gc_lock(shared=False, timeout=lock_timeout):
         return _collect(cache, policy, keep_refs, log, False, now)
 
 

@@ -375,3 +375,74 @@ def test_a_pull_waits_for_a_running_gc_for_a_bounded_time(tmp_path, registry, pu
     with cache.gc_lock(shared=False):
         err = refused(f"{registry.host}/tenant/gc:v1", cache.root, gc_lock_timeout=0.3)
     assert isinstance(err, LockTimeout) and err.exit_code == 7 and "running gc" in str(err)
+
+
+def test_gc_waits_for_running_pulls_for_a_bounded_time(tmp_path):
+    cache = Cache(tmp_path / "cache").ensure()
+    with cache.gc_lock(shared=True):  # a pull in progress
+        proc = subprocess.run([sys.executable, "-m", "loader.cli", "gc", "--cache", str(cache.root), "--max-size",
+                               "0", "--wait", "1s"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 7 and "running pulls" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ---- end to end: a bomb, and bundles whose digests are paths ------------------------------------------------------
+@pytest.mark.needs_root
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a small tmpfs as a real full disk: only root may")
+def test_a_zstd_bomb_stops_before_the_cache_disk_is_full(tmp_path, registry, pusher):
+    from tests.support.oci import UNPACK, Layer, tar_bytes
+
+    bomb = tar_bytes({"m/weights.bin": bytes(64 << 20)}, compress="zstd")  # a few KB expanding to 64 MiB
+    assert len(bomb) < 100_000
+    pusher.push_artifact("tenant/bomb", "v1", [Layer(bomb, "application/vnd.oci.image.layer.v1.tar+zstd",
+                                                      {"org.opencontainers.image.title": "m", UNPACK: "true"})])
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(mnt)], check=True)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "loader.cli", "pull", f"{registry.host}/tenant/bomb:v1",
+                               "--cache", str(mnt), "--progress", "none"], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 6, proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr and "tenant/bomb" in proc.stderr
+        st = os.statvfs(mnt)
+        assert st.f_bavail * st.f_frsize > 512 << 10  # the reserve is still free for everyone else
+        assert os.listdir(mnt / "models/sha256") == [] and os.listdir(mnt / "refs") == []
+        assert os.listdir(mnt / "tmp") == []
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def _bundle(path: Path, index_entries: list[dict], blobs: dict[str, bytes]) -> None:
+    import tarfile
+
+    def add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        tf.addfile(info, io.BytesIO(data))
+
+    with tarfile.open(path, "w") as tf:
+        add(tf, "oci-layout", b'{"imageLayoutVersion": "1.0.0"}')
+        add(tf, "index.json", json.dumps({"schemaVersion": 2, "manifests": index_entries}).encode())
+        for name, data in blobs.items():
+            add(tf, f"blobs/sha256/{name}", data)
+
+
+@pytest.mark.parametrize("where", ["index.json", "layer"])
+def test_a_bundle_whose_digests_are_paths_imports_nothing(warm, where):
+    cache_dir, sentinel = warm[0], warm[1]
+    bad = _pad("../../../outside/secret.txt/")
+    bundle = sentinel.parent / "evil.tar"
+    if where == "index.json":
+        _bundle(bundle, [{"mediaType": OCI_MANIFEST, "digest": bad, "size": 10}], {})
+    else:
+        body = manifest_bytes([{"mediaType": "application/octet-stream", "digest": bad, "size": 21,
+                                "annotations": {"org.opencontainers.image.title": "w.bin"}}])
+        _bundle(bundle, [{"mediaType": OCI_MANIFEST, "digest": sha256(body), "size": len(body),
+                          "annotations": {"io.containerd.image.name": "evil.example/m:v1"}}],
+                {sha256(body)[7:]: body, sha256(b"{}")[7:]: b"{}"})
+    snap = snapshot(sentinel)
+    proc = subprocess.run([sys.executable, "-m", "loader.cli", "import", str(bundle), "--cache", str(cache_dir)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 8, proc.stderr[-2000:]
+    assert "is not sha256: followed by 64 lowercase hex digits" in proc.stderr and "Traceback" not in proc.stderr
+    unchanged(warm)
+    assert snapshot(sentinel) == snap

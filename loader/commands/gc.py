@@ -29,6 +29,8 @@ def add_parser(sub: SubParsers, settings: LoaderSettings) -> None:
     p.add_argument("--keep-file", metavar="FILE",
                    help="models never to remove: one ref per line, # comments (the prefetch models list)")
     p.add_argument("--dry-run", action="store_true", help="print what would be removed; change nothing")
+    p.add_argument("--wait", metavar="DURATION", default="15m",
+                   help="how long to wait for running pulls to finish before giving up (exit 7; default 15m)")
     p.add_argument(contract.FLAG_OUTPUT, choices=["text", "json"], default="text")
 
 
@@ -45,7 +47,8 @@ def run(args: argparse.Namespace, settings: LoaderSettings, log: Logger) -> int:
     if not Path(args.cache).is_dir():
         raise UsageError(f"{contract.FLAG_CACHE} {args.cache!r} is not a directory")
     cache = Cache(args.cache)
-    report = gc.collect(cache, policy, keep, log, dry_run=args.dry_run)
+    wait = gc.parse_duration(args.wait, "--wait")
+    report = gc.collect(cache, policy, keep, log, dry_run=args.dry_run, lock_timeout=wait)
     if args.output == "json":
         print(json.dumps(report.as_json()), flush=True)
     else:
