@@ -12,7 +12,7 @@ all: test
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[webhook,test]'
 	touch $(STAMP)
 
 # Debian's CNCF Distribution registry and skopeo: the tests and the demo run against them.

@@ -2,10 +2,17 @@
 deployment relies on (a pinned slim base, wheels built in one stage and only installed in the last, a numeric
 non-root USER that matches the Deployment, an exec-form ENTRYPOINT naming an installed console script, a
 read-only-root-friendly environment), and .dockerignore is evaluated with Docker's matching rules.
+
+The extras split is checked against the installed distributions: the loader image installs the project alone and
+the webhook image ``model-cache[webhook]``; each side's imports (read from the source, imports inside functions
+included) are declared where they are used; the loader's install set holds no distribution of the webhook extra;
+and in an interpreter that can import only what the loader image holds, every loader module imports and
+``model-cache-webhook`` says which extra to install.
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import importlib.metadata
 import importlib.util
@@ -20,12 +27,18 @@ from pathlib import Path
 
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from loader import contract
+from webhook.cli import WEBHOOK_EXTRA
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGES = {"webhook": "Dockerfile.webhook", "loader": "Dockerfile.loader"}
 ENTRYPOINTS = {"webhook": "model-cache-webhook", "loader": "model-loader"}
+# What each image builds wheels of and installs: the loader the project alone, the webhook its `webhook` extra too.
+WHEELS = {"webhook": ".[webhook]", "loader": "."}
+INSTALLS = {"webhook": "model-cache[webhook]", "loader": "model-cache"}
 BASE = "python:3.11.14-slim-bookworm"
 # An exact patch version of a slim Debian 12 Python 3.11, optionally also pinned by digest.
 PINNED = re.compile(r"^python:3\.11\.\d+-slim-bookworm(@sha256:[0-9a-f]{64})?$")
@@ -147,7 +160,9 @@ def test_multi_stage_on_a_pinned_slim_base(image):
 @pytest.mark.parametrize("image", sorted(IMAGES))
 def test_build_stage_makes_wheels_of_the_project(image):
     build = stages_of(image)[0]
-    assert [i.args for i in build.all("RUN")] == ["python -m pip wheel --wheel-dir /wheels ."]
+    assert [shlex.split(i.args) for i in build.all("RUN")] == [
+        ["python", "-m", "pip", "wheel", "--wheel-dir", "/wheels", WHEELS[image]]
+    ]
     assert [(i.flags, i.args) for i in build.all("COPY")] == [
         ({}, "pyproject.toml README.md ./"),
         ({}, "webhook ./webhook"),
@@ -165,10 +180,10 @@ def test_runtime_stage_installs_only_the_wheels(image):
     # The wheels come from the build stage through a bind mount (not a COPY, so they are not a layer), pip may
     # not reach an index, and pip is removed once it has done its job.
     assert install.flags == {"mount": "type=bind,from=build,source=/wheels,target=/wheels"}
-    assert install.args == (
-        "python -m pip install --no-cache-dir --no-index --find-links=/wheels model-cache"
-        " && python -m pip uninstall --yes pip setuptools wheel"
-    )
+    assert shlex.split(install.args) == [
+        "python", "-m", "pip", "install", "--no-cache-dir", "--no-index", "--find-links=/wheels", INSTALLS[image],
+        "&&", "python", "-m", "pip", "uninstall", "--yes", "pip", "setuptools", "wheel",
+    ]
     for instruction in stage.body:
         assert not BUILD_TOOLS.search(instruction.args), instruction
     assert stage.all("COPY") == [] and stage.all("ADD") == []
@@ -323,3 +338,175 @@ def test_every_copy_source_exists_and_is_in_the_context(image):
         assert path.exists(), src
         files = [path] if path.is_file() else [p for p in path.rglob("*.py") if "__pycache__" not in p.parts]
         assert files and all(in_context(f.relative_to(ROOT).as_posix()) for f in files), src
+
+
+# --- the extras split: the loader image holds what the loader imports, nothing of the webhook's ------------------
+
+FIRST_PARTY = {"webhook", "loader", "tests", "bench", "examples"}
+# The whole install set of the loader image, besides the project: [project].dependencies and what they require.
+LOADER_CLOSURE = {"zstandard", "prometheus-client"}
+# Declared in the webhook extra but never imported by name: uvicorn loads them (webhook/server.py's Config).
+UVICORN_LOADS = {"httptools": 'http="httptools"', "uvloop": 'loop="uvloop"'}
+
+
+def declared(group: str) -> dict[str, Requirement]:
+    """pyproject.toml's requirements: "project" for [project].dependencies, else that optional extra."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    texts = project["dependencies"] if group == "project" else project["optional-dependencies"][group]
+    return {canonicalize_name(r.name): r for r in map(Requirement, texts)}
+
+
+def closure(requirements: list[Requirement]) -> set[str]:
+    """The distributions pip installs for ``requirements`` (with their extras), read off the installed metadata."""
+    seen: set[tuple[str, str]] = set()
+    todo = [(r, "") for r in requirements]
+    while todo:
+        req, extra = todo.pop()
+        if req.marker is not None and not req.marker.evaluate({"extra": extra}):
+            continue
+        name = canonicalize_name(req.name)
+        dist = importlib.metadata.distribution(name)  # installed: `make` installs .[webhook,test]
+        for wanted in ("", *req.extras):
+            if (name, wanted) in seen:
+                continue
+            seen.add((name, wanted))
+            todo.extend((Requirement(t), wanted) for t in dist.requires or [])
+    return {name for name, _ in seen}
+
+
+def distributions_of(module: str) -> set[str]:
+    """The installed distributions that provide top-level ``module``."""
+    return {canonicalize_name(d) for d in importlib.metadata.packages_distributions().get(module, [])}
+
+
+def third_party_imports(*folders: str) -> dict[str, dict[str, bool]]:
+    """Top-level modules that aren't the standard library's or ours, imported anywhere under ``folders`` (inside
+    functions too) -> {file:line: whether the import runs (False: only under ``if TYPE_CHECKING``)}."""
+    found: dict[str, dict[str, bool]] = {}
+
+    def visit(node: ast.AST, where: Path, runs: bool) -> None:
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            for child in node.body:
+                visit(child, where, False)
+            for child in node.orelse:
+                visit(child, where, runs)
+            return
+        names = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module]
+        for name in names:
+            top = name.partition(".")[0]
+            if top not in sys.stdlib_module_names and top not in FIRST_PARTY:
+                found.setdefault(top, {})[f"{where.relative_to(ROOT)}:{node.lineno}"] = runs
+        for child in ast.iter_child_nodes(node):
+            visit(child, where, runs)
+
+    for folder in folders:
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            visit(ast.parse(path.read_text(), str(path)), path, True)
+    return found
+
+
+def test_the_loader_image_installs_no_distribution_of_the_webhook_extra():
+    loader = closure(list(declared("project").values()))
+    webhook = closure(list(declared("webhook").values()))
+    assert loader == LOADER_CLOSURE
+    assert not loader & set(declared("webhook")), "a webhook dependency is in the loader image"
+    assert webhook - loader >= {"fastapi", "kubernetes", "cryptography", "pydantic", "starlette", "urllib3"}
+    assert not set(declared("test")) & (set(declared("project")) | set(declared("webhook")))
+
+
+def test_each_side_declares_what_it_imports():
+    project, webhook, test = declared("project"), declared("webhook"), declared("test")
+    for folders, allowed, closed in [
+        (("loader",), set(project), closure(list(project.values()))),
+        (("webhook",), set(project) | set(webhook), closure([*project.values(), *webhook.values()])),
+        (("tests", "bench", "examples"), set(project) | set(webhook) | set(test), None),
+    ]:
+        for module, sites in third_party_imports(*folders).items():
+            dists = distributions_of(module)
+            assert dists, f"{module} (imported at {sorted(sites)}) is not installed"
+            # An import that runs needs its distribution declared on that side; a type-only one, in its closure.
+            if any(sites.values()):
+                assert dists & allowed, f"{folders}: {module} ({sorted(sites)}) is not declared for it"
+            elif closed is not None:
+                assert dists & closed, f"{folders}: {module} ({sorted(sites)}) is not installed with it"
+    # And each runtime dependency is imported where it is declared: the loader's by the loader, the webhook
+    # extra's by the webhook and not by the loader (else it belongs to [project].dependencies).
+    imported = {
+        side: {d for m, sites in third_party_imports(side).items() if any(sites.values()) for d in distributions_of(m)}
+        for side in IMAGES
+    }
+    assert set(project) <= imported["loader"]
+    assert not set(webhook) & imported["loader"]
+    server = (ROOT / "webhook" / "server.py").read_text()
+    for dist, named in UVICORN_LOADS.items():
+        assert named in server and dist in webhook and dist not in imported["webhook"]
+    assert set(webhook) - set(UVICORN_LOADS) == imported["webhook"] - set(project)
+
+
+def test_the_cli_knows_the_webhook_extra_modules():
+    # webhook.cli turns a ModuleNotFoundError of one of these into "install model-cache[webhook]".
+    webhook = set(declared("webhook"))
+    modules = {m for m in third_party_imports("webhook") if distributions_of(m) & webhook}
+    assert modules | set(UVICORN_LOADS) == WEBHOOK_EXTRA
+
+
+# A child interpreter that can import only what the loader image holds: the standard library, the project, and
+# the top-level modules of LOADER_CLOSURE's distributions.
+LOADER_IMAGE_PYTHON = """
+import importlib.abc, sys
+ALLOWED = set(sys.argv[1].split(","))
+class LoaderImageOnly(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        top = name.partition(".")[0]
+        if top in sys.stdlib_module_names or top in ALLOWED:
+            return None
+        raise ModuleNotFoundError(f"No module named {name!r} (not in the loader image)", name=name)
+sys.meta_path.insert(0, LoaderImageOnly())
+"""
+
+
+def in_loader_image(code: str, *args: str) -> subprocess.CompletedProcess[str]:
+    allowed = {"webhook", "loader"} | {
+        module
+        for module, dists in importlib.metadata.packages_distributions().items()
+        if {canonicalize_name(d) for d in dists} <= LOADER_CLOSURE
+    }
+    return subprocess.run(
+        [sys.executable, "-c", LOADER_IMAGE_PYTHON + code, ",".join(sorted(allowed)), *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+
+
+def test_every_loader_module_imports_with_only_the_loader_images_packages():
+    done = in_loader_image(
+        "import pkgutil, importlib, loader\n"
+        "names = [m.name for m in pkgutil.walk_packages(loader.__path__, 'loader.')]\n"
+        "for name in names: importlib.import_module(name)\n"
+        "print(len(names), 'loader modules imported', flush=True)\n"
+        "import yaml\n"  # and the blocker works
+    )
+    assert re.fullmatch(r"(\d+) loader modules imported\n", done.stdout), done.stderr
+    assert int(done.stdout.split()[0]) >= 20
+    assert done.returncode == 1
+    assert done.stderr.endswith("ModuleNotFoundError: No module named 'yaml' (not in the loader image)\n"), done.stderr
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["certs", "--service", "s", "--namespace", "n", "--out", "/nonexistent/out"],
+        ["serve", "--tls-cert", "/nonexistent/c", "--tls-key", "/nonexistent/k"],
+        ["mutate", "-f", "/nonexistent/pods.yaml"],
+    ],
+    ids=lambda argv: argv[0],
+)
+def test_the_webhook_cli_without_its_extra_says_what_to_install(argv):
+    done = in_loader_image("import sys\nfrom webhook.cli import main\nsys.exit(main(sys.argv[2:]))\n", *argv)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    [line] = done.stderr.splitlines()
+    assert line.startswith("model-cache-webhook: ") and line.endswith("install model-cache[webhook]"), line

@@ -11,6 +11,10 @@ a socket is opened. ``mutate`` is the GitOps preview: it runs the same pure core
 a file (Pods, and the pod templates of Deployments, StatefulSets, DaemonSets, Jobs, CronJobs and ReplicaSets),
 prints the mutated objects as YAML on stdout and the decisions and warnings on stderr, and exits 1 if any object
 would be denied.
+
+The webhook's dependencies are the ``webhook`` extra (``pip install 'model-cache[webhook]'``); the loader image
+installs the project without them. This module imports none of them at the top, so that a missing extra is an
+exit 2 with that advice rather than a traceback.
 """
 
 from __future__ import annotations
@@ -21,8 +25,6 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import yaml
-
 from webhook.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -31,6 +33,15 @@ if TYPE_CHECKING:
 EXIT_OK = 0
 EXIT_DENIED = 1
 EXIT_USAGE = 2
+
+# The top-level modules of the ``webhook`` extra (pyproject.toml): what is absent where only the loader's
+# dependencies are installed. httptools and uvloop are loaded by uvicorn, by name.
+WEBHOOK_EXTRA = frozenset(
+    {
+        "fastapi", "uvicorn", "httptools", "uvloop", "orjson", "pydantic", "pydantic_settings", "typing_extensions",
+        "kubernetes", "cryptography", "yaml", "jsonpatch",
+    }
+)
 
 log = logging.getLogger("webhook")
 
@@ -219,6 +230,8 @@ def _certs(args: argparse.Namespace) -> int:
 
 
 def _read_documents(name: str) -> list[Any]:
+    import yaml
+
     text = sys.stdin.read() if name == "-" else Path(name).read_text(encoding="utf-8")
     return [doc for doc in yaml.safe_load_all(text) if doc is not None]
 
@@ -243,6 +256,8 @@ def _describe(obj: Any) -> str:
 
 
 def _mutate(args: argparse.Namespace, settings: Any) -> int:
+    import yaml
+
     from webhook import admission
     from webhook import inventory as inv
     from webhook.errors import Denied, MalformedReview
@@ -284,6 +299,15 @@ def _mutate(args: argparse.Namespace, settings: Any) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    try:
+        return _run(args)
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").partition(".")[0] not in WEBHOOK_EXTRA:
+            raise
+        return _fail(f"{exc.name} is missing: the webhook's dependencies are an extra, install model-cache[webhook]")
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.command == "certs":
         return _certs(args)  # needs no cluster settings
     from webhook.config import load_settings
