@@ -13,12 +13,11 @@ ways to get one are :meth:`Digest.parse` (at a boundary, naming where the value 
 from __future__ import annotations
 
 import hashlib
-import re
 
 from loader.errors import ArtifactError
+from loader.reference import DIGEST_RE as _RE
 
 ALGORITHM = "sha256"
-_RE = re.compile(r"sha256:[0-9a-f]{64}")
 
 
 class InvalidDigest(ArtifactError):

@@ -18,7 +18,9 @@ DOCKER_HUB_ENDPOINT = "registry-1.docker.io"
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 _REPOSITORY_RE = re.compile(rf"^{_COMPONENT}(?:/{_COMPONENT})*$")
 _TAG_RE = re.compile(r"^[\w][\w.-]{0,127}$")
-_DIGEST_RE = re.compile(r"^sha256:[a-f0-9]{64}$")
+#: The one digest syntax (loader.digest.Digest uses it too): sha256 and 64 lowercase hex, matched whole (``$`` would
+#: let a trailing newline through).
+DIGEST_RE = re.compile(r"sha256:[a-f0-9]{64}")
 _HOST_RE = re.compile(
     r"^(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)*"
     r"|\[[0-9a-fA-F:.]+\])(?::[0-9]{1,5})?$"
@@ -87,7 +89,7 @@ def parse(text: str) -> Reference:
     digest = None
     if "@" in text:
         text, digest = text.split("@", 1)
-        if not _DIGEST_RE.match(digest):
+        if not DIGEST_RE.fullmatch(digest):
             raise ReferenceError(
                 f"reference {raw!r} has digest {digest!r}: a digest is sha256: followed by 64 lowercase hex digits"
             )
