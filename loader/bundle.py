@@ -171,7 +171,18 @@ def export(refs: list[str], out: str | Path, opts: RegistryOptions, log: Any) ->
                 raise DigestMismatch(f"registry {ref.registry} returned a manifest for {ref} hashing to {digest}")
             assert top.data is not None
             parsed_top = oci.parse_manifest(top.data, digest, top.media_type, label)
-            _collect(client, top.data, parsed_top, manifests, blobs, log, label, 0)
+
+            def child(d: oci.Descriptor, client: RegistryClient = client,
+                      label: str = label) -> tuple[bytes, oci.Manifest]:
+                got = _retrying(functools.partial(client.get_manifest, d.digest), log, label)  # verified by digest
+                assert got.data is not None
+                return got.data, oci.parse_manifest(got.data, d.digest, d.media_type or got.media_type, label)
+
+            ref_manifests, ref_blobs = oci.closure(top.data, parsed_top, child, label)
+            for mdigest, _, mdata in ref_manifests:
+                manifests.setdefault(mdigest, mdata)
+            for bdigest, size in ref_blobs.items():
+                blobs.setdefault(bdigest, (size, client))
             ann = {IMAGE_NAME: label}
             if ref.tag:
                 ann[REF_NAME] = ref.tag
@@ -207,22 +218,6 @@ def export(refs: list[str], out: str | Path, opts: RegistryOptions, log: Any) ->
     nblobs = len(set(manifests) | set(blobs))
     log.info("export.done", bundle=str(out), refs=len(results), blobs=nblobs, bytes=total, seconds=round(secs, 3))
     return ExportResult(str(out), results, nblobs, total, secs)
-
-
-def _collect(client: RegistryClient, data: bytes, m: oci.Manifest, manifests: dict[Digest, bytes],
-             blobs: dict[Digest, tuple[int, RegistryClient]], log: Any, label: str, depth: int) -> None:
-    if depth > oci.MAX_INDEX_DEPTH:
-        raise ArtifactError(f"{label}: indexes nested deeper than {oci.MAX_INDEX_DEPTH}")
-    manifests.setdefault(m.digest, data)
-    if isinstance(m, oci.ImageIndex):
-        for child in m.manifests:
-            got = _retrying(functools.partial(client.get_manifest, child.digest), log, label)  # verified by digest
-            assert got.data is not None
-            parsed = oci.parse_manifest(got.data, child.digest, child.media_type or got.media_type, label)
-            _collect(client, got.data, parsed, manifests, blobs, log, label, depth + 1)
-        return
-    for d in m.blobs():
-        blobs.setdefault(d.digest, (d.size, client))
 
 
 def _export_blob(w: TarWriter, client: RegistryClient, digest: Digest, size: int, log: Any) -> None:
@@ -395,25 +390,12 @@ class Bundle:
             raise DigestMismatch(f"{self.path}: blob {digest} hashes to {got}; the bundle is corrupt (damaged in"
                                  " transfer?), nothing was imported: export it again")
 
-    def closure(self, digest: Digest, media_type: str, size: int | None, label: str,
-                depth: int = 0) -> tuple[list[tuple[Digest, str, bytes]], dict[Digest, int]]:
+    def closure(self, digest: Digest, media_type: str, size: int | None,
+                label: str) -> tuple[list[tuple[Digest, str, bytes]], dict[Digest, int]]:
         """Every manifest (children first) and blob a ref needs: ([(digest, media type, bytes)], {digest: size})."""
-        if depth > oci.MAX_INDEX_DEPTH:
-            raise ArtifactError(f"{label}: indexes nested deeper than {oci.MAX_INDEX_DEPTH}")
         data, m = self.manifest(digest, media_type, size, label)
-        manifests: list[tuple[Digest, str, bytes]] = []
-        blobs: dict[Digest, int] = {}
-        if isinstance(m, oci.ImageIndex):
-            for child in m.manifests:
-                cm, cb = self.closure(child.digest, child.media_type or oci.OCI_MANIFEST, child.size, label,
-                                      depth + 1)
-                manifests += [x for x in cm if x[0] not in {y[0] for y in manifests}]
-                blobs.update(cb)
-        else:
-            for d in m.blobs():
-                blobs[d.digest] = d.size
-        manifests.append((digest, m.media_type, data))
-        return manifests, blobs
+        return oci.closure(data, m, lambda d: self.manifest(d.digest, d.media_type or oci.OCI_MANIFEST, d.size, label),
+                           label)
 
     def image(self, e: BundleRef) -> oci.ImageManifest:
         """The model manifest of a bundle entry: the entry itself, or the index child a pull would choose."""

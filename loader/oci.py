@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import platform
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -130,6 +130,34 @@ def parse_manifest(data: bytes, digest: Digest, header_media_type: str, where: s
     config = Descriptor.parse(cfg, f"{where}: manifest {digest} config") if cfg is not None else None
     descs = tuple(Descriptor.parse(layer, f"{where}: manifest {digest} layer {i}") for i, layer in enumerate(layers))
     return ImageManifest(digest, mt, config, descs, obj)
+
+
+def closure(data: bytes, root: Manifest, child: Callable[[Descriptor], tuple[bytes, Manifest]],
+            where: str) -> tuple[list[tuple[Digest, str, bytes]], dict[Digest, int]]:
+    """Every manifest under ``root`` (children before their parents, each once) and every blob they reference
+    (``{digest: size}``). ``child(descriptor)`` fetches an index's child, verified against its digest: the walk
+    itself is pure, whatever the store. Nesting deeper than MAX_INDEX_DEPTH is refused."""
+    manifests: list[tuple[Digest, str, bytes]] = []
+    blobs: dict[Digest, int] = {}
+    seen: set[Digest] = set()
+
+    def visit(data: bytes, m: Manifest, depth: int) -> None:
+        if depth > MAX_INDEX_DEPTH:
+            raise ArtifactError(f"{where}: indexes nested deeper than {MAX_INDEX_DEPTH}")
+        if m.digest in seen:
+            return
+        seen.add(m.digest)
+        if isinstance(m, ImageIndex):
+            for d in m.manifests:
+                child_data, child_m = child(d)
+                visit(child_data, child_m, depth + 1)
+        else:
+            for d in m.blobs():
+                blobs.setdefault(d.digest, d.size)
+        manifests.append((m.digest, m.media_type, data))
+
+    visit(data, root, 0)
+    return manifests, blobs
 
 
 def node_arch() -> str:
