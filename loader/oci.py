@@ -28,7 +28,7 @@ INDEX_TYPES = (OCI_INDEX, DOCKER_MANIFEST_LIST)
 
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024  # the distribution spec's recommended limit
 MAX_BLOB_SIZE = 1 << 50  # 1 PiB: a larger size is a lie, not a model
-MAX_LAYERS = 100_000  # per manifest; bounds what one manifest can make us plan
+MAX_LAYERS = 10_000  # per manifest (or index): bounds what one manifest can make us plan and open
 MAX_INDEX_DEPTH = 4  # nested indexes
 
 
