@@ -23,7 +23,16 @@ FLAG_PLAIN_HTTP = "--plain-http"
 FLAG_INSECURE = "--insecure-skip-tls-verify"
 FLAG_MIRROR = "--mirror"
 FLAG_OFFLINE = "--offline"
-FLAG_CHECK_ACCESS = "--check-access"  # HEAD the registry even for a cached digest (shared caches)
+FLAG_CHECK_ACCESS = "--check-access"  # a cached model only for a pod that proves access (shared caches)
+# Issue 15: pin the pod to the digest it verified. The webhook passes ``--pod-uid $(MODEL_CACHE_POD_UID)`` (kubelet
+# expands $(VAR) in args from the container's env, here the downward API's metadata.uid) and
+# ``--node-name $(MODEL_CACHE_NODE_NAME)`` (spec.nodeName); the loader then writes pod_entry() for each model.
+FLAG_POD_UID = "--pod-uid"
+FLAG_NODE_NAME = "--node-name"
+FLAG_CA_FILE = "--ca-file"  # extra CA certificates (PEM) to trust for registries; repeatable
+FLAG_PLAIN_HTTP_REGISTRY = "--plain-http-registry"  # HOST[:PORT] spoken to over plain HTTP; repeatable
+ENV_POD_UID = "MODEL_CACHE_POD_UID"  # fieldRef metadata.uid: in the loader and in every app container it mounts into
+ENV_NODE_NAME = "MODEL_CACHE_NODE_NAME"  # fieldRef spec.nodeName: in the loader
 
 # --- cache layout (relative to the cache root) ------------------------------------------------------------------
 BLOBS_DIR = "blobs/sha256"  # verified blobs, read-only, named by hex digest
@@ -33,6 +42,8 @@ REFS_DIR = "refs"  # one symlink per reference -> ../models/sha256/<hex>
 LOCKS_DIR = "locks"
 TMP_DIR = "tmp"  # staging trees; same filesystem as models/ so publish is a rename
 LASTUSE_DIR = "lastuse"  # one file per manifest digest, mtime = last pull or hit
+PODS_DIR = "pods"  # pods/<pod-uid>/<cache_key(ref)> -> ../../models/sha256/<hex>: what each pod verified and mounts
+POD_NODE_FILE = ".node"  # pods/<pod-uid>/.node: the node the pod runs on (gc on a shared claim judges only its own)
 
 
 def ref_subpath(ref: Reference | str) -> str:
@@ -45,10 +56,25 @@ def ref_subpath(ref: Reference | str) -> str:
     return posixpath.join(REFS_DIR, cache_key(ref))
 
 
+def pod_entry(ref: Reference | str, pod_uid: str) -> str:
+    """Path, relative to the cache root, of one pod's pinned link to the model tree it verified. Never moved while
+    the pod exists, so a restarted container (kubelet resolves subPaths afresh on every start) sees the same digest
+    even after the tag moved."""
+    return posixpath.join(PODS_DIR, pod_uid, cache_key(ref))
+
+
+def pod_subpath_expr(ref: Reference | str) -> str:
+    """What the app's volumeMount puts in ``subPathExpr``: pod_entry() with the UID from the container's env."""
+    return posixpath.join(PODS_DIR, f"$({ENV_POD_UID})", cache_key(ref))
+
+
 # --- where things live inside the pod -----------------------------------------------------------------------
 DEFAULT_NODE_CACHE = "/var/lib/model-cache"  # hostPath on the node for the `node` cache
 CACHE_MOUNT = "/cache"  # the cache volume inside the loader container
 DOCKER_CONFIG_MOUNT = "/run/model-cache/docker"  # each pull secret at <this>/<secret-name>/ (config.json or .dockercfg)
+CA_MOUNT = "/run/model-cache/ca"  # the admin's CA bundle ConfigMap, projected read-only (optional: a missing one is
+#                                   reported by the loader, naming it, instead of a pod stuck in ContainerCreating)
+CA_BUNDLE_KEY = "ca.crt"  # the key of that ConfigMap (trust-manager's and cert-manager's convention)
 
 
 class ExitCode(enum.IntEnum):
