@@ -130,11 +130,14 @@ class RegistryOptions:
     credentials: Any = None
     timeout: float = 30.0
     concurrency: int = 4
+    ca_files: tuple[str, ...] = ()
+    plain_http_registries: frozenset[str] = frozenset()
 
     def client(self, ref: Reference, log: Any, actions: str = "pull") -> RegistryClient:
         """The one place export and import open a repository."""
         return RegistryClient(ref, plain_http=self.plain_http, insecure=self.insecure, credentials=self.credentials,
-                              timeout=self.timeout, log=log, actions=actions)
+                              timeout=self.timeout, log=log, actions=actions, ca_files=self.ca_files,
+                              plain_http_registries=self.plain_http_registries)
 
 
 @dataclass

@@ -32,6 +32,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import shutil
 import stat
 import time
@@ -43,12 +44,13 @@ from typing import Any
 
 from loader import contract
 from loader.digest import Digest, is_digest
-from loader.errors import LoaderError, LockTimeout, NoSpaceError
+from loader.errors import LoaderError, LockTimeout, NoSpaceError, UsageError
 from loader.reference import Reference, cache_key
 
 META_DIR = "meta"
 CACHE_DIRS = ("blobs", contract.BLOBS_DIR, contract.PARTIAL_DIR, "models", contract.MODELS_DIR, contract.REFS_DIR,
-              contract.LOCKS_DIR, contract.TMP_DIR, contract.LASTUSE_DIR, META_DIR)
+              contract.LOCKS_DIR, contract.TMP_DIR, contract.LASTUSE_DIR, META_DIR, contract.PODS_DIR)
+_POD_UID = re.compile(r"[a-z0-9]([a-z0-9-]{0,62}[a-z0-9])?")  # a Kubernetes UID (RFC 4122 in practice)
 MODEL_LOCK_TIMEOUT = 600.0  # publishing or re-verifying one model; a holder that takes longer is stuck
 GC_LOCK_TIMEOUT = 900.0  # a pull waiting for a running gc, or gc waiting for running pulls
 MAX_META_BYTES = 8 * 1024 * 1024
@@ -71,6 +73,7 @@ class CachedModel:
 class Cache:
     def __init__(self, root: str | os.PathLike[str]):
         self.root = Path(root).absolute()
+        self.repairs: list[str] = []  # what _place_link found and fixed, for the caller to log as warnings
 
     # ---- paths -------------------------------------------------------------------------------------------------
     def blob_path(self, digest: str) -> Path:
@@ -269,17 +272,89 @@ class Cache:
     def link_ref(self, ref: Reference | str, digest: str) -> Path:
         """Point refs/<key> at the model, replacing any older target atomically (a moved tag)."""
         link = self.ref_path(ref)
-        target = os.path.join("..", contract.MODELS_DIR, _hex(digest))
+        self._place_link(link, os.path.join("..", contract.MODELS_DIR, _hex(digest)))
+        return link
+
+    # ---- pods: what each pod verified, pinned for its whole life (issue 15) ----------------------------------------
+    def pod_dir(self, pod_uid: str) -> Path:
+        return self.root / contract.PODS_DIR / check_pod_uid(pod_uid)
+
+    def pin(self, ref: Reference | str, digest: str, pod_uid: str, node: str | None) -> Path:
+        """pods/<uid>/<key> -> the model: what the pod's app mounts (subPathExpr). Written once per pod and ref;
+        a restarted container resolves it to the same digest whatever the tag does meanwhile."""
+        pod = self.pod_dir(pod_uid)
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(pod.parent, 0o755)
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(pod, 0o755)
+        if not _is_real_dir(pod) or not _is_real_dir(pod.parent):
+            raise CacheCorrupt(f"cache {self.root}: {pod} is not a directory model-loader made; remove it")
+        if node:
+            node_file = pod / contract.POD_NODE_FILE
+            if _read_small(node_file) != node:
+                _write_atomic(node_file, node.encode(), self.tmp_dir())
+        link = self.root / contract.pod_entry(ref, pod_uid)
+        self._place_link(link, os.path.join("..", "..", contract.MODELS_DIR, _hex(digest)))
+        return link
+
+    def pinned(self, ref: Reference | str, pod_uid: str) -> Digest | None:
+        """The digest this pod verified for ``ref`` before (a restarted pod's loader), if its entry is intact."""
+        return self._link_target(self.root / contract.pod_entry(ref, pod_uid), depth=2)
+
+    def list_pods(self) -> dict[str, tuple[str | None, dict[str, Digest | None]]]:
+        """pods/ entries: uid -> (node it runs on, {entry name: model digest or None when not an intact link})."""
+        out: dict[str, tuple[str | None, dict[str, Digest | None]]] = {}
+        for uid in self._names(contract.PODS_DIR):
+            pod = self.root / contract.PODS_DIR / uid
+            if not _is_real_dir(pod):
+                out[uid] = (None, {})
+                continue
+            node = _read_small(pod / contract.POD_NODE_FILE)
+            entries = {name: self._link_target(pod / name, depth=2) for name in sorted(os.listdir(pod))
+                       if name != contract.POD_NODE_FILE}
+            out[uid] = (node, entries)
+        return out
+
+    def remove_entry(self, path: Path) -> None:
+        """Remove a link gc found broken, or what a kubelet left in its place (an empty directory)."""
+        if _is_real_dir(path):
+            self.remove_tree(path)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+    def remove_pod(self, pod_uid: str) -> None:
+        path = self.root / contract.PODS_DIR / _one_name(pod_uid)
+        if _is_real_dir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+    def _place_link(self, link: Path, target: str) -> None:
+        """Make ``link`` a symlink to ``target``, atomically. Whatever else stands there is repaired, with a note
+        in ``self.repairs``: an empty directory (kubelet creates a missing subPath as one), a dangling or foreign
+        link, a file. Never a crash on a state the kubelet or a crashed loader can leave."""
         try:
             if os.readlink(link) == target:
-                return link
-        except OSError:
+                return
+        except FileNotFoundError:
             pass
+        except OSError:  # EINVAL: not a link
+            st = os.lstat(link)
+            if stat.S_ISDIR(st.st_mode):
+                aside = self.tmp_dir() / f"repair-{uuid.uuid4().hex}"
+                os.rename(link, aside)  # out of the way at once; removed below, whatever it held
+                self.remove_tree(aside)
+                self.repairs.append(f"{link.relative_to(self.root)} was a directory (a kubelet creates a missing"
+                                    " subPath as an empty one); replaced by the link to the verified model")
+            else:
+                os.unlink(link)
+                self.repairs.append(f"{link.relative_to(self.root)} was a file; replaced by the link to the model")
         tmp = link.with_name(f".{link.name}.{uuid.uuid4().hex[:8]}")
         os.symlink(target, tmp)
         os.replace(tmp, link)
         _fsync_dir(link.parent)
-        return link
 
     def add_ref_to_meta(self, digest: str, ref: str) -> None:
         meta = self.read_meta(digest)
@@ -364,12 +439,12 @@ class Cache:
     def ref_link_path(self, name: str) -> Path:
         return self.root / contract.REFS_DIR / _one_name(name)
 
-    def _link_target(self, link: Path) -> Digest | None:
+    def _link_target(self, link: Path, depth: int = 1) -> Digest | None:
         try:
             target = os.readlink(link)
         except OSError:
             return None
-        prefix = os.path.join("..", contract.MODELS_DIR, "")
+        prefix = os.path.join(*([".."] * depth), contract.MODELS_DIR, "")
         hexd = target[len(prefix):] if target.startswith(prefix) else ""
         return Digest("sha256:" + hexd) if is_digest("sha256:" + hexd) else None
 
@@ -437,6 +512,25 @@ def _write_atomic(path: Path, data: bytes, tmpdir: Path) -> None:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+
+
+def check_pod_uid(uid: str) -> str:
+    """A pod UID as the downward API gives it: lowercase letters, digits and '-' (a UUID), one path component."""
+    if not isinstance(uid, str) or not _POD_UID.fullmatch(uid):
+        raise UsageError(f"{contract.FLAG_POD_UID} {uid!r} is not a pod UID (lowercase letters, digits and '-', as"
+                         " the downward API's metadata.uid gives it)")
+    return uid
+
+
+def _read_small(path: Path, limit: int = 256) -> str | None:
+    try:
+        fd = os.open(path, os.O_RDONLY | _NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        return os.read(fd, limit).decode("utf-8", "replace").strip() or None
+    finally:
+        os.close(fd)
 
 
 def _one_name(name: str) -> str:

@@ -146,6 +146,9 @@ class Inventory:
     orphan_trees: tuple[str, ...]  # models/sha256/<hex> without meta (a gc crashed mid-removal)
     orphan_metas: tuple[str, ...]  # meta/<hex>.json without a tree (a publish crashed before its rename)
     lastuse: tuple[str, ...]  # hex of every lastuse file
+    # pods/<uid>/: the node each pod runs on (None when unrecorded) and the models its entries pin (hex; "" for an
+    # entry that is not an intact link). A pinned model is in use while its pod exists: never evicted.
+    pods: dict[str, tuple[str | None, tuple[str, ...]]] = field(default_factory=dict)
 
     def disk_bytes(self, models: Iterable[Model]) -> int:
         """Bytes the given models hold on disk, each shared inode counted once."""
@@ -227,8 +230,38 @@ def scan(cache: Cache) -> Inventory:
 
     tmp = {path.name: mtime for path, mtime in cache.list_tmp().items()}
     tree_hexes = {d.hex for d in trees}
+    pods = {uid: (node, tuple(d.hex if d is not None else "" for d in entries.values()))
+            for uid, (node, entries) in cache.list_pods().items()}
     return Inventory(tuple(models), sizes, blobs, links, partials, tmp, tuple(orphan_trees),
-                     tuple(sorted(metas - tree_hexes)), tuple(sorted(lastuse)))
+                     tuple(sorted(metas - tree_hexes)), tuple(sorted(lastuse)), pods)
+
+
+def gone_pods(inv: Inventory, live: set[str] | None, node: str | None) -> list[str]:
+    """Pods whose entries may go: not among ``live`` (the pods on this node), and recorded on this node (or on no
+    node). Without a live set nothing is judged gone: gc cannot tell, so every pin stays. On a claim shared by
+    nodes, a pod pinned from another node is that node's gc's to judge."""
+    if live is None:
+        return []
+    return sorted(uid for uid, (pod_node, _) in inv.pods.items()
+                  if uid not in live and (pod_node is None or node is None or pod_node == node))
+
+
+def in_use(inv: Inventory, gone: Iterable[str] = ()) -> set[str]:
+    """Digests of the models pinned by pods that still exist."""
+    skip = set(gone)
+    return {f"sha256:{hexd}" for uid, (_, hexes) in inv.pods.items() if uid not in skip for hexd in hexes if hexd}
+
+
+def live_pods_from(pods_dir: str | Path) -> set[str]:
+    """The pods on this node, from kubelet's pod directories (``/var/lib/kubelet/pods/<uid>``): present from before
+    a pod's first container starts until kubelet has cleaned it up after the pod is gone. Read-only, and no API
+    access needed (see docs/architecture.md for why this source)."""
+    try:
+        return {name for name in os.listdir(pods_dir) if os.path.isdir(os.path.join(pods_dir, name))}
+    except OSError as exc:
+        raise UsageError(f"--pods-dir {str(pods_dir)!r} cannot be read ({exc.strerror}): mount kubelet's pod"
+                         " directory (/var/lib/kubelet/pods) read-only, or leave --pods-dir out (then no pin is"
+                         " ever removed)") from exc
 
 
 def _key(ref: str) -> str:
@@ -309,6 +342,8 @@ class Report:
     tmp: list[str] = field(default_factory=list)
     refs: list[str] = field(default_factory=list)
     other: list[str] = field(default_factory=list)  # orphan trees and metas, lastuse files
+    pods: list[str] = field(default_factory=list)  # UIDs of gone pods whose pins were removed
+    in_use: list[str] = field(default_factory=list)  # digests kept because a running pod pins them
     models_after: int = 0
     bytes_after: int = 0
 
@@ -331,6 +366,8 @@ class Report:
             "removed_tmp": self.tmp,
             "removed_refs": self.refs,
             "removed_other": self.other,
+            "removed_pods": self.pods,
+            "in_use": self.in_use,
         }
 
     def text(self) -> list[str]:
@@ -353,23 +390,35 @@ class Report:
 
 
 def collect(cache: Cache, policy: Policy, keep_refs: list[str], log: Logger, dry_run: bool = False,
-            now: float | None = None, lock_timeout: float = GC_LOCK_TIMEOUT) -> Report:
+            now: float | None = None, lock_timeout: float = GC_LOCK_TIMEOUT, pods_dir: str | Path | None = None,
+            node: str | None = None) -> Report:
     """Evict by ``policy`` and remove what no remaining model needs. ``dry_run`` takes no lock and changes nothing.
-    Waits at most ``lock_timeout`` seconds for running pulls (LockTimeout, exit 7, after that)."""
+    Waits at most ``lock_timeout`` seconds for running pulls (LockTimeout, exit 7, after that). Models pinned by a
+    pod that exists are never removed; with ``pods_dir`` (kubelet's pod directories) the pins of pods gone from
+    this ``node`` are removed first."""
     if dry_run:
-        return _collect(cache, policy, keep_refs, log, True, now)
+        return _collect(cache, policy, keep_refs, log, True, now, pods_dir, node)
     cache.ensure()
     with cache.gc_lock(shared=False, timeout=lock_timeout):
-        return _collect(cache, policy, keep_refs, log, False, now)
+        return _collect(cache, policy, keep_refs, log, False, now, pods_dir, node)
 
 
 def _collect(cache: Cache, policy: Policy, keep_refs: list[str], log: Logger, dry_run: bool,
-             now: float | None) -> Report:
+             now: float | None, pods_dir: str | Path | None, node: str | None) -> Report:
     inv = scan(cache)  # inside the lock: what in-flight pulls published while gc waited is seen
     now = time.time() if now is None else now
-    keep = resolve_keep(inv, keep_refs)
+    live = live_pods_from(pods_dir) if pods_dir is not None else None  # inside the lock too: a pin comes after
+    gone_uids = gone_pods(inv, live, node)
+    used = in_use(inv, gone_uids)
+    keep = resolve_keep(inv, keep_refs) | used
     evictions = plan(inv, keep, policy, now)
     report = Report(dry_run, len(inv.models), inv.disk_bytes(inv.models))
+    report.in_use = sorted(used)
+    for uid in gone_uids:
+        if not dry_run:
+            cache.remove_pod(uid)
+        report.pods.append(uid)
+        log.info("gc.pod", pod_uid=uid, dry_run=dry_run or None)
 
     gone: set[str] = set()
     for e in evictions:
@@ -413,7 +462,7 @@ def _collect(cache: Cache, policy: Policy, keep_refs: list[str], log: Logger, dr
         if hexd in present and not name.startswith("."):
             continue
         if not dry_run:
-            cache.ref_link_path(name).unlink(missing_ok=True)
+            cache.remove_entry(cache.ref_link_path(name))
         report.refs.append(name)
 
     for hexd in inv.orphan_trees:

@@ -68,6 +68,8 @@ class Config:
     interval: float | None = None  # None: one round, then exit
     untaint: Untaint | None = None
     gc_policy: gc.Policy | None = None
+    pods_dir: str | None = None  # kubelet's pod directories: gc removes the pins of pods gone from this node
+    node: str | None = None
 
 
 def load_models(cfg: Config) -> tuple[list[str], list[str]]:
@@ -342,7 +344,8 @@ class Prefetcher:
             self.metrics.warm.set(1)
         if self.cfg.gc_policy and not rnd.errors and not rnd.stopped:
             # Never with a list that failed to read: its models would not be protected.
-            gc.collect(Cache(self.opts.cache), self.cfg.gc_policy, rnd.refs, self.log)
+            gc.collect(Cache(self.opts.cache), self.cfg.gc_policy, rnd.refs, self.log, pods_dir=self.cfg.pods_dir,
+                       node=self.cfg.node)
         return rnd
 
     def run(self) -> int:

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 from loader import layout, oci, retry
 from loader.access import Source, add_source, hit_proof, identity_of, may_fall_back, possession_failures, sources_of
-from loader.cache import GC_LOCK_TIMEOUT, Cache, CachedModel
+from loader.cache import GC_LOCK_TIMEOUT, Cache, CachedModel, check_pod_uid
 from loader.digest import Digest
 from loader.errors import ArtifactError, NetworkError, UsageError
 from loader.fetch import BLOB_POLICY, LOCK_STALL, Blob, Fetcher
@@ -47,6 +47,17 @@ class PullOptions:
     policy: RetryPolicy = BLOB_POLICY
     lock_stall: float = LOCK_STALL
     gc_lock_timeout: float = GC_LOCK_TIMEOUT
+    # Issue 15: the pod this pull is for (downward API metadata.uid) and its node. Each model is pinned for the
+    # pod's life (pods/<uid>/<key>); a restarted pod's loader re-verifies the pinned digest, not the tag.
+    pod_uid: str | None = None
+    node_name: str | None = None
+    ca_files: tuple[str, ...] = ()  # extra CAs for registries (--ca-file)
+    plain_http_registries: frozenset[str] = frozenset()  # registries spoken to over plain HTTP (--plain-http-registry)
+
+    def is_plain_http(self, ref: Reference) -> bool:
+        if self.plain_http is not None:
+            return self.plain_http
+        return ref.is_loopback or ref.registry in self.plain_http_registries
 
 
 @dataclass
@@ -59,10 +70,14 @@ class PullResult:
     seconds: float
     cache_hit: bool
     warnings: list[str] = field(default_factory=list)
+    fetched_bytes: int = 0  # blob bytes this loader downloaded (another loader may have fetched the rest)
+    stale: bool = False  # the registry was unreachable: the cached copy was served without re-checking the tag
+    pinned: bool = False  # a restarted pod: the digest its first loader verified, whatever the tag says now
 
     def as_json(self) -> dict[str, Any]:
         return {"ref": self.ref, "digest": self.digest, "path": self.path, "bytes": self.bytes, "files": self.files,
-                "seconds": round(self.seconds, 3), "cache_hit": self.cache_hit}
+                "seconds": round(self.seconds, 3), "cache_hit": self.cache_hit, "fetched_bytes": self.fetched_bytes,
+                "stale": self.stale, "pinned": self.pinned}
 
 
 def pull(text: str, opts: PullOptions, log: Any) -> PullResult:
@@ -71,33 +86,50 @@ def pull(text: str, opts: PullOptions, log: Any) -> PullResult:
         ref = parse(text)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
+    if opts.pod_uid is not None:
+        check_pod_uid(opts.pod_uid)
     cache = Cache(opts.cache).ensure()
     with cache.gc_lock(shared=True, timeout=opts.gc_lock_timeout):
-        return _pull(ref, cache, opts, log, t0)
+        res = _pull(ref, cache, opts, log, t0)
+        if opts.pod_uid is not None:  # under the gc lock: gc sees the pin before it could judge the model unused
+            cache.pin(ref, res.digest, opts.pod_uid, opts.node_name)
+    for note in cache.repairs:
+        log.warning("cache.repaired", ref=str(ref), repair=note)
+        res.warnings.append(note)
+    return res
 
 
 class _Hit:
-    """What a cache hit does, for one pull: link the ref, record the use (and the source that proved access)."""
+    """What a cache hit does, for one pull: link the ref (unless the pod is pinned to an older digest), record the
+    use (and the source that proved access)."""
 
-    def __init__(self, ref: Reference, cache: Cache, log: Any, t0: float):
-        self.ref, self.cache, self.log, self.t0 = ref, cache, log, t0
+    def __init__(self, ref: Reference, cache: Cache, log: Any, t0: float, pinned: bool = False):
+        self.ref, self.cache, self.log, self.t0, self.pinned = ref, cache, log, t0, pinned
 
-    def __call__(self, model: CachedModel, warnings: Sequence[str] = (), source: Source | None = None) -> PullResult:
+    def __call__(self, model: CachedModel, warnings: Sequence[str] = (), source: Source | None = None,
+                 stale: bool = False, fetched: int = 0) -> PullResult:
         label = str(self.ref)
-        self.cache.link_ref(self.ref, model.digest)
+        if not self.pinned:
+            self.cache.link_ref(self.ref, model.digest)
         self.cache.add_ref_to_meta(model.digest, label)
         if source is not None:
             self.cache.update_meta(model.digest, lambda meta: add_source(meta, source))
         self.cache.touch(model.digest)
         res = PullResult(label, model.digest, str(model.path), model.bytes, model.files, time.monotonic() - self.t0,
-                         True, list(warnings))
-        self.log.info("pull.hit", ref=label, digest=model.digest, path=res.path, seconds=round(res.seconds, 3))
+                         True, list(warnings), fetched_bytes=fetched, stale=stale, pinned=self.pinned)
+        self.log.info("pull.hit", ref=label, digest=model.digest, path=res.path, seconds=round(res.seconds, 3),
+                      stale=stale or None, pinned=self.pinned or None)
         return res
 
 
-def _pull(ref: Reference, cache: Cache, opts: PullOptions, log: Any, t0: float) -> PullResult:
-    label = str(ref)
-    hit = _Hit(ref, cache, log, t0)
+def _pull(name: Reference, cache: Cache, opts: PullOptions, log: Any, t0: float) -> PullResult:
+    label = str(name)
+    # A restarted pod: its first loader pinned a digest; verify and serve that one, not what the tag says now.
+    pinned = cache.pinned(name, opts.pod_uid) if opts.pod_uid is not None and not name.digest else None
+    ref = Reference(name.registry, name.repository, name.tag, pinned) if pinned is not None else name
+    if pinned is not None:
+        log.info("pull.pinned", ref=label, digest=pinned, pod_uid=opts.pod_uid)
+    hit = _Hit(name, cache, log, t0, pinned=pinned is not None)
 
     # A digest names immutable content: a cached copy needs no network at all (unless access is to be proven).
     if ref.digest and (opts.offline or not opts.check_access):
@@ -111,13 +143,13 @@ def _pull(ref: Reference, cache: Cache, opts: PullOptions, log: Any, t0: float) 
         raise NetworkError(f"{label} is not in cache {cache.root} and --offline forbids the registry: pull it once"
                            " online, or import a bundle (model-loader import)")
 
-    with RegistryClient(ref, plain_http=opts.plain_http, insecure=opts.insecure, credentials=opts.credentials,
-                        mirrors=opts.mirrors.get(ref.registry, []), timeout=opts.timeout, log=log) as client:
+    with RegistryClient(ref, plain_http=opts.is_plain_http(ref), insecure=opts.insecure, credentials=opts.credentials,
+                        mirrors=opts.mirrors.get(ref.registry, []), timeout=opts.timeout, log=log,
+                        ca_files=opts.ca_files) as client:
         creds = opts.credentials.credentials_for(ref.registry) if opts.credentials is not None else None
-        plain = opts.plain_http if opts.plain_http is not None else ref.is_loopback
-        tls = not plain and not opts.insecure  # TLS vouches for the registry's identity
+        tls = not opts.is_plain_http(ref) and not opts.insecure  # TLS vouches for the registry's identity
         source = Source(ref.registry, ref.repository, identity_of(ref.registry, creds), tls)
-        return _pull_online(ref, client, cache, opts, log, t0, hit, source)
+        return _pull_online(ref, client, cache, opts, log, t0, hit, source, label)
 
 
 def _fallback(exc: NetworkError, model: CachedModel | None, ref: Reference, source: Source, opts: PullOptions,
@@ -132,13 +164,12 @@ def _fallback(exc: NetworkError, model: CachedModel | None, ref: Reference, sour
             f" read {ref.registry}/{ref.repository}. The pod starts once the registry answers"
         ) from exc
     msg = f"registry {ref.registry} unreachable ({exc}); using the cached copy {model.digest}"
-    log.warning("pull.registry_unreachable", ref=str(ref), digest=model.digest, error=str(exc))
-    return hit(model, [msg])
+    log.warning("pull.registry_unreachable", ref=str(hit.ref), digest=model.digest, error=str(exc))
+    return hit(model, [msg], stale=True)
 
 
 def _pull_online(ref: Reference, client: RegistryClient, cache: Cache, opts: PullOptions, log: Any, t0: float,
-                 hit: _Hit, source: Source) -> PullResult:
-    label = str(ref)
+                 hit: _Hit, source: Source, label: str) -> PullResult:
     if ref.digest:
         digest = Digest.parse(ref.digest, f"reference {label}")
         model = cache.lookup_digest(digest)
@@ -204,16 +235,18 @@ def _pull_online(ref: Reference, client: RegistryClient, cache: Cache, opts: Pul
         fetcher.fetch(blobs, verify_only=verify_only)
 
     if model is not None:  # every blob this pod could not show is now downloaded and verified from its registry
-        return hit(model, source=source)
+        return hit(model, source=source, fetched=client.bytes_received)
     model = publish_model(cache, digest, entries, dict(image.raw), image.media_type, [label], label, [source])
-    cache.link_ref(ref, digest)
+    if not hit.pinned:
+        cache.link_ref(hit.ref, digest)
     cache.add_ref_to_meta(digest, label)
     cache.touch(digest)
     secs = time.monotonic() - t0
     log.info("pull.done", ref=label, digest=digest, path=str(model.path), bytes=model.bytes, files=model.files,
              seconds=round(secs, 3), mbps=round(total / secs / 1e6, 1) if secs else None,
              fetched_bytes=client.bytes_received)
-    return PullResult(label, digest, str(model.path), model.bytes, model.files, secs, False)
+    return PullResult(label, digest, str(model.path), model.bytes, model.files, secs, False,
+                      fetched_bytes=client.bytes_received, pinned=hit.pinned)
 
 
 def _unique(blobs: list[Blob]) -> list[Blob]:

@@ -323,6 +323,8 @@ class PushOptions:
     chunk_size: int = CHUNK_SIZE
     progress: str = "auto"
     progress_interval: float = 5.0
+    ca_files: tuple[str, ...] = ()
+    plain_http_registries: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -386,7 +388,8 @@ def push(directory: str | Path, text: str, opts: PushOptions, log: Any) -> PushR
 def _push(ref: Reference, files: list[LocalFile], specs: list[LayerSpec], total: int, warnings: list[str],
           mount_from: str | None, opts: PushOptions, log: Any, t0: float) -> PushResult:
     with RegistryClient(ref, plain_http=opts.plain_http, insecure=opts.insecure, credentials=opts.credentials,
-                        timeout=opts.timeout, log=log, actions="pull,push",
+                        timeout=opts.timeout, log=log, actions="pull,push", ca_files=opts.ca_files,
+                        plain_http_registries=opts.plain_http_registries,
                         extra_scopes=(f"repository:{mount_from}:pull",) if mount_from else ()) as client, \
             tempfile.TemporaryDirectory(prefix="model-loader-push-") as tmp, \
             Progress(log, str(ref), total, mode=opts.progress, interval=opts.progress_interval) as prog:

@@ -34,7 +34,7 @@ import re
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -168,6 +168,8 @@ class RegistryClient:
         log: Log | None = None,
         actions: str = "pull",  # token scope actions: "pull,push" for push and import --to
         extra_scopes: tuple[str, ...] = (),  # e.g. pull on a cross-repository mount's source repository
+        ca_files: Sequence[str] = (),  # extra CAs to trust (an admin's private registry CA)
+        plain_http_registries: Collection[str] = (),  # registries spoken to over plain HTTP (when plain_http is None)
     ) -> None:
         self.ref = ref
         self.repo = ref.repository
@@ -175,9 +177,10 @@ class RegistryClient:
         self.extra_scopes = tuple(extra_scopes)
         self.timeout = timeout
         self.log = log
-        self.transport = Transport(insecure=insecure, timeout=timeout)
+        self.transport = Transport(insecure=insecure, timeout=timeout, ca_files=ca_files)
         self.auth = Authenticator(self.transport, str(ref), log)
-        scheme = "http" if (plain_http if plain_http is not None else ref.is_loopback) else "https"
+        plain = plain_http if plain_http is not None else ref.is_loopback or ref.registry in plain_http_registries
+        scheme = "http" if plain else "https"
         try:
             origin = Origin.of(f"{scheme}://{ref.endpoint_host}")
         except ValueError as exc:

@@ -34,10 +34,10 @@ import re
 import ssl
 import threading
 import urllib.parse
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from loader.errors import ConnectError, RegistryError, TransientError
+from loader.errors import ConnectError, RegistryError, TransientError, UsageError
 
 USER_AGENT = "model-loader/0.1"
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
@@ -131,6 +131,10 @@ def _short(value: str, limit: int = 80) -> str:
 def _why(exc: BaseException) -> str:
     text = (exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)) or type(exc).__name__
     return text[:200]
+
+
+class CAFileError(UsageError):
+    """A CA bundle given with --ca-file is missing or not PEM (exit 2)."""
 
 
 class Response:
@@ -235,9 +239,16 @@ class Transport:
     """Pooled connections for one client (see the module docstring). Thread-safe; ``close()`` closes every
     connection of every thread."""
 
-    def __init__(self, *, insecure: bool = False, timeout: float = 30.0) -> None:
+    def __init__(self, *, insecure: bool = False, timeout: float = 30.0, ca_files: Sequence[str] = ()) -> None:
         self.timeout = timeout
         self._ssl = ssl.create_default_context()
+        for path in ca_files:  # the admin's private CAs, trusted in addition to the system's
+            try:
+                self._ssl.load_verify_locations(cafile=path)
+            except (OSError, ssl.SSLError) as exc:
+                raise CAFileError(f"CA bundle {path} cannot be used ({_why(exc)}): it must be readable PEM"
+                                  " certificates (the ConfigMap named by MODEL_CACHE_REGISTRY_CA_CONFIGMAP, key ca.crt,"
+                                  " in the pod's namespace)") from exc
         if insecure:
             self._ssl.check_hostname = False
             self._ssl.verify_mode = ssl.CERT_NONE

@@ -305,13 +305,16 @@ def test_cli_json_output_and_termination_log(registry, pusher, tmp_path, monkeyp
            "--output", "json", "--progress", "none"]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
     obj = json.loads(out.stdout)
-    assert set(obj) == {"ref", "digest", "path", "bytes", "files", "seconds", "cache_hit"}
+    assert set(obj) == {"ref", "digest", "path", "bytes", "files", "seconds", "cache_hit", "fetched_bytes", "stale",
+                        "pinned"}
     assert obj["ref"] == f"{registry.host}/m/cli:v1" and obj["digest"] == d and obj["bytes"] == 5
-    assert obj["files"] == 2 and obj["cache_hit"] is False
+    assert obj["files"] == 2 and obj["cache_hit"] is False and obj["fetched_bytes"] == 5  # the layers (the config is not fetched)
+    assert (obj["stale"], obj["pinned"]) == (False, False)
     assert obj["path"] == str(tmp_path / "c/models/sha256" / d[7:])
-    assert term.read_text().startswith(f"loaded {registry.host}/m/cli:v1@{d[:19]} pulled")
+    assert term.read_text().startswith(f"loaded {registry.host}/m/cli:v1@{d[:19]} 2 files, downloaded 0.0 MB in ")
     again = json.loads(subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout)
-    assert again["cache_hit"] is True and again["path"] == obj["path"]
+    assert again["cache_hit"] is True and again["path"] == obj["path"] and again["fetched_bytes"] == 0
+    assert term.read_text().startswith(f"loaded {registry.host}/m/cli:v1@{d[:19]} 2 files, cache hit in ")
 
 
 @pytest.mark.parametrize(

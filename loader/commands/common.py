@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, TypeAlias
 from loader import contract
 from loader.config import LoaderSettings
 from loader.errors import UsageError
+from loader.reference import parse
 
 if TYPE_CHECKING:
     from loader.credentials import DockerConfig
@@ -26,6 +27,11 @@ def add_registry_flags(p: argparse.ArgumentParser, settings: LoaderSettings) -> 
     p.add_argument(contract.FLAG_INSECURE, action="store_true", help="do not verify the registry's TLS certificate")
     p.add_argument(contract.FLAG_DOCKER_CONFIG, action="append", default=[], metavar="PATH",
                    help="docker config file or directory (repeatable; default $DOCKER_CONFIG or ~/.docker)")
+    p.add_argument(contract.FLAG_CA_FILE, action="append", default=[], metavar="PEM",
+                   help="also trust these CA certificates for registries (repeatable; the webhook passes the"
+                        " admin's CA bundle ConfigMap)")
+    p.add_argument(contract.FLAG_PLAIN_HTTP_REGISTRY, action="append", default=[], metavar="HOST[:PORT]",
+                   help="speak plain HTTP to this registry (repeatable; localhost and 127.0.0.1 always are)")
     p.add_argument("--timeout", type=float, default=settings.timeout, metavar="SECONDS",
                    help=f"stall timeout per connection (default {settings.timeout:g})")
 
@@ -72,3 +78,24 @@ def load_credentials(paths: list[str], settings: LoaderSettings, log: Logger | N
         return credentials.load_docker_configs(paths or None, env)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
+
+
+def registry_settings(args: argparse.Namespace) -> tuple[tuple[str, ...], frozenset[str]]:
+    """--ca-file and --plain-http-registry, checked: the CA files exist (a missing one names the ConfigMap the
+    webhook projects it from), the registries are host[:port]."""
+    for path in args.ca_file:
+        if not os.path.isfile(path):
+            raise UsageError(f"{contract.FLAG_CA_FILE} {path!r} does not exist: when the webhook passes it, create the"
+                             f" ConfigMap named by MODEL_CACHE_REGISTRY_CA_CONFIGMAP (key {contract.CA_BUNDLE_KEY}) in"
+                             " the pod's namespace, or unset that setting")
+    hosts = []
+    for host in args.plain_http_registry:
+        try:
+            ref = parse(f"{host}/x")
+        except ValueError as exc:
+            raise UsageError(f"{contract.FLAG_PLAIN_HTTP_REGISTRY} {host!r} is not a registry host[:port]") from exc
+        if ref.registry != host:
+            raise UsageError(f"{contract.FLAG_PLAIN_HTTP_REGISTRY} {host!r} is not a registry host[:port],"
+                             " e.g. registry.internal:5000")
+        hosts.append(host)
+    return tuple(args.ca_file), frozenset(hosts)

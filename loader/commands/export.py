@@ -15,7 +15,13 @@ import argparse
 import json
 from typing import TYPE_CHECKING
 
-from loader.commands.common import SubParsers, add_registry_flags, check_concurrency, load_credentials
+from loader.commands.common import (
+    SubParsers,
+    add_registry_flags,
+    check_concurrency,
+    load_credentials,
+    registry_settings,
+)
 from loader.config import LoaderSettings
 
 if TYPE_CHECKING:
@@ -36,9 +42,10 @@ def run(args: argparse.Namespace, settings: LoaderSettings, log: Logger) -> int:
     from loader.bundle import RegistryOptions, export
 
     check_concurrency(args.concurrency)
+    ca_files, plain_hosts = registry_settings(args)
     opts = RegistryOptions(plain_http=args.plain_http, insecure=args.insecure_skip_tls_verify,
                            credentials=load_credentials(args.docker_config, settings), timeout=args.timeout,
-                           concurrency=args.concurrency)
+                           concurrency=args.concurrency, ca_files=ca_files, plain_http_registries=plain_hosts)
     res = export(args.refs, args.bundle, opts, log)
     if args.output == "json":
         print(json.dumps(res.as_json()), flush=True)

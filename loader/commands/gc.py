@@ -29,6 +29,12 @@ def add_parser(sub: SubParsers, settings: LoaderSettings) -> None:
     p.add_argument("--keep-file", metavar="FILE",
                    help="models never to remove: one ref per line, # comments (the prefetch models list)")
     p.add_argument("--dry-run", action="store_true", help="print what would be removed; change nothing")
+    p.add_argument("--pods-dir", metavar="DIR",
+                   help="kubelet's pod directories (/var/lib/kubelet/pods, read-only): pins of pods no longer there are"
+                        " removed first. Without it no pin is removed, and a pinned model is never evicted")
+    p.add_argument(contract.FLAG_NODE_NAME, metavar="NODE",
+                   help="this node's name (downward API spec.nodeName): on a claim shared by nodes, judge only the"
+                        " pins this node's pods made")
     p.add_argument("--wait", metavar="DURATION", default="15m",
                    help="how long to wait for running pulls to finish before giving up (exit 7; default 15m)")
     p.add_argument(contract.FLAG_OUTPUT, choices=["text", "json"], default="text")
@@ -48,7 +54,8 @@ def run(args: argparse.Namespace, settings: LoaderSettings, log: Logger) -> int:
         raise UsageError(f"{contract.FLAG_CACHE} {args.cache!r} is not a directory")
     cache = Cache(args.cache)
     wait = gc.parse_duration(args.wait, "--wait")
-    report = gc.collect(cache, policy, keep, log, dry_run=args.dry_run, lock_timeout=wait)
+    report = gc.collect(cache, policy, keep, log, dry_run=args.dry_run, lock_timeout=wait, pods_dir=args.pods_dir,
+                        node=args.node_name)
     if args.output == "json":
         print(json.dumps(report.as_json()), flush=True)
     else:

@@ -17,7 +17,13 @@ import json
 import sys
 from typing import TYPE_CHECKING
 
-from loader.commands.common import SubParsers, add_registry_flags, check_concurrency, load_credentials
+from loader.commands.common import (
+    SubParsers,
+    add_registry_flags,
+    check_concurrency,
+    load_credentials,
+    registry_settings,
+)
 from loader.config import LoaderSettings
 
 if TYPE_CHECKING:
@@ -43,9 +49,10 @@ def run(args: argparse.Namespace, settings: LoaderSettings, log: Logger) -> int:
         results = import_to_cache(args.bundle, args.cache, log)
     else:
         check_concurrency(args.concurrency)
+        ca_files, plain_hosts = registry_settings(args)
         opts = RegistryOptions(plain_http=args.plain_http, insecure=args.insecure_skip_tls_verify,
                                credentials=load_credentials(args.docker_config, settings), timeout=args.timeout,
-                               concurrency=args.concurrency)
+                               concurrency=args.concurrency, ca_files=ca_files, plain_http_registries=plain_hosts)
         results = import_to_registry(args.bundle, args.to, opts, log)
     for r in results:
         if args.output == "json":

@@ -10,7 +10,14 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 from loader import contract
-from loader.commands.common import SubParsers, add_registry_flags, check_concurrency, load_credentials, parse_mirrors
+from loader.commands.common import (
+    SubParsers,
+    add_registry_flags,
+    check_concurrency,
+    load_credentials,
+    parse_mirrors,
+    registry_settings,
+)
 from loader.config import LoaderSettings
 
 if TYPE_CHECKING:
@@ -41,6 +48,10 @@ def add_parser(sub: SubParsers, settings: LoaderSettings) -> None:
     p.add_argument("--metrics-address", default="0.0.0.0", metavar="ADDR", help="address to serve them on")
     p.add_argument("--gc-max-unused", metavar="DURATION", help="after each round, gc models unused this long")
     p.add_argument("--gc-max-size", metavar="SIZE", help="after each round, gc least recently used models to fit")
+    p.add_argument("--pods-dir", metavar="DIR",
+                   help="kubelet's pod directories (/var/lib/kubelet/pods, read-only), for gc: pins of pods no longer"
+                        " there are removed; without it no pin is removed")
+    p.add_argument(contract.FLAG_NODE_NAME, metavar="NODE", help="this node's name (downward API spec.nodeName)")
     add_registry_flags(p, settings)
     p.add_argument(contract.FLAG_MIRROR, action="append", default=[], metavar="HOST=URL",
                    help="try URL first for registry HOST, then the registry itself (repeatable)")
@@ -65,11 +76,14 @@ def run(args: argparse.Namespace, settings: LoaderSettings, log: Logger) -> int:
         )
     untaint = prefetch.parse_untaint(args.untaint) if args.untaint is not None else None
     cfg = prefetch.Config(refs=tuple(args.ref), models_file=args.models_file, interval=interval, untaint=untaint,
-                          gc_policy=policy)
+                          gc_policy=policy, pods_dir=args.pods_dir, node=args.node_name)
+    ca_files, plain_hosts = registry_settings(args)
     opts = PullOptions(
         cache=Path(args.cache),
         concurrency=args.concurrency,
         plain_http=args.plain_http,
+        ca_files=ca_files,
+        plain_http_registries=plain_hosts,
         insecure=args.insecure_skip_tls_verify,
         credentials=load_credentials(args.docker_config, settings),
         mirrors=parse_mirrors(args.mirror),

@@ -10,7 +10,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from loader import contract
-from loader.commands.common import SubParsers, add_registry_flags, check_concurrency, load_credentials, parse_mirrors
+from loader.commands.common import (
+    SubParsers,
+    add_registry_flags,
+    check_concurrency,
+    load_credentials,
+    parse_mirrors,
+    registry_settings,
+)
 from loader.config import LoaderSettings
 
 if TYPE_CHECKING:
@@ -31,6 +38,11 @@ def add_parser(sub: SubParsers, settings: LoaderSettings) -> None:
     p.add_argument(contract.FLAG_CHECK_ACCESS, action="store_true",
                    help="prove these credentials may read a digest even when it is cached (shared node caches);"
                         " an unreachable registry still falls back to the cache")
+    p.add_argument(contract.FLAG_POD_UID, metavar="UID",
+                   help="pin each model for this pod (pods/UID/<key>): a restarted pod gets the digest it verified"
+                        " first, whatever the tag says now (the webhook passes the downward API's metadata.uid)")
+    p.add_argument(contract.FLAG_NODE_NAME, metavar="NODE",
+                   help="the node the pod runs on, recorded with its pins (gc on a shared claim judges only its own)")
     p.add_argument(contract.FLAG_OUTPUT, choices=["text", "json"], default="text")
     p.add_argument("--progress", choices=["auto", "bar", "log", "none"], default=settings.progress)
 
@@ -39,10 +51,13 @@ def run(args: argparse.Namespace, settings: LoaderSettings, log: Logger) -> int:
     from loader.pull import PullOptions, pull
 
     check_concurrency(args.concurrency)
+    ca_files, plain_hosts = registry_settings(args)
     opts = PullOptions(
         cache=Path(args.cache),
         concurrency=args.concurrency,
         plain_http=args.plain_http,
+        ca_files=ca_files,
+        plain_http_registries=plain_hosts,
         insecure=args.insecure_skip_tls_verify,
         credentials=None if args.offline else load_credentials(args.docker_config, settings, log),
         mirrors=parse_mirrors(args.mirror),
@@ -51,6 +66,8 @@ def run(args: argparse.Namespace, settings: LoaderSettings, log: Logger) -> int:
         progress=args.progress,
         progress_interval=settings.progress_interval,
         check_access=args.check_access,
+        pod_uid=args.pod_uid,
+        node_name=args.node_name,
     )
     results: list[PullResult] = []
     for ref in args.refs:
@@ -59,20 +76,34 @@ def run(args: argparse.Namespace, settings: LoaderSettings, log: Logger) -> int:
         if args.output == "json":
             print(json.dumps(res.as_json()), flush=True)
         else:
-            kind = "cache hit" if res.cache_hit else f"pulled {res.bytes / 1e6:.1f} MB in {res.seconds:.2f}s"
-            print(f"{res.ref} -> {res.path} ({res.files} files, {kind})", flush=True)
+            print(f"{res.ref} -> {res.path} ({res.files} files, {describe(res)})", flush=True)
         for w in res.warnings:
             print(f"warning: {w}", file=sys.stderr)
     termination_summary(settings.termination_log, results)
     return 0
 
 
+def describe(r: PullResult) -> str:
+    """What happened, in words that do not mislead: a stale fallback is flagged, a download says how much this
+    loader fetched (another loader on the node may have fetched the rest)."""
+    if r.stale:
+        what = "STALE cached copy: registry unreachable, tag not re-checked"
+    elif r.cache_hit:
+        what = "cache hit"
+    elif r.fetched_bytes >= r.bytes:
+        what = f"downloaded {r.fetched_bytes / 1e6:.1f} MB"
+    else:
+        what = f"downloaded {r.fetched_bytes / 1e6:.1f} of {r.bytes / 1e6:.1f} MB, the rest already on the node"
+    if r.pinned:
+        what += ", pinned digest of this pod"
+    return f"{what} in {r.seconds:.2f}s"
+
+
 def termination_summary(path: str, results: list[PullResult]) -> None:
     """kubectl shows this in the pod status (terminationMessagePath); only when running where the file exists."""
     if not path or not os.path.exists(path):
         return
-    parts = [f"{r.ref}@{r.digest[:19]} {'hit' if r.cache_hit else 'pulled'} {r.bytes / 1e6:.0f}MB {r.files} files"
-             f" {r.seconds:.1f}s" for r in results]
+    parts = [f"{r.ref}@{r.digest[:19]} {r.files} files, {describe(r)}" for r in results]
     try:
         with open(path, "w") as f:
             f.write(("loaded " + "; ".join(parts))[:4000] + "\n")

@@ -17,7 +17,13 @@ import json
 import sys
 from typing import TYPE_CHECKING
 
-from loader.commands.common import SubParsers, add_registry_flags, check_concurrency, load_credentials
+from loader.commands.common import (
+    SubParsers,
+    add_registry_flags,
+    check_concurrency,
+    load_credentials,
+    registry_settings,
+)
 from loader.config import LoaderSettings
 from loader.errors import UsageError
 
@@ -50,11 +56,14 @@ def run(args: argparse.Namespace, settings: LoaderSettings, log: Logger) -> int:
     check_concurrency(args.concurrency)
     if args.chunk_size < 0:
         raise UsageError(f"--chunk-size {args.chunk_size} must be 0 or more")
+    ca_files, plain_hosts = registry_settings(args)
     opts = PushOptions(
         format=args.format,
         compress=args.compress,
         concurrency=args.concurrency,
         plain_http=args.plain_http,
+        ca_files=ca_files,
+        plain_http_registries=plain_hosts,
         insecure=args.insecure_skip_tls_verify,
         credentials=load_credentials(args.docker_config, settings),
         timeout=args.timeout,
