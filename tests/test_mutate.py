@@ -15,9 +15,10 @@ from typing import Any
 import pytest
 import yaml
 
+from loader import contract
 from tests.support.k8s_validate import assert_valid_pod
 from webhook import annotations as ann
-from webhook.config import Settings
+from webhook.config import Settings, parse_quantity
 from webhook.errors import Denied
 from webhook.mutate import mutate_pod, unique_name
 from webhook.patch import applies, make_patch
@@ -97,6 +98,17 @@ CASES = [
         "default_mount_path": "/weights", "loader_cpu_request": "100m", "loader_cpu_limit": "1",
         "loader_memory_request": "128Mi", "loader_memory_limit": "1Gi", "loader_concurrency": 16,
         "allowed_registries": ["registry.example.com/models"]}),
+    Case("registry-ca-and-plain-http", "single", "containerd", annotations={ann.CACHE: "pvc:model-store"}, settings={
+        "registry_ca_configmap": "registry-ca", "plain_http_registries": ["registry.internal:5000", "10.0.0.5"]}),
+    # A mount of a volume the pod does not define must not capture the injected cache volume (the whole cache).
+    Case("dangling-mount-not-captured", "single", "containerd", spec={"containers": [{
+        "name": "server", "image": "registry.example.com/serving/vllm:0.6.3",
+        "volumeMounts": [{"name": "model-cache", "mountPath": "/cache"}]}]}),
+    Case("guaranteed-pod-stays-guaranteed", "guaranteed", "containerd"),
+    # The app and sidecar hold 300m + 100m CPU and 200Mi + 128Mi: the loader gets that, so the footprint stays.
+    Case("guaranteed-small-app-footprint-kept", "guaranteed", "containerd", spec={"containers": [{
+        "name": "server", "image": "registry.example.com/serving/small:1",
+        "resources": {"limits": {"cpu": "300m", "memory": "200Mi"}}}]}),
     Case("unknown-annotation-warned", "single", "crio", annotations={"model.cache/refs": "x", "model.cache/cache_": "pod"}),
     Case("hub-short-reference", "single", "crio", annotations={ann.REF: "ollama/llama3"}),
 ]
@@ -140,6 +152,104 @@ def test_the_patch_turns_the_pod_into_the_mutated_pod(case):
     ops = make_patch(pod, outcome.pod)
     assert applies(pod, ops, outcome.pod)
     assert not [op for op in ops if op["op"] == "remove"]  # the injectors only add (or rewrite a list whole)
+
+
+def qos_class(spec: dict[str, Any]) -> str:
+    """A pod's QoS class as Kubernetes computes it (pkg/apis/core/helper/qos GetPodQOS) after the API server's
+    defaulting (a request left out defaults to its limit); init containers count, only cpu and memory matter."""
+    requests: dict[str, Any] = {}
+    limits: dict[str, Any] = {}
+    guaranteed = True
+    for c in [*(spec.get("containers") or ()), *(spec.get("initContainers") or ())]:
+        res = c.get("resources") or {}
+        lim = {k: parse_quantity(str(v)) for k, v in (res.get("limits") or {}).items() if k in ("cpu", "memory")}
+        req = {k: parse_quantity(str(v)) for k, v in (res.get("requests") or {}).items() if k in ("cpu", "memory")}
+        req = {**lim, **req}
+        for k, v in req.items():
+            if v > 0:
+                requests[k] = requests.get(k, 0) + v
+        for k, v in lim.items():
+            if v > 0:
+                limits[k] = limits.get(k, 0) + v
+        if {k for k, v in lim.items() if v > 0} != {"cpu", "memory"}:
+            guaranteed = False
+    if not requests and not limits:
+        return "BestEffort"
+    if guaranteed and all(limits.get(k) == v for k, v in requests.items()):
+        return "Guaranteed"
+    return "Burstable"
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_the_loader_keeps_the_pods_qos_class_unless_it_was_best_effort(case):
+    # Any loader request or limit makes a BestEffort pod Burstable (documented); Guaranteed stays Guaranteed.
+    out = run(case)
+    before, after = qos_class(case.inputs()[0]["spec"]), qos_class(out["pod"]["spec"])
+    assert after == ("Burstable" if before == "BestEffort" and out["status"].startswith("init") else before)
+
+
+def test_guaranteed_fixture_is_guaranteed():
+    assert qos_class(load_pod("guaranteed")["spec"]) == "Guaranteed"
+    assert qos_class(load_pod("single")["spec"]) == "Burstable"
+
+
+def _uid_env(value: str | None = None) -> dict[str, Any]:
+    if value is None:
+        return {"name": contract.ENV_POD_UID, "valueFrom": {"fieldRef": {"fieldPath": "metadata.uid"}}}
+    return {"name": contract.ENV_POD_UID, "value": value}
+
+
+@pytest.mark.parametrize(
+    "fleet_name,env",
+    [("containerd", _uid_env("0b0c1d2e-3f40-4152-8364-758697a8b9ca")), ("crio", _uid_env("x")), ("containerd", _uid_env())],
+    ids=["init-container-other-pods-uid", "image-volume-too", "even-the-downward-api"],
+)
+def test_a_container_that_sets_the_pod_uid_variable_itself_is_refused(fleet_name, env):
+    # Its own value would point subPathExpr pods/$(MODEL_CACHE_POD_UID)/<key> at another pod's pinned entry. Refused
+    # in image-volume mode too, so that a workload admitted today is not refused when its candidate nodes change.
+    pod = load_pod("single")
+    pod["spec"]["containers"][0]["env"].append(env)
+    with pytest.raises(Denied) as e:
+        mutate_pod(pod, "ml", None, fleet(fleet_name), Settings())
+    assert e.value.message == (
+        "container 'server' defines the environment variable MODEL_CACHE_POD_UID, which model.cache reserves: the"
+        " webhook sets it to the pod's UID so that the container mounts the model its own loader verified; remove"
+        " MODEL_CACHE_POD_UID from the container's env"
+    )
+
+
+def test_a_container_without_the_model_may_define_the_variable():
+    pod = load_pod("multi")
+    pod["spec"]["containers"][1]["env"] = [_uid_env("anything")]  # metrics: not in model.cache/containers
+    outcome = mutate_pod(pod, "ml", None, fleet("containerd"), Settings())
+    metrics = outcome.pod["spec"]["containers"][1]
+    assert (metrics.get("volumeMounts"), metrics["env"]) == (None, [_uid_env("anything")])
+
+
+def test_every_model_mount_is_pinned_by_the_downward_api_uid():
+    # The invariant behind the fixtures: in init mode, every container that mounts the cache volume mounts only
+    # pods/$(MODEL_CACHE_POD_UID)/<key>, read-only, and takes the UID from metadata.uid; the loader gets the UID
+    # and the node name from the downward API, as the args it expands.
+    for case in CASES:
+        out = run(case)
+        if not out["status"].startswith("init-container"):
+            continue
+        spec = out["pod"]["spec"]
+        loader = spec["initContainers"][0]
+        cache = loader["volumeMounts"][0]["name"]
+        assert loader["env"] == [_uid_env(), {"name": contract.ENV_NODE_NAME, "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}]
+        args = loader["args"]
+        assert args[args.index("--pod-uid") + 1] == "$(MODEL_CACHE_POD_UID)", case.id
+        assert args[args.index("--node-name") + 1] == "$(MODEL_CACHE_NODE_NAME)", case.id
+        users = [c for key in ("containers", "initContainers") for c in spec.get(key) or ()
+                 if c is not loader and any(m["name"] == cache for m in c.get("volumeMounts") or ())]
+        assert users, case.id
+        for c in users:
+            assert _uid_env() in c["env"], case.id
+            for m in c["volumeMounts"]:
+                if m["name"] == cache:
+                    assert set(m) == {"name", "mountPath", "subPathExpr", "readOnly"} and m["readOnly"] is True
+                    assert m["subPathExpr"].startswith("pods/$(MODEL_CACHE_POD_UID)/"), case.id
 
 
 def test_pod_without_ref_is_left_alone():

@@ -4,7 +4,8 @@ This is the only module that reads the environment. The result is passed to the 
 argument, so a bad value stops the process at boot (``ConfigError``) instead of failing requests later.
 
 ``MODEL_CACHE_ALLOWED_REGISTRIES`` takes a JSON list or a comma-separated string; each entry is ``host``,
-``host:port`` or ``host/repository-prefix``. Empty means every registry is allowed.
+``host:port`` or ``host/repository-prefix``. Empty means every registry is allowed. ``MODEL_CACHE_PLAIN_HTTP_REGISTRIES``
+takes the same forms of list, of ``host`` or ``host:port`` only.
 """
 
 from __future__ import annotations
@@ -80,9 +81,18 @@ class Settings(BaseSettings):
     default_mount_path: str = "/models"
     default_mode: Literal["auto", "image-volume", "init-container"] = "auto"
     default_cache: str = "node"
-    loader_cpu_request: str = "250m"
+    # The loader's resources. Kubernetes charges a pod, for its whole life, the larger of its largest init
+    # container's request and the sum of its app containers' requests, per resource: so the loader's *requests*
+    # are paid by every pod whose app asks for less (at 250m, 8 such pods filled a 2-CPU node), while its limits
+    # cost the node nothing once it has exited. It needs little to be scheduled: 35 MB peak RSS whatever the model
+    # size, one 1 MiB buffer per download, ~1.7 CPU-seconds per GB hashed (docs/benchmarks.md). Hence small requests
+    # (50m, 64Mi: below what any real app requests, so they rarely change a pod's footprint) and generous limits
+    # (2 CPUs to download and hash at full speed; 512Mi for the interpreter, TLS, the buffers and the page cache its
+    # writes are charged with). Any request or limit makes a BestEffort pod Burstable; a Guaranteed pod is kept
+    # Guaranteed by giving the loader requests equal to limits (webhook/mutate.py, loader_resources).
+    loader_cpu_request: str = "50m"
     loader_cpu_limit: str = "2"
-    loader_memory_request: str = "256Mi"
+    loader_memory_request: str = "64Mi"
     loader_memory_limit: str = "512Mi"
     loader_concurrency: int = Field(default=8, ge=1, le=256)
     # On a shared cache (node hostPath, pvc:) the loader asks the registry even for an already cached digest, so
@@ -90,6 +100,13 @@ class Settings(BaseSettings):
     # pod start; a registry outage still falls back to the cache. Off only for single-tenant clusters.
     loader_check_access: bool = True
     allowed_registries: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # A ConfigMap with the CA certificates (PEM, key contract.CA_BUNDLE_KEY) the loader trusts for registries besides
+    # its image's: projected into the loader by name, so it must exist in every enabled namespace (trust-manager's
+    # Bundle distributes one). Empty: none.
+    registry_ca_configmap: str = ""
+    # Registries (host or host:port) the loader speaks plain HTTP to: in-cluster registries without TLS. Passed to
+    # every loader; a model from one is never "verified over TLS" for the shared cache's access rule.
+    plain_http_registries: Annotated[list[str], NoDecode] = Field(default_factory=list)
     loader_run_as_user: int = Field(default=65532, ge=1, le=2**31 - 1)
     image_volume_min_crio: str = "1.33"
     image_volume_min_kubelet: str = "1.35"
@@ -156,7 +173,19 @@ class Settings(BaseSettings):
             raise ValueError(f"{v!r} is not a DNS label (at most 63 lower case letters, digits and '-', e.g. model-cache)")
         return v
 
-    @field_validator("allowed_registries", mode="before")
+    @field_validator("registry_ca_configmap")
+    @classmethod
+    def _configmap(cls, v: str) -> str:
+        # ConfigMap names are DNS subdomains (RFC 1123), at most 253 characters.
+        v = v.strip()
+        if v and (len(v) > 253 or not _DNS_SUBDOMAIN.fullmatch(v)):
+            raise ValueError(
+                f"{v!r} is not a ConfigMap name (a DNS subdomain: lower case letters, digits, '-' and '.', e.g."
+                " registry-ca); leave it empty for none"
+            )
+        return v
+
+    @field_validator("allowed_registries", "plain_http_registries", mode="before")
     @classmethod
     def _split(cls, v: object) -> object:
         if isinstance(v, str):
@@ -184,6 +213,20 @@ class Settings(BaseSettings):
                 )
             out.append(f"{host}/{prefix}" if prefix else host)
         return out
+
+    @field_validator("plain_http_registries")
+    @classmethod
+    def _plain_http(cls, v: list[str]) -> list[str]:
+        out: dict[str, None] = {}
+        for entry in v:
+            host = entry.strip().lower()
+            if not _HOST_PORT.match(host):
+                raise ValueError(
+                    f"plain_http_registries entry {entry.strip()!r} is not host or host:port (e.g."
+                    " registry.internal, 10.0.0.5:5000)"
+                )
+            out[host] = None
+        return list(out)
 
     @model_validator(mode="after")
     def _requests_within_limits(self) -> Settings:

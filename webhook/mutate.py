@@ -10,6 +10,19 @@ volumes plus the loader init container (init mode), the read-only mounts, the en
 status annotation. The status annotation is the idempotency check for all of them: a pod that carries it is
 returned unchanged (``reinvocationPolicy: IfNeeded`` calls the webhook twice).
 
+Pinning (issue 15): kubelet resolves a subPath afresh on every container (re)start, so the app must not mount
+the ``refs/`` link a tag move replaces. In init mode every target container mounts ``pods/<pod-uid>/<key>``
+(``contract.pod_subpath_expr``: a ``subPathExpr`` over ``MODEL_CACHE_POD_UID``, which the webhook sets from the
+downward API's ``metadata.uid``), the link the pod's own loader wrote to the digest it verified. The variable is
+reserved: a target container that defines it is refused, in either mode, since its own value would point the
+mount at another pod's entry. The loader gets the UID and ``spec.nodeName`` the same way and receives them as
+``--pod-uid $(MODEL_CACHE_POD_UID) --node-name $(MODEL_CACHE_NODE_NAME)`` (kubelet expands ``$(VAR)`` in args).
+Nothing here depends on the UID itself, so answers stay shareable between replicas (webhook/memo.py).
+
+Injected volumes never take a name that a container already mounts without the pod defining it: such a dangling
+mount would otherwise capture the cache volume (the whole cache, writable) or a model; it stays dangling and the
+API server refuses the pod.
+
 Security choice for the loader: with the ``node`` cache the hostPath directory is created by kubelet owned by
 root (``DirectoryOrCreate``), so there the loader runs as uid 0 with every capability dropped, no privilege
 escalation, a read-only root filesystem and the RuntimeDefault seccomp profile (root without capabilities can
@@ -20,17 +33,19 @@ a claim used as a cache must be writable by that uid (or by the pod's fsGroup).
 
 from __future__ import annotations
 
+import math
 import operator
 import posixpath
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 from loader import contract
 from loader.reference import Reference, ReferenceError, parse
 from webhook import annotations as ann
-from webhook.config import Settings
+from webhook.config import Settings, parse_quantity
 from webhook.errors import Denied
 from webhook.nodes import Choice, choose_mode
 from webhook.snapshot import Snapshot
@@ -38,6 +53,7 @@ from webhook.snapshot import Snapshot
 LOADER_NAME = "model-loader"
 CACHE_VOLUME = "model-cache"
 PULL_SECRET_VOLUME = "model-cache-pull-"
+CA_VOLUME = "model-cache-ca"
 MODEL_VOLUME = "model-"
 LOADER_OUTPUT = "text"  # the loader's progress format in `kubectl logs`
 #: The keys of the two pull-secret types (kubernetes.io/dockerconfigjson, legacy kubernetes.io/dockercfg) and the
@@ -47,6 +63,13 @@ PULL_SECRET_ITEMS = ({"key": ".dockerconfigjson", "path": "config.json"}, {"key"
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$")
 _NOT_DNS = re.compile(r"[^a-z0-9-]+")
 _NAME = operator.itemgetter("name")  # containers, env vars and volumes: a pod has hundreds of them
+_CONTAINER_KEYS = ("containers", "initContainers", "ephemeralContainers")
+_QOS_RESOURCES = ("cpu", "memory")  # the resources Kubernetes derives a pod's QoS class from
+
+
+def _field_env(name: str, field_path: str) -> dict[str, Any]:
+    """An env var from the downward API: kubelet fills it in when the container starts."""
+    return {"name": name, "valueFrom": {"fieldRef": {"fieldPath": field_path}}}
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,6 +278,26 @@ def _targets(spec: dict[str, Any], names: tuple[str, ...]) -> list[dict[str, Any
     return [c for key in ("containers", "initContainers") for c in spec.get(key) or () if c["name"] in wanted]
 
 
+def _check_reserved_env(targets: list[dict[str, Any]]) -> None:
+    for container in targets:
+        if contract.ENV_POD_UID in map(_NAME, container.get("env") or ()):
+            raise Denied(
+                f"container {container['name']!r} defines the environment variable {contract.ENV_POD_UID}, which"
+                " model.cache reserves: the webhook sets it to the pod's UID so that the container mounts the model"
+                f" its own loader verified; remove {contract.ENV_POD_UID} from the container's env"
+            )
+
+
+def _taken_volume_names(spec: Mapping[str, Any]) -> set[str]:
+    """Volume names an injected volume must not take: the pod's volumes and every name a container mounts (a mount
+    of a volume the pod does not define would otherwise capture the injected one)."""
+    taken = set(map(_NAME, spec.get("volumes") or ()))
+    for key in ("containers", "initContainers"):  # ephemeral containers cannot be part of a new pod
+        for container in spec.get(key) or ():
+            taken.update(map(_NAME, container.get("volumeMounts") or ()))
+    return taken
+
+
 def _check_mount_paths(targets: list[dict[str, Any]], plan: Plan) -> None:
     model_at = {plan.path(model): model for model in plan.models}
     for container in targets:
@@ -296,7 +339,7 @@ def _add_env(targets: list[dict[str, Any]], plan: Plan) -> list[str]:
 
 
 def _inject_image_volumes(spec: dict[str, Any], targets: list[dict[str, Any]], plan: Plan) -> None:
-    taken = set(map(_NAME, spec.get("volumes") or ()))
+    taken = _taken_volume_names(spec)
     volumes, mounts = [], []
     for model in plan.models:
         name = unique_name(MODEL_VOLUME + model.name, taken)
@@ -327,14 +370,120 @@ def _cache_volume(name: str, cache: str, claim: str | None, settings: Settings) 
     return {"name": name, "persistentVolumeClaim": {"claimName": claim}}
 
 
+def _quantity(value: object) -> Decimal | None:
+    """A quantity from a pod spec as a number, or None when it is not one (the API server refuses those)."""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        return None
+    try:
+        return parse_quantity(str(value))
+    except ValueError:
+        return None
+
+
+def _guaranteed_container(container: Mapping[str, Any]) -> dict[str, Decimal] | None:
+    """A container's cpu and memory limits when it qualifies for the Guaranteed class (both limits set, requests
+    equal to them or unset, which defaults them to the limits); else None."""
+    resources = container.get("resources")
+    if not isinstance(resources, dict):
+        return None
+    limits, requests = resources.get("limits"), resources.get("requests") or {}
+    if not isinstance(limits, dict) or not isinstance(requests, dict):
+        return None
+    out = {}
+    for name in _QOS_RESOURCES:
+        limit = _quantity(limits.get(name))
+        if limit is None or limit <= 0 or (name in requests and _quantity(requests[name]) != limit):
+            return None
+        out[name] = limit
+    return out
+
+
+def _guaranteed_limits(spec: Mapping[str, Any]) -> dict[str, Decimal] | None:
+    """For a pod of QoS class Guaranteed (every container, init containers included, qualifies), the sum of the
+    limits of what runs beside the app (app containers and native sidecars), per resource; None for any other pod.
+    Pod-level ``spec.resources`` decide the class themselves: None."""
+    if spec.get("resources") or not spec.get("containers"):
+        return None
+    total = dict.fromkeys(_QOS_RESOURCES, Decimal(0))
+    for key in ("containers", "initContainers"):
+        for container in spec.get(key) or ():
+            limits = _guaranteed_container(container)
+            if limits is None:
+                return None
+            if key == "containers" or container.get("restartPolicy") == "Always":
+                for name in _QOS_RESOURCES:
+                    total[name] += limits[name]
+    return total
+
+
+def _format_quantity(resource: str, value: Decimal) -> str:
+    if resource == "cpu":
+        milli = math.ceil(value * 1000)
+        return str(milli // 1000) if milli % 1000 == 0 else f"{milli}m"
+    size = math.ceil(value)
+    for unit, factor in (("Gi", 2**30), ("Mi", 2**20), ("Ki", 2**10)):
+        if size % factor == 0:
+            return f"{size // factor}{unit}"
+    return str(size)
+
+
+def loader_resources(spec: Mapping[str, Any], settings: Settings) -> dict[str, Any]:
+    """The loader's requests and limits: the settings; for a Guaranteed pod, requests equal to limits.
+
+    Any container whose requests differ from its limits makes a pod Burstable (init containers count), and a
+    Guaranteed pod has reasons to be one (exclusive CPUs under the static CPU manager policy, last to be evicted).
+    So there the loader gets, per resource, what the app and its sidecars hold (they are charged that anyway, so
+    the pod's footprint does not grow), at least the loader's request and at most its limit, as request and limit.
+    """
+    settings_of = {
+        "cpu": (settings.loader_cpu_request, settings.loader_cpu_limit),
+        "memory": (settings.loader_memory_request, settings.loader_memory_limit),
+    }
+    app = _guaranteed_limits(spec)
+    if app is None:
+        return {
+            "requests": {name: settings_of[name][0] for name in _QOS_RESOURCES},
+            "limits": {name: settings_of[name][1] for name in _QOS_RESOURCES},
+        }
+    both: dict[str, str] = {}
+    for name in _QOS_RESOURCES:
+        request, limit = settings_of[name]
+        value = min(parse_quantity(limit), max(parse_quantity(request), app[name]))
+        if value == parse_quantity(limit):
+            both[name] = limit
+        elif value == parse_quantity(request):
+            both[name] = request
+        else:
+            both[name] = _format_quantity(name, value)
+    return {"requests": dict(both), "limits": dict(both)}
+
+
 def _inject_loader(
     spec: dict[str, Any], targets: list[dict[str, Any]], plan: Plan, cache: str, settings: Settings
 ) -> None:
-    taken = set(map(_NAME, spec.get("volumes") or ()))
+    taken = _taken_volume_names(spec)
     cache_name = unique_name(CACHE_VOLUME, taken)
     volumes = [_cache_volume(cache_name, cache, plan.claim, settings)]
     loader_mounts: list[dict[str, Any]] = [{"name": cache_name, "mountPath": contract.CACHE_MOUNT}]
     config_args: list[str] = []
+    if settings.registry_ca_configmap:
+        vol = unique_name(CA_VOLUME, taken)
+        # optional: a namespace without the ConfigMap gets a loader that says which file is missing, rather than a
+        # pod stuck in ContainerCreating with only an event to tell why.
+        volumes.append(
+            {
+                "name": vol,
+                "configMap": {
+                    "name": settings.registry_ca_configmap,
+                    "items": [{"key": contract.CA_BUNDLE_KEY, "path": contract.CA_BUNDLE_KEY}],
+                    "optional": True,
+                },
+            }
+        )
+        loader_mounts.append({"name": vol, "mountPath": contract.CA_MOUNT, "readOnly": True})
+        config_args += [contract.FLAG_CA_FILE, posixpath.join(contract.CA_MOUNT, contract.CA_BUNDLE_KEY)]
+    for host in settings.plain_http_registries:
+        config_args += [contract.FLAG_PLAIN_HTTP_REGISTRY, host]
     for secret in dict.fromkeys(s.get("name") for s in spec.get("imagePullSecrets") or () if s.get("name")):
         vol = unique_name(PULL_SECRET_VOLUME + secret, taken)
         # optional: the kubelet pulls images without a pull secret that is missing, so the loader must not wedge
@@ -350,7 +499,7 @@ def _inject_loader(
         loader_mounts.append({"name": vol, "mountPath": directory, "readOnly": True})
         config_args += [contract.FLAG_DOCKER_CONFIG, directory]
 
-    container_names = {name for key in ("containers", "initContainers", "ephemeralContainers") for name in map(_NAME, spec.get(key) or ())}
+    container_names = {name for key in _CONTAINER_KEYS for name in map(_NAME, spec.get(key) or ())}
     refs = list(dict.fromkeys(str(m.ref) for m in plan.models))
     loader = {
         "name": unique_name(LOADER_NAME, container_names),
@@ -362,6 +511,11 @@ def _inject_loader(
             *refs,
             contract.FLAG_CACHE,
             contract.CACHE_MOUNT,
+            # kubelet expands $(VAR) from the container's env (below) when it starts the container.
+            contract.FLAG_POD_UID,
+            f"$({contract.ENV_POD_UID})",
+            contract.FLAG_NODE_NAME,
+            f"$({contract.ENV_NODE_NAME})",
             contract.FLAG_OUTPUT,
             LOADER_OUTPUT,
             contract.FLAG_CONCURRENCY,
@@ -369,10 +523,8 @@ def _inject_loader(
             *([contract.FLAG_CHECK_ACCESS] if settings.loader_check_access and cache != ann.CACHE_POD else []),
             *config_args,
         ],
-        "resources": {
-            "requests": {"cpu": settings.loader_cpu_request, "memory": settings.loader_memory_request},
-            "limits": {"cpu": settings.loader_cpu_limit, "memory": settings.loader_memory_limit},
-        },
+        "env": [_field_env(contract.ENV_POD_UID, "metadata.uid"), _field_env(contract.ENV_NODE_NAME, "spec.nodeName")],
+        "resources": loader_resources(spec, settings),
         "securityContext": loader_security_context(cache == ann.CACHE_NODE, settings),
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "volumeMounts": loader_mounts,
@@ -380,10 +532,19 @@ def _inject_loader(
     # First among the init containers: later init containers and native sidecars may read the model.
     spec["initContainers"] = [loader, *(spec.get("initContainers") or ())]
     spec["volumes"] = [*(spec.get("volumes") or ()), *volumes]
+    # Each target mounts the pod's own pinned entry, pods/$(MODEL_CACHE_POD_UID)/<key>: the UID comes from the
+    # downward API (no target defines the name itself: _check_reserved_env).
+    for container in targets:
+        container["env"] = [*(container.get("env") or ()), _field_env(contract.ENV_POD_UID, "metadata.uid")]
     _add_mounts(
         targets,
         [
-            {"name": cache_name, "mountPath": plan.path(m), "subPath": contract.ref_subpath(m.ref), "readOnly": True}
+            {
+                "name": cache_name,
+                "mountPath": plan.path(m),
+                "subPathExpr": contract.pod_subpath_expr(m.ref),
+                "readOnly": True,
+            }
             for m in plan.models
         ],
     )
@@ -442,6 +603,7 @@ def mutate_pod(
     new, spec = _copy_for_edit(pod, plan.containers)
     targets = _targets(spec, plan.containers)
     _check_mount_paths(targets, plan)
+    _check_reserved_env(targets)
     warnings = [*plan_warnings, *choice.warnings]
 
     if choice.mode == ann.IMAGE_VOLUME:
