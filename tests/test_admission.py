@@ -47,7 +47,8 @@ def fresh_snapshot():
 # Shared by the tests, as the webhook shares one snapshot between reviews: its remembered answers are exercised.
 SNAPSHOT = fresh_snapshot()
 REF = "registry.example.com/models/phi3:v1"
-SUBPATH = "refs/registry.example.com_models_phi3_v1-81650e9a5e875dcd"
+SUBPATH_EXPR = "pods/$(MODEL_CACHE_POD_UID)/registry.example.com_models_phi3_v1-81650e9a5e875dcd"
+POD_UID_ENV = {"name": "MODEL_CACHE_POD_UID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.uid"}}}
 
 
 def pod(annotations: dict[str, str] | None = None, **spec: Any) -> dict[str, Any]:
@@ -125,8 +126,10 @@ def test_generate_name_pod_in_restricted_namespace_gets_the_whole_patch():
         "image": "ghcr.io/model-cache/loader:0.1.0",
         "imagePullPolicy": "IfNotPresent",
         "command": ["model-loader"],
-        "args": ["pull", REF, "--cache", "/cache", "--output", "text", "--concurrency", "8"],
-        "resources": {"requests": {"cpu": "250m", "memory": "256Mi"}, "limits": {"cpu": "2", "memory": "512Mi"}},
+        "args": ["pull", REF, "--cache", "/cache", "--pod-uid", "$(MODEL_CACHE_POD_UID)", "--node-name",
+                 "$(MODEL_CACHE_NODE_NAME)", "--output", "text", "--concurrency", "8"],
+        "env": [POD_UID_ENV, {"name": "MODEL_CACHE_NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}],
+        "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"cpu": "2", "memory": "512Mi"}},
         "securityContext": {
             "allowPrivilegeEscalation": False,
             "capabilities": {"drop": ["ALL"]},
@@ -142,10 +145,10 @@ def test_generate_name_pod_in_restricted_namespace_gets_the_whole_patch():
     assert decode(response) == [
         {"op": "add", "path": "/metadata/annotations/model.cache~1injected",
          "value": "init-container: the one candidate node runs containerd 2.0; cache pod"},
-        {"op": "add", "path": "/spec/containers/0/volumeMounts",
-         "value": [{"name": "model-cache", "mountPath": "/models/phi3", "subPath": SUBPATH, "readOnly": True}]},
         {"op": "add", "path": "/spec/containers/0/env",
-         "value": [{"name": "MODEL_PATH", "value": "/models/phi3"}, {"name": "MODEL_PATH_PHI3", "value": "/models/phi3"}]},
+         "value": [POD_UID_ENV, {"name": "MODEL_PATH", "value": "/models/phi3"}, {"name": "MODEL_PATH_PHI3", "value": "/models/phi3"}]},
+        {"op": "add", "path": "/spec/containers/0/volumeMounts",
+         "value": [{"name": "model-cache", "mountPath": "/models/phi3", "subPathExpr": SUBPATH_EXPR, "readOnly": True}]},
         {"op": "add", "path": "/spec/initContainers", "value": [loader]},
         {"op": "add", "path": "/spec/volumes", "value": [{"name": "model-cache", "emptyDir": {}}]},
     ]
@@ -183,6 +186,10 @@ def test_replicas_of_one_template_are_decided_twice_then_answered_from_memory_wi
     ]
     assert decided == ["uid-0", "uid-1"]  # kept on its second miss (webhook/memo.py: one-off pods never are)
     assert len(snap.answers) == 1
+    # Sharing is right because no answer names a pod: each pod's UID reaches its containers through the downward
+    # API (kubelet fills the fieldRef in when the container starts), never through the patch.
+    ops = json.dumps(decode(answers[-1]))
+    assert not [n for n in range(5) if f'"pod-{n}"' in ops] and json.dumps(POD_UID_ENV) in ops
     for n, answer in enumerate(answers):
         assert answer == mutate_review(review(_replica(n), uid=f"uid-{n}"), fresh_snapshot(), SETTINGS)  # as if afresh
     assert "patch" in answers[-1]["response"]
@@ -400,6 +407,18 @@ def test_workload_with_bad_annotation_is_denied_at_apply(kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_workload_whose_container_sets_the_pod_uid_variable_is_denied_at_apply(kind):
+    template = _template({})
+    template["spec"]["containers"][0]["env"] = [{"name": "MODEL_CACHE_POD_UID", "value": "9f1c0c1e-other-pod"}]
+    obj = _with_template(kind, template)
+    assert validate_review(review(obj, kind=kind, namespace="open"), SNAPSHOT, SETTINGS) == denied(
+        "container 'server' defines the environment variable MODEL_CACHE_POD_UID, which model.cache reserves: the"
+        " webhook sets it to the pod's UID so that the container mounts the model its own loader verified; remove"
+        " MODEL_CACHE_POD_UID from the container's env"
+    )
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_workload_with_good_annotation_is_allowed_with_soft_warnings(kind):
     obj = _with_template(kind, _template({}))
     before = copy.deepcopy(obj)
@@ -521,6 +540,13 @@ def test_settings_from_environment(monkeypatch):
     assert (s.allowed_registries, s.loader_concurrency) == (["registry.example.com", "ghcr.io/acme", "10.0.0.5:5000"], 4)
     monkeypatch.setenv("MODEL_CACHE_ALLOWED_REGISTRIES", '["r.example.com"]')
     assert load_settings().allowed_registries == ["r.example.com"]
+    assert (s.registry_ca_configmap, s.plain_http_registries) == ("", [])
+    monkeypatch.setenv("MODEL_CACHE_REGISTRY_CA_CONFIGMAP", " registry-ca ")
+    monkeypatch.setenv("MODEL_CACHE_PLAIN_HTTP_REGISTRIES", "Registry.Internal:5000, 10.0.0.5 ,registry.internal:5000,")
+    s = load_settings()
+    assert (s.registry_ca_configmap, s.plain_http_registries) == ("registry-ca", ["registry.internal:5000", "10.0.0.5"])
+    monkeypatch.setenv("MODEL_CACHE_PLAIN_HTTP_REGISTRIES", '["[fd00::5]:5000"]')
+    assert load_settings().plain_http_registries == ["[fd00::5]:5000"]
 
 
 @pytest.mark.parametrize(
@@ -538,9 +564,20 @@ def test_settings_from_environment(monkeypatch):
          " host:port or host/repository-prefix (e.g. registry.example.com, 10.0.0.5:5000, ghcr.io/acme)"),
         ({"loader_run_as_user": 0}, "MODEL_CACHE_LOADER_RUN_AS_USER: Input should be greater than or equal to 1"),
         ({"image_volume_min_crio": "1.33.0"}, "MODEL_CACHE_IMAGE_VOLUME_MIN_CRIO: '1.33.0' is not a MAJOR.MINOR version such as 1.33"),
+        ({"registry_ca_configmap": "Registry_CA"}, "MODEL_CACHE_REGISTRY_CA_CONFIGMAP: 'Registry_CA' is not a ConfigMap name (a"
+         " DNS subdomain: lower case letters, digits, '-' and '.', e.g. registry-ca); leave it empty for none"),
+        ({"registry_ca_configmap": "x" * 254}, f"MODEL_CACHE_REGISTRY_CA_CONFIGMAP: '{'x' * 254}' is not a ConfigMap name (a"
+         " DNS subdomain: lower case letters, digits, '-' and '.', e.g. registry-ca); leave it empty for none"),
+        ({"plain_http_registries": "registry.internal/models"}, "MODEL_CACHE_PLAIN_HTTP_REGISTRIES: plain_http_registries"
+         " entry 'registry.internal/models' is not host or host:port (e.g. registry.internal, 10.0.0.5:5000)"),
+        ({"plain_http_registries": "http://registry.internal"}, "MODEL_CACHE_PLAIN_HTTP_REGISTRIES: plain_http_registries"
+         " entry 'http://registry.internal' is not host or host:port (e.g. registry.internal, 10.0.0.5:5000)"),
+        ({"plain_http_registries": "[r.internal"}, "MODEL_CACHE_PLAIN_HTTP_REGISTRIES: '[r.internal' is neither a JSON list"
+         " nor a comma-separated list: Expecting value: line 1 column 2 (char 1)"),
     ],
     ids=["request-over-limit", "bad-quantity", "bad-image", "relative-cache", "bad-cache", "bad-mode", "bad-registry",
-         "root-uid", "bad-version"],
+         "root-uid", "bad-version", "bad-configmap", "long-configmap", "plain-http-with-path", "plain-http-with-scheme",
+         "plain-http-bad-json"],
 )
 def test_bad_settings_stop_start_up(overrides, message):
     with pytest.raises(ConfigError) as e:

@@ -413,6 +413,18 @@ def test_bad_certificate_settings_stop_serve(tmp_path, env, capsys, monkeypatch,
     assert capsys.readouterr().err == f"model-cache-webhook: invalid model-cache settings: {name}: {message}\n"
 
 
+def test_bad_registry_settings_stop_serve_naming_every_bad_value(tmp_path, env, capsys, monkeypatch):
+    monkeypatch.setenv("MODEL_CACHE_REGISTRY_CA_CONFIGMAP", "ca bundle")
+    monkeypatch.setenv("MODEL_CACHE_PLAIN_HTTP_REGISTRIES", "registry.internal:5000,registry.internal/models")
+    assert main(["serve", "--tls-cert", "x", "--tls-key", "y", "--nodes-file", "z"]) == 2
+    assert capsys.readouterr().err == (
+        "model-cache-webhook: invalid model-cache settings: MODEL_CACHE_REGISTRY_CA_CONFIGMAP: 'ca bundle' is not a"
+        " ConfigMap name (a DNS subdomain: lower case letters, digits, '-' and '.', e.g. registry-ca); leave it empty"
+        " for none; MODEL_CACHE_PLAIN_HTTP_REGISTRIES: plain_http_registries entry 'registry.internal/models' is not"
+        " host or host:port (e.g. registry.internal, 10.0.0.5:5000)\n"
+    )
+
+
 def test_certificate_settings_default_to_the_manifests_names(monkeypatch):
     for name in [n for n in os.environ if n.startswith("MODEL_CACHE_")]:
         monkeypatch.delenv(name)
