@@ -252,6 +252,40 @@ def test_every_model_mount_is_pinned_by_the_downward_api_uid():
                     assert m["subPathExpr"].startswith("pods/$(MODEL_CACHE_POD_UID)/"), case.id
 
 
+@pytest.mark.parametrize(
+    "plain_http", [["registry.internal:5000"], ["10.0.0.5", "Registry.Internal"], ["[fd00::5]:5000"]], ids=str
+)
+def test_the_loader_parses_the_injected_command_line_as_kubelet_passes_it(plain_http):
+    # The contract from the other side: model-loader's own parser and checks accept exactly what the webhook
+    # writes, once kubelet has expanded $(VAR) from the downward API.
+    import argparse
+
+    from loader.cli import build_parser
+    from loader.commands import pull
+    from loader.commands.common import registry_settings
+    from loader.config import LoaderSettings
+    from tests.support.kubelet import container_env, expand_args
+
+    settings = Settings(registry_ca_configmap="registry-ca", plain_http_registries=plain_http)
+    pod = mutate_pod(load_pod("multi"), "ml", None, fleet("containerd"), settings).pod
+    pod = {**pod, "metadata": {**pod["metadata"], "uid": "6f9a3c1e-0b5d-4e27-9c8a-1d2e3f405162"},
+           "spec": {**pod["spec"], "nodeName": "ctrd-a"}}
+    loader = pod["spec"]["initContainers"][0]
+    argv = expand_args(loader["command"] + loader["args"], container_env(pod, loader))
+    assert argv[0] == contract.PROGRAM
+    args = build_parser(LoaderSettings(), [pull]).parse_args(argv[1:])
+    assert (args.command, args.refs, args.cache) == (contract.PULL, [
+        "registry.example.com/models/phi3:v1",
+        "registry.example.com/models/bge-small@sha256:5f4b1c1a7f0e0c9f2d9fd0c0a1b2c3d4e5f60718293a4b5c6d7e8f9a0b1c2d3e",
+    ], contract.CACHE_MOUNT)
+    assert (args.pod_uid, args.node_name) == ("6f9a3c1e-0b5d-4e27-9c8a-1d2e3f405162", "ctrd-a")
+    assert (args.ca_file, args.check_access, args.concurrency) == ([f"{contract.CA_MOUNT}/{contract.CA_BUNDLE_KEY}"], True, 8)
+    assert args.docker_config == ["/run/model-cache/docker/regcred", "/run/model-cache/docker/team.registry-creds"]
+    hosts = [h.lower() for h in plain_http]
+    assert registry_settings(argparse.Namespace(ca_file=[], plain_http_registry=args.plain_http_registry)) == (
+        (), frozenset(hosts))
+
+
 def test_pod_without_ref_is_left_alone():
     pod = load_pod("single")
     del pod["metadata"]["annotations"][ann.REF]
