@@ -36,6 +36,7 @@ SECRET = os.urandom(40_000)  # the victim's private weights
 CONFIG = b'{"tenant": "victim", "api_key": "victim-only"}'
 VICTIM_FILES = {"weights.bin": SECRET, "config.json": CONFIG}
 EMPTY = b"{}"
+FAST_STALL = RetryPolicy(attempts=2, base_delay=0.05, rate_window=1.0, min_rate=1000)  # a trickle is cut in ~2 s
 
 
 # ---- helpers -----------------------------------------------------------------------------------------------------
@@ -232,8 +233,10 @@ class SlowRegistry:
     """The attacker's registry: serves a manifest and, for one blob, endless junk at ``rate`` bytes/s (above the
     loader's minimum rate, so never "stalled") for a declared ``size`` (a lie the loader cannot check up front)."""
 
-    def __init__(self, manifests: dict[tuple[str, str], bytes], blob: str, size: int, rate: int) -> None:
+    def __init__(self, manifests: dict[tuple[str, str], bytes], blob: str, size: int, rate: int,
+                 chunked: bool = False) -> None:
         self.manifests, self.blob, self.size, self.rate = manifests, blob, size, rate
+        self.chunked = chunked  # one byte per chunk, ``rate`` chunks a second (Transfer-Encoding: chunked)
         self.stop = threading.Event()
         reg = self
 
@@ -262,6 +265,18 @@ class SlowRegistry:
                 if not path.endswith(f"/blobs/{reg.blob}"):
                     return self._send(404, b"{}", {"Content-Type": "application/json"}, body)
                 start = int((self.headers.get("Range") or "bytes=0-")[6:].partition("-")[0] or 0)
+                if reg.chunked:
+                    self.send_response(200)
+                    self.send_header("Transfer-Encoding", "chunked")
+                    self.end_headers()
+                    try:
+                        while body and not reg.stop.wait(1 / reg.rate):
+                            self.wfile.write(b"1\r\nx\r\n")
+                            self.wfile.flush()
+                    except OSError:
+                        pass
+                    self.close_connection = True
+                    return
                 self.send_response(206 if start else 200)
                 if start:
                     self.send_header("Content-Range", f"bytes {start}-{reg.size - 1}/{reg.size}")
@@ -332,6 +347,31 @@ def test_a_tenant_downloading_a_blob_slowly_does_not_starve_another_tenants_pull
     assert waited < 12, f"the victim's pull was held {waited:.0f}s (and counting) by another tenant's download"
 
 
+def test_a_chunked_trickle_is_cut_by_the_minimum_rate(tmp_path):
+    """transport.Response.readinto reads one socket read at a time so that RateWatch sees a trickle, except for a
+    chunked body: there it calls HTTPResponse.readinto, which loops until the buffer (up to 1 MiB, or the rest of
+    the range) is full. A registry answering with Transfer-Encoding: chunked and a one-byte chunk just inside the
+    socket timeout is never measured: it holds the blob lock (keyed by digest: another tenant's pull of the same
+    blob gives up with LockTimeout, exit 7, every time) and the gc lock for as long as it likes."""
+    cache = tmp_path / "cache"
+    digest = sha256(SECRET)
+    body = manifest([layer("w.bin", SECRET)])
+    evil = SlowRegistry({("mallory/m", "v1"): body}, digest, len(SECRET), 20, chunked=True)
+    done: list[object] = []
+    t = threading.Thread(target=lambda: done.append(outcome(f"{evil.host}/mallory/m:v1", cache, policy=FAST_STALL)))
+    t0 = time.monotonic()
+    t.start()
+    try:
+        t.join(8)
+        took = time.monotonic() - t0
+    finally:
+        evil.close()
+        t.join(60)
+    assert took < 8, (f"a 20 B/s chunked trickle held the blob lock {took:.0f}s under a policy whose minimum rate is"
+                      f" {FAST_STALL.min_rate:.0f} B/s over {FAST_STALL.rate_window:.0f}s")
+    assert done and isinstance(done[0], LoaderError) and "trickling" in str(done[0]), done
+
+
 # ---- 6. the hard-link count of a shared blob ---------------------------------------------------------------------
 def _hardlink_tar(target: str, n: int) -> bytes:
     import gzip
@@ -375,9 +415,6 @@ def test_a_tenant_cannot_use_up_the_hard_links_of_a_blob_other_tenants_share(tmp
 
 
 # ---- 7. the proof of possession is a transfer too ----------------------------------------------------------------
-FAST_STALL = RetryPolicy(attempts=2, base_delay=0.05, rate_window=1.0, min_rate=1000)
-
-
 def test_a_trickled_proof_of_possession_is_cut_like_any_transfer(tmp_path):
     """possession_failures reads its 64-byte window with no minimum rate and no deadline: a registry sending one
     byte just inside the socket timeout (30 s) keeps a pull in the proof for ~30 min per cached blob of the model,
