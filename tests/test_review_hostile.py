@@ -467,3 +467,28 @@ def test_another_tenant_cannot_push_the_victims_source_out_of_the_record(tmp_pat
     got = outcome(ref, cache, credentials=victim)
     assert not isinstance(got, BaseException), f"the victim's own outage fallback is refused: {got}"
     assert tree(got.path) == files
+
+
+# ---- 10. the identity recorded for a model read through a mirror -------------------------------------------------
+def test_a_model_read_with_a_mirrors_credentials_is_not_recorded_as_anonymous(tmp_path):
+    """prefetch (the node agent) pulls with --mirror; a pull-through mirror of a private registry asks for its
+    own credentials (user:password in the --mirror URL, or the mirror's docker-config entry). pull.py fingerprints
+    only ``credentials_for(ref.registry)``: with none for the registry itself the model is recorded as read
+    *anonymously* from registry/repository, and the outage fallback then gives it to any pod naming that
+    reference (hostAliases makes the outage; pods get no --mirror)."""
+    from tests.support.hostile_registry import FakeRegistry, HostileServer, require_basic
+
+    registry = f"127.0.0.1:{free_port()}"  # the private upstream: reached only through the mirror here
+    ref = f"{registry}/victim/private:v1"
+    body = manifest([layer(n, d) for n, d in VICTIM_FILES.items()])
+    fake = FakeRegistry(manifests={"v1": body, sha256(body): body},
+                        blobs={sha256(d): d for d in [EMPTY, *VICTIM_FILES.values()]})
+    cache = tmp_path / "cache"
+    with HostileServer() as mirror:
+        fake.serve(mirror, "victim/private", wrap=lambda r: require_basic("node-agent", "mirror-secret", r))
+        url = f"http://node-agent:mirror-secret@{mirror.host}"
+        warm = run(ref, cache, check_access=False, mirrors={registry: [url]})  # what prefetch does
+        assert not warm.cache_hit and tree(warm.path) == VICTIM_FILES
+    got = outcome(ref, cache)  # a tenant's pod: no credentials, no mirror, the registry "down"
+    assert isinstance(got, LoaderError), f"a pod without any credential got a model read with the mirror's: {got}"
+    assert got.exit_code == 7
