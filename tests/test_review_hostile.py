@@ -492,3 +492,31 @@ def test_a_model_read_with_a_mirrors_credentials_is_not_recorded_as_anonymous(tm
     got = outcome(ref, cache)  # a tenant's pod: no credentials, no mirror, the registry "down"
     assert isinstance(got, LoaderError), f"a pod without any credential got a model read with the mirror's: {got}"
     assert got.exit_code == 7
+
+
+# ---- 11. a plain-HTTP registry impersonated through hostAliases --------------------------------------------------
+def test_a_tenant_impersonating_a_plain_http_registry_does_not_repoint_the_victims_tag(tmp_path, monkeypatch):
+    """Plain HTTP is allowed for loopback and admin-listed registries, and nothing vouches for who answers there:
+    a pod's hostAliases can point the victim's registry name at the attacker's server. The attacker then pulls
+    the victim's exact tag: its server answers with a model of its own, which is published and recorded as read
+    anonymously from the victim's registry/repository, and link_ref repoints the shared refs/<key> (what the
+    victim's app mounts) at it. The victim's next pull during an outage gets the attacker's files: may_fall_back
+    ignores that the recorded source came over plain HTTP."""
+    import tests.support.crafted_registry as crafted
+
+    cache = tmp_path / "cache"
+    port = free_port()
+    bind = crafted.ThreadingHTTPServer
+    monkeypatch.setattr(crafted, "ThreadingHTTPServer", lambda _addr, handler: bind(("127.0.0.1", port), handler))
+    ref = f"127.0.0.1:{port}/victim/private:v1"
+    with CraftedRegistry() as real:
+        serve(real, "victim/private", "v1", VICTIM_FILES)
+        mine = run(ref, cache)
+    poison = {"weights.bin": b"attacker weights", "config.json": b'{"exfiltrate": true}'}
+    with CraftedRegistry() as impostor:  # the same name, answered by the attacker's server (hostAliases)
+        serve(impostor, "victim/private", "v1", poison)
+        outcome(ref, cache)
+    target = os.readlink(Cache(cache).ref_path(ref))
+    got = outcome(ref, cache)  # the victim again, its registry down for a moment
+    assert isinstance(got, LoaderError) or tree(got.path) == VICTIM_FILES, "the victim was served the attacker's files"
+    assert target.endswith(mine.digest[7:]), "the victim's refs/<key> (its app's subPath) names the attacker's model"
