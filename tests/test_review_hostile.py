@@ -520,3 +520,39 @@ def test_a_tenant_impersonating_a_plain_http_registry_does_not_repoint_the_victi
     got = outcome(ref, cache)  # the victim again, its registry down for a moment
     assert isinstance(got, LoaderError) or tree(got.path) == VICTIM_FILES, "the victim was served the attacker's files"
     assert target.endswith(mine.digest[7:]), "the victim's refs/<key> (its app's subPath) names the attacker's model"
+
+
+# ---- what held: relatives of the attacks above that the access rule refuses (regression coverage) ----------------
+@pytest.mark.parametrize("case", ["zero-size", "duplicate-wrong-size-first", "as-tar-layer",
+                                  "victims-manifest-wrong-window"])
+def test_relatives_that_hold(tmp_path, victim_registry, case):
+    """A size that lies (0, or a wrong size listed first for a duplicate digest), the victim's blob as a tar layer,
+    the victim's own manifest with junk blobs: each refused, the victim's blobs, tree, meta and refs unchanged."""
+    cache = tmp_path / "cache"
+    mine = run(f"{victim_registry.host}/victim/private:v1", cache)
+    before = snapshot(cache)
+    d = sha256(SECRET)
+    junk = os.urandom(len(SECRET))
+    layers = [layer("stolen.bin", SECRET)]
+    body = None
+    if case == "zero-size":
+        layers = [{**layers[0], "size": 0}]
+    elif case == "duplicate-wrong-size-first":
+        layers = [{**layers[0], "size": len(SECRET) + 1, "annotations": {TITLE: "a.bin"}}, layers[0]]
+    elif case == "as-tar-layer":
+        layers = [{**layers[0], "annotations": {TITLE: "dir", UNPACK: "true"}}]
+    elif case == "victims-manifest-wrong-window":
+        body = victim_registry.manifests[("victim/private", "v1")][0]  # the victim's very model digest
+    body = body or manifest(layers)
+    with CraftedRegistry() as evil:
+        evil.manifests[("mallory/m", "v1")] = (body, OCI_MANIFEST)
+        evil.blobs.update({sha256(EMPTY): EMPTY, d: junk, sha256(CONFIG): os.urandom(len(CONFIG))})
+        got = outcome(f"{evil.host}/mallory/m:v1", cache)
+        proofs = [r for r in evil.blob_gets() if r.range]
+    assert isinstance(got, LoaderError), got
+    assert got.exit_code in (4, 5, 8), got
+    assert trees_holding(cache, SECRET) == [mine.digest[7:]]
+    assert {k: v for k, v in snapshot(cache).items() if k.startswith(("blobs", "models", "meta", "refs"))} == {
+        k: v for k, v in before.items() if k.startswith(("blobs", "models", "meta", "refs"))}
+    if case == "victims-manifest-wrong-window":
+        assert proofs, "no proof of possession was asked for"
