@@ -305,7 +305,7 @@ def materialize(entries: Sequence[Entry], staging: Path, blob_path: Callable[[Di
             where = f"layer {e.name!r}"
             try:
                 if e.kind == "file":
-                    _link_blob(tree, e, blob_path(e.digest), ref)
+                    _link_blob(tree, e, blob_path(e.digest), ref, budget)
                     total_bytes += e.size
                     total_files += 1
                 else:
@@ -322,7 +322,7 @@ def materialize(entries: Sequence[Entry], staging: Path, blob_path: Callable[[Di
     return total_bytes, total_files
 
 
-def _link_blob(tree: _Tree, e: Entry, blob: Path, ref: str) -> None:
+def _link_blob(tree: _Tree, e: Entry, blob: Path, ref: str, budget: ExpansionBudget) -> None:
     who = f"{ref}: layer {e.name!r}"
     st = os.lstat(blob)
     if not stat.S_ISREG(st.st_mode):
@@ -332,6 +332,44 @@ def _link_blob(tree: _Tree, e: Entry, blob: Path, ref: str) -> None:
         os.link(blob, leaf, dst_dir_fd=parent, follow_symlinks=False)  # no copy: the tree shares the blob's inode
     except FileExistsError:
         raise ArtifactError(f"{ref}: {e.name!r} is written by two layers") from None
+    except OSError as exc:
+        if exc.errno != errno.EMLINK:
+            raise
+        # The blob's inode has as many links as its filesystem allows (many models share it): a copy instead,
+        # charged like extracted bytes. Never a failure another tenant can cause.
+        budget.charge(st.st_size, f"layer {e.name!r} (a copy: the blob has too many links)")
+        _copy_into(blob, parent, leaf)
+        return
+    tree.shared.add((st.st_dev, st.st_ino))
+
+
+def _copy_into(src: Path, parent: int, leaf: str) -> None:
+    fd_in = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        _copy_fd(fd_in, parent, leaf, str(src))
+    finally:
+        os.close(fd_in)
+
+
+def _copy_fd(fd_in: int, parent: int, leaf: str, who: str) -> None:
+    """Copy an open file to a new file ``leaf`` in ``parent`` (never through a link), keeping its mode."""
+    st = os.fstat(fd_in)
+    try:
+        fd_out = os.open(leaf, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         stat.S_IMODE(st.st_mode) | 0o200, dir_fd=parent)
+    except FileExistsError:
+        raise ArtifactError(_written_twice(who)) from None
+    try:
+        done = 0
+        while done < st.st_size:
+            n = os.copy_file_range(fd_in, fd_out, st.st_size - done, done, done)
+            if n <= 0:
+                raise OSError(errno.EIO, f"short copy for {who}")
+            done += n
+        os.fchmod(fd_out, stat.S_IMODE(st.st_mode))
+        os.fsync(fd_out)
+    finally:
+        os.close(fd_out)
 
 
 class _Counter:
@@ -348,9 +386,12 @@ class _Tree:
     few directories used stay open: tar entries come grouped by directory.
     """
 
-    def __init__(self, fd: int, prefix: str) -> None:
+    def __init__(self, fd: int, prefix: str, shared: set[tuple[int, int]] | None = None) -> None:
         self.fd = fd
         self.prefix = prefix  # this tree's path from the staging root, for messages ("" for the root)
+        # Inodes of the cache's blobs linked into the tree (file layers): shared by every model that has the file,
+        # so a tar layer may not hard-link to them (it could use up their link count for every tenant).
+        self.shared: set[tuple[int, int]] = shared if shared is not None else set()
         self._dirs: OrderedDict[str, int] = OrderedDict()
 
     @classmethod
@@ -366,7 +407,7 @@ class _Tree:
     def subtree(self, rel: str, who: str, budget: ExpansionBudget) -> _Tree:
         """A new tree for the directory ``rel`` (created when missing); the caller closes it."""
         fd = self.dir(rel, who, create=True, budget=budget)
-        return _Tree(os.dup(fd), posixpath.join(self.prefix, rel))
+        return _Tree(os.dup(fd), posixpath.join(self.prefix, rel), self.shared)
 
     def parent(self, name: str, who: str, create: bool = True, budget: ExpansionBudget | None = None
                ) -> tuple[int, str]:
@@ -609,7 +650,7 @@ def _extract_into(base: _Tree, blob: Path, e: Entry, ref: str, budget: Expansion
                         raise ArtifactError(_written_twice(who)) from None
                     symlinks.append((posixpath.join(base.prefix, name), who))
                 elif m.islnk():
-                    _hard_link(base, parent, leaf, m.linkname, who)
+                    total_bytes += _hard_link(base, parent, leaf, m.linkname, who, budget)
                 elif m.isreg():
                     total_bytes += _write_file(tar, m, parent, leaf, who, budget)
                 else:
@@ -673,7 +714,8 @@ def _check_symlink_target(name: str, target: str, who: str) -> None:
                             f" {name.count('/')} below the root; refused")
 
 
-def _hard_link(base: _Tree, parent: int, leaf: str, linkname: str, who: str) -> None:
+def _hard_link(base: _Tree, parent: int, leaf: str, linkname: str, who: str, budget: ExpansionBudget) -> int:
+    """Link ``leaf`` to a regular file already in the tree; the bytes it adds (0, or a copy's size)."""
     target = safe_name(linkname, f"{who} is a hard link, and its target")
     # One more directory in the fd cache evicts only the least recently used one, never ``parent`` (used last).
     src_dir, src_leaf = base.parent(target, f"{who} (a hard link to {target!r})", create=False)
@@ -686,10 +728,18 @@ def _hard_link(base: _Tree, parent: int, leaf: str, linkname: str, who: str) -> 
                 else "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file")
         raise ArtifactError(f"{who} is a hard link to {target!r}, which is {kind}: a hard link may only name a"
                             " regular file already in the model, reached without following a symlink; refused")
+    if (st.st_dev, st.st_ino) in base.shared:
+        # A file of a file layer: its inode is the cache's blob, shared by every model with that file. Links to it
+        # from a tar would spend that inode's link count (65,000 on ext4) for every tenant, and copies would turn
+        # a few bytes of tar into any amount of disk. Refused: a tar's hard links name files of the same tar.
+        raise ArtifactError(f"{who} is a hard link to {target!r}, a file of another layer (one of the cache's"
+                            " shared blobs); a hard link in a tar layer may only name a file of the same layer;"
+                            " put the file in the tar, or drop the link")
     try:
         os.link(src_leaf, leaf, src_dir_fd=src_dir, dst_dir_fd=parent, follow_symlinks=False)
     except FileExistsError:
         raise ArtifactError(_written_twice(who)) from None
+    return 0
 
 
 def _check_symlinks(root: int, links: list[tuple[str, str]]) -> None:
