@@ -4,9 +4,10 @@
 2. generate certificates and start the webhook over TLS with a sample inventory (a CRI-O and a containerd pool)
 3. send it the pod of examples/deployment.yaml twice, once per pool, and show each decision and patch
 4. run the injected init container's exact command line locally, show the model tree, run it again (warm hit)
-5. run it as another tenant would, naming the model's digest on a registry it made unreachable: refused (exit 7),
+5. move the tag: the first pod restarts on the digest it pinned, a new pod gets the new one
+6. run it as another tenant would, naming the model's digest on a registry it made unreachable: refused (exit 7),
    the shared cache's access rule (docs/architecture.md)
-6. stop everything it started
+7. stop everything it started
 
 Exits non-zero if any step fails.
 """
@@ -32,6 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from loader import contract  # noqa: E402
+from tests.support import kubelet  # noqa: E402  the model of kubelet's subPath and $(VAR) handling
 from tests.support.oci import Pusher, file_layer  # noqa: E402
 from tests.support.registry import free_port, start_registry  # noqa: E402
 
@@ -175,22 +177,27 @@ def main() -> int:
                 print(f"    {op['op']:7} {op['path']:45} {DIM}{value[:110]}{'...' if len(value) > 110 else ''}{RESET}")
 
         step("4. the injected init container, run here exactly as the pod would run it")
-        pod = mutated["containerd"]
+        pod = copy.deepcopy(mutated["containerd"])
+        # What the scheduler and the API server add, which the downward API hands to the containers.
+        pod.setdefault("metadata", {})["uid"] = "6d1f5e0a-2b8c-4e55-9a3e-0c1d2e3f4a5b"
+        pod["spec"]["nodeName"] = "containerd-node-1"
         init = next(c for c in pod["spec"]["initContainers"] if c["name"] == "model-loader")
         argv = list(init.get("command", [])) + list(init.get("args", []))
         print("init container command: " + " ".join(argv))
         cache = WORK / "node-cache"  # stands in for the node's hostPath
+        expanded = kubelet.expand_args(argv, kubelet.container_env(pod, init))  # $(VAR) from the downward API
         local = [str(BIN / "model-loader") if a == contract.PROGRAM else str(cache) if a == contract.CACHE_MOUNT else a
-                 for a in argv]
-        print(f"(run locally with {contract.CACHE_MOUNT} -> {cache.relative_to(ROOT)})")
+                 for a in expanded]
+        print(f"(run locally with {contract.CACHE_MOUNT} -> {cache.relative_to(ROOT)}, $(VAR) expanded as kubelet"
+              f" does: pod uid {pod['metadata']['uid']}, node {pod['spec']['nodeName']})")
         t0 = time.monotonic()
         subprocess.run(local, check=True)
         cold = time.monotonic() - t0
         app = pod["spec"]["containers"][0]
-        mount = next(m for m in app["volumeMounts"] if m.get("subPath", "").startswith(contract.REFS_DIR))
-        seen = cache / mount["subPath"]
+        mount = next(m for m in app["volumeMounts"] if m.get("subPathExpr", "").startswith(contract.PODS_DIR))
+        seen = kubelet.resolve_mount(cache, mount, kubelet.container_env(pod, app))
         print(f"\nthe app container mounts {mount['mountPath']} (readOnly={mount.get('readOnly')}) = "
-              f"subPath {mount['subPath']} of the cache volume:")
+              f"subPathExpr {mount['subPathExpr']} of the cache volume, this pod's pin:")
         print("\n".join(tree_lines(seen)))
         env_vars = {e["name"]: e.get("value") for e in app.get("env", [])}
         print("  env: " + ", ".join(f"{k}={v}" for k, v in env_vars.items() if k.startswith("MODEL_PATH")))
@@ -199,14 +206,37 @@ def main() -> int:
                 raise RuntimeError(f"{name} differs from what was pushed")
         print(f"{GREEN}every file is byte-identical to the pushed model{RESET} (cold pull {cold:.2f}s incl. start-up)")
 
+        def as_pod(uid: str) -> list[str]:
+            """The init container's command line for another pod of the same template."""
+            other = copy.deepcopy(pod)
+            other["metadata"]["uid"] = uid
+            return [str(BIN / "model-loader") if a == contract.PROGRAM else str(cache) if a == contract.CACHE_MOUNT
+                    else a for a in kubelet.expand_args(argv, kubelet.container_env(other, init))]
+
         print("\nsecond pod on the same node (warm cache):")
         t0 = time.monotonic()
-        subprocess.run(local, check=True)
+        subprocess.run(as_pod("9a8b7c6d-0000-4000-8000-000000000002"), check=True)
         warm = time.monotonic() - t0
         print(f"{GREEN}warm cache hit in {warm:.2f}s{RESET} (manifest HEAD and GET, a 64-byte proof per blob over"
               " plain HTTP, no blob download)")
 
-        step("5. another tenant on the same node names the model's digest on a registry it made unreachable")
+        step("5. the tag moves; the first pod restarts, a third pod starts")
+        moved = {**files, "config.json": b'{"architectures": ["Phi3ForCausalLM"], "revision": 2}'}
+        Pusher(registry.url).push_artifact("models/phi3-mini", "v1", [file_layer(n, d) for n, d in moved.items()],
+                                           artifact_type="application/vnd.example.model.v1")
+        subprocess.run(local, check=True)  # the first pod again: its pin
+        restarted = kubelet.resolve_mount(cache, mount, kubelet.container_env(pod, app))
+        subprocess.run(as_pod("9a8b7c6d-0000-4000-8000-000000000003"), check=True)
+        third = copy.deepcopy(pod)
+        third["metadata"]["uid"] = "9a8b7c6d-0000-4000-8000-000000000003"
+        fresh = kubelet.resolve_mount(cache, mount, kubelet.container_env(third, app))
+        if (restarted / "config.json").read_bytes() != files["config.json"] or \
+                (fresh / "config.json").read_bytes() != moved["config.json"]:
+            raise RuntimeError("a restarted pod did not keep its digest, or a new pod did not get the moved tag")
+        print(f"{GREEN}the restarted pod keeps the digest it verified{RESET} ({restarted.name[:19]}...), the new pod"
+              f" gets the moved tag ({fresh.name[:19]}...): a tag move affects new pods only")
+
+        step("6. another tenant on the same node names the model's digest on a registry it made unreachable")
         as_json = [("json" if k and local[k - 1] == contract.FLAG_OUTPUT else a) for k, a in enumerate(local)]
         result = subprocess.run(as_json, check=True, capture_output=True, text=True)
         digest = json.loads(result.stdout.splitlines()[-1])["digest"]
