@@ -28,6 +28,8 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import time
+import urllib.parse
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,6 +38,7 @@ from typing import Any, Literal, Protocol
 from loader.digest import Digest
 from loader.errors import LoaderError
 from loader.reference import Reference
+from loader.retry import RetryPolicy
 
 ANONYMOUS = "anonymous"
 PROOF_BYTES = 64  # per blob: a random window the prover cannot guess without holding the blob
@@ -96,18 +99,51 @@ def hit_proof(sources: Iterable[Source], ref: Reference, tls: bool) -> Proof:
 
 
 def may_fall_back(sources: Iterable[Source], ref: Reference, identity: str) -> bool:
-    """May this pod have the cached copy while its registry cannot be reached? (pure)"""
+    """May this pod have the cached copy while its registry cannot be reached? (pure) Only for a recorded source of
+    this registry and repository: read with this pod's own credentials, or read anonymously over verified TLS (or
+    imported by an admin). An anonymous read over plain HTTP grants nothing: anyone could have answered it (a pod's
+    hostAliases can point the registry's name at a server of its own)."""
     return any(s.registry == ref.registry and s.repository == ref.repository
-               and (s.identity == identity or s.identity == ANONYMOUS) for s in sources)
+               and ((s.identity == identity and identity != ANONYMOUS) or (s.identity == ANONYMOUS and s.tls))
+               for s in sources)
+
+
+def identity_via_mirrors(mirrors: Iterable[str], credentials_for: Any) -> str:
+    """The identity of a pull that reached the registry's content through mirrors: anonymous only when no mirror
+    was sent credentials (none in its URL, none in the docker config for its host). A private registry's mirror
+    that asks for the node agent's password must not make the model look public."""
+    secrets = []
+    for url in mirrors:
+        parsed = urllib.parse.urlsplit(url if "://" in url else f"https://{url}")
+        if parsed.password or parsed.username:
+            secrets.append(f"{parsed.hostname}\0{parsed.username}\0{parsed.password}")
+        elif credentials_for is not None and parsed.hostname:
+            host = f"{parsed.hostname}:{parsed.port}" if parsed.port else parsed.hostname
+            creds = credentials_for(host)
+            if creds is not None and (creds.password or creds.identity_token):
+                secrets.append(f"{host}\0{creds.username}\0{creds.identity_token or creds.password}")
+    if not secrets:
+        return ANONYMOUS
+    salt = b"model-cache identity via mirrors"
+    return "pbkdf2:" + hashlib.pbkdf2_hmac("sha256", "\n".join(sorted(secrets)).encode(), salt,
+                                           FINGERPRINT_ITERATIONS).hex()[:32]
+
+
+MAX_SOURCES = 64
+KEEP_FIRST = 16  # the earliest sources (the model's first readers) are never pushed out by later ones
 
 
 def add_source(meta: dict[str, Any], source: Source) -> None:
-    """Record a source in a meta dict (in place), once, keeping the list bounded."""
+    """Record a source in a meta dict (in place), once, keeping the list bounded. The first KEEP_FIRST sources
+    stay: another tenant proving possession from many repositories of its own rotates only the rest, so it cannot
+    take the outage fallback away from the tenant that read the model first."""
     current = sources_of(meta)
     if source in current:
         return
     current.append(source)
-    meta["sources"] = [s.as_json() for s in current[-64:]]
+    if len(current) > MAX_SOURCES:
+        current = current[:KEEP_FIRST] + current[len(current) - (MAX_SOURCES - KEEP_FIRST):]
+    meta["sources"] = [s.as_json() for s in current]
 
 
 class RangeReader(Protocol):
@@ -115,24 +151,29 @@ class RangeReader(Protocol):
 
 
 def possession_failures(client: RangeReader, blobs: Iterable[tuple[Digest, int]], blob_path: Any,
-                        rng: random.Random | None = None) -> list[Digest]:
+                        policy: RetryPolicy | None = None, rng: random.Random | None = None) -> list[Digest]:
     """The blobs for which the registry did not serve the cached bytes of a random window (proof of possession).
 
-    One small Range request per blob. A registry that ignores Range, answers an error, or serves other bytes
-    fails the proof for that blob (the caller then downloads and verifies it in full)."""
+    One small Range request per blob, for a window of PROOF_BYTES (the whole blob when it is smaller), which must
+    arrive within the policy's rate window (a trickled proof fails like a trickled transfer). A registry that
+    ignores Range, answers an error, is too slow, or serves other bytes fails the proof for that blob (the caller
+    then downloads and verifies it in full)."""
     rng = rng or random.SystemRandom()
+    limit = (policy or RetryPolicy()).rate_window
     failed: list[Digest] = []
     for digest, size in blobs:
         if size == 0:
             continue
-        offset = rng.randrange(size)
-        length = min(PROOF_BYTES, size - offset)
-        if _served(client, digest, size, offset, length) != _cached(blob_path(digest), offset, length):
+        length = min(PROOF_BYTES, size)
+        offset = rng.randrange(size - length + 1)  # a full window wherever it falls
+        if _served(client, digest, size, offset, length, limit) != _cached(blob_path(digest), offset, length):
             failed.append(digest)
     return failed
 
 
-def _served(client: RangeReader, digest: Digest, size: int, offset: int, length: int) -> bytes | None:
+def _served(client: RangeReader, digest: Digest, size: int, offset: int, length: int,
+            limit: float) -> bytes | None:
+    deadline = time.monotonic() + limit
     try:
         with client.open_blob(digest, offset, offset + length - 1, size=size) as body:
             if body.start != offset:
@@ -141,8 +182,8 @@ def _served(client: RangeReader, digest: Digest, size: int, offset: int, length:
             view = memoryview(buf)
             got = 0
             while got < length:
-                n = body.readinto(view[got:])
-                if n == 0:
+                n = body.readinto(view[got:])  # one socket read at a time (loader.transport)
+                if n == 0 or time.monotonic() > deadline:
                     return None
                 got += n
             return bytes(buf)

@@ -451,9 +451,10 @@ def import_to_cache(bundle_path: str | Path, cache_dir: str | Path, log: Any,
         fetcher = Fetcher(b, cache, concurrency=concurrency, log=log, label=str(b.path), source_name=str(b.path))
         todo = [Blob(d, s) for d, s in blobs.items()]
         missing = fetcher.missing(todo)
-        # Every blob the cache lacks is verified before any is copied (one extra local read): a corrupt bundle is
-        # refused before anything becomes visible in the cache. The copy then verifies again, as every ingest does.
-        for x in missing:
+        # Every blob a model names is read from the bundle and verified before anything is copied, also the ones
+        # the cache already has: a bundle must hold what it names (it is recorded as a source of the model, so it
+        # must prove possession like any source), and a corrupt one is refused before anything becomes visible.
+        for x in todo:
             b.verify_blob(x.digest, x.size)
         # As pull estimates it: the missing blobs, plus room for what tar layers extract to (at least their size).
         extracted = sum(en.size for _, _, entries in plans for en in entries if en.kind == "tar")
@@ -468,7 +469,8 @@ def _publish(cache: Cache, e: BundleRef, image: oci.ImageManifest, entries: list
              log: Any) -> ImportResult:
     """What pull does after its fetch: materialise, publish under the model lock, link the ref, record use."""
     ref = _ref_of(e)
-    sources = [Source(ref.registry, ref.repository, ANONYMOUS, tls=False)] if ref is not None else []
+    # Vouched for by the admin who imported it (tls=True: as good as the registry's TLS for the access rule).
+    sources = [Source(ref.registry, ref.repository, ANONYMOUS, tls=True)] if ref is not None else []
     model = publish_model(cache, e.digest, entries, dict(image.raw), image.media_type, [str(ref)] if ref else [],
                           e.label, sources)
     warnings = []

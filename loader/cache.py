@@ -173,6 +173,15 @@ class Cache:
             return False
         return stat.S_ISREG(st.st_mode) and st.st_size == size and not st.st_mode & 0o222
 
+    def publish_blob_if_absent(self, path: Path, digest: str, size: int) -> None:
+        """Publish a verified private download unless a verified blob appeared meanwhile (the same bytes: ours is
+        dropped, so trees keep sharing one inode)."""
+        if self.has_blob(digest, size):
+            path.unlink(missing_ok=True)
+            return
+        _chmod_nofollow(path, 0o444)
+        os.replace(path, self.blob_path(digest))
+
     def publish_blob(self, partial: Path, digest: str) -> None:
         """Make a verified partial file the cache's blob: read-only, then renamed into place."""
         _chmod_nofollow(partial, 0o444)
@@ -260,13 +269,22 @@ class Cache:
         return path
 
     def publish_model(self, digest: str, staging: Path, meta: dict[str, Any]) -> Path:
-        """Move a complete, verified staging tree to models/sha256/<hex>. Caller holds the model lock."""
+        """Move a complete, verified staging tree to models/sha256/<hex>, then write its meta (what makes it a hit).
+        Caller holds the model lock and found no model there: whatever stands at the path is a tree a crashed
+        publish or gc left half made or half removed, and goes first. A crash between the rename and the meta
+        leaves a tree without meta: not a hit, and removed by the next gc."""
         final = self.model_path(digest)
-        _write_atomic(self.meta_path(digest), json.dumps(meta, sort_keys=True).encode(), self.tmp_dir())
+        if os.path.lexists(final):
+            aside = self.tmp_dir() / f"orphan-{uuid.uuid4().hex}"
+            os.rename(final, aside)
+            self.remove_tree(aside)
+            self.repairs.append(f"{final.relative_to(self.root)} was a tree without a valid meta (a crashed publish"
+                                " or gc); replaced by the verified one")
         _make_read_only(staging, top=False)
         os.rename(staging, final)
         os.chmod(final, 0o555)
         _fsync_dir(final.parent)
+        _write_atomic(self.meta_path(digest), json.dumps(meta, sort_keys=True).encode(), self.tmp_dir())
         return final
 
     def link_ref(self, ref: Reference | str, digest: str) -> Path:

@@ -20,9 +20,10 @@ How a pull spends its time on a 2-core node decides the design:
   loses nothing (the page cache survives it); what only a power loss could tear is caught by re-verifying a
   model's blobs on its first use after a reboot (``Cache.verify_after_reboot``).
 * Each blob is fetched under an exclusive ``flock`` on ``locks/blob-<hex>``: N loaders pulling one model fetch
-  each blob once. Blobs another process holds are deferred until the end, then waited for, but not for ever: a
-  waiter gives up (LockTimeout, exit 7) when the holder's partial file has not grown for ``lock_stall`` seconds,
-  and at the pull's deadline.
+  each blob once. Blobs another process holds are deferred until the end, then waited for, but only while the
+  holder downloads at a fair rate (``share_rate`` over each ``lock_stall`` window): a stalled, trickling or
+  lying holder (another tenant's registry) is not waited for; the waiter downloads the blob privately into tmp/
+  and publishes it if it verifies.
 * Bounded resources: at most ``concurrency`` blobs are open at once (one partial file descriptor and one lock
   descriptor each), whatever the number of files in the model; memory is one buffer per worker.
 * One retry policy (loader.retry): attempts per range reset only by real progress (a trickle does not), a
@@ -39,6 +40,7 @@ import os
 import queue
 import threading
 import time
+import uuid
 from collections.abc import Callable, Set
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -47,14 +49,16 @@ from typing import Any, Protocol
 
 from loader.cache import Cache, is_no_space, no_space
 from loader.digest import Digest
-from loader.errors import DigestMismatch, LoaderError, LockTimeout, RangeNotSatisfiable, TransientError
+from loader.errors import DigestMismatch, LoaderError, RangeNotSatisfiable, TransientError
 from loader.retry import Attempts, Deadline, RateWatch, RetryPolicy
 
 MiB = 1 << 20
 MIN_CHUNK = 32 * MiB  # below this a Range split costs more in requests than it gains
 BUF_SIZE = 1 * MiB
 STATE_EVERY = 32 * MiB  # resume granularity after a crash
-LOCK_STALL = 120.0  # a blob lock whose holder's partial file has not grown for this long is given up on
+LOCK_STALL = 120.0  # the window over which a blob lock holder's progress is judged
+SHARE_RATE = 1 << 20  # bytes/s: a holder slower than this over a window is not waited for (a private download)
+PRIVATE = "private"
 LOCK_POLL = 0.5
 
 #: The blob-transfer policy: 6 tries without progress per range, at least 64 KiB/s per connection over 30 s,
@@ -114,6 +118,8 @@ class BlobJob:
     finished: bool = False
     lock_stack: ExitStack | None = None
     slot: threading.Semaphore | None = None  # released when the job ends: bounds open jobs (fds)
+    resumed: bool = False  # bytes on disk from an earlier loader (maybe another tenant's): not this pull's own
+    private: bool = False  # downloaded beside a slow lock holder, in tmp/, without the blob lock
 
 
 @dataclass(frozen=True)
@@ -253,7 +259,7 @@ def transfer(source: BlobSource, digest: Digest, size: int, start: int, end: int
 class Fetcher:
     def __init__(self, client: BlobSource, cache: Cache, *, concurrency: int = 8, log: Any = None,
                  progress: Any = None, label: str = "", source_name: str = "",
-                 policy: RetryPolicy = BLOB_POLICY, lock_stall: float = LOCK_STALL):
+                 policy: RetryPolicy = BLOB_POLICY, lock_stall: float = LOCK_STALL, share_rate: float = SHARE_RATE):
         self.client = client
         self.cache = cache
         self.concurrency = max(1, concurrency)
@@ -263,12 +269,17 @@ class Fetcher:
         self.source_name = source_name or getattr(getattr(client, "ref", None), "registry", "the registry")
         self.policy = policy
         self.lock_stall = lock_stall
+        self.share_rate = share_rate
         self.deadline: Deadline | None = None
         self._stop = threading.Event()
         self._local = threading.local()
         self._jobs: list[BlobJob] = []
         self._jobs_lock = threading.Lock()
         self.verify_only: frozenset[Digest] = frozenset()
+        # Blobs whose every byte this Fetcher downloaded from its source and verified: the access rule's proof that
+        # the source holds them. Blobs it skipped (present, or published meanwhile by another loader) and blobs it
+        # finished from another loader's partial download are not in it.
+        self.downloaded: set[Digest] = set()
 
     # ---- public --------------------------------------------------------------------------------------------------
     def missing(self, blobs: list[Blob], verify_only: Set[Digest] = frozenset()) -> list[Blob]:
@@ -358,13 +369,13 @@ class Fetcher:
         stack = ExitStack()
         stack.callback(slots.release)
         try:
-            held = self._try_lock(b, stack)
+            held: bool | str = self._try_lock(b, stack)
             if not held and wait:
                 held = self._wait_for_lock(b, stack)
             if not held or not self._wanted(b):
                 stack.close()
                 return None
-            job = self._open_job(b, chunk, attempt=0)
+            job = self._open_private_job(b, chunk) if held == PRIVATE else self._open_job(b, chunk, attempt=0)
         except BaseException:
             stack.close()
             raise
@@ -380,11 +391,13 @@ class Fetcher:
         attempt.close()
         return False
 
-    def _wait_for_lock(self, b: Blob, stack: ExitStack) -> bool:
-        """Wait for another loader's lock on a blob while that loader makes progress (its partial file grows);
-        LockTimeout when it has not for ``lock_stall`` seconds, DeadlineExceeded at the deadline."""
+    def _wait_for_lock(self, b: Blob, stack: ExitStack) -> bool | str:
+        """Wait for another loader's lock on a blob while that loader downloads it at a fair rate (its partial file
+        grows by at least ``share_rate`` bytes/s over each ``lock_stall`` window). Otherwise (it stalls, trickles,
+        or is another tenant's slow or lying registry) stop waiting: PRIVATE, download it privately. True when the
+        lock was taken, False when the blob is no longer wanted (the holder published it)."""
         partial = self.cache.partial_path(b.digest)
-        last, since = _progress_mark(partial), time.monotonic()
+        window_start, window_bytes = time.monotonic(), _allocated(partial)
         while True:
             if self._stop.is_set():
                 return False
@@ -393,22 +406,43 @@ class Fetcher:
             if self._try_lock(b, stack):
                 return True
             now = time.monotonic()
-            mark = _progress_mark(partial)
-            if mark != last:
-                last, since = mark, now
-            elif now - since > self.lock_stall:
-                raise LockTimeout(
-                    f"blob {b.digest} of {self.label} is locked by another loader on this cache that has not written"
-                    f" a byte for {self.lock_stall:.0f}s; giving up so this pod is not held behind it (the pod's"
-                    " init container is retried by the kubelet)")
+            if now - window_start >= self.lock_stall:
+                grown = _allocated(partial) - window_bytes
+                if grown < self.share_rate * (now - window_start):
+                    if self.log:
+                        self.log.warning("fetch.lock_slow", ref=self.label, blob=b.digest.short,
+                                         holder_rate=round(grown / (now - window_start)),
+                                         action="downloading it privately instead of waiting")
+                    return PRIVATE
+                window_start, window_bytes = now, _allocated(partial)
             if self.deadline is not None:
                 self.deadline.check(now)
             self._stop.wait(LOCK_POLL)
 
+    def _open_private_job(self, b: Blob, chunk: int) -> BlobJob:
+        """A download of its own, beside another loader's slow one: a partial file in tmp/ (no lock, no resume
+        state), published only if it verifies and the blob is still absent."""
+        path = self.cache.tmp_dir() / f"ingest-{b.digest.hex[:16]}-{uuid.uuid4().hex}"
+        fd = self.cache.open_file(path, os.O_RDWR | os.O_CREAT | os.O_EXCL)
+        try:
+            _preallocate(fd, b.size, self.cache, b.digest)
+        except BaseException:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            raise
+        ranges = [Range(i, s, e) for i, (s, e) in enumerate(plan_ranges(b.size, chunk))]
+        job = BlobJob(b.digest, b.size, path, path.with_name(path.name + ".state"), ranges, fd, private=True)
+        with self._jobs_lock:
+            self._jobs.append(job)
+        job.inline = ranges[0]
+        job.hashing = True
+        return job
+
     def _open_job(self, b: Blob, chunk: int, attempt: int) -> BlobJob:
         partial = self.cache.partial_path(b.digest)
         state_path = partial.with_name(partial.name + ".state")
-        ranges = _load_state(partial, b) if attempt == 0 else None
+        # A download to prove access starts from scratch: resuming would count another loader's bytes as its own.
+        ranges = _load_state(partial, b) if attempt == 0 and b.digest not in self.verify_only else None
         resumed = ranges is not None
         if ranges is None:
             for p in (partial, *_state_files(state_path)):
@@ -421,7 +455,7 @@ class Fetcher:
         except BaseException:
             os.close(fd)
             raise
-        job = BlobJob(b.digest, b.size, partial, state_path, ranges, fd, attempt=attempt)
+        job = BlobJob(b.digest, b.size, partial, state_path, ranges, fd, attempt=attempt, resumed=resumed)
         with self._jobs_lock:
             self._jobs.append(job)
         if not resumed:
@@ -534,8 +568,12 @@ class Fetcher:
         assert stack is not None
         self._close_job(job)
         if got == job.digest:
-            if job.digest in self.verify_only:
+            if not job.resumed:
+                self.downloaded.add(job.digest)
+            if job.digest in self.verify_only or (job.private and self.cache.has_blob(job.digest, job.size)):
                 job.partial.unlink()  # proven; the cached file (identical, and hard-linked by trees) stays
+            elif job.private:
+                self.cache.publish_blob_if_absent(job.partial, job.digest, job.size)
             else:
                 self.cache.publish_blob(job.partial, job.digest)
             for p in _state_files(job.state):
@@ -567,7 +605,7 @@ class Fetcher:
     def _abandon(self, job: BlobJob) -> None:
         """On failure, keep the partial file and its state for the next pull; drop the lock and the slot. A
         download that was only to verify a cached blob is not kept: the cache has the blob."""
-        if job.digest in self.verify_only and job.lock_stack is not None:
+        if (job.digest in self.verify_only or job.private) and job.lock_stack is not None:
             self._close_job(job)
             for p in (job.partial, *_state_files(job.state)):
                 p.unlink(missing_ok=True)
@@ -592,7 +630,7 @@ class Fetcher:
         return buf
 
     def _save_state(self, job: BlobJob) -> None:
-        if job.fd < 0 or job.finished:
+        if job.fd < 0 or job.finished or job.private:
             return
         data = json.dumps({"digest": job.digest, "size": job.size,
                            "ranges": [[r.start, r.end, r.done] for r in job.ranges]}).encode()
@@ -637,16 +675,9 @@ def _preallocate(fd: int, size: int, cache: Cache, digest: str) -> None:
         raise
 
 
-def _progress_mark(partial: Path) -> tuple[int, int, float]:
-    """What changes while a holder writes a blob: the partial's allocated blocks (it is sparse until written),
-    its state file's mtime; or the blob's appearance (the partial is renamed away)."""
+def _allocated(partial: Path) -> int:
+    """Bytes a lock holder has written into its (sparse) partial file; the file gone counts as nothing."""
     try:
-        st = os.stat(partial)
-        blocks = st.st_blocks
+        return os.stat(partial).st_blocks * 512
     except OSError:
-        blocks = -1
-    try:
-        mtime = os.stat(partial.with_name(partial.name + ".state")).st_mtime
-    except OSError:
-        mtime = 0.0
-    return blocks, 0, mtime
+        return 0

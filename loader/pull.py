@@ -13,10 +13,20 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from loader import layout, oci, retry
-from loader.access import Source, add_source, hit_proof, identity_of, may_fall_back, possession_failures, sources_of
+from loader.access import (
+    ANONYMOUS,
+    Source,
+    add_source,
+    hit_proof,
+    identity_of,
+    identity_via_mirrors,
+    may_fall_back,
+    possession_failures,
+    sources_of,
+)
 from loader.cache import GC_LOCK_TIMEOUT, Cache, CachedModel, check_pod_uid
 from loader.digest import Digest
-from loader.errors import ArtifactError, NetworkError, UsageError
+from loader.errors import ArtifactError, AuthError, NetworkError, UsageError
 from loader.fetch import BLOB_POLICY, LOCK_STALL, Blob, Fetcher
 from loader.progress import Progress
 from loader.publish import publish_model
@@ -148,7 +158,11 @@ def _pull(name: Reference, cache: Cache, opts: PullOptions, log: Any, t0: float)
                         ca_files=opts.ca_files) as client:
         creds = opts.credentials.credentials_for(ref.registry) if opts.credentials is not None else None
         tls = not opts.is_plain_http(ref) and not opts.insecure  # TLS vouches for the registry's identity
-        source = Source(ref.registry, ref.repository, identity_of(ref.registry, creds), tls)
+        identity = identity_of(ref.registry, creds)
+        if identity == ANONYMOUS and opts.mirrors.get(ref.registry):
+            identity = identity_via_mirrors(opts.mirrors[ref.registry],
+                                            opts.credentials.credentials_for if opts.credentials is not None else None)
+        source = Source(ref.registry, ref.repository, identity, tls)
         return _pull_online(ref, client, cache, opts, log, t0, hit, source, label)
 
 
@@ -157,7 +171,8 @@ def _fallback(exc: NetworkError, model: CachedModel | None, ref: Reference, sour
     """The registry cannot be reached: the cached copy, if the access rule grants it to this pod."""
     if model is None:
         raise exc
-    if opts.check_access and not may_fall_back(sources_of(model.meta), ref, source.identity):
+    # A restarted pod's pin was written only after this very pod proved access to that digest: it keeps it.
+    if opts.check_access and not hit.pinned and not may_fall_back(sources_of(model.meta), ref, source.identity):
         raise NetworkError(
             f"registry {ref.registry} is unreachable ({exc}) and the cached copy of {ref} ({model.digest}) is not"
             f" given out in its place: this shared cache has no record that these credentials, or anonymous access,"
@@ -210,11 +225,13 @@ def _pull_online(ref: Reference, client: RegistryClient, cache: Cache, opts: Pul
     blobs = _unique([Blob(Digest(e.digest), e.size) for e in entries])
 
     verify_only: set[Digest] = set()
+    proven: set[Digest] = set()
     if opts.check_access:
         if model is not None and hit_proof(sources_of(model.meta), ref, source.tls) == "manifest":
             return hit(model, source=source)
         present = [(b.digest, b.size) for b in blobs if cache.has_blob(b.digest, b.size)]
-        verify_only = set(possession_failures(client, present, cache.blob_path))
+        verify_only = set(possession_failures(client, present, cache.blob_path, opts.policy))
+        proven = {d for d, _ in present} - verify_only
         if verify_only:
             log.info("pull.prove_by_download", ref=label, blobs=len(verify_only),
                      reason="the registry did not serve the cached bytes of these blobs")
@@ -233,6 +250,8 @@ def _pull_online(ref: Reference, client: RegistryClient, cache: Cache, opts: Pul
     with Progress(log, label, total, already=resumable, mode=opts.progress, interval=opts.progress_interval) as prog:
         fetcher.progress = prog
         fetcher.fetch(blobs, verify_only=verify_only)
+    if opts.check_access:
+        _prove_the_rest(client, fetcher, cache, blobs, proven, opts, log, label)
 
     if model is not None:  # every blob this pod could not show is now downloaded and verified from its registry
         return hit(model, source=source, fetched=client.bytes_received)
@@ -247,6 +266,25 @@ def _pull_online(ref: Reference, client: RegistryClient, cache: Cache, opts: Pul
              fetched_bytes=client.bytes_received)
     return PullResult(label, digest, str(model.path), model.bytes, model.files, secs, False,
                       fetched_bytes=client.bytes_received, pinned=hit.pinned)
+
+
+def _prove_the_rest(client: RegistryClient, fetcher: Fetcher, cache: Cache, blobs: list[Blob], proven: set[Digest],
+                    opts: PullOptions, log: Any, label: str) -> None:
+    """Every blob this pull uses must be proven from the pod's registry: shown before the fetch, or downloaded and
+    verified by this pull. What the fetch took from elsewhere (a blob another loader published while this one
+    waited for its lock, a partial download another loader left) is proven now, or downloaded in full."""
+    unproven = [b for b in blobs if b.digest not in proven and b.digest not in fetcher.downloaded]
+    if not unproven:
+        return
+    failed = set(possession_failures(client, [(b.digest, b.size) for b in unproven], cache.blob_path, opts.policy))
+    if not failed:
+        return
+    log.info("pull.prove_by_download", ref=label, blobs=len(failed),
+             reason="blobs this pull did not download itself, and the registry did not serve their cached bytes")
+    fetcher.fetch([b for b in unproven if b.digest in failed], verify_only=failed)
+    missing = failed - fetcher.downloaded
+    if missing:  # cannot happen: a verify-only blob is always downloaded in full; refuse rather than trust
+        raise AuthError(f"{label}: the registry did not prove it holds {sorted(missing)[0]}; nothing is served")
 
 
 def _unique(blobs: list[Blob]) -> list[Blob]:

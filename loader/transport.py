@@ -177,8 +177,10 @@ class Response:
         try:
             if raw.isclosed():
                 return 0
-            if raw.chunked:
-                return raw.readinto(buf)
+            if raw.chunked:  # read1 returns after at most one read of a chunk (readinto fills the buffer)
+                data = raw.read1(len(memoryview(buf)))
+                memoryview(buf).cast("B")[: len(data)] = data
+                return len(data)
             view = memoryview(buf).cast("B")
             if raw.length is not None and len(view) > raw.length:
                 view = view[: raw.length]

@@ -192,10 +192,34 @@ def test_what_a_hit_must_prove(sources, ref, tls, want):
     ([Source(REF.registry, REF.repository, ANONYMOUS, tls=True)], REF, SRC_A.identity, True),
     ([Source(REF.registry, REF.repository, ANONYMOUS, tls=True)], parse("dead.example.com/x/y:v1"), ANONYMOUS,
      False),
+    ([Source(REF.registry, REF.repository, ANONYMOUS, tls=False)], REF, ANONYMOUS, False),
+    ([Source(REF.registry, REF.repository, SRC_A.identity, tls=False)], REF, SRC_A.identity, True),
 ], ids=["same-identity", "anonymous-for-private", "wrong-password", "other-registry", "public", "public-with-creds",
-        "public-elsewhere"])
+        "public-elsewhere", "anonymous-over-plain-http", "own-identity-over-plain-http"])
 def test_who_gets_the_cached_copy_during_an_outage(sources, ref, identity, want):
     assert may_fall_back(sources, ref, identity) is want
+
+
+def test_the_first_sources_are_never_pushed_out():
+    meta: dict = {}
+    first = [Source("r.example.com", f"first{i}", ANONYMOUS, tls=True) for i in range(16)]
+    for s in first:
+        add_source(meta, s)
+    for i in range(500):
+        add_source(meta, Source("evil.example.com", f"m{i}", ANONYMOUS, tls=True))
+    kept = sources_of(meta)
+    assert kept[:16] == first and len(kept) == 64 and kept[-1].repository == "m499"
+
+
+def test_a_mirror_with_credentials_is_not_anonymous():
+    from loader.access import identity_via_mirrors
+
+    assert identity_via_mirrors(["http://mirror:5000"], None) == ANONYMOUS
+    with_pw = identity_via_mirrors(["http://agent:secret@mirror:5000"], None)
+    assert with_pw.startswith("pbkdf2:") and "secret" not in with_pw
+    by_config = identity_via_mirrors(["http://mirror:5000"],
+                                     lambda host: CREDS_A if host == "mirror:5000" else None)
+    assert by_config.startswith("pbkdf2:") and by_config != with_pw
 
 
 def test_sources_are_recorded_once_and_bounded_and_junk_is_ignored():

@@ -131,8 +131,8 @@ def test_a_complete_partial_left_by_a_killed_victim_loader_is_not_taken_without_
         evil.manifests[("mallory/m", "v1")] = (attacker_manifest_over({"weights.bin": SECRET}), OCI_MANIFEST)
         evil.blobs[sha256(EMPTY)] = EMPTY
         got = outcome(f"{evil.host}/mallory/m:v1", cache.root)
-        served = [r for r in evil.blob_gets() if digest[7:] in r.path]
-    assert not served  # the attacker's registry holds nothing of the victim's blob
+        asked = [r for r in evil.blob_gets() if digest[7:] in r.path]
+    assert asked, "the pull never asked the attacker's registry for the blob it claims"  # (it holds none: 404)
     assert isinstance(got, LoaderError), f"exit 0 for a pod that never proved it holds {digest}: {got}"
     assert trees_holding(cache.root, SECRET) == []
 
@@ -510,17 +510,23 @@ def test_a_tenant_impersonating_a_plain_http_registry_does_not_repoint_the_victi
     bind = crafted.ThreadingHTTPServer
     monkeypatch.setattr(crafted, "ThreadingHTTPServer", lambda _addr, handler: bind(("127.0.0.1", port), handler))
     ref = f"127.0.0.1:{port}/victim/private:v1"
+    victim_pod = "5e1b0c9a-0000-4000-8000-00000000000a"
     with CraftedRegistry() as real:
         serve(real, "victim/private", "v1", VICTIM_FILES)
-        mine = run(ref, cache)
+        mine = run(ref, cache, pod_uid=victim_pod)
     poison = {"weights.bin": b"attacker weights", "config.json": b'{"exfiltrate": true}'}
     with CraftedRegistry() as impostor:  # the same name, answered by the attacker's server (hostAliases)
         serve(impostor, "victim/private", "v1", poison)
         outcome(ref, cache)
-    target = os.readlink(Cache(cache).ref_path(ref))
-    got = outcome(ref, cache)  # the victim again, its registry down for a moment
+    got = outcome(ref, cache)  # a new pod of the victim's, its registry down for a moment
     assert isinstance(got, LoaderError) or tree(got.path) == VICTIM_FILES, "the victim was served the attacker's files"
-    assert target.endswith(mine.digest[7:]), "the victim's refs/<key> (its app's subPath) names the attacker's model"
+    # refs/<key> is only the tag's last resolution on this node (an impostor over plain HTTP can move it); what the
+    # victim's running pod mounts is its pin (issue 15), which nothing but its own loader writes: a restart of that
+    # pod, registry down, gets the digest it verified.
+    restarted = outcome(ref, cache, pod_uid=victim_pod)
+    assert not isinstance(restarted, BaseException) and restarted.digest == mine.digest, restarted
+    assert tree(Path(os.path.realpath(cache / "pods" / victim_pod / os.listdir(cache / "pods" / victim_pod)[-1]))) \
+        == VICTIM_FILES
 
 
 # ---- what held: relatives of the attacks above that the access rule refuses (regression coverage) ----------------
