@@ -47,11 +47,11 @@ POD_NODE_FILE = ".node"  # pods/<pod-uid>/.node: the node the pod runs on (gc on
 
 
 def ref_subpath(ref: Reference | str) -> str:
-    """Path, relative to the cache root, at which a reference's model tree is visible once pulled.
+    """Path, relative to the cache root, of the link to the model a reference last resolved to on this cache.
 
-    The app container mounts the cache volume with ``subPath`` set to this; kubelet resolves the symlink (it
-    stays inside the volume) when the container starts, so the pod keeps the tree it started with even if the
-    tag later moves.
+    Moved when a tag moves, so apps do not mount it (kubelet resolves a subPath afresh at every container start, so
+    a restarted container would follow the tag): they mount their pod's pin, pod_subpath_expr(). It serves lookups
+    (``--offline``, the outage fallback) and pods injected by webhooks older than issue 15.
     """
     return posixpath.join(REFS_DIR, cache_key(ref))
 
