@@ -491,7 +491,8 @@ def test_the_daemonset():
     assert c["image"] == "ghcr.io/model-cache/loader:0.1.0"
     assert c["args"] == ["prefetch", "--cache", "/cache", "--models-file", "/etc/model-cache/models.txt",
                          "--interval", "10m", "--untaint", "$(NODE_NAME):model.cache/warming", "--metrics-port",
-                         "9090", "--gc-max-unused", "168h"]
+                         "9090", "--gc-max-unused", "168h", "--pods-dir", "/var/lib/kubelet/pods", "--node-name",
+                         "$(NODE_NAME)"]
     assert c["env"][0] == {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}
     assert c["securityContext"] == {
         "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "runAsNonRoot": False, "runAsUser": 0,
@@ -502,6 +503,8 @@ def test_the_daemonset():
     assert mounts["cache"]["mountPath"] == "/cache"
     assert volumes["cache"]["hostPath"] == {"path": contract.DEFAULT_NODE_CACHE, "type": "DirectoryOrCreate"}
     assert (mounts["models"]["mountPath"], mounts["models"]["readOnly"]) == ("/etc/model-cache", True)
+    assert mounts["kubelet-pods"] == {"name": "kubelet-pods", "mountPath": "/var/lib/kubelet/pods", "readOnly": True}
+    assert volumes["kubelet-pods"]["hostPath"] == {"path": "/var/lib/kubelet/pods", "type": "Directory"}
     cm = overlay("ConfigMap")
     assert volumes["models"]["configMap"] == {"name": cm["metadata"]["name"]}
     assert cm["metadata"]["name"] == "model-cache-prefetch-models"  # no hash: a list change restarts nothing
