@@ -135,7 +135,9 @@ class _Hit:
 def _pull(name: Reference, cache: Cache, opts: PullOptions, log: Any, t0: float) -> PullResult:
     label = str(name)
     # A restarted pod: its first loader pinned a digest; verify and serve that one, not what the tag says now.
-    pinned = cache.pinned(name, opts.pod_uid) if opts.pod_uid is not None and not name.digest else None
+    pinned = cache.pinned(name, opts.pod_uid) if opts.pod_uid is not None else None
+    if pinned is not None and name.digest and pinned != name.digest:
+        pinned = None  # not this reference's pin (cannot happen: the key includes the digest)
     ref = Reference(name.registry, name.repository, name.tag, pinned) if pinned is not None else name
     if pinned is not None:
         log.info("pull.pinned", ref=label, digest=pinned, pod_uid=opts.pod_uid)
@@ -185,27 +187,33 @@ def _fallback(exc: NetworkError, model: CachedModel | None, ref: Reference, sour
 
 def _pull_online(ref: Reference, client: RegistryClient, cache: Cache, opts: PullOptions, log: Any, t0: float,
                  hit: _Hit, source: Source, label: str) -> PullResult:
+    top = None
     if ref.digest:
         digest = Digest.parse(ref.digest, f"reference {label}")
         model = cache.lookup_digest(digest)
     else:
-        # One HEAD re-checks the tag.
-        cached_ref = None
+        # The tag, re-checked: a HEAD when a hit needs nothing more (Docker Hub does not count HEADs against pull
+        # limits); with --check-access the manifest itself, whose bytes name the digest and prove the registry
+        # serves them, in one round trip instead of a HEAD and a GET.
         try:
-            head = _retrying(lambda: client.head_manifest(ref.reference), log, label)
+            if opts.check_access:
+                top = _retrying(lambda: client.get_manifest(ref.reference), log, label)
+                found = top.digest
+            else:
+                found = _retrying(lambda: client.head_manifest(ref.reference), log, label).digest
         except NetworkError as exc:
-            cached_ref = cache.lookup_ref(ref)
-            return _fallback(exc, cached_ref, ref, source, opts, hit, log)
-        digest = Digest.parse(head.digest, f"registry {ref.registry}: the digest of {label}")
+            return _fallback(exc, cache.lookup_ref(ref), ref, source, opts, hit, log)
+        digest = Digest.parse(found, f"registry {ref.registry}: the digest of {label}")
         model = cache.lookup_digest(digest)
         if model and not opts.check_access:
             return hit(model)
 
-    # The manifest, by digest (its bytes are verified against it): the first part of every access proof.
-    try:
-        top = _retrying(lambda: client.get_manifest(digest), log, label)
-    except NetworkError as exc:
-        return _fallback(exc, model if ref.digest else None, ref, source, opts, hit, log)
+    if top is None:
+        # The manifest, by digest (its bytes are verified against it): the first part of every access proof.
+        try:
+            top = _retrying(lambda: client.get_manifest(digest), log, label)
+        except NetworkError as exc:
+            return _fallback(exc, model if ref.digest else None, ref, source, opts, hit, log)
     assert top.data is not None
     manifest = oci.parse_manifest(top.data, digest, top.media_type, f"{label}")
     if isinstance(manifest, oci.ImageIndex):

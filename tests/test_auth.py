@@ -14,7 +14,7 @@ import pytest
 import requests
 
 from loader.credentials import load_docker_configs
-from loader.errors import AuthError
+from loader.errors import AuthError, NetworkError
 from loader.log import Logger
 from loader.pull import PullOptions, pull
 from tests.support.auth_registry import session_for, start_htpasswd_registry, start_token_registry
@@ -196,9 +196,16 @@ def test_check_access_with_registry_down_still_uses_the_cache(tmp_path):
     reg = start_registry()
     try:
         d = Pusher(reg.url).push_artifact("m/x", "v1", [file_layer("w", b"1")])
-        run(f"{reg.host}/m/x@{d}", tmp_path, None)
+        uid = "3f2b1c0d-0000-4000-8000-0000000000aa"
+        run(f"{reg.host}/m/x@{d}", tmp_path, None, check_access=True, pod_uid=uid)
         reg.stop()
-        res, log = run(f"{reg.host}/m/x@{d}", tmp_path, None, check_access=True)
+        # The pod that read it, restarting: its pin was written after it proved access, so it gets the cache.
+        res, log = run(f"{reg.host}/m/x@{d}", tmp_path, None, check_access=True, pod_uid=uid)
         assert res.cache_hit and "unreachable" in res.warnings[0] and "event=pull.registry_unreachable" in log
+        # Another pod: the model was read anonymously over plain HTTP, which anyone could have answered
+        # (hostAliases), so an outage grants it nothing (issue 10's hostile review; docs/architecture.md).
+        with pytest.raises(NetworkError) as e:
+            run(f"{reg.host}/m/x@{d}", tmp_path, None, check_access=True)
+        assert "is not given out" in str(e.value)
     finally:
         reg.cleanup()
