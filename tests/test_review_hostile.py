@@ -28,7 +28,7 @@ from loader.log import Logger
 from loader.pull import PullOptions, pull
 from loader.retry import RetryPolicy
 from tests.support.crafted_registry import CraftedRegistry
-from tests.support.files import tree
+from tests.support.files import snapshot, tree
 from tests.support.oci import OCI_MANIFEST, TITLE, UNPACK, sha256
 from tests.support.registry import free_port
 
@@ -75,21 +75,6 @@ def outcome(ref: str, cache: Path, **kw):
         return run(ref, cache, **kw)
     except Exception as exc:  # noqa: BLE001  the tests assert on what it was
         return exc
-
-
-def snapshot(root: Path) -> dict[str, tuple]:
-    out: dict[str, tuple] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            p = os.path.join(dirpath, name)
-            rel = os.path.relpath(p, root)
-            if rel.startswith("locks" + os.sep):
-                continue
-            st = os.lstat(p)
-            what = ("link:" + os.readlink(p) if os.path.islink(p)
-                    else Path(p).read_bytes() if os.path.isfile(p) else "dir")
-            out[rel] = (st.st_mode, what)
-    return out
 
 
 def trees_holding(cache: Path, data: bytes) -> list[str]:

@@ -9,7 +9,6 @@ Real parts: Distribution registries (one demanding credentials), a crafted regis
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -30,7 +29,7 @@ from loader.reference import cache_key
 from loader.retry import RetryPolicy
 from tests.support.auth_registry import session_for, start_htpasswd_registry
 from tests.support.crafted_registry import CraftedRegistry
-from tests.support.files import tree
+from tests.support.files import snapshot, tree
 from tests.support.oci import EMPTY_CONFIG, OCI_INDEX, OCI_MANIFEST, Pusher, file_layer, sha256
 from tests.support.registry import free_port
 
@@ -40,26 +39,6 @@ MALLORY_USER, MALLORY_PW = "mallory", "mallory-secret"
 
 
 # ---- helpers -------------------------------------------------------------------------------------------------
-def snapshot(root: Path) -> dict[str, tuple]:
-    """Every entry under root: (mode, size, sha256 of content or link target). Lock files are left out."""
-    out: dict[str, tuple] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            p = os.path.join(dirpath, name)
-            rel = os.path.relpath(p, root)
-            if rel.startswith("locks" + os.sep):
-                continue
-            st = os.lstat(p)
-            if os.path.islink(p):
-                what = "link:" + os.readlink(p)
-            elif os.path.isfile(p):
-                what = hashlib.sha256(Path(p).read_bytes()).hexdigest()
-            else:
-                what = "dir"
-            out[rel] = (st.st_mode, st.st_size if not os.path.isdir(p) else 0, what)
-    return out
-
-
 def docker_config(tmp: Path, host: str, user: str, pw: str) -> creds_mod.DockerConfig:
     import base64
 
