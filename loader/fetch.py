@@ -53,7 +53,8 @@ from loader.errors import DigestMismatch, LoaderError, RangeNotSatisfiable, Tran
 from loader.retry import Attempts, Deadline, RateWatch, RetryPolicy
 
 MiB = 1 << 20
-MIN_CHUNK = 32 * MiB  # below this a Range split costs more in requests than it gains
+MIN_CHUNK = 16 * MiB  # below this a Range split costs more in requests than it gains
+STEAL_MIN = 4 * MiB  # an idle worker takes over half of a running range only when both halves are at least this
 BUF_SIZE = 1 * MiB
 STATE_EVERY = 32 * MiB  # resume granularity after a crash
 LOCK_STALL = 120.0  # the window over which a blob lock holder's progress is judged
@@ -138,7 +139,9 @@ def plan_ranges(size: int, target_chunk: int) -> list[tuple[int, int]]:
 
 
 def target_chunk(total: int, concurrency: int) -> int:
-    return max(MIN_CHUNK, math.ceil(total / max(1, concurrency)))
+    """About two ranges per worker: a worker that finishes early takes another range, so the end of a download is
+    not one slow connection running alone (measured on a shaped link: bench/shaped.py, docs/benchmarks.md)."""
+    return max(MIN_CHUNK, math.ceil(total / max(1, 2 * concurrency)))
 
 
 class _Pool:
@@ -202,17 +205,24 @@ def size_mismatch(source: str, digest: Digest, size: int, label: str, real: int)
 
 def transfer(source: BlobSource, digest: Digest, size: int, start: int, end: int,
              write: Callable[[memoryview, int], None], buf: bytearray, *, attempts: Attempts, policy: RetryPolicy,
-             stop: threading.Event | None, log: Any, label: str, source_name: str, event: str = "fetch.retry") -> bool:
+             stop: threading.Event | None, log: Any, label: str, source_name: str, event: str = "fetch.retry",
+             end_of: Callable[[], int] | None = None) -> bool:
     """Deliver bytes [start, end) of a blob to ``write(chunk, offset)``, in order, resuming a dropped or stalled
     connection with a Range request from the last byte delivered; the one read loop of every blob download
     (pull's ranges, export's streams, import's reads from a bundle). False when ``stop`` was set.
 
     Retries follow ``attempts`` (its policy and deadline); each connection must keep ``policy.min_rate``. A source
     that reports another total size than ``size`` fails at once (DigestMismatch): asking again cannot help.
+    ``end_of``, when given, is read before every read: the end may move down while the transfer runs (another
+    worker took over the rest of the range), and nothing past it is delivered.
     """
     mv = memoryview(buf)
     pos = start
-    while pos < end:
+
+    def current_end() -> int:
+        return end_of() if end_of is not None else end
+
+    while pos < current_end():
         if stop is not None and stop.is_set():
             return False
         if attempts.deadline is not None:
@@ -224,12 +234,12 @@ def transfer(source: BlobSource, digest: Digest, size: int, start: int, end: int
                     raise size_mismatch(source_name, digest, size, label, body.total)
                 watch = RateWatch(policy, f"blob {digest.short} from {source_name}")
                 skip = pos - body.start  # a server that ignored Range sends from byte 0
-                while pos < end:
+                while pos < (stop_at := current_end()):
                     if stop is not None and stop.is_set():
                         return False
-                    n = body.readinto(mv[:min(len(buf), end - pos + skip)])
+                    n = body.readinto(mv[:min(len(buf), stop_at - pos + skip)])
                     if n == 0:
-                        raise TransientError(f"{source_name} closed the connection {end - pos} bytes early")
+                        raise TransientError(f"{source_name} closed the connection {stop_at - pos} bytes early")
                     source.count_bytes(n)
                     watch.add(n)
                     chunk = mv[:n]
@@ -239,8 +249,10 @@ def transfer(source: BlobSource, digest: Digest, size: int, start: int, end: int
                         chunk = chunk[drop:]
                         if not len(chunk):
                             continue
-                    write(chunk, pos)
-                    pos += len(chunk)
+                    chunk = chunk[: max(0, current_end() - pos)]  # the end may have moved down meanwhile
+                    if len(chunk):
+                        write(chunk, pos)
+                        pos += len(chunk)
         except TransientError as exc:
             if isinstance(exc, RangeNotSatisfiable) and exc.blob_size is not None and exc.blob_size != size:
                 raise size_mismatch(source_name, digest, size, label, exc.blob_size) from exc
@@ -275,6 +287,7 @@ class Fetcher:
         self._local = threading.local()
         self._jobs: list[BlobJob] = []
         self._jobs_lock = threading.Lock()
+        self._inflight: dict[int, tuple[BlobJob, Range]] = {}  # ranges being downloaded, for _steal
         self.verify_only: frozenset[Digest] = frozenset()
         # Blobs whose every byte this Fetcher downloaded from its source and verified: the access rule's proof that
         # the source holds them. Blobs it skipped (present, or published meanwhile by another loader) and blobs it
@@ -405,6 +418,14 @@ class Fetcher:
                 return False
             if self._try_lock(b, stack):
                 return True
+            declared = _declared_size(partial)
+            if declared not in (None, 0, b.size):
+                # The holder downloads this digest as another size: one of the two descriptors lies (another
+                # tenant's manifest can name any digest with any size). Never wait for that one.
+                if self.log:
+                    self.log.warning("fetch.lock_other_size", ref=self.label, blob=b.digest.short, size=b.size,
+                                     holder_size=declared, action="downloading it privately instead of waiting")
+                return PRIVATE
             now = time.monotonic()
             if now - window_start >= self.lock_stall:
                 grown = _allocated(partial) - window_bytes
@@ -503,23 +524,54 @@ class Fetcher:
                     job.since_state = 0
                     self._save_state(job)
 
+        with self._jobs_lock:
+            self._inflight[id(r)] = (job, r)
         try:
             done = transfer(self.client, job.digest, job.size, r.start + r.done, r.end, write, self._buffer(),
                             attempts=attempts, policy=self.policy, stop=self._stop, log=self.log, label=self.label,
-                            source_name=self.source_name)
+                            source_name=self.source_name, end_of=lambda: r.end)
         except LoaderError:
             with job.lock:
                 self._save_state(job)
             raise
+        finally:
+            with self._jobs_lock:
+                self._inflight.pop(id(r), None)
         if not done:
             return
         with job.lock:
             self._save_state(job)
+        self._steal(pool)
         if job.inline is r:
             with job.lock:
                 job.inline = None
                 job.hashing = False
         self._hash_forward(pool, job)
+
+    def _steal(self, pool: _Pool) -> None:
+        """A worker with nothing queued takes the second half of the in-flight range with the most left (any
+        blob's): the end of a download is then not one slow connection running alone while the others idle (on a
+        shared link connections get unequal shares; measured with bench/shaped.py)."""
+        if not pool.q.empty():
+            return
+        with self._jobs_lock:
+            candidates = [(r.end - (r.start + r.done), job, r) for job, r in self._inflight.values()]
+        if not candidates:
+            return
+        left, job, r = max(candidates, key=lambda c: c[0])
+        if left < 2 * STEAL_MIN:
+            return
+        with job.lock:
+            pos = r.start + r.done
+            mid = math.ceil((pos + (r.end - pos) // 2) / MiB) * MiB
+            if mid - pos < STEAL_MIN or r.end - mid < STEAL_MIN or job.finished:
+                return
+            new = Range(len(job.ranges), mid, r.end)
+            r.end = mid  # the other worker stops there (transfer reads the end before every read)
+            job.ranges.append(new)
+            job.ranges.sort(key=lambda x: x.start)
+            self._save_state(job)
+        pool.submit(functools.partial(self._run_range, pool, job, new))
 
     def _hash_forward(self, pool: _Pool, job: BlobJob) -> None:
         """Hash every complete range that follows what is hashed; finish the blob when all of it is."""
@@ -673,6 +725,14 @@ def _preallocate(fd: int, size: int, cache: Cache, digest: str) -> None:
         if is_no_space(exc):
             raise no_space(exc, cache, f"blob {digest} ({size} bytes)") from exc
         raise
+
+
+def _declared_size(partial: Path) -> int | None:
+    """The size a lock holder gave its partial file (it is sized up front to its descriptor's size)."""
+    try:
+        return os.stat(partial).st_size
+    except OSError:
+        return None
 
 
 def _allocated(partial: Path) -> int:

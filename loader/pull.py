@@ -193,10 +193,10 @@ def _pull_online(ref: Reference, client: RegistryClient, cache: Cache, opts: Pul
         model = cache.lookup_digest(digest)
     else:
         # The tag, re-checked: a HEAD when a hit needs nothing more (Docker Hub does not count HEADs against pull
-        # limits); with --check-access the manifest itself, whose bytes name the digest and prove the registry
-        # serves them, in one round trip instead of a HEAD and a GET.
+        # limits); with --check-access, or when the tag was never pulled here, the manifest itself, whose bytes name
+        # the digest (and prove the registry serves them), in one round trip instead of a HEAD and a GET.
         try:
-            if opts.check_access:
+            if opts.check_access or cache.ref_target(ref) is None:  # (no link: a miss, most likely)
                 top = _retrying(lambda: client.get_manifest(ref.reference), log, label)
                 found = top.digest
             else:

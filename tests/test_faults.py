@@ -115,4 +115,6 @@ def test_eight_concurrent_pulls_fetch_each_blob_once(model, proxy, tmp_path):
     paths = {__import__("json").loads(o[0])["path"] for o in outs}
     assert len(paths) == 1 and tree(paths.pop()) == FILES
     for name, data in FILES.items():
-        assert proxy.bytes_by_digest[sha256(data)] == len(data), f"{name} fetched more than once"
+        # Once: each blob by one loader. A worker that takes over half of a running range shortens that range's
+        # request; what was already in flight on it is discarded (a few MB at most), hence the margin.
+        assert len(data) <= proxy.bytes_by_digest[sha256(data)] <= len(data) + (12 << 20), f"{name} fetched twice"

@@ -274,7 +274,7 @@ def test_large_blob_is_split_into_ranges_and_verified(registry, pusher, tmp_path
     assert hashlib.sha256((Path(res.path) / "big.bin").read_bytes()).digest() == hashlib.sha256(data).digest()
     M = 1 << 20
     assert fetch.plan_ranges(len(data), fetch.target_chunk(len(data), 4)) == [
-        (0, 25 * M), (25 * M, 50 * M), (50 * M, 75 * M), (75 * M, len(data))]
+        (0, 13 * M), (13 * M, 26 * M), (26 * M, 39 * M), (39 * M, len(data))]
 
 
 @pytest.mark.parametrize("resumable", [True, False], ids=["state-kept", "state-gone"])
