@@ -333,19 +333,21 @@ class Prefetcher:
         return rnd
 
     def step(self) -> Round:
-        """A round, then the taint once warm, then gc."""
+        """A round, then the taint once warm, then gc; ready (/readyz) once all three are done the first time, so
+        nothing that watches readiness (a rollout, a test) stops the agent in the middle of its first gc."""
         rnd = self.round()
-        if rnd.ok and not self.ready.is_set():
-            if self.cfg.untaint and not self.untainted:
-                assert self.node_api is not None  # __init__ refuses --untaint without one
-                remove_taint(self.node_api, self.cfg.untaint, self.log)
-                self.untainted = True
-            self.ready.set()
-            self.metrics.warm.set(1)
+        warmed = rnd.ok and not self.ready.is_set()
+        if warmed and self.cfg.untaint and not self.untainted:
+            assert self.node_api is not None  # __init__ refuses --untaint without one
+            remove_taint(self.node_api, self.cfg.untaint, self.log)
+            self.untainted = True
         if self.cfg.gc_policy and not rnd.errors and not rnd.stopped:
             # Never with a list that failed to read: its models would not be protected.
             gc.collect(Cache(self.opts.cache), self.cfg.gc_policy, rnd.refs, self.log, pods_dir=self.cfg.pods_dir,
                        node=self.cfg.node)
+        if warmed:
+            self.ready.set()
+            self.metrics.warm.set(1)
         return rnd
 
     def run(self) -> int:
