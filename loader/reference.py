@@ -15,17 +15,25 @@ from dataclasses import dataclass
 DOCKER_HUB = "docker.io"
 DOCKER_HUB_ENDPOINT = "registry-1.docker.io"
 
+# Every grammar here is ASCII-only (no \w or \d: they accept other scripts' letters and digits) and is matched
+# whole with fullmatch (``$`` matches before a final newline, so ``match`` with ``$`` lets one through).
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
-_REPOSITORY_RE = re.compile(rf"^{_COMPONENT}(?:/{_COMPONENT})*$")
-_TAG_RE = re.compile(r"^[\w][\w.-]{0,127}$")
+_REPOSITORY_RE = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
+_TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 #: The one digest syntax (loader.digest.Digest uses it too): sha256 and 64 lowercase hex, matched whole (``$`` would
 #: let a trailing newline through).
 DIGEST_RE = re.compile(r"sha256:[a-f0-9]{64}")
 _HOST_RE = re.compile(
-    r"^(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)*"
-    r"|\[[0-9a-fA-F:.]+\])(?::[0-9]{1,5})?$"
+    r"(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)*"
+    r"|\[[0-9a-fA-F:.]+\])(?::[0-9]{1,5})?"
 )
+_SPACE = " \t\r\n"
 _LOOPBACK_HOSTS = {"localhost", "127.0.0.1", "[::1]"}
+
+
+def _shown(value: str) -> str:
+    """A value for a message: its repr, cut to a readable length (a reference may come from a pod)."""
+    return repr(value) if len(value) <= 80 else f"{value[:80]!r}... ({len(value)} characters)"
 
 
 class ReferenceError(ValueError):
@@ -78,12 +86,12 @@ class Reference:
 def parse(text: str) -> Reference:
     """Parse ``text`` into a Reference, or raise ReferenceError naming what is wrong and how to fix it."""
     raw = text
-    text = text.strip()
+    text = text.strip(_SPACE)  # ASCII whitespace only: str.strip() also drops Unicode separators and NEL
     if not text:
         raise ReferenceError("empty reference: write host/repository:tag, e.g. registry.example.com/models/phi3:v1")
     if "://" in text:
         raise ReferenceError(
-            f"reference {raw!r} has a URL scheme: drop it and write host/repository:tag"
+            f"reference {_shown(raw)} has a URL scheme: drop it and write host/repository:tag"
             " (plain HTTP is chosen with --plain-http, or automatically for localhost)"
         )
     digest = None
@@ -91,7 +99,7 @@ def parse(text: str) -> Reference:
         text, digest = text.split("@", 1)
         if not DIGEST_RE.fullmatch(digest):
             raise ReferenceError(
-                f"reference {raw!r} has digest {digest!r}: a digest is sha256: followed by 64 lowercase hex digits"
+                f"reference {_shown(raw)} has digest {_shown(digest)}: a digest is sha256: followed by 64 lowercase hex digits"
             )
     # A tag is after the last ':' that comes after the last '/' (a ':' before it is a port).
     tag = None
@@ -99,27 +107,27 @@ def parse(text: str) -> Reference:
     colon = text.rfind(":")
     if colon > slash:
         text, tag = text[:colon], text[colon + 1 :]
-        if not _TAG_RE.match(tag):
+        if not _TAG_RE.fullmatch(tag):
             raise ReferenceError(
-                f"reference {raw!r} has tag {tag!r}: a tag is up to 128 letters, digits, '_', '.' or '-'"
+                f"reference {_shown(raw)} has tag {_shown(tag)}: a tag is up to 128 ASCII letters, digits, '_', '.' or '-'"
                 " and does not start with '.' or '-'"
             )
     parts = text.split("/", 1)
     if len(parts) == 2 and ("." in parts[0] or ":" in parts[0] or parts[0] == "localhost" or parts[0].startswith("[")):
         registry, repository = parts
-        if not _HOST_RE.match(registry):
-            raise ReferenceError(f"reference {raw!r} has registry host {registry!r}, which is not a valid host[:port]")
+        if not _HOST_RE.fullmatch(registry):
+            raise ReferenceError(f"reference {_shown(raw)} has registry host {_shown(registry)}, which is not a valid host[:port]")
     else:
         registry, repository = DOCKER_HUB, text
         if "/" not in repository:
             repository = f"library/{repository}"
-    if not _REPOSITORY_RE.match(repository):
+    if not _REPOSITORY_RE.fullmatch(repository):
         raise ReferenceError(
-            f"reference {raw!r} has repository {repository!r}: use lowercase letters, digits and separators"
+            f"reference {_shown(raw)} has repository {_shown(repository)}: use lowercase letters, digits and separators"
             " ('.', '_', '__', '-') between '/'-separated components"
         )
     if len(f"{registry}/{repository}") > 255:
-        raise ReferenceError(f"reference {raw!r} is longer than 255 characters before the tag")
+        raise ReferenceError(f"reference {_shown(raw)} is longer than 255 characters before the tag")
     if tag is None and digest is None:
         tag = "latest"
     return Reference(registry, repository, tag, digest)

@@ -359,6 +359,23 @@ def test_metrics_count_reviews_by_kind_mode_and_outcome_and_show_the_inventory(s
     }
 
 
+def test_metric_labels_come_from_closed_sets_whatever_kind_the_client_sends(served):
+    # request.kind.kind is the client's choice: 40 distinct large kinds must not become 40 series.
+    server = served()
+    with server.client() as client:
+        for i in range(40):
+            body = review(pod(), kind=f"{i:04d}" + "K" * 256 * 1024)
+            assert client.post("/mutate", json=body).status_code == 200
+        client.post("/mutate", json=review(pod("crio"), kind="StatefulSet"))
+        resp = client.get("/metrics")
+    reviews = {k: v for k, v in _samples(resp.text).items() if k.startswith("model_cache_reviews_total")}
+    assert reviews == {
+        'model_cache_reviews_total{kind="other",mode="none",outcome="allowed"}': 40.0,
+        'model_cache_reviews_total{kind="StatefulSet",mode="none",outcome="allowed"}': 1.0,
+    }
+    assert len(resp.content) < 64 * 1024
+
+
 # --- TLS ----------------------------------------------------------------------------------------------------------
 
 

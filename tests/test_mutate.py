@@ -280,7 +280,7 @@ def test_the_loader_parses_the_injected_command_line_as_kubelet_passes_it(plain_
     ], contract.CACHE_MOUNT)
     assert (args.pod_uid, args.node_name) == ("6f9a3c1e-0b5d-4e27-9c8a-1d2e3f405162", "ctrd-a")
     assert (args.ca_file, args.check_access, args.concurrency) == ([f"{contract.CA_MOUNT}/{contract.CA_BUNDLE_KEY}"], True, 8)
-    assert args.docker_config == ["/run/model-cache/docker/regcred", "/run/model-cache/docker/team.registry-creds"]
+    assert args.docker_config == ["/run/model-cache/docker/0", "/run/model-cache/docker/1"]
     hosts = [h.lower() for h in plain_http]
     assert registry_settings(argparse.Namespace(ca_file=[], plain_http_registry=args.plain_http_registry)) == (
         (), frozenset(hosts))

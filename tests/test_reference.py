@@ -56,3 +56,41 @@ def test_cache_key_is_one_component_stable_and_distinct():
     assert cache_key("r.io/models/phi3:v1") == "r.io_models_phi3_v1-" + __import__("hashlib").sha256(
         b"r.io/models/phi3:v1"
     ).hexdigest()[:16]
+
+
+PINNED_NEWLINE = "registry.example.com/models/phi3:v1\n@sha256:" + "a" * 64
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("registry.example.com/models/phi3:v\u0661",
+         "reference 'registry.example.com/models/phi3:v\u0661' has tag 'v\u0661': a tag is up to 128 ASCII letters,"
+         " digits, '_', '.' or '-' and does not start with '.' or '-'"),
+        ("registry.example.com/models/phi3:\uff561",
+         "reference 'registry.example.com/models/phi3:\uff561' has tag '\uff561': a tag is up to 128 ASCII letters,"
+         " digits, '_', '.' or '-' and does not start with '.' or '-'"),
+        (PINNED_NEWLINE,
+         f"reference {PINNED_NEWLINE[:80]!r}... (108 characters) has tag 'v1\\n': a tag is up to 128 ASCII letters, digits, '_', '.' or '-' and does not"
+         " start with '.' or '-'"),
+        ("registry.example.com/models/phi3\n:v1",
+         "reference 'registry.example.com/models/phi3\\n:v1' has repository 'models/phi3\\n': use lowercase letters,"
+         " digits and separators ('.', '_', '__', '-') between '/'-separated components"),
+        ("registry.example.com:5000\n/models/phi3:v1",
+         "reference 'registry.example.com:5000\\n/models/phi3:v1' has registry host 'registry.example.com:5000\\n',"
+         " which is not a valid host[:port]"),
+        ("registry.example.com/models/phi3:v1\x85",
+         "reference 'registry.example.com/models/phi3:v1\\x85' has tag 'v1\\x85': a tag is up to 128 ASCII letters,"
+         " digits, '_', '.' or '-' and does not start with '.' or '-'"),
+    ],
+    ids=["arabic-indic-digit", "fullwidth-letter", "newline-in-tag", "newline-in-repository", "newline-after-port",
+         "nel-at-end"],
+)
+def test_grammars_are_ascii_only_and_matched_whole(text, message):
+    with pytest.raises(ReferenceError) as exc:
+        parse(text)
+    assert str(exc.value) == message
+
+
+def test_ascii_whitespace_around_a_reference_is_dropped():
+    assert str(parse(" registry.example.com/models/phi3:v1\r\n")) == "registry.example.com/models/phi3:v1"

@@ -71,13 +71,30 @@ ENV_PREFIX: Final = "MODEL_PATH_"
 
 _NOT_ALNUM = re.compile(r"[^A-Za-z0-9]")
 
+#: What may surround a value or a list entry and is dropped: ASCII whitespace only (``str.strip()`` would also drop
+#: Unicode separators and the C1 control NEL, letting them pass as if they were not there).
+SPACE: Final = " \t\r\n"
+#: Control characters (C0, DEL, C1) and the Unicode line separators; no annotation value may carry one, except the
+#: ASCII whitespace in SPACE between list entries (a YAML block scalar ends in a newline).
+CONTROL: Final = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u2028\u2029]")
+#: In a single value such as a path, after SPACE is stripped from its ends, none at all.
+ANY_CONTROL: Final = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_SHOWN = 80
+
+
+def shown(value: str) -> str:
+    """A value for a message: its repr, cut to a readable length (the rest is counted, never echoed)."""
+    if len(value) <= _SHOWN:
+        return repr(value)
+    return f"{value[:_SHOWN]!r}... ({len(value)} characters)"
+
 
 def env_name(model_name: str) -> str:
     """``MODEL_PATH_<NAME>``: ``phi-3.5`` -> ``MODEL_PATH_PHI_3_5``."""
     return ENV_PREFIX + _NOT_ALNUM.sub("_", model_name).upper()
 
 # PVC names are DNS-1123 subdomains.
-_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 
 
 def parse_cache(value: str) -> tuple[str, str | None]:
@@ -85,14 +102,14 @@ def parse_cache(value: str) -> tuple[str, str | None]:
 
     Raises ValueError with a message that says what is accepted; callers add which annotation or setting it was.
     """
-    v = value.strip()
+    v = value.strip(SPACE)
     if v in (CACHE_NODE, CACHE_POD):
         return v, None
     if v.startswith(CACHE_PVC_PREFIX):
-        claim = v[len(CACHE_PVC_PREFIX) :].strip()
-        if len(claim) <= 253 and _DNS_SUBDOMAIN.match(claim):
+        claim = v[len(CACHE_PVC_PREFIX) :].strip(SPACE)
+        if len(claim) <= 253 and _DNS_SUBDOMAIN.fullmatch(claim):
             return "pvc", claim
         raise ValueError(
-            f"claim name {claim!r} is not a valid PersistentVolumeClaim name (lowercase letters, digits, '-' and '.')"
+            f"claim name {shown(claim)} is not a valid PersistentVolumeClaim name (lowercase letters, digits, '-' and '.')"
         )
     raise ValueError("use node, pod or pvc:<claim-name>")

@@ -34,7 +34,7 @@ from webhook import annotations as ann
 from webhook.errors import MalformedReview
 from webhook.fifo import FifoRunner
 from webhook.inventory import Inventory
-from webhook.metrics import Metrics
+from webhook.metrics import Metrics, kind_label
 from webhook.models import ADMISSION_API_VERSION, ADMISSION_KIND, AdmissionReviewResponse
 from webhook.snapshot import Snapshot
 
@@ -85,7 +85,7 @@ def _labels(body: dict[str, Any], review: Mapping[str, Any]) -> tuple[str, str, 
     """(kind, mode, outcome) of an answered review for the metrics."""
     request = _dict(body.get("request"))
     kind_obj = _dict(request.get("kind"))
-    kind = str(kind_obj.get("kind") or "unknown")
+    kind = kind_label(kind_obj.get("kind"))
     response = review.get("response") or {}
     if not response.get("allowed", False):
         outcome = "denied"

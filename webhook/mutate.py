@@ -60,7 +60,20 @@ LOADER_OUTPUT = "text"  # the loader's progress format in `kubectl logs`
 #: file each becomes in the secret's directory: the names the loader looks for in a --docker-config directory.
 PULL_SECRET_ITEMS = ({"key": ".dockerconfigjson", "path": "config.json"}, {"key": ".dockercfg", "path": ".dockercfg"})
 
-_MODEL_NAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$")
+#: Ceilings on what one review makes the webhook process. A pod over one is denied with a message naming the limit
+#: and the field, never processed slowly: with ``failurePolicy: Fail`` a slow review stalls every pod creation.
+#: Kubernetes sets none of these (only the 1.5 MiB object size), so each is chosen far above real pods: sidecar-
+#: heavy pods run a dozen or two containers and a hundred-odd volumes (one projected token per sidecar, configs,
+#: secrets), and clusters give a pod one to a few pull secrets.
+MAX_CONTAINERS = 256  # containers + initContainers + ephemeralContainers
+MAX_VOLUMES = 1024  # spec.volumes
+MAX_PULL_SECRETS = 256  # spec.imagePullSecrets (not validated by Kubernetes at all)
+#: Each model.cache/* annotation value: 32 references of the longest kind (255 before the tag, a 128-character
+#: tag, a digest and a 63-character name) fit in 16 KiB.
+MAX_ANNOTATION_CHARS = 16 * 1024
+#: Secret names are DNS-1123 subdomains (what the API server requires of a Secret's name), matched whole.
+_SECRET_NAME = re.compile(r"[a-z0-9](?:[-a-z0-9]*[a-z0-9])?(?:\.[a-z0-9](?:[-a-z0-9]*[a-z0-9])?)*")
+_MODEL_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,61}[A-Za-z0-9])?")
 _NOT_DNS = re.compile(r"[^a-z0-9-]+")
 _NAME = operator.itemgetter("name")  # containers, env vars and volumes: a pod has hundreds of them
 _CONTAINER_KEYS = ("containers", "initContainers", "ephemeralContainers")
@@ -130,7 +143,7 @@ def _registry_allowed(ref: Reference, allowed: list[str]) -> bool:
 
 def read_models(value: str, settings: Settings) -> tuple[Model, ...]:
     """Parse ``model.cache/ref``: ``REF[,REF...]`` where each REF may be ``name=REF``."""
-    entries = [e.strip() for e in value.split(",")]
+    entries = [e.strip(ann.SPACE) for e in value.split(",")]
     entries = [e for e in entries if e]
     if not entries:
         raise Denied(f"{ann.REF} is empty: set it to a model reference such as registry.example.com/models/phi3:v1")
@@ -139,7 +152,7 @@ def read_models(value: str, settings: Settings) -> tuple[Model, ...]:
         name, eq, text = entry.partition("=")
         if not eq:
             name, text = "", entry
-        name, text = name.strip(), text.strip()
+        name, text = name.strip(ann.SPACE), text.strip(ann.SPACE)
         try:
             ref = parse(text)
         except ReferenceError as exc:
@@ -153,7 +166,7 @@ def read_models(value: str, settings: Settings) -> tuple[Model, ...]:
         if eq and not name:
             raise Denied(f"{ann.REF}: {entry!r} has an empty name before '='; write name=REF, e.g. phi3=" + text)
         name = name or ref.name
-        if not _MODEL_NAME.match(name):
+        if not _MODEL_NAME.fullmatch(name):
             raise Denied(
                 f"{ann.REF}: model name {name!r} cannot be a directory name here: use 1-63 letters, digits, '.',"
                 f" '_' or '-', starting and ending with a letter or digit (set it with name=REF)"
@@ -180,11 +193,18 @@ def _read_mount_path(annotations: Mapping[str, str], settings: Settings) -> str:
     raw = annotations.get(ann.MOUNT_PATH)
     if raw is None:
         return settings.default_mount_path
-    value = raw.strip()
+    value = raw.strip(ann.SPACE)
     parts = value.split("/")
-    if not value.startswith("/") or ".." in parts or posixpath.normpath(value) in ("/", "//") or "\x00" in value:
+    bad = ann.ANY_CONTROL.search(value)
+    if bad:
         raise Denied(
-            f"{ann.MOUNT_PATH} is {raw!r}: use an absolute directory other than / without '..', such as /models"
+            f"{ann.MOUNT_PATH} is {ann.shown(raw)}, which contains the control character {bad.group()!r}: use an"
+            " absolute directory of printable characters, such as /models"
+        )
+    if not value.startswith("/") or ".." in parts or posixpath.normpath(value) in ("/", "//"):
+        raise Denied(
+            f"{ann.MOUNT_PATH} is {ann.shown(raw)}: use an absolute directory other than / without '..', such as"
+            " /models"
         )
     return posixpath.normpath(value)
 
@@ -200,7 +220,7 @@ def _read_containers(annotations: Mapping[str, str], spec: Mapping[str, Any]) ->
         return tuple(app)
     init = _container_names(spec, "initContainers")
     known = set(app) | set(init)
-    names = list(dict.fromkeys(n.strip() for n in raw.split(",") if n.strip()))
+    names = list(dict.fromkeys(n.strip(ann.SPACE) for n in raw.split(",") if n.strip(ann.SPACE)))
     listing = f"containers: {', '.join(app) or '(none)'}" + (f"; init containers: {', '.join(init)}" if init else "")
     if not names:
         raise Denied(f"{ann.CONTAINERS} is {raw!r}, which names no container; {listing}")
@@ -218,20 +238,28 @@ def read_plan(annotations: Mapping[str, str], spec: Mapping[str, Any], settings:
         for key in annotations
         if key.startswith(ann.PREFIX) and key not in ann.USER_KEYS and key != ann.STATUS
     )
+    for key in ann.USER_KEYS:
+        raw = annotations.get(key)
+        bad = ann.CONTROL.search(raw) if raw is not None else None
+        if bad:
+            raise Denied(
+                f"{key} is {ann.shown(raw or '')}, which contains the control character {bad.group()!r}: write the"
+                " value with printable characters only (commas, spaces and newlines may separate list entries)"
+            )
     models = read_models(annotations.get(ann.REF, ""), settings)
     mount_path = _read_mount_path(annotations, settings)
     containers = _read_containers(annotations, spec)
 
     raw_mode = annotations.get(ann.MODE)
-    mode = settings.default_mode if raw_mode is None else raw_mode.strip()
+    mode = settings.default_mode if raw_mode is None else raw_mode.strip(ann.SPACE)
     if mode not in ann.MODES:
-        raise Denied(f"{ann.MODE} is {raw_mode!r}: use auto, image-volume or init-container")
+        raise Denied(f"{ann.MODE} is {ann.shown(raw_mode or '')}: use auto, image-volume or init-container")
 
     raw_cache = annotations.get(ann.CACHE)
     try:
         cache, claim = ann.parse_cache(settings.default_cache if raw_cache is None else raw_cache)
     except ValueError as exc:
-        raise Denied(f"{ann.CACHE} is {raw_cache!r}: {exc}") from exc
+        raise Denied(f"{ann.CACHE} is {ann.shown(raw_cache or '')}: {exc}") from exc
 
     plan = Plan(models, mount_path, containers, mode, raw_mode is not None, cache, claim, raw_cache is not None)
     return plan, warnings
@@ -244,16 +272,81 @@ def _dns_label(text: str) -> str:
     return _NOT_DNS.sub("-", text.lower()).strip("-")
 
 
+class Namer:
+    """DNS-label names not in ``taken``, each found in O(1) amortised probes.
+
+    A free stem is used as it is (``model-cache``); a taken one gets ``-<n>`` from one counter shared by every stem
+    of this namer, so no suffix is ever tried twice. A probe that fails has hit a taken name ending in ``-<n>``, and
+    each taken name ends in one such suffix: all the failed probes together number at most ``len(taken)``, whatever
+    the names are (thousands of pull secrets that differ only in case or separators map to one stem; probing
+    ``base-2``, ``base-3``, ... per stem made that quadratic). ``probes`` counts the membership tests, for tests.
+    """
+
+    __slots__ = ("_next", "probes", "taken")
+
+    def __init__(self, taken: set[str]) -> None:
+        self.taken = taken
+        self._next = 2
+        self.probes = 0
+
+    def name(self, base: str) -> str:
+        stem = _dns_label(base)[:63].rstrip("-") or "model"
+        name = stem
+        self.probes += 1
+        while name in self.taken:
+            suffix = f"-{self._next}"
+            self._next += 1
+            name = stem[: 63 - len(suffix)].rstrip("-") + suffix
+            self.probes += 1
+        self.taken.add(name)
+        return name
+
+
 def unique_name(base: str, taken: set[str]) -> str:
-    """A DNS label from ``base`` not in ``taken`` (then added to it): ``base``, ``base-2``, ``base-3``, ..."""
-    stem = _dns_label(base)[:63].rstrip("-") or "model"
-    name, n = stem, 1
-    while name in taken:
-        n += 1
-        suffix = f"-{n}"
-        name = stem[: 63 - len(suffix)].rstrip("-") + suffix
-    taken.add(name)
-    return name
+    """A DNS label from ``base`` not in ``taken`` (then added to it): ``base``, else ``base-2``, ``base-3``, ...
+    (one name; several names from one set: a ``Namer``)."""
+    return Namer(taken).name(base)
+
+
+def _over(field: str, count: int, limit: int, what: str) -> Denied:
+    return Denied(
+        f"{field} has {count} {what}, over this webhook's limit of {limit} (model.cache processes no pod beyond"
+        f" it); split the pod or remove {what} it does not use"
+    )
+
+
+def check_bounds(annotations: Mapping[str, Any], spec: Mapping[str, Any]) -> None:
+    """Deny, naming the field and the limit, a pod with more than the webhook processes (see MAX_CONTAINERS)."""
+    for key in ann.USER_KEYS:
+        value = annotations.get(key)
+        if isinstance(value, str) and len(value) > MAX_ANNOTATION_CHARS:
+            raise Denied(
+                f"{key} is {len(value)} characters long, over this webhook's limit of {MAX_ANNOTATION_CHARS}:"
+                f" {ann.shown(value)}; shorten it"
+            )
+    containers = sum(len(spec.get(key) or ()) for key in _CONTAINER_KEYS)
+    if containers > MAX_CONTAINERS:
+        raise _over("spec.containers, spec.initContainers and spec.ephemeralContainers", containers, MAX_CONTAINERS,
+                    "containers")
+    volumes = len(spec.get("volumes") or ())
+    if volumes > MAX_VOLUMES:
+        raise _over("spec.volumes", volumes, MAX_VOLUMES, "volumes")
+    secrets = len(spec.get("imagePullSecrets") or ())
+    if secrets > MAX_PULL_SECRETS:
+        raise _over("spec.imagePullSecrets", secrets, MAX_PULL_SECRETS, "entries")
+    for i, ref in enumerate(spec.get("imagePullSecrets") or ()):
+        name = ref.get("name")
+        if name and not (len(name) <= 253 and _SECRET_NAME.fullmatch(name)):
+            raise Denied(
+                f"spec.imagePullSecrets[{i}].name is {ann.shown(name)}, which cannot be a Secret's name (a DNS"
+                " subdomain: up to 253 lowercase letters, digits, '-' and '.'); name the pull secret as it is"
+                " called in the namespace"
+            )
+
+
+def pull_secret_names(spec: Mapping[str, Any]) -> list[str]:
+    """The pod's pull-secret names, first occurrence of each (entries without a name are skipped, as kubelet does)."""
+    return list(dict.fromkeys(s["name"] for s in spec.get("imagePullSecrets") or () if s.get("name")))
 
 
 def _copy_for_edit(pod: Mapping[str, Any], targets: tuple[str, ...]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -339,10 +432,10 @@ def _add_env(targets: list[dict[str, Any]], plan: Plan) -> list[str]:
 
 
 def _inject_image_volumes(spec: dict[str, Any], targets: list[dict[str, Any]], plan: Plan) -> None:
-    taken = _taken_volume_names(spec)
+    names = Namer(_taken_volume_names(spec))
     volumes, mounts = [], []
     for model in plan.models:
-        name = unique_name(MODEL_VOLUME + model.name, taken)
+        name = names.name(MODEL_VOLUME + model.name)
         volumes.append({"name": name, "image": {"reference": str(model.ref), "pullPolicy": "IfNotPresent"}})
         mounts.append({"name": name, "mountPath": plan.path(model), "readOnly": True})
     spec["volumes"] = [*(spec.get("volumes") or ()), *volumes]
@@ -461,13 +554,13 @@ def loader_resources(spec: Mapping[str, Any], settings: Settings) -> dict[str, A
 def _inject_loader(
     spec: dict[str, Any], targets: list[dict[str, Any]], plan: Plan, cache: str, settings: Settings
 ) -> None:
-    taken = _taken_volume_names(spec)
-    cache_name = unique_name(CACHE_VOLUME, taken)
+    names = Namer(_taken_volume_names(spec))
+    cache_name = names.name(CACHE_VOLUME)
     volumes = [_cache_volume(cache_name, cache, plan.claim, settings)]
     loader_mounts: list[dict[str, Any]] = [{"name": cache_name, "mountPath": contract.CACHE_MOUNT}]
     config_args: list[str] = []
     if settings.registry_ca_configmap:
-        vol = unique_name(CA_VOLUME, taken)
+        vol = names.name(CA_VOLUME)
         # optional: a namespace without the ConfigMap gets a loader that says which file is missing, rather than a
         # pod stuck in ContainerCreating with only an event to tell why.
         volumes.append(
@@ -484,8 +577,8 @@ def _inject_loader(
         config_args += [contract.FLAG_CA_FILE, posixpath.join(contract.CA_MOUNT, contract.CA_BUNDLE_KEY)]
     for host in settings.plain_http_registries:
         config_args += [contract.FLAG_PLAIN_HTTP_REGISTRY, host]
-    for secret in dict.fromkeys(s.get("name") for s in spec.get("imagePullSecrets") or () if s.get("name")):
-        vol = unique_name(PULL_SECRET_VOLUME + secret, taken)
+    for index, secret in enumerate(pull_secret_names(spec)):
+        vol = names.name(PULL_SECRET_VOLUME + secret)
         # optional: the kubelet pulls images without a pull secret that is missing, so the loader must not wedge
         # the pod in ContainerCreating for one either. With optional, the kubelet also skips whichever of the two
         # keys the secret lacks; the loader reads the directory and skips it, with a warning, when it is empty.
@@ -495,7 +588,8 @@ def _inject_loader(
                 "secret": {"secretName": secret, "items": [dict(item) for item in PULL_SECRET_ITEMS], "optional": True},
             }
         )
-        directory = posixpath.join(contract.DOCKER_CONFIG_MOUNT, secret)
+        # The directory is the secret's position, never its name: nothing the pod writes becomes a path.
+        directory = posixpath.join(contract.DOCKER_CONFIG_MOUNT, str(index))
         loader_mounts.append({"name": vol, "mountPath": directory, "readOnly": True})
         config_args += [contract.FLAG_DOCKER_CONFIG, directory]
 
@@ -576,6 +670,7 @@ def plan_pod(
     if ann.STATUS in annotations or ann.REF not in annotations:
         return None
     spec = pod.get("spec") or {}
+    check_bounds(annotations, spec)
     plan, warnings = read_plan(annotations, spec, settings)
     choice = choose_mode(plan.mode, spec, snapshot, settings, explicit=plan.mode_explicit)
     return plan, choice, warnings
