@@ -254,10 +254,13 @@ class Cache:
                 if _sha256_file(path) != blob:
                     raise ValueError
             except (OSError, ValueError):
-                with self.lock(f"model-{_hex(digest)}"):
-                    self.remove_tree(self.model_path(digest))
-                    self.meta_path(digest).unlink(missing_ok=True)
-                    path.unlink(missing_ok=True)
+                # Without waiting: the caller may hold this very lock (publish_model looks the model up under it),
+                # and a busy lock means another loader is on it. Not a hit either way; the next publish replaces it.
+                with self.lock(f"model-{_hex(digest)}", blocking=False) as held:
+                    if held:
+                        self.meta_path(digest).unlink(missing_ok=True)
+                        self.remove_tree(self.model_path(digest))
+                        path.unlink(missing_ok=True)
                 return False
         meta["boot_id"] = boot
         _write_atomic(self.meta_path(digest), json.dumps(meta, sort_keys=True).encode(), self.tmp_dir())
