@@ -306,3 +306,30 @@ def test_grammars_are_ascii_and_whole(annotations, message):
     with pytest.raises(Denied) as exc:
         mutate_pod(pod(annotations), "ml", None, EMPTY, SETTINGS)
     assert exc.value.message == message
+
+
+def test_thousands_of_unknown_annotations_draw_a_bounded_set_of_warnings():
+    extra = {f"{ann.PREFIX}x{i}": "1" for i in range(5_000)}
+    outcome = mutate_pod(pod(extra), "ml", None, EMPTY, SETTINGS)
+    known = "ref, mount-path, containers, mode, cache"
+    assert outcome.warnings == (
+        *(f"model.cache: unknown annotation {ann.PREFIX}x{i} ignored (known: {known})" for i in range(8)),
+        "model.cache: 4992 more unknown model.cache annotations ignored",
+    )
+
+
+def test_model_names_that_differ_only_in_separator_runs_get_distinct_image_volumes(namers):
+    names = ["a-b", "a..b", "a...b", "a....b", "a" + "." * 60 + "b"]  # one volume stem, distinct variables
+    refs = ",".join(f"{name}={REF}" for name in names)
+    outcome = mutate_pod(pod({ann.REF: refs, ann.MODE: "image-volume"}), "ml", None, EMPTY, SETTINGS)
+    spec = outcome.pod["spec"]
+    pairs = zip(spec["volumes"], spec["containers"][0]["volumeMounts"], strict=True)
+    assert [(v["name"], m["mountPath"]) for v, m in pairs] == [
+        ("model-a-b", "/models/a-b"),
+        ("model-a-b-2", "/models/a..b"),
+        ("model-a-b-3", "/models/a...b"),
+        ("model-a-b-4", "/models/a....b"),
+        ("model-a-b-5", "/models/a" + "." * 60 + "b"),
+    ]
+    assert [n.probes for n in namers] == [1 + 2 * 4]
+    assert_valid_pod(outcome.pod)

@@ -71,6 +71,7 @@ MAX_PULL_SECRETS = 256  # spec.imagePullSecrets (not validated by Kubernetes at 
 #: Each model.cache/* annotation value: 32 references of the longest kind (255 before the tag, a 128-character
 #: tag, a digest and a 63-character name) fit in 16 KiB.
 MAX_ANNOTATION_CHARS = 16 * 1024
+MAX_WARNED = 8  # unknown model.cache/* annotations warned about one by one
 #: Secret names are DNS-1123 subdomains (what the API server requires of a Secret's name), matched whole.
 _SECRET_NAME = re.compile(r"[a-z0-9](?:[-a-z0-9]*[a-z0-9])?(?:\.[a-z0-9](?:[-a-z0-9]*[a-z0-9])?)*")
 _MODEL_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,61}[A-Za-z0-9])?")
@@ -233,11 +234,12 @@ def _read_containers(annotations: Mapping[str, str], spec: Mapping[str, Any]) ->
 
 def read_plan(annotations: Mapping[str, str], spec: Mapping[str, Any], settings: Settings) -> tuple[Plan, tuple[str, ...]]:
     """Validate every model.cache annotation of a pod; Denied on the first bad one. Returns (plan, warnings)."""
-    warnings = tuple(
-        f"model.cache: unknown annotation {key} ignored (known: {', '.join(k.removeprefix(ann.PREFIX) for k in ann.USER_KEYS)})"
-        for key in annotations
-        if key.startswith(ann.PREFIX) and key not in ann.USER_KEYS and key != ann.STATUS
-    )
+    unknown = [key for key in annotations if key.startswith(ann.PREFIX) and key not in ann.USER_KEYS and key != ann.STATUS]
+    known = ", ".join(k.removeprefix(ann.PREFIX) for k in ann.USER_KEYS)
+    # One warning per key up to a few, then a count: a pod may carry thousands of keys, the response stays small.
+    warnings = tuple(f"model.cache: unknown annotation {key} ignored (known: {known})" for key in unknown[:MAX_WARNED])
+    if len(unknown) > MAX_WARNED:
+        warnings += (f"model.cache: {len(unknown) - MAX_WARNED} more unknown model.cache annotations ignored",)
     for key in ann.USER_KEYS:
         raw = annotations.get(key)
         bad = ann.CONTROL.search(raw) if raw is not None else None
