@@ -379,11 +379,9 @@ def test_a_tenant_cannot_use_up_the_hard_links_of_a_blob_other_tenants_share(tmp
     materialize (os.link: EMLINK, exit 1 with a traceback) for as long as the attacker keeps its model used."""
     cache = tmp_path / "cache"
     license_text = b"Apache License, Version 2.0 " * 400
-    limit = os.pathconf(str(tmp_path), "PC_LINK_MAX")
-    if limit > 70_000:
-        pytest.skip(f"this filesystem allows {limit} links per inode")
-    links = limit - 2  # blobs/<hex> and the attacker's own d/LICENSE
-    tar = _hardlink_tar("d/LICENSE", links)
+    # The attack needs the filesystem's link limit (ext4: 65,000) of links; the refusal comes at the first one, so
+    # a few show it on any filesystem (no skip where the limit is higher).
+    tar = _hardlink_tar("d/LICENSE", 100)
     with CraftedRegistry() as evil:
         body = manifest([layer("d/LICENSE", license_text),
                          {"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": sha256(tar),
