@@ -333,3 +333,21 @@ def test_model_names_that_differ_only_in_separator_runs_get_distinct_image_volum
     ]
     assert [n.probes for n in namers] == [1 + 2 * 4]
     assert_valid_pod(outcome.pod)
+
+
+@pytest.mark.parametrize(
+    "annotations,message",
+    [
+        ({ann.CONTAINERS: ",".join(f"n{i}" for i in range(20))},
+         f"{ann.CONTAINERS} names {', '.join(repr(f'n{i}') for i in range(8))} and more, not a container of this pod;"
+         " containers: server"),
+        ({ann.REF: "y" * 200 + "=" + REF},
+         f"{ann.REF}: model name {'y' * 80!r}... (200 characters) cannot be a directory name here: use 1-63 letters,"
+         " digits, '.', '_' or '-', starting and ending with a letter or digit (set it with name=REF)"),
+    ],
+    ids=["many-unknown-containers", "long-model-name"],
+)
+def test_denials_show_long_values_cut(annotations, message):
+    with pytest.raises(Denied) as exc:
+        mutate_pod(pod(annotations), "ml", None, EMPTY, SETTINGS)
+    assert exc.value.message == message

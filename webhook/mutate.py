@@ -19,6 +19,10 @@ mount at another pod's entry. The loader gets the UID and ``spec.nodeName`` the 
 ``--pod-uid $(MODEL_CACHE_POD_UID) --node-name $(MODEL_CACHE_NODE_NAME)`` (kubelet expands ``$(VAR)`` in args).
 Nothing here depends on the UID itself, so answers stay shareable between replicas (webhook/memo.py).
 
+Bounded work: a pod over the ceilings (``MAX_CONTAINERS`` and the rest) is denied before anything is planned, and
+every name is found in O(1) amortised probes (``Namer``), so a review costs time linear in its size. Nothing the
+pod names becomes a path: pull secrets are mounted at their position, never at their (validated) name.
+
 Injected volumes never take a name that a container already mounts without the pod defining it: such a dangling
 mount would otherwise capture the cache volume (the whole cache, writable) or a model; it stays dangling and the
 API server refuses the pod.
@@ -160,16 +164,16 @@ def read_models(value: str, settings: Settings) -> tuple[Model, ...]:
             raise Denied(f"{ann.REF}: {exc}") from exc
         if not _registry_allowed(ref, settings.allowed_registries):
             raise Denied(
-                f"{ann.REF}: {text!r} is in registry {ref.registry}, which is not allowed in this cluster"
+                f"{ann.REF}: {ann.shown(text)} is in registry {ref.registry}, which is not allowed in this cluster"
                 f" (allowed: {', '.join(settings.allowed_registries)}); push the model to an allowed registry"
                 " or ask the cluster admin to extend MODEL_CACHE_ALLOWED_REGISTRIES"
             )
         if eq and not name:
-            raise Denied(f"{ann.REF}: {entry!r} has an empty name before '='; write name=REF, e.g. phi3=" + text)
+            raise Denied(f"{ann.REF}: {ann.shown(entry)} has an empty name before '='; write name=REF, e.g. phi3=" + text)
         name = name or ref.name
         if not _MODEL_NAME.fullmatch(name):
             raise Denied(
-                f"{ann.REF}: model name {name!r} cannot be a directory name here: use 1-63 letters, digits, '.',"
+                f"{ann.REF}: model name {ann.shown(name)} cannot be a directory name here: use 1-63 letters, digits, '.',"
                 f" '_' or '-', starting and ending with a letter or digit (set it with name=REF)"
             )
         models.append(Model(name, ref))
@@ -224,10 +228,10 @@ def _read_containers(annotations: Mapping[str, str], spec: Mapping[str, Any]) ->
     names = list(dict.fromkeys(n.strip(ann.SPACE) for n in raw.split(",") if n.strip(ann.SPACE)))
     listing = f"containers: {', '.join(app) or '(none)'}" + (f"; init containers: {', '.join(init)}" if init else "")
     if not names:
-        raise Denied(f"{ann.CONTAINERS} is {raw!r}, which names no container; {listing}")
+        raise Denied(f"{ann.CONTAINERS} is {ann.shown(raw)}, which names no container; {listing}")
     unknown = [n for n in names if n not in known]
     if unknown:
-        which = ", ".join(repr(n) for n in unknown)
+        which = ", ".join(ann.shown(n) for n in unknown[:MAX_WARNED]) + (" and more" if len(unknown) > MAX_WARNED else "")
         raise Denied(f"{ann.CONTAINERS} names {which}, not a container of this pod; {listing}")
     return tuple(names)
 
