@@ -71,7 +71,8 @@ def pod_subpath_expr(ref: Reference | str) -> str:
 # --- where things live inside the pod -----------------------------------------------------------------------
 DEFAULT_NODE_CACHE = "/var/lib/model-cache"  # hostPath on the node for the `node` cache
 CACHE_MOUNT = "/cache"  # the cache volume inside the loader container
-DOCKER_CONFIG_MOUNT = "/run/model-cache/docker"  # each pull secret at <this>/<secret-name>/ (config.json or .dockercfg)
+DOCKER_CONFIG_MOUNT = "/run/model-cache/docker"  # each pull secret at <this>/<position>/ (never its name: names from
+#                                                   a pod are not paths); config.json or .dockercfg inside
 CA_MOUNT = "/run/model-cache/ca"  # the admin's CA bundle ConfigMap, projected read-only (optional: a missing one is
 #                                   reported by the loader, naming it, instead of a pod stuck in ContainerCreating)
 CA_BUNDLE_KEY = "ca.crt"  # the key of that ConfigMap (trust-manager's and cert-manager's convention)
