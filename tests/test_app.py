@@ -79,14 +79,14 @@ def review(obj, kind: str = "Pod", uid: str = "0b6e2e8a-1f7c-4d8e-9a55-3c1d2b4f6
 class Served:
     """The app on uvicorn in a thread, on a random port, with a Secret-like certificate directory."""
 
-    def __init__(self, inventory: Inventory, secret: SecretDir, readiness=()) -> None:
+    def __init__(self, inventory: Inventory, secret: SecretDir, readiness=(), settings=SETTINGS, **server_kw) -> None:
         self.inventory = inventory
         self.secret = secret
         self.tls = ReloadingContext(secret.cert_file, secret.key_file)
-        self.app = create_app(inventory, SETTINGS, readiness=readiness)
+        self.app = create_app(inventory, settings, readiness=readiness)
         self.sock = bind("127.0.0.1", 0)
         self.port = self.sock.getsockname()[1]
-        self.server = make_server(self.app, self.tls, host="127.0.0.1", port=self.port)
+        self.server = make_server(self.app, self.tls, host="127.0.0.1", port=self.port, **server_kw)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
         self.thread.start()
         started = threading.Event()
@@ -105,6 +105,11 @@ class Served:
     def client(self, ca_pem: bytes | None = None) -> httpx.Client:
         return httpx.Client(base_url=self.url, verify=client_context(ca_pem or self.secret.ca_file.read_bytes()))
 
+    def raw(self) -> ssl.SSLSocket:
+        """A TLS connection of our own, for requests httpx would not send (stalled, endless, oversized)."""
+        sock = socket.create_connection(("127.0.0.1", self.port))
+        return client_context(self.secret.ca_file.read_bytes()).wrap_socket(sock, server_hostname="127.0.0.1")
+
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(30)
@@ -122,8 +127,8 @@ def secret(tmp_path) -> SecretDir:
 def served(secret):
     running = []
 
-    def start(snapshot=SYNCED) -> Served:
-        s = Served(Inventory(snapshot), secret)
+    def start(snapshot=SYNCED, **kw) -> Served:
+        s = Served(Inventory(snapshot), secret, **kw)
         running.append(s)
         return s
 
@@ -531,6 +536,20 @@ def test_deeply_nested_json_is_a_400(served):
     assert resp.json() == {"message": "malformed AdmissionReview: request body is nested too deeply to be an AdmissionReview"}
 
 
+def _head(length: int | None = None) -> bytes:
+    framing = f"content-length: {length}" if length is not None else "transfer-encoding: chunked"
+    return f"POST /mutate HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n{framing}\r\n\r\n".encode()
+
+
+def _response(conn: ssl.SSLSocket) -> tuple[bytes, bytes]:
+    """(status line, everything after it) read until the server closes the connection."""
+    data = b""
+    while chunk := conn.recv(65536):
+        data += chunk
+    status, _, rest = data.partition(b"\r\n")
+    return status, rest
+
+
 def test_an_oversized_body_is_refused_with_413(served):
     from webhook.app import MAX_BODY_BYTES
 
@@ -540,6 +559,65 @@ def test_an_oversized_body_is_refused_with_413(served):
         assert client.get("/healthz").status_code == 200
     assert resp.status_code == 413
     assert resp.json() == {"message": f"malformed AdmissionReview: the body is larger than {MAX_BODY_BYTES} bytes"}
+
+
+def test_a_declared_oversized_body_is_refused_before_a_byte_of_it_is_sent(served):
+    from webhook.app import MAX_BODY_BYTES
+
+    server = served()
+    with server.raw() as conn:
+        conn.sendall(_head(MAX_BODY_BYTES + 1))  # and no body: the answer cannot wait for it
+        status, rest = _response(conn)  # the connection is closed after the answer
+    assert status == b"HTTP/1.1 413 Request Entity Too Large"
+    assert rest.endswith(f'{{"message":"malformed AdmissionReview: the body is larger than {MAX_BODY_BYTES} bytes"}}'.encode())
+
+
+def test_a_chunked_body_is_refused_at_the_first_byte_over_the_cap(served):
+    from webhook.app import MAX_BODY_BYTES
+
+    server = served()
+    piece = b" " * 65536
+    with server.raw() as conn:
+        conn.sendall(_head())
+        left = MAX_BODY_BYTES + 1
+        while left:  # no terminating chunk: only counting, not the end of the body, can answer this
+            data = piece[:left]
+            conn.sendall(b"%x\r\n%b\r\n" % (len(data), data))
+            left -= len(data)
+        status, rest = _response(conn)
+    assert status == b"HTTP/1.1 413 Request Entity Too Large"
+    assert b"connection: close" in rest
+
+
+def test_a_stalled_body_is_cut_at_the_deadline_while_other_reviews_are_answered(served):
+    settings = load_settings(loader_image=SETTINGS.loader_image, review_read_seconds=0.5)
+    server = served(settings=settings)
+    body = review(pod("crio"))
+    with server.raw() as stalled, server.client() as client:
+        stalled.sendall(_head(1_000_000) + b'{"apiVersion": "admission.k8s.io/v1", ')  # and nothing more
+        answered = client.post("/mutate", json=body)
+        status, rest = _response(stalled)
+    assert answered.status_code == 200
+    assert answered.json() == admission.mutate_review(copy.deepcopy(body), SYNCED, settings)
+    assert status == b"HTTP/1.1 408 Request Timeout"
+    assert rest.endswith(b'{"message":"malformed AdmissionReview: the body did not arrive within 0.5 s"}')
+
+
+def test_a_header_line_that_never_ends_is_refused_at_the_head_limit(served):
+    server = served(max_head=1024)
+    with server.raw() as conn, server.client() as client:
+        conn.sendall(b"POST /mutate HTTP/1.1\r\nhost: 127.0.0.1\r\nx-endless: " + b"a" * 2048)  # one read
+        status, rest = _response(conn)
+        assert client.get("/healthz").status_code == 200
+    assert (status, rest) == (b"HTTP/1.1 431 Request Header Fields Too Large", b"content-length: 0\r\nconnection: close\r\n\r\n")
+
+
+def test_a_trickled_head_is_cut_at_its_deadline(served):
+    server = served(head_seconds=0.3)
+    with server.raw() as conn, server.client() as client:
+        conn.sendall(b"POST /mutate HTTP/1.1\r\nhost: 127.0.0.1\r\nx-slow: a")  # and nothing more
+        assert _response(conn) == (b"", b"")  # closed without an answer
+        assert client.get("/healthz").status_code == 200
 
 
 def test_a_denial_is_logged_with_the_object_and_the_message(served, caplog):

@@ -5,6 +5,8 @@ object, so only a broken request may get one):
 
 * the body is not JSON, or the review is malformed (:class:`~webhook.errors.MalformedReview`): HTTP 400 with a
   message, as no apiserver would send it;
+* the body is larger than MAX_BODY_BYTES (7 MiB, more than the API server can send): HTTP 413, refused unread;
+  the body did not arrive within ``settings.review_read_seconds``: HTTP 408; both close the connection;
 * a policy decision, allow or deny: HTTP 200 with the AdmissionReview the core built;
 * anything else is a bug: logged with its traceback, HTTP 500.
 
@@ -45,6 +47,7 @@ VALIDATE = "validate"
 NOOP = "noop"
 
 _JSON = "application/json"
+_CLOSE = {"connection": "close"}
 
 #: A review function of the core: (the parsed body, the inventory snapshot, the settings) -> the answer.
 _Core = Callable[[Any, Snapshot, Any], AdmissionReviewResponse]
@@ -96,23 +99,32 @@ def _labels(body: dict[str, Any], review: Mapping[str, Any]) -> tuple[str, str, 
     return kind, _mode(response), outcome
 
 
-# Far above anything an apiserver sends (objects are capped at 1.5 MiB in etcd; a review carries at most two), low
-# enough that a stray client cannot make the webhook buffer gigabytes.
-MAX_BODY_BYTES = 16 * 1024 * 1024
+# The API server refuses request bodies over 3 MiB (its MaxRequestBodyBytes), so no object it admits is larger; a
+# review carries the object and, on UPDATE (the /validate workloads), the oldObject too, plus a small envelope
+# (userInfo, options). 2 x 3 MiB + 1 MiB for the envelope and the fields the API server defaults before calling.
+# This bounds what one body costs: orjson turns the worst 7 MiB (`[{},{},...]`) into ~250 MB of objects, while
+# anything larger is refused from its Content-Length or at the first byte over, never buffered.
+MAX_BODY_BYTES = 7 * 1024 * 1024
 
 
-async def _read_body(request: Request) -> bytes | None:
-    """The request body, or None when it exceeds MAX_BODY_BYTES (checked before and while reading)."""
+class _TooLarge(Exception):
+    pass
+
+
+async def _read_body(request: Request, deadline: float) -> bytearray:
+    """The request body; _TooLarge when it exceeds MAX_BODY_BYTES (Content-Length checked first, then counted while
+    reading, so at most MAX_BODY_BYTES plus one chunk is ever held); TimeoutError when it has not all arrived
+    within ``deadline`` seconds (a client trickling its body would otherwise hold its buffer forever)."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        return None
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            return None
-        chunks.append(chunk)
-    return b"".join(chunks)
+        raise _TooLarge
+    body = bytearray()
+    async with asyncio.timeout(deadline):
+        async for chunk in request.stream():
+            if len(body) + len(chunk) > MAX_BODY_BYTES:
+                raise _TooLarge
+            body += chunk
+    return body
 
 
 def _not_json(error: str) -> str:
@@ -185,7 +197,7 @@ def create_app(
             found = runners[loop] = FifoRunner(loop)
         return found
 
-    def review(endpoint: str, core: _Core, raw: bytes, started: float) -> Response:
+    def review(endpoint: str, core: _Core, raw: bytearray, started: float) -> Response:
         body: Any = None
         try:
             try:
@@ -214,14 +226,26 @@ def create_app(
         return Response(payload, media_type=_JSON)
 
     async def answer(endpoint: str, core: _Core, request: Request) -> Response:
-        raw = await _read_body(request)
-        started = time.perf_counter()  # the latency metric includes the wait for the reviews ahead
-        if raw is None:
+        try:
+            raw = await _read_body(request, settings.review_read_seconds)
+        except _TooLarge:
+            # 413, not 400: the body was not read, so nothing is known about it but its size. The connection is
+            # closed, as the rest of the body is still on its way.
             metrics.reviews.labels("unknown", "none", "malformed").inc()
             return JSONResponse(
                 {"message": f"malformed AdmissionReview: the body is larger than {MAX_BODY_BYTES} bytes"},
                 status_code=413,
+                headers=_CLOSE,
             )
+        except TimeoutError:
+            metrics.reviews.labels("unknown", "none", "malformed").inc()
+            log.info("a review body on /%s did not arrive within %s s", endpoint, settings.review_read_seconds)
+            return JSONResponse(
+                {"message": f"malformed AdmissionReview: the body did not arrive within {settings.review_read_seconds} s"},
+                status_code=408,
+                headers=_CLOSE,
+            )
+        started = time.perf_counter()  # the latency metric includes the wait for the reviews ahead
         # In arrival order, the sockets read every few reviews (webhook/fifo.py: why the tail needs it).
         return await runner().run(lambda: review(endpoint, core, raw, started))
 

@@ -120,6 +120,11 @@ class Settings(BaseSettings):
     webhook_configuration: str = "model-cache"
     namespace: str = "model-cache-system"
 
+    # How long a review's body may take to arrive, from the first read of it. The API server sends a review whole
+    # and gives up after the webhook's timeoutSeconds (5 s in manifests/base, at most 30 s), so twice that is never
+    # hit by it; a client trickling a body is cut there instead of holding its buffer (answered 408).
+    review_read_seconds: float = Field(default=10.0, gt=0, le=60)
+
     @field_validator("loader_image")
     @classmethod
     def _image(cls, v: str) -> str:
