@@ -445,6 +445,41 @@ def test_validate_pod_and_explicit_image_volume_denial():
     assert mutate_review(body, SNAPSHOT, SETTINGS) == validate_review(body, SNAPSHOT, SETTINGS)
 
 
+_CAPTURE_FIX = "mount a volume of spec.volumes instead (model.cache mounts each model read-only at model.cache/mount-path)"
+CACHE_CAPTURES = [
+    ("hostpath-parent", {"volumes": [{"name": "host", "hostPath": {"path": "/var/lib/", "type": "Directory"}}]},
+     "spec.volumes[0].hostPath.path is '/var/lib/' (volume 'host'), which is a parent of the node cache"
+     " /var/lib/model-cache: a pod must not reach the shared cache itself; remove the volume (model.cache mounts each"
+     " model read-only at model.cache/mount-path) or use another host directory"),
+    ("dangling-cache-mount", {"containers": [{"name": "server", "image": "registry.example.com/vllm:1",
+                                              "volumeMounts": [{"name": "model-cache", "mountPath": "/cache"}]}]},
+     "spec.containers[0].volumeMounts[0].name is 'model-cache', a volume the pod does not define and a name"
+     f" model.cache gives the volumes it injects (the node cache among them); {_CAPTURE_FIX}"),
+    ("ephemeral-device", {"ephemeralContainers": [{"name": "debug", "image": "busybox",
+                                                   "volumeDevices": [{"name": "model-cache", "devicePath": "/dev/c"}]}]},
+     "spec.ephemeralContainers[0].volumeDevices[0].name is 'model-cache', a volume the pod does not define and a name"
+     f" model.cache gives the volumes it injects (the node cache among them); {_CAPTURE_FIX}"),
+]
+
+
+@pytest.mark.parametrize("namespace", ["ml", "open"])
+@pytest.mark.parametrize("spec,message", [c[1:] for c in CACHE_CAPTURES], ids=[c[0] for c in CACHE_CAPTURES])
+def test_a_pod_that_references_the_node_cache_is_denied_by_both_reviews(spec, message, namespace):
+    body = review(pod(**spec), namespace=namespace)
+    before = copy.deepcopy(body)
+    assert mutate_review(body, SNAPSHOT, SETTINGS) == denied(message)
+    assert mutate_review(body, SNAPSHOT, SETTINGS) == denied(message)  # and so when remembered
+    assert validate_review(body, SNAPSHOT, SETTINGS) == denied(message)
+    assert body == before
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("spec,message", [c[1:] for c in CACHE_CAPTURES], ids=[c[0] for c in CACHE_CAPTURES])
+def test_workload_whose_template_references_the_node_cache_is_denied_at_apply(spec, message, kind):
+    obj = _with_template(kind, _template({}, **spec))
+    assert validate_review(review(obj, kind=kind, namespace="open"), SNAPSHOT, SETTINGS) == denied(message)
+
+
 def test_update_that_keeps_a_broken_template_warns_instead_of_denying():
     obj = _with_template("Deployment", _template({ann.MODE: "image-volume"}))
     scaled = copy.deepcopy(obj)

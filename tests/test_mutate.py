@@ -100,10 +100,13 @@ CASES = [
         "allowed_registries": ["registry.example.com/models"]}),
     Case("registry-ca-and-plain-http", "single", "containerd", annotations={ann.CACHE: "pvc:model-store"}, settings={
         "registry_ca_configmap": "registry-ca", "plain_http_registries": ["registry.internal:5000", "10.0.0.5"]}),
-    # A mount of a volume the pod does not define must not capture the injected cache volume (the whole cache).
-    Case("dangling-mount-not-captured", "single", "containerd", spec={"containers": [{
-        "name": "server", "image": "registry.example.com/serving/vllm:0.6.3",
-        "volumeMounts": [{"name": "model-cache", "mountPath": "/cache"}]}]}),
+    # References to volumes the pod does not define (a mount, a device of an init container) must not capture the
+    # injected model volume: it takes a name neither uses, and both stay dangling for the API server to refuse.
+    Case("dangling-references-not-captured", "single", "crio", spec={
+        "containers": [{"name": "server", "image": "registry.example.com/serving/vllm:0.6.3",
+                        "volumeMounts": [{"name": "model-phi3", "mountPath": "/data"}]}],
+        "initContainers": [{"name": "warm", "image": "registry.example.com/tools/warm:1",
+                            "volumeDevices": [{"name": "model-phi3-2", "devicePath": "/dev/xvda"}]}]}),
     Case("guaranteed-pod-stays-guaranteed", "guaranteed", "containerd"),
     # The app and sidecar hold 300m + 100m CPU and 200Mi + 128Mi: the loader gets that, so the footprint stays.
     Case("guaranteed-small-app-footprint-kept", "guaranteed", "containerd", spec={"containers": [{
@@ -403,6 +406,105 @@ def test_denial_when_a_container_already_mounts_the_model_path():
         "container 'server' already mounts volume 'tmp' at /srv/hf, where model 'hf' would go; set"
         " model.cache/mount-path to another directory or rename the model with name=REF in model.cache/ref"
     )
+
+
+# --- a pod that references the node cache itself (issue 11) -------------------------------------------------------
+
+_FIX = "mount a volume of spec.volumes instead (model.cache mounts each model read-only at model.cache/mount-path)"
+_HOST_FIX = ("a pod must not reach the shared cache itself; remove the volume (model.cache mounts each model read-only"
+             " at model.cache/mount-path) or use another host directory")
+
+
+def _host_volume(path: str) -> dict[str, Any]:
+    return {"volumes": [{"name": "tmp", "emptyDir": {}}, {"name": "host", "hostPath": {"path": path}}]}
+
+
+def _ref_in(key: str, where: str, name: str) -> dict[str, Any]:
+    ref = {"name": name, "mountPath": "/c"} if where == "volumeMounts" else {"name": name, "devicePath": "/dev/c"}
+    return {key: [{"name": "c", "image": "x", where: [ref]}]}
+
+
+CACHE_REFERENCES = [
+    ("hostpath-cache", _host_volume("/var/lib/model-cache"), {},
+     f"spec.volumes[1].hostPath.path is '/var/lib/model-cache' (volume 'host'), which is the node cache"
+     f" /var/lib/model-cache: {_HOST_FIX}"),
+    ("hostpath-cache-unnormalised", _host_volume("//var/lib/./x/../model-cache/"), {},
+     f"spec.volumes[1].hostPath.path is '//var/lib/./x/../model-cache/' (volume 'host'), which is the node cache"
+     f" /var/lib/model-cache: {_HOST_FIX}"),
+    ("hostpath-inside-cache", _host_volume("/var/lib/model-cache/blobs/sha256"), {},
+     f"spec.volumes[1].hostPath.path is '/var/lib/model-cache/blobs/sha256' (volume 'host'), which is inside the node"
+     f" cache /var/lib/model-cache: {_HOST_FIX}"),
+    ("hostpath-parent", _host_volume("/var/lib"), {},
+     f"spec.volumes[1].hostPath.path is '/var/lib' (volume 'host'), which is a parent of the node cache"
+     f" /var/lib/model-cache: {_HOST_FIX}"),
+    ("hostpath-root", _host_volume("/"), {},
+     f"spec.volumes[1].hostPath.path is '/' (volume 'host'), which is a parent of the node cache"
+     f" /var/lib/model-cache: {_HOST_FIX}"),
+    ("hostpath-relative", _host_volume("var/lib/model-cache"), {},
+     f"spec.volumes[1].hostPath.path is 'var/lib/model-cache' (volume 'host'), which is the node cache"
+     f" /var/lib/model-cache: {_HOST_FIX}"),
+    ("hostpath-custom-cache-path", _host_volume("/mnt/nvme"), {"node_cache_path": "/mnt/nvme/models"},
+     f"spec.volumes[1].hostPath.path is '/mnt/nvme' (volume 'host'), which is a parent of the node cache"
+     f" /mnt/nvme/models: {_HOST_FIX}"),
+    ("mount-cache-volume", _ref_in("containers", "volumeMounts", "model-cache"), {},
+     f"spec.containers[0].volumeMounts[0].name is 'model-cache', a volume the pod does not define and a name"
+     f" model.cache gives the volumes it injects (the node cache among them); {_FIX}"),
+    ("init-mount-suffixed-cache-volume", _ref_in("initContainers", "volumeMounts", "model-cache-2"), {},
+     f"spec.initContainers[0].volumeMounts[0].name is 'model-cache-2', a volume the pod does not define and a name"
+     f" model.cache gives the volumes it injects (the node cache among them); {_FIX}"),
+    ("ephemeral-mount-pull-secret-volume", _ref_in("ephemeralContainers", "volumeMounts", "model-cache-pull-regcred"), {},
+     f"spec.ephemeralContainers[0].volumeMounts[0].name is 'model-cache-pull-regcred', a volume the pod does not"
+     f" define and a name model.cache gives the volumes it injects (the node cache among them); {_FIX}"),
+    ("device-ca-volume", _ref_in("containers", "volumeDevices", "model-cache-ca"), {},
+     f"spec.containers[0].volumeDevices[0].name is 'model-cache-ca', a volume the pod does not define and a name"
+     f" model.cache gives the volumes it injects (the node cache among them); {_FIX}"),
+]
+
+
+@pytest.mark.parametrize("fleet_name", ["containerd", "crio"])
+@pytest.mark.parametrize("spec,settings,message", [c[1:] for c in CACHE_REFERENCES], ids=[c[0] for c in CACHE_REFERENCES])
+def test_a_pod_that_references_the_node_cache_itself_is_denied(spec, settings, message, fleet_name):
+    # Whatever the path (init container or image volume) and the cache chosen: the reference alone is refused.
+    pod = load_pod("single")
+    pod["spec"].update(copy.deepcopy(spec))
+    for cache in ("node", "pod"):
+        pod["metadata"]["annotations"][ann.CACHE] = cache
+        with pytest.raises(Denied) as e:
+            mutate_pod(pod, "ml", None, fleet(fleet_name), Settings(**settings))
+        assert e.value.message == message
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        _host_volume("/var/lib/model-cache-other"),  # a sibling whose name starts like the cache's
+        _host_volume("/var/lib/model"),
+        _host_volume("/srv/models"),
+        {"volumes": [{"name": "model-cache", "emptyDir": {}}], **_ref_in("initContainers", "volumeMounts", "model-cache")},
+        _ref_in("ephemeralContainers", "volumeMounts", "model-cachex"),
+    ],
+    ids=["sibling-prefix", "other-prefix", "elsewhere", "own-volume-so-named", "name-only-starts-alike"],
+)
+def test_host_paths_beside_the_cache_and_its_own_volumes_are_not_denied(spec):
+    pod = load_pod("single")
+    pod["spec"].update(copy.deepcopy(spec))
+    pod["spec"].setdefault("volumes", []).append({"name": "tmp", "emptyDir": {}})
+    outcome = mutate_pod(pod, "ml", None, fleet("containerd"), Settings())
+    assert outcome.mode == ann.INIT_CONTAINER
+    cache = outcome.pod["spec"]["initContainers"][0]["volumeMounts"][0]["name"]
+    assert cache not in {v["name"] for v in pod["spec"]["volumes"]}
+
+
+@pytest.mark.parametrize("key", ["containers", "initContainers", "ephemeralContainers"])
+@pytest.mark.parametrize("where", ["volumeMounts", "volumeDevices"])
+def test_injected_model_volumes_take_no_name_any_container_references(key, where):
+    pod = load_pod("single")
+    extra = _ref_in(key, where, "model-phi3")[key][0]
+    pod["spec"].setdefault(key, []).append(extra)
+    outcome = mutate_pod(pod, "ml", None, fleet("crio"), Settings())
+    assert outcome.mode == ann.IMAGE_VOLUME
+    assert [v["name"] for v in outcome.pod["spec"]["volumes"]] == ["tmp", "model-phi3-2"]
+    assert outcome.pod["spec"]["containers"][0]["volumeMounts"][-1]["name"] == "model-phi3-2"
 
 
 def test_unknown_container_lists_init_containers_too():

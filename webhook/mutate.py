@@ -23,9 +23,15 @@ Bounded work: a pod over the ceilings (``MAX_CONTAINERS`` and the rest) is denie
 every name is found in O(1) amortised probes (``Namer``), so a review costs time linear in its size. Nothing the
 pod names becomes a path: pull secrets are mounted at their position, never at their (validated) name.
 
-Injected volumes never take a name that a container already mounts without the pod defining it: such a dangling
-mount would otherwise capture the cache volume (the whole cache, writable) or a model; it stays dangling and the
-API server refuses the pod.
+Nothing the pod references may capture an injected volume (issue 11): injected volumes never take a name the pod
+uses anywhere (``spec.volumes``, and the ``volumeMounts`` and ``volumeDevices`` of containers, init containers and
+ephemeral containers), so a reference to a volume the pod does not define stays dangling and the API server
+refuses the pod, rather than resolving to the node cache (the whole cache, writable, without subPath). Before
+that, a pod is denied, naming the field, when it references the node cache itself: a container (of any kind) that
+mounts an undefined volume named like the injected ones (``model-cache``, ``model-cache-*``), or a hostPath volume
+at the node cache path, inside it or above it (compared after normalising the path; the webhook cannot see host
+symlinks, which is one more reason the namespace's Pod Security level should refuse hostPath). So the app only
+ever sees its model's subPath, read-only; the loader alone mounts the cache whole.
 
 Security choice for the loader: with the ``node`` cache the hostPath directory is created by kubelet owned by
 root (``DirectoryOrCreate``), so there the loader runs as uid 0 with every capability dropped, no privilege
@@ -41,7 +47,7 @@ import math
 import operator
 import posixpath
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -82,6 +88,7 @@ _MODEL_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,61}[A-Za-z0-9])?")
 _NOT_DNS = re.compile(r"[^a-z0-9-]+")
 _NAME = operator.itemgetter("name")  # containers, env vars and volumes: a pod has hundreds of them
 _CONTAINER_KEYS = ("containers", "initContainers", "ephemeralContainers")
+_REFERENCE_FIELDS = ("volumeMounts", "volumeDevices")  # where a container names a volume
 _QOS_RESOURCES = ("cpu", "memory")  # the resources Kubernetes derives a pod's QoS class from
 
 
@@ -387,14 +394,87 @@ def _check_reserved_env(targets: list[dict[str, Any]]) -> None:
             )
 
 
+def _volume_references(spec: Mapping[str, Any]) -> Iterator[tuple[str, int, str, int, str]]:
+    """Every place a container names a volume, as (container key, index, field, index, name): the volumeMounts and
+    volumeDevices of containers, init containers and ephemeral containers.
+
+    Only the containers' names and mounts are shape-checked before the decision (webhook/models.py); anything else
+    that is not a list of objects with a string name names no volume here (the API server refuses it anyway).
+    """
+    for key in _CONTAINER_KEYS:
+        containers = spec.get(key)
+        if not isinstance(containers, list):
+            continue
+        for i, container in enumerate(containers):
+            if not isinstance(container, dict):
+                continue
+            for field in _REFERENCE_FIELDS:
+                refs = container.get(field)
+                if not isinstance(refs, list):
+                    continue
+                for j, ref in enumerate(refs):
+                    name = ref.get("name") if isinstance(ref, dict) else None
+                    if isinstance(name, str):
+                        yield key, i, field, j, name
+
+
 def _taken_volume_names(spec: Mapping[str, Any]) -> set[str]:
-    """Volume names an injected volume must not take: the pod's volumes and every name a container mounts (a mount
-    of a volume the pod does not define would otherwise capture the injected one)."""
+    """Volume names an injected volume must not take: the pod's volumes and every name a container of any kind
+    mounts or attaches (a reference to a volume the pod does not define would otherwise capture the injected one)."""
     taken = set(map(_NAME, spec.get("volumes") or ()))
-    for key in ("containers", "initContainers"):  # ephemeral containers cannot be part of a new pod
-        for container in spec.get(key) or ():
-            taken.update(map(_NAME, container.get("volumeMounts") or ()))
+    taken.update(ref[-1] for ref in _volume_references(spec))
     return taken
+
+
+def _injected_name(name: str) -> bool:
+    """Whether ``name`` is one the webhook gives the volumes it injects in init mode (cache, CA, pull secrets)."""
+    return name == CACHE_VOLUME or name.startswith(CACHE_VOLUME + "-")
+
+
+def _host_path(path: str) -> str:
+    """A hostPath as the node resolves it, for comparison: absolute (a relative one is taken from kubelet's working
+    directory, ``/``), ``.``/``..``/repeated slashes folded."""
+    return "/" + posixpath.normpath("/" + path).lstrip("/")
+
+
+def _relation(path: str, cache: str) -> str | None:
+    """How a (normalised) host path relates to the (normalised) node cache path, or None when they are apart."""
+    if path == cache:
+        return "the node cache"
+    if path.startswith(cache + "/"):
+        return "inside the node cache"
+    if cache.startswith(path.rstrip("/") + "/"):
+        return "a parent of the node cache"
+    return None
+
+
+def check_volume_references(spec: Mapping[str, Any], settings: Settings) -> None:
+    """Deny, naming the field, a pod that references the node cache itself: a hostPath volume at, inside or above
+    ``settings.node_cache_path``, or a container (any kind) that mounts an injected volume name it does not define.
+
+    Linear in the pod's volumes and references (the pod passed check_bounds before)."""
+    cache = _host_path(settings.node_cache_path)
+    defined = set()
+    for i, volume in enumerate(spec.get("volumes") or ()):
+        defined.add(volume["name"])
+        host = volume.get("hostPath")
+        path = host.get("path") if isinstance(host, dict) else None
+        if not isinstance(path, str):
+            continue
+        relation = _relation(_host_path(path), cache)
+        if relation is not None:
+            raise Denied(
+                f"spec.volumes[{i}].hostPath.path is {ann.shown(path)} (volume {ann.shown(volume['name'])}), which is"
+                f" {relation} {settings.node_cache_path}: a pod must not reach the shared cache itself; remove the"
+                f" volume (model.cache mounts each model read-only at {ann.MOUNT_PATH}) or use another host directory"
+            )
+    for key, i, field, j, name in _volume_references(spec):
+        if name not in defined and _injected_name(name):
+            raise Denied(
+                f"spec.{key}[{i}].{field}[{j}].name is {ann.shown(name)}, a volume the pod does not define and a name"
+                " model.cache gives the volumes it injects (the node cache among them); mount a volume of"
+                f" spec.volumes instead (model.cache mounts each model read-only at {ann.MOUNT_PATH})"
+            )
 
 
 def _check_mount_paths(targets: list[dict[str, Any]], plan: Plan) -> None:
@@ -677,6 +757,7 @@ def plan_pod(
         return None
     spec = pod.get("spec") or {}
     check_bounds(annotations, spec)
+    check_volume_references(spec, settings)
     plan, warnings = read_plan(annotations, spec, settings)
     choice = choose_mode(plan.mode, spec, snapshot, settings, explicit=plan.mode_explicit)
     return plan, choice, warnings
