@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from webhook.memo import AnswerMemo
+from webhook.memo import AnswerMemo, DecisionMemo
 
 _VERSION = re.compile(r"^v?(\d+)\.(\d+)(?:\.(\d+))?")
 _EMPTY: Mapping[str, str] = MappingProxyType({})
@@ -64,7 +64,8 @@ class Snapshot:
     # Decisions per distinct scheduling constraint, filled lazily by nodes.choose_mode. Pods of one Deployment share
     # their constraints, so a 5000-node inventory is scanned once per snapshot and template, not once per pod.
     # Not part of the value: equality and repr ignore it.
-    memo: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False, hash=False)
+    # Bounded in bytes (webhook/memo.py, DecisionMemo).
+    memo: DecisionMemo = field(default_factory=DecisionMemo, compare=False, repr=False, hash=False)
     # Whole answers per recurring pod (webhook/memo.py), filled lazily by admission.mutate_review. Not part of the
     # value either.
     answers: AnswerMemo = field(default_factory=AnswerMemo, compare=False, repr=False, hash=False)
