@@ -561,6 +561,19 @@ def test_an_oversized_body_is_refused_with_413(served):
     assert resp.json() == {"message": f"malformed AdmissionReview: the body is larger than {MAX_BODY_BYTES} bytes"}
 
 
+def test_a_body_denser_in_objects_than_any_review_is_refused_before_it_is_parsed(served):
+    from webhook.app import MAX_CONTAINERS
+
+    server = served()
+    with server.client() as client:
+        resp = client.post("/mutate", content=b"[" + b"{}," * MAX_CONTAINERS + b"{}]")
+    assert resp.status_code == 400
+    assert resp.json() == {
+        "message": f"malformed AdmissionReview: the body holds {MAX_CONTAINERS + 2} JSON objects and arrays; at most"
+        f" {MAX_CONTAINERS} are accepted (one per 8 bytes of the body cap), far more than the API server's JSON ever holds"
+    }
+
+
 def test_a_declared_oversized_body_is_refused_before_a_byte_of_it_is_sent(served):
     from webhook.app import MAX_BODY_BYTES
 

@@ -6,7 +6,9 @@ object, so only a broken request may get one):
 * the body is not JSON, or the review is malformed (:class:`~webhook.errors.MalformedReview`): HTTP 400 with a
   message, as no apiserver would send it;
 * the body is larger than MAX_BODY_BYTES (7 MiB, more than the API server can send): HTTP 413, refused unread;
-  the body did not arrive within ``settings.review_read_seconds``: HTTP 408; both close the connection;
+  the body did not arrive within ``settings.review_read_seconds``: HTTP 408; the bodies being received at once
+  exceed MAX_INFLIGHT_BYTES: HTTP 503; all three close the connection; a body with more JSON objects and arrays
+  than MAX_CONTAINERS is malformed (400), refused before it is parsed;
 * a policy decision, allow or deny: HTTP 200 with the AdmissionReview the core built;
 * anything else is a bug: logged with its traceback, HTTP 500.
 
@@ -105,25 +107,57 @@ def _labels(body: dict[str, Any], review: Mapping[str, Any]) -> tuple[str, str, 
 # This bounds what one body costs: orjson turns the worst 7 MiB (`[{},{},...]`) into ~250 MB of objects, while
 # anything larger is refused from its Content-Length or at the first byte over, never buffered.
 MAX_BODY_BYTES = 7 * 1024 * 1024
+# Parsed, a JSON object or array costs ~100 bytes however short its text (`{},` is 3), so the worst body under the
+# cap would become ~250 MB of dicts. Counting `{` and `[` (strings' included: an overestimate) is a memchr-speed
+# pass; one per 8 bytes is far denser than anything the API server sends (its JSON has one per 30-50 bytes, even
+# in managedFields), and bounds the parsed objects near 100 MB.
+MAX_CONTAINERS = MAX_BODY_BYTES // 8
+# Bodies being received at once, all connections together: 20 uploads stalled just under the cap would otherwise
+# hold 140 MB until their deadline. Over it a request is answered 503 (the API server's call fails, as it would if
+# the process were killed for memory, but only until the deadline, not for a restart). The first SMALL_BODY_BYTES of
+# every body are never refused (uvicorn buffers as much per connection anyway), so the API server's reviews, tens
+# of KB, are answered whatever large uploads hold the budget.
+MAX_INFLIGHT_BYTES = 64 * 1024 * 1024
+SMALL_BODY_BYTES = 64 * 1024
 
 
 class _TooLarge(Exception):
     pass
 
 
-async def _read_body(request: Request, deadline: float) -> bytearray:
+class _Busy(Exception):
+    pass
+
+
+class _Inflight:
+    """Bytes of bodies being received, across all requests of the app."""
+
+    __slots__ = ("bytes",)
+
+    def __init__(self) -> None:
+        self.bytes = 0
+
+
+async def _read_body(request: Request, deadline: float, inflight: _Inflight) -> bytearray:
     """The request body; _TooLarge when it exceeds MAX_BODY_BYTES (Content-Length checked first, then counted while
-    reading, so at most MAX_BODY_BYTES plus one chunk is ever held); TimeoutError when it has not all arrived
-    within ``deadline`` seconds (a client trickling its body would otherwise hold its buffer forever)."""
+    reading, so at most MAX_BODY_BYTES plus one chunk is ever held); _Busy when the bodies being received would
+    exceed MAX_INFLIGHT_BYTES and this one is past its first SMALL_BODY_BYTES; TimeoutError when it has not all arrived within ``deadline`` seconds (a client
+    trickling its body would otherwise hold its buffer forever)."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
         raise _TooLarge
     body = bytearray()
-    async with asyncio.timeout(deadline):
-        async for chunk in request.stream():
-            if len(body) + len(chunk) > MAX_BODY_BYTES:
-                raise _TooLarge
-            body += chunk
+    try:
+        async with asyncio.timeout(deadline):
+            async for chunk in request.stream():
+                if len(body) + len(chunk) > MAX_BODY_BYTES:
+                    raise _TooLarge
+                if inflight.bytes + len(chunk) > MAX_INFLIGHT_BYTES and len(body) + len(chunk) > SMALL_BODY_BYTES:
+                    raise _Busy
+                inflight.bytes += len(chunk)
+                body += chunk
+    finally:
+        inflight.bytes -= len(body)
     return body
 
 
@@ -188,6 +222,7 @@ def create_app(
     app.state.inventory = inventory
 
     # One runner per event loop (uvicorn runs one; tests may run the app on several in turn).
+    inflight = _Inflight()
     runners: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, FifoRunner] = weakref.WeakKeyDictionary()
 
     def runner() -> FifoRunner:
@@ -200,6 +235,12 @@ def create_app(
     def review(endpoint: str, core: _Core, raw: bytearray, started: float) -> Response:
         body: Any = None
         try:
+            containers = raw.count(b"{") + raw.count(b"[")
+            if containers > MAX_CONTAINERS:
+                raise MalformedReview(
+                    f"the body holds {containers} JSON objects and arrays; at most {MAX_CONTAINERS} are accepted (one"
+                    " per 8 bytes of the body cap), far more than the API server's JSON ever holds"
+                )
             try:
                 # orjson: parsing is most of a review's cost once its answer is remembered; twice json's speed.
                 body = orjson.loads(raw)
@@ -227,7 +268,7 @@ def create_app(
 
     async def answer(endpoint: str, core: _Core, request: Request) -> Response:
         try:
-            raw = await _read_body(request, settings.review_read_seconds)
+            raw = await _read_body(request, settings.review_read_seconds, inflight)
         except _TooLarge:
             # 413, not 400: the body was not read, so nothing is known about it but its size. The connection is
             # closed, as the rest of the body is still on its way.
@@ -235,6 +276,14 @@ def create_app(
             return JSONResponse(
                 {"message": f"malformed AdmissionReview: the body is larger than {MAX_BODY_BYTES} bytes"},
                 status_code=413,
+                headers=_CLOSE,
+            )
+        except _Busy:
+            metrics.reviews.labels("unknown", "none", "error").inc()
+            log.warning("a review body on /%s was refused: bodies being received exceed %d bytes", endpoint, MAX_INFLIGHT_BYTES)
+            return JSONResponse(
+                {"message": f"the webhook is receiving more than {MAX_INFLIGHT_BYTES} bytes of review bodies; retry"},
+                status_code=503,
                 headers=_CLOSE,
             )
         except TimeoutError:
