@@ -35,7 +35,7 @@ EXIT_DENIED = 1
 EXIT_USAGE = 2
 
 # The top-level modules of the ``webhook`` extra (pyproject.toml): what is absent where only the loader's
-# dependencies are installed. httptools and uvloop are loaded by uvicorn, by name.
+# dependencies are installed. uvloop is loaded by uvicorn, by name; httptools by webhook/server.py (its bounded protocol).
 WEBHOOK_EXTRA = frozenset(
     {
         "fastapi", "uvicorn", "httptools", "uvloop", "orjson", "pydantic", "pydantic_settings", "typing_extensions",
