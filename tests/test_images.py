@@ -345,8 +345,10 @@ def test_every_copy_source_exists_and_is_in_the_context(image):
 FIRST_PARTY = {"webhook", "loader", "tests", "bench", "examples"}
 # The whole install set of the loader image, besides the project: [project].dependencies and what they require.
 LOADER_CLOSURE = {"zstandard", "prometheus-client"}
-# Declared in the webhook extra but never imported by name: uvicorn loads them (webhook/server.py's Config).
-UVICORN_LOADS = {"httptools": 'http="httptools"', "uvloop": 'loop="uvloop"'}
+# Declared in the webhook extra but never imported by name: uvicorn loads them (webhook/server.py's Config: uvloop
+# by name, httptools through uvicorn's httptools protocol, which server.py subclasses to bound request heads).
+UVICORN_LOADS = {"httptools": "from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol",
+                 "uvloop": 'loop="uvloop"'}
 
 
 def declared(group: str) -> dict[str, Requirement]:
