@@ -233,10 +233,9 @@ class RegistryClient:
     def head_manifest(self, reference: str) -> Manifest:
         def accept(resp: Response, ep: Endpoint) -> Manifest | None:
             resp.discard()
-            value = resp.header("Docker-Content-Digest")
-            if value is None:
+            digest = _content_digest(resp)
+            if digest is None:
                 return None
-            digest = Digest.parse(value.strip(), f"{resp.name} header Docker-Content-Digest")
             if is_digest(reference) and digest != reference:
                 raise ProtocolError(f"{resp.name} answered HEAD for {self.repo}@{reference} with"
                                     f" Docker-Content-Digest {digest}: it claims to hold other content")
@@ -253,12 +252,10 @@ class RegistryClient:
             if is_digest(reference) and digest != reference:
                 raise ProtocolError(f"{resp.name} returned a manifest for {self.repo}@{reference} whose digest is"
                                     f" {digest}")
-            value = resp.header("Docker-Content-Digest")
-            if value is not None:
-                claimed = Digest.parse(value.strip(), f"{resp.name} header Docker-Content-Digest")
-                if claimed != digest:
-                    raise ProtocolError(f"{resp.name} sent manifest bytes for {self.repo}:{reference} hashing to"
-                                        f" {digest} under Docker-Content-Digest {claimed}")
+            claimed = _content_digest(resp)
+            if claimed is not None and claimed != digest:
+                raise ProtocolError(f"{resp.name} sent manifest bytes for {self.repo}:{reference} hashing to"
+                                    f" {digest} under Docker-Content-Digest {claimed}")
             return Manifest(digest, _media_type(resp), data, len(data))
 
         return self._with_endpoints("GET", f"/v2/{self.repo}/manifests/{reference}", {"Accept": _ACCEPT}, accept)
@@ -361,12 +358,10 @@ class RegistryClient:
         resp = self._request(self.upstream, "PUT", self.upstream.url(f"/v2/{self.repo}/manifests/{reference}"),
                              headers, body=lambda: data)
         resp.read_some(MAX_SMALL_BODY)
-        value = resp.header("Docker-Content-Digest")
-        if value is not None:
-            theirs = Digest.parse(value.strip(), f"{resp.name} header Docker-Content-Digest")
-            if theirs != digest:
-                raise RegistryError(f"registry {self.ref.registry} stored the manifest of {self.ref} as {theirs},"
-                                    f" not {digest}: it rewrote the manifest")
+        theirs = _content_digest(resp)
+        if theirs is not None and theirs != digest:
+            raise RegistryError(f"registry {self.ref.registry} stored the manifest of {self.ref} as {theirs},"
+                                f" not {digest}: it rewrote the manifest")
         return digest
 
     def count_sent(self, n: int) -> None:
@@ -541,6 +536,12 @@ def parse_error_body(body: bytes) -> tuple[str | None, str]:
         if isinstance(m, str) and m:
             msgs.append("".join(ch for ch in m[:200] if ch.isprintable()))
     return code, (f": {'; '.join(msgs)}" if msgs else "")
+
+
+def _content_digest(resp: Response) -> Digest | None:
+    """The ``Docker-Content-Digest`` header as a Digest (refused when malformed), or None when absent."""
+    value = resp.header("Docker-Content-Digest")
+    return None if value is None else Digest.parse(value.strip(), f"{resp.name} header Docker-Content-Digest")
 
 
 def _media_type(resp: Response) -> str:
