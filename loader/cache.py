@@ -278,9 +278,7 @@ class Cache:
         leaves a tree without meta: not a hit, and removed by the next gc."""
         final = self.model_path(digest)
         if os.path.lexists(final):
-            aside = self.tmp_dir() / f"orphan-{uuid.uuid4().hex}"
-            os.rename(final, aside)
-            self.remove_tree(aside)
+            self._discard_tree(final, "orphan")
             self.repairs.append(f"{final.relative_to(self.root)} was a tree without a valid meta (a crashed publish"
                                 " or gc); replaced by the verified one")
         _make_read_only(staging, top=False)
@@ -336,6 +334,12 @@ class Cache:
             out[uid] = (node, entries)
         return out
 
+    def _discard_tree(self, path: Path, why: str) -> None:
+        """Move a directory out of the way at once (one rename into tmp/), then remove it, whatever it held."""
+        aside = self.tmp_dir() / f"{why}-{uuid.uuid4().hex}"
+        os.rename(path, aside)
+        self.remove_tree(aside)
+
     def remove_entry(self, path: Path) -> None:
         """Remove a link gc found broken, or what a kubelet left in its place (an empty directory)."""
         if _is_real_dir(path):
@@ -345,12 +349,7 @@ class Cache:
                 os.unlink(path)
 
     def remove_pod(self, pod_uid: str) -> None:
-        path = self.root / contract.PODS_DIR / _one_name(pod_uid)
-        if _is_real_dir(path):
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+        self.remove_entry(self.root / contract.PODS_DIR / _one_name(pod_uid))
 
     def _place_link(self, link: Path, target: str) -> None:
         """Make ``link`` a symlink to ``target``, atomically. Whatever else stands there is repaired, with a note
@@ -364,9 +363,7 @@ class Cache:
         except OSError:  # EINVAL: not a link
             st = os.lstat(link)
             if stat.S_ISDIR(st.st_mode):
-                aside = self.tmp_dir() / f"repair-{uuid.uuid4().hex}"
-                os.rename(link, aside)  # out of the way at once; removed below, whatever it held
-                self.remove_tree(aside)
+                self._discard_tree(link, "repair")
                 self.repairs.append(f"{link.relative_to(self.root)} was a directory (a kubelet creates a missing"
                                     " subPath as an empty one); replaced by the link to the verified model")
             else:

@@ -136,8 +136,6 @@ def _pull(name: Reference, cache: Cache, opts: PullOptions, log: Any, t0: float)
     label = str(name)
     # A restarted pod: its first loader pinned a digest; verify and serve that one, not what the tag says now.
     pinned = cache.pinned(name, opts.pod_uid) if opts.pod_uid is not None else None
-    if pinned is not None and name.digest and pinned != name.digest:
-        pinned = None  # not this reference's pin (cannot happen: the key includes the digest)
     ref = Reference(name.registry, name.repository, name.tag, pinned) if pinned is not None else name
     if pinned is not None:
         log.info("pull.pinned", ref=label, digest=pinned, pod_uid=opts.pod_uid)
