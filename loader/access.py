@@ -30,13 +30,14 @@ import os
 import random
 import time
 import urllib.parse
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from loader.digest import Digest
 from loader.errors import LoaderError
+from loader.fetch import BlobSource
 from loader.reference import Reference
 from loader.retry import RetryPolicy
 
@@ -146,11 +147,7 @@ def add_source(meta: dict[str, Any], source: Source) -> None:
     meta["sources"] = [s.as_json() for s in current]
 
 
-class RangeReader(Protocol):
-    def open_blob(self, digest: str, start: int = 0, end: int | None = None, size: int | None = None) -> Any: ...
-
-
-def possession_failures(client: RangeReader, blobs: Iterable[tuple[Digest, int]], blob_path: Any,
+def possession_failures(client: BlobSource, blobs: Iterable[tuple[Digest, int]], blob_path: Callable[[Digest], Path],
                         policy: RetryPolicy | None = None, rng: random.Random | None = None) -> list[Digest]:
     """The blobs for which the registry did not serve the cached bytes of a random window (proof of possession).
 
@@ -171,7 +168,7 @@ def possession_failures(client: RangeReader, blobs: Iterable[tuple[Digest, int]]
     return failed
 
 
-def _served(client: RangeReader, digest: Digest, size: int, offset: int, length: int,
+def _served(client: BlobSource, digest: Digest, size: int, offset: int, length: int,
             limit: float) -> bytes | None:
     deadline = time.monotonic() + limit
     try:

@@ -267,7 +267,8 @@ class _MemberBody:
 
     def __init__(self, fd: int, base: int, start: int, end: int, total: int):
         self._fd, self._pos, self._end = fd, base + start, base + end + 1
-        self.start, self.total = start, total
+        self.start: int = start
+        self.total: int | None = total
 
     def readinto(self, buf: memoryview) -> int:
         n = os.preadv(self._fd, [buf[: max(0, min(len(buf), self._end - self._pos))]], self._pos)

@@ -83,9 +83,9 @@ class BlobBody(Protocol):
 
 
 class BlobSource(Protocol):
-    """Where blobs come from: a registry repository (with its mirrors)."""
+    """Where blobs come from: a registry repository (with its mirrors), or an OCI layout bundle."""
 
-    def open_blob(self, digest: str, start: int = 0, end: int | None = None, size: int | None = None) -> Any: ...
+    def open_blob(self, digest: str, start: int = 0, end: int | None = None, size: int | None = None) -> BlobBody: ...
     def count_bytes(self, n: int) -> None: ...
 
 
@@ -118,7 +118,6 @@ class BlobJob:
     since_state: int = 0
     finished: bool = False
     lock_stack: ExitStack | None = None
-    slot: threading.Semaphore | None = None  # released when the job ends: bounds open jobs (fds)
     resumed: bool = False  # bytes on disk from an earlier loader (maybe another tenant's): not this pull's own
     private: bool = False  # downloaded beside a slow lock holder, in tmp/, without the blob lock
 
