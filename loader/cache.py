@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from loader import contract
-from loader.digest import Digest, is_digest
+from loader.digest import Digest, hash_file, is_digest
 from loader.errors import LoaderError, LockTimeout, NoSpaceError, UsageError
 from loader.reference import Reference, cache_key
 
@@ -251,7 +251,7 @@ class Cache:
         for blob in meta["blobs"]:
             path = self.blob_path(blob)
             try:
-                if _sha256_file(path) != blob:
+                if hash_file(path)[0] != blob:
                     raise ValueError
             except (OSError, ValueError):
                 # Without waiting: the caller may hold this very lock (publish_model looks the model up under it),
@@ -483,18 +483,6 @@ def current_boot_id() -> str:
             return f.read().strip()
     except OSError:
         return "unknown"
-
-
-def _sha256_file(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    buf = bytearray(4 << 20)
-    mv = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            h.update(mv[:n])
-    return "sha256:" + h.hexdigest()
 
 
 def no_space(exc: OSError, cache: Cache, what: str) -> NoSpaceError:

@@ -13,6 +13,7 @@ ways to get one are :meth:`Digest.parse` (at a boundary, naming where the value 
 from __future__ import annotations
 
 import hashlib
+import os
 
 from loader.errors import ArtifactError
 from loader.reference import DIGEST_RE as _RE
@@ -70,6 +71,26 @@ class Digest(str):
     def short(self) -> str:
         """For logs: ``sha256:`` and the first 12 hex digits."""
         return self[:19]
+
+
+HASH_READ = 4 << 20
+
+
+def hash_file(path: str | os.PathLike[str]) -> tuple[Digest, int]:
+    """The sha256 digest and size of a file, read once with one reused buffer, never through a symlink at
+    ``path`` (the cache's re-verification and push's hashing both read this way)."""
+    h = hashlib.sha256()
+    buf = bytearray(HASH_READ)
+    mv = memoryview(buf)
+    total = 0
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        while n := os.readv(fd, [buf]):
+            h.update(mv[:n])
+            total += n
+    finally:
+        os.close(fd)
+    return Digest.from_hasher(h), total
 
 
 def is_digest(value: object) -> bool:

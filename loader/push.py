@@ -50,6 +50,7 @@ from typing import Any, Literal, TypeVar
 import zstandard
 
 from loader import layout, oci, retry
+from loader.digest import hash_file
 from loader.errors import ArtifactError, AuthError, LoaderError, UsageError
 from loader.progress import Progress
 from loader.reference import Reference, parse
@@ -58,7 +59,6 @@ from loader.upload import CHUNK_SIZE, Uploader, bytes_source, file_source, push_
 
 MiB = 1 << 20
 BUF_SIZE = MiB
-HASH_READ = 4 << 20
 ZSTD_LEVEL = 3
 T = TypeVar("T")
 
@@ -234,25 +234,6 @@ def scan(root: Path) -> tuple[list[LocalFile], list[str]]:
 
 def _walk_error(exc: OSError) -> None:
     raise LoaderError(f"cannot read {exc.filename}: {exc.strerror}") from exc
-
-
-def hash_file(path: Path, base: int = 0, size: int | None = None) -> tuple[str, int]:
-    """sha256 and size of a file (or of ``size`` bytes at ``base``), read once with a reused buffer."""
-    h = hashlib.sha256()
-    buf = bytearray(HASH_READ)
-    mv = memoryview(buf)
-    n_total = 0
-    with open(path, "rb", buffering=0) as f:
-        pos = base
-        while size is None or n_total < size:
-            want = len(buf) if size is None else min(len(buf), size - n_total)
-            n = os.preadv(f.fileno(), [mv[:want]], pos)
-            if n <= 0:
-                break
-            h.update(mv[:n])
-            pos += n
-            n_total += n
-    return "sha256:" + h.hexdigest(), n_total
 
 
 def compress_file(f: LocalFile, tmpdir: Path) -> tuple[Path, str, int, str]:
