@@ -121,9 +121,14 @@ class _Hit:
         label = str(self.ref)
         if not self.pinned:
             self.cache.link_ref(self.ref, model.digest)
-        self.cache.add_ref_to_meta(model.digest, label)
-        if source is not None:
-            self.cache.update_meta(model.digest, lambda meta: add_source(meta, source))
+        # One read-modify-write of the meta for both records, and none when the meta the lookup read has them.
+        if label not in model.meta["refs"] or (source is not None and source not in sources_of(model.meta)):
+            def record(meta: dict[str, Any]) -> None:
+                meta["refs"] = sorted(set(meta["refs"]) | {label})
+                if source is not None:
+                    add_source(meta, source)
+
+            self.cache.update_meta(model.digest, record)
         self.cache.touch(model.digest)
         res = PullResult(label, model.digest, str(model.path), model.bytes, model.files, time.monotonic() - self.t0,
                          True, list(warnings), fetched_bytes=fetched, stale=stale, pinned=self.pinned)
