@@ -452,14 +452,15 @@ def import_to_cache(bundle_path: str | Path, cache_dir: str | Path, log: Any,
         fetcher = Fetcher(b, cache, concurrency=concurrency, log=log, label=str(b.path), source_name=str(b.path))
         todo = [Blob(d, s) for d, s in blobs.items()]
         missing = fetcher.missing(todo)
+        # As pull estimates it: the missing blobs, plus room for what tar layers extract to (at least their size).
+        # First: it costs nothing, the reads below may take minutes.
+        extracted = sum(en.size for _, _, entries in plans for en in entries if en.kind == "tar")
+        cache.check_space(sum(x.size for x in missing) + extracted, f"bundle {b.path} ({len(missing)} blobs)")
         # Every blob a model names is read from the bundle and verified before anything is copied, also the ones
         # the cache already has: a bundle must hold what it names (it is recorded as a source of the model, so it
         # must prove possession like any source), and a corrupt one is refused before anything becomes visible.
         for x in todo:
             b.verify_blob(x.digest, x.size)
-        # As pull estimates it: the missing blobs, plus room for what tar layers extract to (at least their size).
-        extracted = sum(en.size for _, _, entries in plans for en in entries if en.kind == "tar")
-        cache.check_space(sum(x.size for x in missing) + extracted, f"bundle {b.path} ({len(missing)} blobs)")
         log.info("import.start", bundle=str(b.path), refs=len(plans), blobs=len(missing),
                  bytes=sum(x.size for x in missing))
         fetcher.fetch(todo)
