@@ -262,7 +262,8 @@ NAMESPACE_SELECTOR = {
 }
 POD_MATCH = "has(object.metadata.annotations) && 'model.cache/ref' in object.metadata.annotations"
 WORKLOAD_MATCH = (
-    "request.kind.kind == 'CronJob'\n"
+    "request.kind.kind == 'Pod' ? true\n"
+    ": request.kind.kind == 'CronJob'\n"
     "? (has(object.spec.jobTemplate.spec) &&\n"
     "   has(object.spec.jobTemplate.spec.template.metadata) &&\n"
     "   has(object.spec.jobTemplate.spec.template.metadata.annotations) &&\n"
@@ -300,6 +301,8 @@ VALIDATING_WEBHOOKS = [
              "resources": ["deployments", "statefulsets", "daemonsets", "replicasets"], "scope": "Namespaced"},
             {"apiGroups": ["batch"], "apiVersions": ["v1"], "operations": ["CREATE", "UPDATE"],
              "resources": ["jobs", "cronjobs"], "scope": "Namespaced"},
+            {"apiGroups": [""], "apiVersions": ["v1"], "operations": ["UPDATE"],
+             "resources": ["pods/ephemeralcontainers"], "scope": "Namespaced"},
         ],
         "namespaceSelector": NAMESPACE_SELECTOR,
         "matchConditions": [{"name": "has-model-ref", "expression": WORKLOAD_MATCH}],
@@ -370,10 +373,11 @@ def test_pod_match_condition(kind, obj, expected):
         ("CronJob", {"spec": {"jobTemplate": {"metadata": {"annotations": REF}, "spec": {"template": template(None)}}}},
          False),
         ("CronJob", {"spec": {"jobTemplate": {"metadata": {}}}}, False),
+        ("Pod", {"metadata": {}, "spec": {"ephemeralContainers": [{"name": "debugger"}]}}, True),
     ],
     ids=["deployment", "statefulset", "daemonset", "replicaset", "job", "other-annotations", "no-annotations",
          "annotation-on-workload-not-template", "template-without-metadata", "replicaset-without-template",
-         "cronjob", "cronjob-annotation-on-job-template", "cronjob-without-job-spec"],
+         "cronjob", "cronjob-annotation-on-job-template", "cronjob-without-job-spec", "ephemeral-containers"],
 )
 def test_workload_match_condition(kind, obj, expected):
     assert sent_to_webhook(kind, obj, "ValidatingWebhookConfiguration") is expected

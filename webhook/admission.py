@@ -43,7 +43,7 @@ from webhook.models import (
     AdmissionReviewResponse,
     shape_error,
 )
-from webhook.mutate import mutate_pod
+from webhook.mutate import check_ephemeral_containers, mutate_pod
 from webhook.patch import make_patch
 from webhook.snapshot import Snapshot
 
@@ -53,6 +53,8 @@ MAX_DEPTH = 64  # real pods nest ~15 levels; deeper documents would only exercis
 #: Metadata the decision never reads and that differs between replicas of one template (the API server's field
 #: manager stamps managedFields with the time of each create); left out of the memo key.
 VOLATILE_METADATA = frozenset({"managedFields", "uid", "creationTimestamp", "resourceVersion", "generation", "selfLink"})
+#: The Pod subresource ``kubectl debug`` updates to add a debug container.
+EPHEMERAL_CONTAINERS = "ephemeralcontainers"
 #: The response's audit annotation with the path a mutated pod got (the audit log shows ``pods.model.cache/mode``).
 AUDIT_MODE = "mode"
 
@@ -278,6 +280,8 @@ def validate_review(body: Any, snapshot: Snapshot, settings: Settings) -> Admiss
     review = parse_review(body)
     req = review.request
     kind = req.kind.kind
+    if kind == "Pod" and req.sub_resource == EPHEMERAL_CONTAINERS and req.operation == "UPDATE":
+        return _validate_ephemeral(req.uid, req.object, req.old_object, settings)
     if req.operation not in ("CREATE", "UPDATE") or kind not in TEMPLATE_PATHS or req.sub_resource:
         return _respond(req.uid)
     obj = req.object
@@ -307,6 +311,23 @@ def validate_review(body: Any, snapshot: Snapshot, settings: Settings) -> Admiss
                 return _respond(req.uid, warnings=[*warnings, f"model.cache: {exc.message}"])
         return _respond(req.uid, allowed=False, message=exc.message)
     return _respond(req.uid, warnings=[*warnings, *outcome.warnings])
+
+
+def _validate_ephemeral(
+    uid: str, pod: dict[str, Any] | None, old_pod: dict[str, Any] | None, settings: Settings
+) -> AdmissionReviewResponse:
+    """An UPDATE of pods/ephemeralcontainers (``kubectl debug``): denied when a new ephemeral container mounts the
+    node cache or a volume of the injected loader (check_ephemeral_containers)."""
+    if pod is None:
+        raise MalformedReview("request.object is missing from an UPDATE review")
+    _check_shape(pod, "request.object")
+    spec = _object(pod.get("spec"))
+    old_spec = _object(_object(old_pod).get("spec"))
+    try:
+        check_ephemeral_containers(spec, old_spec, settings)
+    except Denied as exc:
+        return _respond(uid, allowed=False, message=exc.message)
+    return _respond(uid)
 
 
 # --- previews ----------------------------------------------------------------------------------------------------

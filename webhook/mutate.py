@@ -65,6 +65,8 @@ CACHE_VOLUME = "model-cache"
 PULL_SECRET_VOLUME = "model-cache-pull-"
 CA_VOLUME = "model-cache-ca"
 MODEL_VOLUME = "model-"
+#: Where the API server mounts the service account token in every container (unless the pod opts out).
+SERVICE_ACCOUNT_PATH = "/var/run/secrets/kubernetes.io/serviceaccount"
 LOADER_OUTPUT = "text"  # the loader's progress format in `kubectl logs`
 #: The keys of the two pull-secret types (kubernetes.io/dockerconfigjson, legacy kubernetes.io/dockercfg) and the
 #: file each becomes in the secret's directory: the names the loader looks for in a --docker-config directory.
@@ -477,8 +479,64 @@ def check_volume_references(spec: Mapping[str, Any], settings: Settings) -> None
             )
 
 
-def _check_mount_paths(targets: list[dict[str, Any]], plan: Plan) -> None:
+def _loader_volumes(spec: Mapping[str, Any]) -> set[str]:
+    """The volumes an injected loader mounts (the cache, the CA, pull secrets): those of every init container that
+    runs the loader program. Judged by what the pod runs, not by its annotations, which stay writable after
+    creation (volumes and init containers do not)."""
+    names: set[str] = set()
+    for container in spec.get("initContainers") or ():
+        if isinstance(container, dict) and container.get("command") == [contract.PROGRAM]:
+            names.update(
+                m["name"] for m in container.get("volumeMounts") or () if isinstance(m, dict) and isinstance(m.get("name"), str)
+            )
+    return names
+
+
+def check_ephemeral_containers(spec: Mapping[str, Any], old_spec: Mapping[str, Any], settings: Settings) -> None:
+    """Deny, naming the field, an ephemeral container added to a running pod that mounts the node cache (a hostPath
+    volume at, inside or above it) or any volume the injected loader mounts (the cache, the CA bundle, pull
+    secrets): a debug container must not reach more than the pod's containers do. It can read the app's model
+    through the app container's filesystem (``kubectl debug --target=APP``: ``/proc/<app pid>/root/<mount path>``).
+
+    Only containers that ``old_spec`` does not have are judged (an UPDATE of pods/ephemeralcontainers adds them;
+    the ones already there were admitted before). Linear in the pod's volumes and references."""
+    old = {c.get("name") for c in old_spec.get("ephemeralContainers") or () if isinstance(c, dict)}
+    cache = _host_path(settings.node_cache_path)
+    guarded: dict[str, str] = {name: "a volume the model loader mounts" for name in _loader_volumes(spec)}
+    for volume in spec.get("volumes") or ():
+        if not isinstance(volume, dict) or not isinstance(volume.get("name"), str):
+            continue
+        host = volume.get("hostPath")
+        path = host.get("path") if isinstance(host, dict) else None
+        relation = _relation(_host_path(path), cache) if isinstance(path, str) else None
+        if relation is not None:
+            guarded[volume["name"]] = f"a hostPath volume ({relation} {settings.node_cache_path})"
+    if not guarded:
+        return
+    for key, i, field, j, name in _volume_references(spec):
+        if key != "ephemeralContainers" or name not in guarded:
+            continue
+        container = spec["ephemeralContainers"][i]
+        if container.get("name") in old:
+            continue
+        raise Denied(
+            f"spec.ephemeralContainers[{i}].{field}[{j}].name is {ann.shown(name)}, {guarded[name]}: a debug"
+            " container must not mount the shared cache or the loader's credentials; remove the mount and read the"
+            " model through the app container instead (kubectl debug --target=APP, then /proc/PID/root/MOUNT_PATH)"
+        )
+
+
+def _check_mount_paths(spec: Mapping[str, Any], targets: list[dict[str, Any]], plan: Plan) -> None:
     model_at = {plan.path(model): model for model in plan.models}
+    # The API server's ServiceAccount admission adds this mount to every container before any webhook sees the pod,
+    # so a pod template (validated without it) must be judged as its pods will be.
+    model = model_at.get(SERVICE_ACCOUNT_PATH)
+    if model is not None and spec.get("automountServiceAccountToken") is not False:
+        raise Denied(
+            f"model {model.name!r} would be mounted at {SERVICE_ACCOUNT_PATH}, where Kubernetes mounts the service"
+            f" account token in every container; set {ann.MOUNT_PATH} to another directory, rename the model with"
+            f" name=REF in {ann.REF}, or set spec.automountServiceAccountToken: false"
+        )
     for container in targets:
         for mount in container.get("volumeMounts") or ():
             model = model_at.get(posixpath.normpath(mount["mountPath"]))
@@ -784,7 +842,7 @@ def mutate_pod(
 
     new, spec = _copy_for_edit(pod, plan.containers)
     targets = _targets(spec, plan.containers)
-    _check_mount_paths(targets, plan)
+    _check_mount_paths(spec, targets, plan)
     _check_reserved_env(targets)
     warnings = [*plan_warnings, *choice.warnings]
 
