@@ -1,10 +1,19 @@
-"""Artifact -> files on disk: the same tree CRI-O shows when it mounts the artifact as an image volume.
+"""Artifact -> files on disk: the tree CRI-O shows when it mounts the artifact as an image volume, where it can be.
 
-Each layer becomes one file named by its ``org.opencontainers.image.title`` annotation (or ModelPack's
-``org.cncf.model.filepath``); a layer with neither is skipped, as CRI-O skips it. Directory layers (tar,
-tar+gzip, tar+zstd, as ``oras push`` makes for a directory with ``io.deis.oras.content.unpack``, and ModelPack's
-``.tar`` media types) are extracted instead. :func:`layer_entries` is pure (manifest -> entries, digests parsed
-with :class:`~loader.digest.Digest`); :func:`materialize` does the I/O into a staging directory.
+Names are chosen exactly as CRI-O chooses them (``artifactName`` in its ``internal/ociartifact``): a layer is named
+by its ``org.opencontainers.image.title`` whenever that key is present, even when its value is empty; only a
+layer without the key is named by ModelPack's ``org.cncf.model.filepath``. A layer with neither, or with an empty
+name, is skipped as CRI-O skips it, and named in a warning (``layout.layer_skipped``). Raw layers become one file
+each; directory layers (tar, tar+gzip, tar+zstd, as ``oras push`` makes for a directory with
+``io.deis.oras.content.unpack``, and ModelPack's ``.tar`` media types) are extracted, where an image volume shows
+the tar itself. One mode rule for every layer kind: files are read-only and never executable (``FILE_MODE``,
+0444: a raw layer's file is the cache's blob, and a tar entry's executable bit is dropped, as an image volume
+keeps none), directories are published 0555. Names the cache cannot take (``..``, absolute, two layers of one
+name, a name that is both a file and a directory) refuse the whole artifact, where an image volume would place
+or shadow them; docs/architecture.md ("The same tree on both paths") lists every remaining difference.
+
+:func:`select_layers` is pure (manifest -> entries and skipped layers, digests parsed with
+:class:`~loader.digest.Digest`); :func:`materialize` does the I/O into a staging directory.
 
 A tar layer is hostile input written into a directory that sits inside a cache many tenants share, so
 extraction never resolves a path through the filesystem's own name lookup:
@@ -76,6 +85,12 @@ _CHUNK = 1 << 20
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FD_CACHE = 16  # directory fds kept open per tree (the last directories written to)
 
+#: Every regular file of a model tree, whatever its layer kind: read-only, never executable. A raw layer's file is a
+#: hard link to the cache's blob (0444, shared by every model that has it), so no other rule could hold for raw
+#: layers; tar entries follow it (an executable bit in a tar is dropped), as an image volume keeps no executable
+#: bit either (it shows every file 0644).
+FILE_MODE = 0o444
+
 Kind = Literal["file", "tar"]
 Compression = Literal["none", "gzip", "zstd"]
 
@@ -90,11 +105,30 @@ class Entry:
     compression: Compression = "none"
 
 
-def layer_entries(manifest: Mapping[str, Any] | ImageManifest, ref: str) -> list[Entry]:
-    """Turn an image manifest (its JSON, or an :class:`~loader.oci.ImageManifest`) into the files it should become.
+@dataclass(frozen=True)
+class Skipped:
+    """A layer no file is made for, as an image volume makes none: why, for the warning."""
+
+    index: int  # position in the manifest's layers
+    digest: Digest
+    media_type: str
+    reason: str
+
+
+def layer_name(annotations: Mapping[str, str]) -> str | None:
+    """The name CRI-O gives a layer: its title whenever the key is present (even empty: an empty title is not
+    replaced by the filepath), else its ModelPack filepath, else None."""
+    if TITLE in annotations:
+        return annotations[TITLE]
+    return annotations.get(MODELPACK_FILEPATH)
+
+
+def select_layers(manifest: Mapping[str, Any] | ImageManifest, ref: str) -> tuple[list[Entry], list[Skipped]]:
+    """Turn an image manifest (its JSON, or an :class:`~loader.oci.ImageManifest`) into the files it should become,
+    and the layers skipped because the runtime would give them no name.
 
     Every layer is parsed as a descriptor (so a digest that is not ``sha256:<64 lowercase hex>`` is refused, exit 8,
-    even on a layer without a title); raises ArtifactError for anything unsafe.
+    even on a layer that is skipped); raises ArtifactError for any name the cache cannot take (:func:`check_names`).
     """
     if isinstance(manifest, ImageManifest):
         descriptors: Sequence[Descriptor] = manifest.layers
@@ -109,16 +143,49 @@ def layer_entries(manifest: Mapping[str, Any] | ImageManifest, ref: str) -> list
             if not isinstance(layer, dict):
                 raise ArtifactError(f"{ref}: layer {i} is not an object")
             descriptors.append(Descriptor.parse(layer, f"{ref}: layer {i}"))
-    entries: list[Entry] = []
-    for d in descriptors:
-        name = d.annotations.get(TITLE) or d.annotations.get(MODELPACK_FILEPATH)
+    named: list[tuple[str, Descriptor]] = []
+    skipped: list[Skipped] = []
+    for i, d in enumerate(descriptors):
+        name = layer_name(d.annotations)
         if not name:
+            why = (f"no {TITLE} or {MODELPACK_FILEPATH} annotation" if name is None else
+                   f"its {TITLE} annotation is empty: a title names the layer whenever present, even empty (its"
+                   f" {MODELPACK_FILEPATH} is not used), and an empty name cannot be mounted"
+                   if TITLE in d.annotations else
+                   f"its {MODELPACK_FILEPATH} annotation is empty, and an empty name cannot be mounted")
+            skipped.append(Skipped(i, d.digest, d.media_type, why))
             continue
-        clean = safe_name(name, f"{ref}: layer title")
-        kind, comp = _kind(d.media_type, d.annotations)
-        entries.append(Entry(clean, kind, d.digest, d.size, d.media_type, comp))
-    _check_collisions(entries, ref)
+        named.append((name, d))
+    kinds = [_kind(d.media_type, d.annotations) for _, d in named]
+    clean = check_names([(name, kind) for (name, _), (kind, _) in zip(named, kinds, strict=True)], ref)
+    entries = [Entry(c, kind, d.digest, d.size, d.media_type, comp)
+               for c, (_, d), (kind, comp) in zip(clean, named, kinds, strict=True)]
+    return entries, skipped
+
+
+class _Warns(Protocol):
+    def warning(self, event: str, **fields: Any) -> None: ...
+
+
+def layer_entries(manifest: Mapping[str, Any] | ImageManifest, ref: str, *, log: _Warns | None = None) -> list[Entry]:
+    """:func:`select_layers`' entries; each skipped layer is logged (``layout.layer_skipped``) on ``log``."""
+    entries, skipped = select_layers(manifest, ref)
+    if log is not None:
+        for s in skipped:
+            log.warning("layout.layer_skipped", ref=ref, layer=s.index, digest=str(s.digest),
+                        media_type=s.media_type, reason=s.reason)
     return entries
+
+
+def check_names(layers: Sequence[tuple[str, Kind]], ref: str) -> list[str]:
+    """The names of an artifact's named layers (name, kind), each checked by :func:`safe_name` and normalised, and
+    together checked for collisions: two file layers of one name, or a name that is both a file and the directory
+    of another. Shared by the loader and ``model-loader push`` (which refuses, before uploading, what the loader
+    would refuse). An image volume would place ``..`` and absolute names inside the mount and let the last of two
+    layers of one name win; the cache refuses the whole artifact (exit 8) instead."""
+    clean = [safe_name(name, f"{ref}: layer name") for name, _ in layers]
+    _check_collisions([(c, kind) for c, (_, kind) in zip(clean, layers, strict=True)], ref)
+    return clean
 
 
 def safe_name(name: object, what: str) -> str:
@@ -166,18 +233,18 @@ def _kind(media_type: str, ann: Mapping[str, str]) -> tuple[Kind, Compression]:
     return "file", "none"
 
 
-def _check_collisions(entries: list[Entry], ref: str) -> None:
-    files = {e.name for e in entries if e.kind == "file"}
+def _check_collisions(layers: list[tuple[str, Kind]], ref: str) -> None:
+    files = {name for name, kind in layers if kind == "file"}
     seen: set[str] = set()
-    for e in entries:
-        if e.kind == "file":
-            if e.name in seen:
-                raise ArtifactError(f"{ref}: two layers are both named {e.name!r}")
-            seen.add(e.name)
-            parent = posixpath.dirname(e.name)
+    for name, kind in layers:
+        if kind == "file":
+            if name in seen:
+                raise ArtifactError(f"{ref}: two layers are both named {name!r}")
+            seen.add(name)
+            parent = posixpath.dirname(name)
             while parent:
                 if parent in files:
-                    raise ArtifactError(f"{ref}: {parent!r} is both a file and the directory of {e.name!r}")
+                    raise ArtifactError(f"{ref}: {parent!r} is both a file and the directory of {name!r}")
                 parent = posixpath.dirname(parent)
 
 
@@ -686,7 +753,7 @@ def _write_file(tar: _TarReader, m: tarfile.TarInfo, parent: int, leaf: str, who
                 view = view[os.write(fd, view):]
             written += len(chunk)
         os.fsync(fd)  # unlike blobs, extracted files cannot be re-verified after a crash
-        os.fchmod(fd, 0o555 if m.mode & 0o111 else 0o444)
+        os.fchmod(fd, FILE_MODE)  # whatever the tar says: one rule for every layer kind (FILE_MODE)
     finally:
         os.close(fd)
     return written

@@ -19,6 +19,13 @@ compressed with zstd, typed as a ModelPack ``.tar+zstd`` type (or, for oras, ``.
 ``io.deis.oras.content.unpack``). ``pull`` extracts it at the model root, so the tree is the same; but an image
 volume (CRI-O) mounts the compressed blob itself under the file's name, so the command warns.
 
+The two paths differ in ways the command can see before it uploads, and it says so (:func:`path_warnings`, one
+warning each, also logged as ``push.warning``): tar layers (``--compress zstd``), and executable files, whose bit
+neither path keeps (the loader makes every file 0444, ``layout.FILE_MODE``; an image volume shows 0644). What the
+loader would refuse is refused before anything is uploaded, by the loader's own rules (:func:`check_loadable`):
+names (``layout.check_names``) and more layers than a manifest may have (``oci.MAX_LAYERS``). The full list of
+differences is in docs/architecture.md ("The same tree on both paths").
+
 How it moves bytes: files are hashed in one pass (the digest must be known before the registry can be asked
 whether it has the blob), then uploads stream from disk in chunks (PATCH, ``CHUNK_SIZE`` each, the last chunk in
 the closing PUT) with one small reused buffer per request, so memory stays flat whatever the file size. Blobs the
@@ -77,6 +84,10 @@ Kind = Literal["weight", "weight.config", "doc", "code"]
 
 ZSTD_WARNING = ("--compress zstd stores each file as a zstd-compressed tar: model-loader pull restores the files,"
                 " but an image volume (CRI-O) mounts the compressed bytes under each file's name, not the file")
+EXEC_WARNING = ("{n} executable file{s} will not be executable on either path (model-loader makes every file 0444,"
+                " an image volume shows 0644): {names}; run {them} through an interpreter (sh run.sh) or put {them}"
+                " in the container image")
+NAMED_AT_MOST = 8  # files named one by one in a warning; the rest are counted
 
 # ---- which ModelPack type a file is (by name only, so the choice is predictable) -------------------------------
 WEIGHT_SUFFIXES = {".safetensors", ".bin", ".gguf", ".ggml", ".pt", ".pth", ".onnx", ".ckpt", ".h5", ".hdf5",
@@ -144,6 +155,35 @@ def plan(files: list[LocalFile], fmt: Format, compress: Compress) -> list[LayerS
             ann[layout.ORAS_UNPACK] = "true"
         specs.append(LayerSpec(f, media_type(classify(f.rel), fmt, compress), compress == "zstd", ann))
     return specs
+
+
+def path_warnings(files: list[LocalFile], compress: Compress) -> list[str]:
+    """What will look different on the two paths (image volume, model-loader's tree), known before any upload."""
+    out = []
+    if compress == "zstd":
+        out.append(ZSTD_WARNING)
+    executable = sorted(f.rel for f in files if f.executable)
+    if executable:
+        names = ", ".join(executable[:NAMED_AT_MOST])
+        if len(executable) > NAMED_AT_MOST:
+            names += f" and {len(executable) - NAMED_AT_MOST} more"
+        one = len(executable) == 1
+        out.append(EXEC_WARNING.format(n=len(executable), s="" if one else "s", names=names,
+                                       them="it" if one else "them"))
+    return out
+
+
+def check_loadable(files: list[LocalFile], root: Path) -> None:
+    """Refuse what model-loader pull would refuse anyway, by its own rules, before anything is uploaded: every name
+    (``layout.check_names``: relative, no ``..``, within the filesystem's limits, no collisions) and the number of
+    layers (``oci.MAX_LAYERS``)."""
+    if len(files) > oci.MAX_LAYERS:
+        raise ArtifactError(f"{root} holds {len(files)} files, one layer each, and model-loader pull refuses a manifest"
+                            f" of more than {oci.MAX_LAYERS} layers; nothing was pushed")
+    try:
+        layout.check_names([(f.rel, "file") for f in files], str(root))
+    except ArtifactError as exc:
+        raise ArtifactError(f"{exc}; model-loader pull would refuse the artifact, so nothing was pushed") from None
 
 
 def model_format(files: list[LocalFile]) -> str | None:
@@ -227,8 +267,7 @@ def scan(root: Path) -> tuple[list[LocalFile], list[str]]:
             files.append(LocalFile(rel, p, st.st_size, bool(st.st_mode & 0o111)))
     if not files:
         raise UsageError(f"{root} holds no files to push")
-    for f in files:
-        layout.safe_name(f.rel, "file name")
+    check_loadable(files, root)
     return files, sorted(empty)
 
 
@@ -349,9 +388,7 @@ def push(directory: str | Path, text: str, opts: PushOptions, log: Any) -> PushR
     mount_from = _mount_repo(opts.mount_from, ref)
     files, empty = scan(Path(directory))
     specs = plan(files, opts.format, opts.compress)
-    warnings = []
-    if opts.compress == "zstd":
-        warnings.append(ZSTD_WARNING)
+    warnings = path_warnings(files, opts.compress)
     if empty:
         warnings.append(f"empty directories are not pushed (a per-file artifact cannot hold them): {', '.join(empty)}")
     for w in warnings:

@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import os
+import stat
 import subprocess
 import sys
 import tarfile
@@ -18,7 +19,8 @@ import zstandard
 
 from loader import push as P
 from loader.errors import ArtifactError, UsageError
-from loader.log import NullLogger
+from loader.log import Logger, NullLogger
+from loader.oci import MAX_LAYERS
 from loader.pull import PullOptions, pull
 from tests.support.faultproxy import FaultProxy
 from tests.support.files import make_tree as files_make_tree
@@ -232,6 +234,34 @@ def test_symlink_inside_is_pushed_as_its_target_and_empty_dirs_are_named(registr
                                        "config.json": b"{}"}
 
 
+def test_executable_files_are_named_in_a_warning_and_pulled_without_their_bit(registry, tmp_path):
+    files = {f"bin/tool{i}": b"#!/bin/sh\n" for i in range(10)} | {"run.sh": b"#!/bin/sh\necho hi\n", "w.bin": b"w"}
+    src = make_tree(tmp_path / "m", files)
+    for rel in files:
+        if rel != "w.bin":
+            os.chmod(src / rel, 0o755)
+    out = io.StringIO()
+    res = P.push(src, f"{registry.host}/push/exec:v1", opts(), Logger(out))
+    warning = ("11 executable files will not be executable on either path (model-loader makes every file 0444, an"
+               " image volume shows 0644): bin/tool0, bin/tool1, bin/tool2, bin/tool3, bin/tool4, bin/tool5,"
+               " bin/tool6, bin/tool7 and 3 more; run them through an interpreter (sh run.sh) or put them in the"
+               " container image")
+    assert res.warnings == [warning]
+    assert [line.split(" ", 1)[1] for line in out.getvalue().splitlines() if "level=warning" in line] == [
+        f'level=warning event=push.warning ref={registry.host}/push/exec:v1 warning="{warning}"']
+    pulled = pull(f"{registry.host}/push/exec:v1", PullOptions(cache=tmp_path / "c", progress="none"), LOG)
+    assert tree(Path(pulled.path)) == files
+    assert {rel: stat.S_IMODE(os.stat(Path(pulled.path) / rel).st_mode) for rel in files} == dict.fromkeys(files, 0o444)
+
+
+def test_one_executable_file_is_named_alone(tmp_path):
+    f = P.LocalFile("run.sh", tmp_path / "run.sh", 3, executable=True)
+    assert P.path_warnings([f, P.LocalFile("w.bin", tmp_path / "w.bin", 1)], "zstd") == [
+        P.ZSTD_WARNING,
+        "1 executable file will not be executable on either path (model-loader makes every file 0444, an image"
+        " volume shows 0644): run.sh; run it through an interpreter (sh run.sh) or put it in the container image"]
+
+
 def _escape(src: Path, tmp: Path) -> None:
     (tmp / "outside").write_bytes(b"secret")
     os.symlink("../outside", src / "leak.bin")
@@ -251,12 +281,25 @@ def _dangling(src: Path, tmp: Path) -> None:
     os.symlink("nowhere", src / "dangling")
 
 
+def _backslash_dots(src: Path, tmp: Path) -> None:
+    (src / "..\\evil.bin").write_bytes(b"x")  # one file; the loader reads '\\' as a separator, so '..' climbs
+
+
+def _too_many_files(src: Path, tmp: Path) -> None:
+    for i in range(MAX_LAYERS):  # with config.json: one more than a manifest may have
+        (src / f"f{i:05}").write_bytes(b"")
+
+
 @pytest.mark.parametrize("setup,fragment", [
     (_escape, "leak.bin: is a symlink to '../outside', outside the directory"),
     (_dir_link, "dlink: is a symlink to a directory"),
     (_fifo, "pipe: is a special file (fifo, socket or device)"),
     (_dangling, "dangling: is a dangling symlink to 'nowhere'"),
-], ids=["symlink-escapes", "symlink-to-dir", "fifo", "dangling"])
+    (_backslash_dots, "m: layer name '..\\\\evil.bin' contains '..': artifacts may not name paths outside the"
+                      " model; model-loader pull would refuse the artifact, so"),
+    (_too_many_files, f"m holds {MAX_LAYERS + 1} files, one layer each, and model-loader pull refuses a manifest"
+                      f" of more than {MAX_LAYERS} layers;"),
+], ids=["symlink-escapes", "symlink-to-dir", "fifo", "dangling", "name-the-loader-refuses", "too-many-layers"])
 def test_unpushable_entries_are_refused_before_any_upload(setup, fragment, registry, tmp_path):
     src = make_tree(tmp_path / "m", {"config.json": b"{}"})
     setup(src, tmp_path)

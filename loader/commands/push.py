@@ -6,8 +6,10 @@
 
 Prints each file with what happened to its blob (uploaded, exists, mounted, duplicate) and the manifest digest;
 ``--output json`` prints one object: ref, digest, bytes, files, seconds, uploaded_bytes, skipped_blobs,
-mounted_blobs. ModelPack by default; ``--format oras`` writes what ``oras push`` writes. ``--compress zstd``
-warns that image-volume mounts show compressed bytes. See loader.push for the details.
+mounted_blobs. ModelPack by default; ``--format oras`` writes what ``oras push`` writes. Warnings (on stderr)
+name what will look different on an image volume and in model-loader's tree: ``--compress zstd`` (an image volume
+shows the compressed tars) and executable files (neither path keeps the bit). Names model-loader pull would
+refuse are refused before any upload (exit 8). See loader.push for the details.
 """
 
 from __future__ import annotations
