@@ -382,3 +382,34 @@ def test_remembered_decisions_quote_the_minimum_versions_as_each_settings_wrote_
         with pytest.raises(Denied) as denied:
             choose_mode("image-volume", {}, fleet, Settings(image_volume_min_crio=written))
         assert f"needs {written}+" in denied.value.message, denied.value.message
+
+
+def test_remembered_decisions_tell_apart_constraints_the_fast_key_cannot_write():
+    # The memo key is orjson's text of the constraints, but orjson writes NaN as null: a toleration value NaN (only
+    # a Python caller, e.g. the preview's YAML, can pass one) must not share the decision of a null one.
+    fleet = snap(node("gpu", taints=[Taint("gpu", "", "NoSchedule")]), *CTRD)
+    null = {"tolerations": [{"key": "gpu", "operator": "Equal", "value": None}]}
+    nan = {"tolerations": [{"key": "gpu", "operator": "Equal", "value": float("nan")}]}
+    assert "6 candidate nodes" in choose_mode("auto", null, fleet, SETTINGS).reason
+    assert "5 candidate nodes" in choose_mode("auto", nan, fleet, SETTINGS).reason
+    # Integers beyond 64 bits (orjson refuses them) are decided too, apart from their neighbours.
+    big = {"tolerations": [{"key": "gpu", "operator": "Exists", "tolerationSeconds": 2**70}]}
+    assert "6 candidate nodes" in choose_mode("auto", big, fleet, SETTINGS).reason
+    assert len(fleet.memo) == 3
+
+
+@pytest.mark.parametrize(
+    "one,other,shared",
+    [
+        ({"nodeSelector": {"a": "1", "b": "2"}}, {"nodeSelector": {"b": "2", "a": "1"}}, True),
+        ({}, {"nodeName": None, "nodeSelector": None, "tolerations": None, "affinity": None}, True),
+        ({}, {"affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {}}}}, False),
+        ({"tolerations": [{"key": "a"}]}, {"tolerations": [{"key": "b"}]}, False),
+    ],
+    ids=["key-order", "absent-is-null", "required-empty-is-not-absent", "tolerations"],
+)
+def test_constraints_read_alike_share_one_remembered_decision(one, other, shared):
+    fleet = snap(*CRIO, CTRD[0])
+    choose_mode("auto", one, fleet, SETTINGS)
+    choose_mode("auto", other, fleet, SETTINGS)
+    assert len(fleet.memo) == (1 if shared else 2)

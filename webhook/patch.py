@@ -28,7 +28,9 @@ _ABSENT = object()
 
 
 def _escape(token: str) -> str:
-    return token.replace("~", "~0").replace("/", "~1")
+    if "~" in token or "/" in token:
+        return token.replace("~", "~0").replace("/", "~1")
+    return token
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -52,18 +54,15 @@ def _same(a: Any, b: Any) -> bool:
 def _common_prefix(a: list[Any], b: list[Any]) -> int:
     """How many leading items of ``a`` and ``b`` are the same; identical objects are skipped at C speed."""
     n = min(len(a), len(b))
-    identical = list(map(is_, a, b))
+    identical = list(map(is_, a, b))  # n items
+    identical.append(False)  # a sentinel at n: index() always finds one (no exception per call)
     i = 0
-    while i < n:
-        try:
-            i = identical.index(False, i)
-        except ValueError:
-            return n
+    while True:
+        i = identical.index(False, i)
         # != settles most differing items at C speed; only equal ones need the exact (True is not 1) check.
-        if a[i] != b[i] or not _same(a[i], b[i]):
+        if i == n or a[i] != b[i] or not _same(a[i], b[i]):
             return i
         i += 1
-    return n
 
 
 def _diff(a: Any, b: Any, path: str, ops: list[Op]) -> None:
@@ -84,6 +83,11 @@ def _diff(a: Any, b: Any, path: str, ops: list[Op]) -> None:
                 _diff(a[key], value, f"{path}/{_escape(key)}", ops)
         return
     if isinstance(a, list) and isinstance(b, list):
+        if len(a) <= len(b) and all(map(is_, a, b)):
+            # ``b`` extends ``a`` (the injectors append env vars, mounts and volumes): the general path below gives
+            # the same adds, after two prefix scans and two reversed copies.
+            ops.extend({"op": "add", "path": f"{path}/{i}", "value": b[i]} for i in range(len(a), len(b)))
+            return
         prefix = _common_prefix(a, b)
         suffix = _common_prefix(a[prefix:][::-1], b[prefix:][::-1])
         mid_a, mid_b = a[prefix : len(a) - suffix], b[prefix : len(b) - suffix]
