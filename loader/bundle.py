@@ -437,7 +437,7 @@ def import_to_cache(bundle_path: str | Path, cache_dir: str | Path, log: Any,
         plans = []
         for e in b.refs():
             image = b.image(e)
-            entries = layout.layer_entries(image, e.label)  # refuses unsafe names before anything is written
+            entries = layout.layer_entries(image, e.label, log=log)  # refuses unsafe names before anything is written
             if not entries:
                 raise ArtifactError(f"{e.label}: no layer has an {layout.TITLE} or {layout.MODELPACK_FILEPATH}"
                                     " annotation, so the model would be empty")

@@ -229,7 +229,7 @@ def _pull_online(ref: Reference, client: RegistryClient, cache: Cache, opts: Pul
                                 " indexes are not supported for models")
     else:
         image = manifest
-    entries = layout.layer_entries(dict(image.raw), label)  # refuses unsafe names before any byte is fetched
+    entries = layout.layer_entries(dict(image.raw), label, log=log)  # refuses unsafe names before any byte is fetched
     if not entries:
         raise ArtifactError(f"{label}: no layer has an {layout.TITLE} or {layout.MODELPACK_FILEPATH} annotation,"
                             " so the model would be empty; push files with titles (model-loader push, oras push)")

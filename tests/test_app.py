@@ -13,6 +13,8 @@ import json
 import logging
 import socket
 import ssl
+import subprocess
+import sys
 import threading
 import warnings
 
@@ -79,15 +81,23 @@ def review(obj, kind: str = "Pod", uid: str = "0b6e2e8a-1f7c-4d8e-9a55-3c1d2b4f6
 class Served:
     """The app on uvicorn in a thread, on a random port, with a Secret-like certificate directory."""
 
-    def __init__(self, inventory: Inventory, secret: SecretDir, readiness=(), settings=SETTINGS, **server_kw) -> None:
+    def __init__(self, inventory: Inventory, secret: SecretDir, readiness=(), settings=SETTINGS, probe=False,
+                 **server_kw) -> None:
         self.inventory = inventory
         self.secret = secret
         self.tls = ReloadingContext(secret.cert_file, secret.key_file)
         self.app = create_app(inventory, settings, readiness=readiness)
         self.sock = bind("127.0.0.1", 0)
         self.port = self.sock.getsockname()[1]
-        self.server = make_server(self.app, self.tls, host="127.0.0.1", port=self.port, **server_kw)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        sockets = [self.sock]
+        self.probe_port = None
+        if probe:  # a probe listener too, as `serve --probe-port` makes
+            sockets.append(bind("127.0.0.1", 0))
+            self.probe_port = sockets[1].getsockname()[1]
+        self.server = make_server(self.app, self.tls, host="127.0.0.1", port=self.port, probe_port=self.probe_port,
+                                  **server_kw)
+        self.sockets = sockets
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": sockets}, daemon=True)
         self.thread.start()
         started = threading.Event()
         # uvicorn flips `started` once it listens; poll it without timing anything.
@@ -102,18 +112,20 @@ class Served:
     def url(self) -> str:
         return f"https://127.0.0.1:{self.port}"
 
-    def client(self, ca_pem: bytes | None = None) -> httpx.Client:
-        return httpx.Client(base_url=self.url, verify=client_context(ca_pem or self.secret.ca_file.read_bytes()))
+    def client(self, ca_pem: bytes | None = None, port: int | None = None) -> httpx.Client:
+        return httpx.Client(base_url=f"https://127.0.0.1:{port or self.port}",
+                            verify=client_context(ca_pem or self.secret.ca_file.read_bytes()))
 
-    def raw(self) -> ssl.SSLSocket:
+    def raw(self, port: int | None = None) -> ssl.SSLSocket:
         """A TLS connection of our own, for requests httpx would not send (stalled, endless, oversized)."""
-        sock = socket.create_connection(("127.0.0.1", self.port))
+        sock = socket.create_connection(("127.0.0.1", port or self.port))
         return client_context(self.secret.ca_file.read_bytes()).wrap_socket(sock, server_hostname="127.0.0.1")
 
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(30)
-        self.sock.close()
+        for sock in self.sockets:
+            sock.close()
 
 
 @pytest.fixture
@@ -670,3 +682,114 @@ def test_readiness_checks_add_their_reasons(secret):
         {"status": "not ready", "reason": "the served certificate is not signed by the published caBundle yet"},
     )
     assert (ready.status_code, ready.json()) == (200, {"status": "ready", "nodes": 2, "namespaces": 1})
+
+
+# --- connections: a bounded number, idle ones make room, probes on a listener of their own ----------------------
+
+
+def _exchange(conn: ssl.SSLSocket, path: str = "/healthz") -> bytes:
+    """One keep-alive GET on ``conn``; its status line (the connection stays open)."""
+    conn.sendall(f"GET {path} HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n".encode())
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(65536)
+        assert chunk, f"closed after {data!r}"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    [length] = [int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")]
+    while len(body) < length:
+        body += conn.recv(65536)
+    return head.split(b"\r\n")[0]
+
+
+def _closed(conn: ssl.SSLSocket) -> bool:
+    """Whether the server closed ``conn`` without sending anything (blocks until it does one or the other)."""
+    try:
+        return conn.recv(1) == b""
+    except (ConnectionError, ssl.SSLError):
+        return True
+
+
+def _slots(server: Served):
+    protocol = server.server.config.http
+    return protocol.slots, protocol.probe_slots
+
+
+def test_at_the_connection_limit_the_longest_idle_connection_makes_room(served):
+    server = served(max_connections=4)
+    conns = [server.raw() for _ in range(4)]
+    try:
+        for conn in conns:  # each answered once, then idle in this order
+            assert _exchange(conn) == b"HTTP/1.1 200 OK"
+        body = review(pod("crio"))
+        with server.client() as client:  # a fifth: the first idle one is closed for it
+            answered = client.post("/mutate", json=body)
+        assert answered.json() == admission.mutate_review(copy.deepcopy(body), SYNCED, SETTINGS)
+        assert _closed(conns[0])
+        assert [_exchange(conn) for conn in conns[1:]] == [b"HTTP/1.1 200 OK"] * 3
+    finally:
+        for conn in conns:
+            conn.close()
+    slots, _ = _slots(server)
+    assert (slots.evicted, slots.refused) == (1, 0)
+
+
+def test_when_every_connection_is_busy_a_new_one_is_refused_and_probes_are_still_answered(served):
+    server = served(max_connections=3, probe=True)
+    busy = [server.raw() for _ in range(3)]
+    try:
+        for conn in busy:  # each in the middle of a request head: not idle, not evictable
+            conn.sendall(b"POST /mutate HTTP/1.1\r\nhost: 127.0.0.1\r\n")
+        with server.raw() as refused:
+            assert _closed(refused)
+        with server.client(port=server.probe_port) as probes:
+            assert probes.get("/readyz").json() == {"status": "ready", "nodes": 2, "namespaces": 1}
+            assert probes.get("/healthz").status_code == 200
+            assert probes.get("/metrics").status_code == 200
+    finally:
+        for conn in busy:
+            conn.close()
+    slots, probe_slots = _slots(server)
+    assert (slots.evicted, slots.refused, probe_slots.refused) == (0, 1, 0)
+    # Once the busy ones are gone their slots are free again (polled: their close reaches the server in its time).
+    for _ in range(600):
+        if slots.open == 0:
+            break
+        threading.Event().wait(0.05)
+    with server.client() as client:
+        assert client.get("/healthz").status_code == 200
+
+
+def test_the_probe_listener_serves_only_probes_and_metrics(served):
+    server = served(probe=True)
+    with server.client(port=server.probe_port) as probes:
+        assert probes.post("/mutate", json=review(pod("crio"))).status_code == 404
+        assert probes.post("/validate", json=review(pod("crio"))).status_code == 404
+        assert probes.get("/docs").status_code == 404
+        assert [probes.get(p).status_code for p in ("/healthz", "/readyz", "/metrics")] == [200, 200, 200]
+    with server.client() as client:  # the admission listener serves everything, probes included
+        assert client.post("/mutate", json=review(pod("crio"))).status_code == 200
+        assert client.get("/readyz").status_code == 200
+
+
+def test_a_silent_connection_is_closed_at_the_head_deadline(served):
+    server = served(head_seconds=0.3)
+    with server.raw() as conn:  # connected, TLS up, and not one byte of a request
+        assert _response(conn) == (b"", b"")
+    slots, _ = _slots(server)
+    for _ in range(600):
+        if slots.open == 0:
+            break
+        threading.Event().wait(0.05)
+    assert slots.open == 0
+
+
+def test_the_file_descriptor_limit_is_lowered_never_raised():
+    code = (
+        "import resource; from webhook.server import limit_open_files;"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (2048, 8192));"
+        "print(limit_open_files(4096), limit_open_files(1000), limit_open_files(5000),"
+        " resource.getrlimit(resource.RLIMIT_NOFILE))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["2048", "1000", "1000", "(1000,", "8192)"]

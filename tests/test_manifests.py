@@ -475,13 +475,14 @@ def test_resources_are_bounded(kid):
 
 
 def probe(path: str, **timing) -> dict:
-    return {"httpGet": {"scheme": "HTTPS", "port": "https", "path": path}, **timing}
+    return {"httpGet": {"scheme": "HTTPS", "port": "probes", "path": path}, **timing}
 
 
 @pytest.mark.parametrize("kid", INSTALLS)
-def test_probes_are_https_on_the_serving_port(kid):
+def test_probes_are_https_on_the_probe_port(kid):
     container = webhook_container(kid)
-    assert container["ports"] == [{"name": "https", "containerPort": 8443, "protocol": "TCP"}]
+    assert container["ports"] == [{"name": "https", "containerPort": 8443, "protocol": "TCP"},
+                                  {"name": "probes", "containerPort": 8081, "protocol": "TCP"}]
     assert container["startupProbe"] == probe("/healthz", periodSeconds=5, failureThreshold=36)
     assert container["livenessProbe"] == probe("/healthz", periodSeconds=10, timeoutSeconds=2, failureThreshold=3)
     assert container["readinessProbe"] == probe("/readyz", periodSeconds=5, timeoutSeconds=2, failureThreshold=2)
@@ -504,7 +505,7 @@ def test_serve_command_line(kid):
     assert container["image"] == "ghcr.io/model-cache/webhook:0.1.0"
     assert "command" not in container  # the image's ENTRYPOINT is the console script
     assert container["args"] == [
-        "serve", "--host", "0.0.0.0", "--port", "8443",
+        "serve", "--host", "0.0.0.0", "--port", "8443", "--probe-port", "8081",
         "--tls-cert", f"{TLS_MOUNT}/tls.crt", "--tls-key", f"{TLS_MOUNT}/tls.key",
     ]
 
@@ -821,3 +822,52 @@ def test_generate_rejects_bad_arguments(tmp_path, args):
     assert done.returncode == 2
     assert done.stdout == ""
     assert not log.exists() and not (tmp_path / "out").exists()
+
+
+# --- the network-policy component ---------------------------------------------------------------------------------
+
+NETWORK_POLICY = MANIFESTS / "components" / "network-policy"
+
+
+def network_policy_overlay(tmp_path: Path) -> list[dict]:
+    """The overlay the component's kustomization.yaml shows (its commented example, uncommented, paths adjusted)."""
+    text = (NETWORK_POLICY / "kustomization.yaml").read_text()
+    example = "\n".join(line[4:] for line in text.splitlines() if line.startswith("#   "))
+    base, component = os.path.relpath(MANIFESTS / "base", tmp_path), os.path.relpath(NETWORK_POLICY, tmp_path)
+    example = example.replace("[../../base]          # or the remote base", f"[{base}]")
+    example = example.replace("[../../components/network-policy]", f"[{component}]")
+    (tmp_path / "kustomization.yaml").write_text(example + "\n")
+    out = subprocess.run(["kubectl", "kustomize", str(tmp_path)], capture_output=True, text=True, check=True).stdout
+    return [doc for doc in yaml.safe_load_all(out) if doc]
+
+
+@pytest.mark.parametrize("kid", INSTALLS)
+def test_no_install_restricts_the_network_by_default(kid):
+    assert [o for o in render(kid) if o["kind"] == "NetworkPolicy"] == []
+
+
+def test_the_network_policy_admits_the_api_server_on_the_serving_port_and_anyone_on_the_probe_port(tmp_path):
+    objs = network_policy_overlay(tmp_path)
+    [policy] = [o for o in objs if o["kind"] == "NetworkPolicy"]
+    for version in K8S_VERSIONS:
+        assert kubernetes_validate.validate(policy, version, strict=True) == version
+    assert policy["metadata"]["namespace"] == NAMESPACE
+    assert policy["spec"] == {
+        "podSelector": {"matchLabels": POD_LABELS},
+        "policyTypes": ["Ingress"],
+        "ingress": [
+            {"from": [{"ipBlock": {"cidr": "10.0.0.0/28"}}], "ports": [{"port": "https", "protocol": "TCP"}]},
+            {"ports": [{"port": "probes", "protocol": "TCP"}]},
+        ],
+    }
+    # The named ports are the container's; the Service reaches the one the API server is admitted on; the probes
+    # use the other.
+    [deployment] = [o for o in objs if o["kind"] == "Deployment"]
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"https": 8443, "probes": 8081}
+    [service] = [o for o in objs if o["kind"] == "Service"]
+    assert [p["targetPort"] for p in service["spec"]["ports"]] == ["https"]
+    assert {container[p]["httpGet"]["port"] for p in ("startupProbe", "livenessProbe", "readinessProbe")} == {"probes"}
+    # Everything else is the base, unchanged.
+    assert [o for o in objs if o["kind"] != "NetworkPolicy"] == list(render("base"))

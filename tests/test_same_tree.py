@@ -254,8 +254,12 @@ def test_the_loader_tree_and_the_image_volume_tree(case: str, registry, pusher, 
             layout.select_layers(manifest, ref)
         assert c.skipped == []
         return
-    res = pull(ref, PullOptions(cache=cache, progress="none"), LOG)
+    out = io.StringIO()
+    res = pull(ref, PullOptions(cache=cache, progress="none"), Logger(out))
     assert read_tree(Path(res.path)) == c.loader
+    # The pull said which layers it skipped (layout.layer_skipped, one line each).
+    said = [line for line in out.getvalue().splitlines() if "event=layout.layer_skipped" in line]
+    assert [int(re.search(r" layer=(\d+) ", line).group(1)) for line in said] == [i for i, _ in c.skipped]
     assert stat.S_IMODE(os.stat(res.path).st_mode) == 0o555
     assert res.files == sum(1 for _, data in c.loader.values() if data is not None)
 

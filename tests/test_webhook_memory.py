@@ -230,3 +230,44 @@ def test_the_worst_bodies_under_the_cap(webhook, body, status):
     assert resp.status_code == status
     assert w.client.post("/mutate", json=REVIEW).status_code == 200
     assert w.peak_mb() <= PEAK_MB, (baseline, w.peak_mb())
+
+
+def test_a_connection_flood_holds_bounded_memory_and_the_process_recovers(webhook):
+    """More silent TLS connections than MAX_CONNECTIONS (the oldest make room for the newer ones, and a review on a
+    new connection is answered), then as many sockets that never start TLS as the descriptor limit allows: the
+    process stays under the bound and answers again once they are gone. (While every descriptor is taken new
+    connections wait in the kernel's backlog or fail: what keeps other clients out is the NetworkPolicy component.)"""
+    from webhook.server import MAX_CONNECTIONS, MAX_OPEN_FILES
+
+    w = webhook()
+    baseline = w.peak_mb()
+    silent = [w.raw() for _ in range(MAX_CONNECTIONS + 100)]  # TLS up, not one byte sent: idle, so evictable
+    plain: list[socket.socket] = []
+    try:
+        assert w.client.post("/mutate", json=REVIEW).status_code == 200
+        closed = 0
+        for conn in silent[:100]:  # the 100 oldest made room for the newer ones
+            conn.settimeout(30)
+            try:
+                closed += conn.recv(1) == b""
+            except (ConnectionError, ssl.SSLError):
+                closed += 1
+        assert closed == 100
+        plain += [socket.create_connection(("127.0.0.1", w.port)) for _ in range(MAX_OPEN_FILES)]  # never TLS
+        with w.raw() as probe:  # a round trip through the server: it has accepted what it can
+            probe.sendall(b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            _outcome(probe)
+    except OSError:
+        pass  # the descriptors ran out first on one side or the other: the flood is as big as it gets
+    finally:
+        for conn in silent + plain:
+            conn.close()
+    peak = w.peak_mb()
+    for _ in range(600):  # polled until the server has noticed the closes; not timed
+        try:
+            if w.client.post("/mutate", json=REVIEW).status_code == 200:
+                break
+        except httpx.TransportError:
+            time.sleep(0.1)
+    assert w.client.post("/mutate", json=REVIEW).status_code == 200
+    assert peak <= PEAK_MB, (baseline, peak)

@@ -53,6 +53,14 @@ def _parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="serve /mutate, /validate, /healthz, /readyz and /metrics over TLS")
     serve.add_argument("--host", default="0.0.0.0")
     serve.add_argument("--port", type=int, default=8443)
+    serve.add_argument(
+        "--probe-port", type=int, help="also serve /healthz, /readyz and /metrics (only) on this port, with slots of"
+        " its own: kubelet's probes are answered while admission connections are all taken (default: none)"
+    )
+    serve.add_argument(
+        "--max-connections", type=int, default=None, help="open admission connections at most; at the limit the"
+        " longest-idle one is closed for a new one (default: 500)"
+    )
     serve.add_argument("--tls-cert", required=True, type=Path, help="PEM certificate (re-read when it changes)")
     serve.add_argument("--tls-key", required=True, type=Path, help="PEM private key (re-read when it changes)")
     source = serve.add_mutually_exclusive_group()
@@ -163,10 +171,12 @@ def _serve(args: argparse.Namespace, settings: Any) -> int:
     from webhook import certs
     from webhook import inventory as inv
     from webhook.app import create_app
-    from webhook.server import bind, configure_logging, make_server
+    from webhook.server import MAX_CONNECTIONS, PROBE_PATHS, bind, configure_logging, limit_open_files, make_server
     from webhook.tls import ReloadingContext
 
     configure_logging(args.log_level)
+    if args.max_connections is not None and args.max_connections < 1:
+        return _fail(f"--max-connections is {args.max_connections}: give a positive number (default 1000)")
     manager = None
     cfg = _self_managed(settings)
     if cfg is not None:
@@ -188,22 +198,31 @@ def _serve(args: argparse.Namespace, settings: Any) -> int:
             inventory = inv.WatchingInventory(inv.api_client(args.kubeconfig))
     except Exception as exc:  # noqa: BLE001 - kubeconfig/in-cluster problems come in many types; all are fatal here
         return _fail(f"cannot set up the node inventory: {exc}")
-    try:
-        sock = bind(args.host, args.port)
-    except OSError as exc:
-        return _fail(f"cannot listen on {args.host}:{args.port}: {exc}")
+    sockets = []
+    for port in (args.port, args.probe_port):
+        if port is None:
+            continue
+        try:
+            sockets.append(bind(args.host, port))
+        except OSError as exc:
+            return _fail(f"cannot listen on {args.host}:{port}: {exc}")
+    probe_port = sockets[1].getsockname()[1] if len(sockets) > 1 else None
+    limit_open_files()
     readiness = [lambda: manager.ready_reason(tls.cert_pem)] if manager is not None else []
     app = create_app(inventory, settings, readiness=readiness)
-    server = make_server(app, tls, host=args.host, port=args.port)
+    server = make_server(app, tls, host=args.host, port=args.port, probe_port=probe_port,
+                         max_connections=args.max_connections or MAX_CONNECTIONS)
     stopping = threading.Event()
     if manager is not None:
         threading.Thread(target=manager.run, args=(stopping, CERT_RECONCILE_SECONDS), name="certs", daemon=True).start()
-    log.info("serving on https://%s:%d", args.host, sock.getsockname()[1])
+    log.info("serving on https://%s:%d", args.host, sockets[0].getsockname()[1])
+    if probe_port is not None:
+        log.info("probes on https://%s:%d (%s)", args.host, probe_port, " ".join(sorted(PROBE_PATHS)))
     # Everything built so far (modules, the app, a file inventory) lives as long as the process: keep it out of
     # the collector's full passes, which otherwise walk it all and show up as latency spikes.
     gc.freeze()
     try:
-        server.run(sockets=[sock])
+        server.run(sockets=sockets)
     finally:
         stopping.set()
     return EXIT_OK
