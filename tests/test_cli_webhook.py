@@ -270,6 +270,33 @@ def test_serve_with_a_nodes_file_answers_reviews_and_logs_json_lines(tmp_path, e
     assert {"level": "info", "logger": "uvicorn.error", "message": "Application shutdown complete."} in messages
 
 
+def test_serve_with_a_probe_port_serves_probes_and_metrics_there_and_nothing_else(tmp_path, env):
+    nodes = tmp_path / "nodes.json"
+    nodes.write_text(json.dumps(NODES))
+    probe_port = _free_port()
+    server = _Process(["--nodes-file", str(nodes), "--probe-port", str(probe_port), "--max-connections", "50"], env, tmp_path)
+    try:
+        assert server.get_when_up("/readyz", 200).status_code == 200
+        with httpx.Client(base_url=f"https://127.0.0.1:{probe_port}", verify=client_context(server.ca)) as probes:
+            assert probes.get("/readyz").json() == {"status": "ready", "nodes": 2, "namespaces": 0}
+            assert probes.get("/healthz").status_code == 200
+            assert "model_cache_" in probes.get("/metrics").text
+            assert probes.post("/mutate", json={}).status_code == 404
+    finally:
+        assert server.stop() == -signal.SIGTERM
+    messages = [json.loads(line)["message"] for line in server.log.read_text().splitlines()]
+    assert f"probes on https://127.0.0.1:{probe_port} (/healthz /metrics /readyz)" in messages
+
+
+def test_serve_refuses_a_connection_limit_below_one(tmp_path, env):
+    proc = subprocess.run(
+        [EXE, "serve", "--tls-cert", "x", "--tls-key", "y", "--nodes-file", "z", "--max-connections", "0"],
+        env=env, capture_output=True, text=True, timeout=60,
+    )
+    assert (proc.returncode, proc.stderr) == (
+        2, "model-cache-webhook: --max-connections is 0: give a positive number (default 500)\n")
+
+
 def test_serve_with_a_kubeconfig_is_ready_once_the_watch_has_listed(tmp_path, env):
     fake = FakeApiServer()
     fake.hold("nodes")

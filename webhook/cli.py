@@ -176,7 +176,7 @@ def _serve(args: argparse.Namespace, settings: Any) -> int:
 
     configure_logging(args.log_level)
     if args.max_connections is not None and args.max_connections < 1:
-        return _fail(f"--max-connections is {args.max_connections}: give a positive number (default 1000)")
+        return _fail(f"--max-connections is {args.max_connections}: give a positive number (default 500)")
     manager = None
     cfg = _self_managed(settings)
     if cfg is not None:
