@@ -460,3 +460,12 @@ def test_certificate_settings_default_to_the_manifests_names(monkeypatch):
         False, "model-cache-system", "model-cache-tls", "model-cache", "model-cache"
     )
     assert load_settings(manage_certs="true").manage_certs is True
+
+
+def test_the_documented_connection_limit_is_the_one_in_force():
+    from webhook.cli import _parser
+    from webhook.server import MAX_CONNECTIONS
+
+    serve = _parser()._subparsers._group_actions[0].choices["serve"]
+    [action] = [a for a in serve._actions if "--max-connections" in a.option_strings]
+    assert f"(default: {MAX_CONNECTIONS})" in action.help
