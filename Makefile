@@ -5,15 +5,43 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all setup system-deps demo lint test bench clean
+.PHONY: all setup system-deps demo lint test bench clean lock
 
 all: test
 
-$(STAMP): pyproject.toml
+# The venv holds requirements/dev.txt (the `webhook` and `test` extras, locked with hashes) and the build
+# requirements; the project goes in editable, without resolving anything (--require-hashes cannot install an
+# editable project, and every dependency is already there).
+$(STAMP): pyproject.toml requirements/dev.txt requirements/build.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[webhook,test]'
+	$(PY) -m pip install --quiet --require-hashes -r requirements/dev.txt -r requirements/build.txt
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
+
+# Refresh the locks (README "Images": reproducible builds). Each file pins every distribution of one install set
+# with the hashes of all its files (every platform's wheels, so amd64 and arm64 builds check the same lock):
+#   dev.txt      `make`'s venv: .[webhook,test]
+#   webhook.txt  Dockerfile.webhook: .[webhook], at dev.txt's versions
+#   loader.txt   Dockerfile.loader: the project's own dependencies, at dev.txt's versions
+#   build.txt    what builds the project's wheel (setuptools), for --no-build-isolation
+# Resolved against the default index alone (no local wheel folders or extra indexes: their files would add hashes
+# the index does not serve). `make lock` moves every pin to the newest release the bounds in pyproject.toml
+# allow; `make lock LOCK_UPGRADE='--upgrade-package NAME'` moves one; `make lock LOCK_UPGRADE=` only adds what
+# changed in pyproject.toml.
+LOCK_TOOLS   := $(VENV)/lock-tools
+LOCK_UPGRADE ?= --upgrade
+PIP_COMPILE   = env -u PIP_FIND_LINKS -u PIP_EXTRA_INDEX_URL -u PIP_INDEX_URL -u PIP_CONSTRAINT \
+                  PIP_CONFIG_FILE=/dev/null CUSTOM_COMPILE_COMMAND='make lock' \
+                  $(LOCK_TOOLS)/bin/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras $(LOCK_UPGRADE)
+
+lock:
+	$(PYTHON) -m venv $(LOCK_TOOLS)
+	$(LOCK_TOOLS)/bin/python -m pip install --quiet 'pip-tools==7.6.2'
+	$(PIP_COMPILE) --extra webhook --extra test -o requirements/dev.txt pyproject.toml
+	$(PIP_COMPILE) --extra webhook -c requirements/dev.txt -o requirements/webhook.txt pyproject.toml
+	$(PIP_COMPILE) -c requirements/dev.txt -o requirements/loader.txt pyproject.toml
+	$(PIP_COMPILE) --only-build-deps --build-deps-for=wheel -o requirements/build.txt pyproject.toml
 
 # Debian's CNCF Distribution registry and skopeo: the tests and the demo run against them.
 system-deps:

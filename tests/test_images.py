@@ -1,7 +1,12 @@
-"""The container images, checked without a Docker engine: the Dockerfiles are parsed and held to what the
-deployment relies on (a pinned slim base, wheels built in one stage and only installed in the last, a numeric
-non-root USER that matches the Deployment, an exec-form ENTRYPOINT naming an installed console script, a
+"""The container images, checked without a Docker engine or a builder: the Dockerfiles are parsed and held to what
+the deployment relies on (one base pinned by digest, locked wheels fetched and hash-checked in one stage and only
+installed in the last, pip settings only through build secrets, OCI labels, a precompiled standard library, a
+numeric non-root USER that matches the Deployment, an exec-form ENTRYPOINT naming an installed console script, a
 read-only-root-friendly environment), and .dockerignore is evaluated with Docker's matching rules.
+
+The locks (requirements/*.txt) are checked against the installed distributions: each image's lock pins exactly
+the closure of what that image installs, every pin with hashes, at the versions `make`'s venv holds; the loader's
+lock holds no distribution of the webhook extra.
 
 The extras split is checked against the installed distributions: the loader image installs the project alone and
 the webhook image ``model-cache[webhook]``; each side's imports (read from the source, imports inside functions
@@ -28,6 +33,7 @@ from pathlib import Path
 import pytest
 import yaml
 from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
 
 from loader import contract
@@ -36,13 +42,16 @@ from webhook.cli import WEBHOOK_EXTRA
 ROOT = Path(__file__).resolve().parent.parent
 IMAGES = {"webhook": "Dockerfile.webhook", "loader": "Dockerfile.loader"}
 ENTRYPOINTS = {"webhook": "model-cache-webhook", "loader": "model-loader"}
-# What each image builds wheels of and installs: the loader the project alone, the webhook its `webhook` extra too.
-WHEELS = {"webhook": ".[webhook]", "loader": "."}
-INSTALLS = {"webhook": "model-cache[webhook]", "loader": "model-cache"}
-BASE = "python:3.11.14-slim-bookworm"
-# An exact patch version of a slim Debian 12 Python 3.11, optionally also pinned by digest.
-PINNED = re.compile(r"^python:3\.11\.\d+-slim-bookworm(@sha256:[0-9a-f]{64})?$")
-BUILD_TOOLS = re.compile(r"\b(apt-get|apt|apk|gcc|g\+\+|make|build-essential|python3?-dev|pip wheel|setup\.py)\b")
+# The lock each image installs, and the one `make`'s venv installs.
+LOCKS = {"webhook": "requirements/webhook.txt", "loader": "requirements/loader.txt", "dev": "requirements/dev.txt",
+         "build": "requirements/build.txt"}
+# The extras each lock's install set holds, besides [project].dependencies.
+LOCK_EXTRAS = {"loader": (), "webhook": ("webhook",), "dev": ("webhook", "test")}
+# One exact patch of a slim Debian 12 Python 3.11, pinned by the digest of its multi-arch index.
+PINNED = re.compile(r"^python:3\.11\.\d+-slim-bookworm@sha256:[0-9a-f]{64}$")
+BUILD_TOOLS = re.compile(r"\b(apt-get|apt|apk|gcc|g\+\+|make|build-essential|python3?-dev|setup\.py)\b")
+PIP_ENV = {"PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_NO_CACHE_DIR": "1"}
+SECRETS = ("type=secret,id=pip.conf", "type=secret,id=pip-ca")  # pip's settings, mounted for one RUN only
 
 
 # --- a small Dockerfile parser ---------------------------------------------------------------------------------
@@ -51,8 +60,22 @@ BUILD_TOOLS = re.compile(r"\b(apt-get|apt|apk|gcc|g\+\+|make|build-essential|pyt
 @dataclasses.dataclass(frozen=True)
 class Instruction:
     name: str  # upper case
-    flags: dict[str, str]  # --from=build, --mount=... (leading --x=y options)
+    flags: dict[str, tuple[str, ...]]  # --from=build, --mount=... (leading --x=y options; a flag may repeat)
     args: str  # the rest, as written
+
+    def commands(self) -> list[tuple[dict[str, str], list[str]]]:
+        """A shell-form RUN as its ``&&``-joined commands: (leading VAR=value assignments, argv) each."""
+        out: list[tuple[dict[str, str], list[str]]] = [({}, [])]
+        for word in shlex.split(self.args):
+            env, argv = out[-1]
+            if word == "&&":
+                out.append(({}, []))
+            elif not argv and re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", word):
+                key, _, value = word.partition("=")
+                env[key] = value
+            else:
+                argv.append(word)
+        return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +86,12 @@ class Stage:
 
     def all(self, name: str) -> list[Instruction]:
         return [i for i in self.body if i.name == name]
+
+
+@dataclasses.dataclass(frozen=True)
+class Dockerfile:
+    args: dict[str, str]  # the global ARGs (before the first FROM) and their defaults
+    stages: list[Stage]
 
 
 def logical_lines(text: str) -> list[str]:
@@ -85,17 +114,18 @@ def logical_lines(text: str) -> list[str]:
 
 def parse_instruction(line: str) -> Instruction:
     name, _, rest = line.partition(" ")
-    flags = {}
+    flags: dict[str, tuple[str, ...]] = {}
     rest = rest.strip()
     while rest.startswith("--"):
         token, _, rest = rest.partition(" ")
         key, _, value = token[2:].partition("=")
-        flags[key] = value
+        flags[key] = (*flags.get(key, ()), value)
         rest = rest.strip()
     return Instruction(name.upper(), flags, rest)
 
 
-def parse_dockerfile(path: Path) -> list[Stage]:
+def parse_dockerfile(path: Path) -> Dockerfile:
+    args: dict[str, str] = {}
     stages: list[Stage] = []
     for instruction in map(parse_instruction, logical_lines(path.read_text())):
         if instruction.name == "FROM":
@@ -103,90 +133,166 @@ def parse_dockerfile(path: Path) -> list[Stage]:
             alias = words[2] if len(words) == 3 and words[1].lower() == "as" else None
             assert len(words) in (1, 3), instruction
             stages.append(Stage(words[0], alias, ()))
+        elif not stages:
+            assert instruction.name == "ARG", f"{path.name}: {instruction.name} before FROM"
+            key, _, value = instruction.args.partition("=")
+            args[key] = value
         else:
-            assert stages, f"{path.name}: {instruction.name} before FROM"
             last = stages[-1]
             stages[-1] = dataclasses.replace(last, body=last.body + (instruction,))
-    return stages
+    return Dockerfile(args, stages)
+
+
+def dockerfile(image: str) -> Dockerfile:
+    return parse_dockerfile(ROOT / IMAGES[image])
 
 
 def stages_of(image: str) -> list[Stage]:
-    return parse_dockerfile(ROOT / IMAGES[image])
+    return dockerfile(image).stages
 
 
 def final(image: str) -> Stage:
     return stages_of(image)[-1]
 
 
+def words_of(instruction: Instruction) -> dict[str, str]:
+    """ENV and LABEL: KEY=value words (the legacy ``ENV KEY value`` form is refused)."""
+    out = {}
+    for word in shlex.split(instruction.args):
+        key, sep, value = word.partition("=")
+        assert sep, f"use {instruction.name} KEY=value, not the legacy form: {instruction.args}"
+        out[key] = value
+    return out
+
+
 def env_of(stage: Stage) -> dict[str, str]:
-    env = {}
-    for instruction in stage.all("ENV"):
-        for word in shlex.split(instruction.args):
-            key, sep, value = word.partition("=")
-            assert sep, f"use ENV KEY=value, not the legacy form: {instruction.args}"
-            env[key] = value
-    return env
+    return {k: v for i in stage.all("ENV") for k, v in words_of(i).items()}
 
 
-def test_parser_reads_continuations_flags_and_stages(tmp_path):
-    dockerfile = tmp_path / "Dockerfile"
-    dockerfile.write_text(
+def stage_args(stage: Stage) -> dict[str, str]:
+    return {k: v for i in stage.all("ARG") for k, _, v in [i.args.partition("=")]}
+
+
+def test_parser_reads_global_args_continuations_repeated_flags_and_stages(tmp_path):
+    path = tmp_path / "Dockerfile"
+    path.write_text(
         "# syntax=docker/dockerfile:1\n"
-        "FROM python:3.11.14-slim-bookworm AS build\n"
-        "RUN --mount=type=bind,from=build,source=/w,target=/w \\\n"
+        "ARG BASE=python:3.11.15-slim-bookworm@sha256:" + "0" * 64 + "\n"
+        "FROM ${BASE} AS build\n"
+        "RUN --mount=type=secret,id=a --mount=type=bind,from=build,source=/w,target=/w \\\n"
         "    # a comment inside a continuation\n"
-        "    echo a \\\n"
+        "    X=1 Y='a b' echo a \\\n"
         "    && echo b\n"
-        "FROM python:3.11.14-slim-bookworm\n"
+        "FROM ${BASE}\n"
         'ENTRYPOINT ["x"]\n'
     )
-    assert parse_dockerfile(dockerfile) == [
-        Stage(BASE, "build", (Instruction("RUN", {"mount": "type=bind,from=build,source=/w,target=/w"},
-                                          "echo a && echo b"),)),
-        Stage(BASE, None, (Instruction("ENTRYPOINT", {}, '["x"]'),)),
-    ]
+    run = Instruction("RUN", {"mount": ("type=secret,id=a", "type=bind,from=build,source=/w,target=/w")},
+                      "X=1 Y='a b' echo a && echo b")
+    assert parse_dockerfile(path) == Dockerfile(
+        {"BASE": "python:3.11.15-slim-bookworm@sha256:" + "0" * 64},
+        [Stage("${BASE}", "build", (run,)), Stage("${BASE}", None, (Instruction("ENTRYPOINT", {}, '["x"]'),))],
+    )
+    assert run.commands() == [({"X": "1", "Y": "a b"}, ["echo", "a"]), ({}, ["echo", "b"])]
 
 
 # --- the images ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("image", sorted(IMAGES))
-def test_multi_stage_on_a_pinned_slim_base(image):
-    stages = stages_of(image)
-    assert [(s.base, s.alias) for s in stages] == [(BASE, "build"), (BASE, None)]
-    assert all(PINNED.match(s.base) for s in stages)
+def test_one_base_pinned_by_digest_and_documented():
+    bases = {image: dockerfile(image).args for image in IMAGES}
+    assert bases["loader"] == bases["webhook"] and set(bases["loader"]) == {"BASE"}
+    base = bases["loader"]["BASE"]
+    assert PINNED.match(base), base
+    for image in IMAGES:
+        assert [(s.base, s.alias) for s in stages_of(image)] == [("${BASE}", "build"), ("${BASE}", None)]
+    # The README and the architecture doc name the same tag and digest, and say how to move them.
+    tag, _, digest = base.partition("@")
+    for doc in ("README.md", "docs/architecture.md"):
+        text = (ROOT / doc).read_text()
+        assert tag in text and digest in text, doc
+        assert "buildx imagetools inspect" in text, doc
 
 
 @pytest.mark.parametrize("image", sorted(IMAGES))
-def test_build_stage_makes_wheels_of_the_project(image):
+def test_build_stage_fetches_only_the_locked_wheels_and_builds_the_project(image):
     build = stages_of(image)[0]
-    assert [shlex.split(i.args) for i in build.all("RUN")] == [
-        ["python", "-m", "pip", "wheel", "--wheel-dir", "/wheels", WHEELS[image]]
-    ]
+    assert [i.name for i in build.body] == ["WORKDIR", "COPY", "RUN", "COPY", "COPY", "COPY", "RUN"]
     assert [(i.flags, i.args) for i in build.all("COPY")] == [
+        ({}, f"requirements/build.txt {LOCKS[image]} ./requirements/"),
         ({}, "pyproject.toml README.md ./"),
         ({}, "webhook ./webhook"),
         ({}, "loader ./loader"),
     ]
+    fetch, wheel = build.all("RUN")
+    # The only step that reaches an index: pip's settings (a private index, a proxy's CA) come from build secrets,
+    # mounted for this step alone; every file is checked against the lock's hashes; no sdist is built.
+    assert fetch.flags == {"mount": SECRETS}
+    settings = {"PIP_CONFIG_FILE": "/run/secrets/pip.conf", **PIP_ENV}
+    assert fetch.commands() == [
+        (settings, ["python", "-m", "pip", "download", "--require-hashes", "--no-deps", "--only-binary=:all:",
+                    "--dest", "/wheels", "-r", LOCKS[image]]),
+        (settings, ["python", "-m", "pip", "install", "--require-hashes", "--no-deps", "-r", LOCKS["build"]]),
+    ]
+    # The project's wheel, with the locked setuptools (no isolated build environment fetching an unlocked one).
+    assert wheel.flags == {}
+    assert wheel.commands() == [
+        (PIP_ENV, ["python", "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--wheel-dir", "/wheels", "."])
+    ]
 
 
 @pytest.mark.parametrize("image", sorted(IMAGES))
-def test_runtime_stage_installs_only_the_wheels(image):
+def test_runtime_stage_installs_only_the_locked_wheels(image):
     stage = final(image)
     assert [i.name for i in stage.body] == (
-        ["RUN", "ENV", "USER", "EXPOSE", "ENTRYPOINT"] if image == "webhook" else ["RUN", "ENV", "USER", "ENTRYPOINT"]
+        ["ARG"] * 4 + ["LABEL", "RUN", "ENV", "USER"] + (["EXPOSE"] if image == "webhook" else []) + ["ENTRYPOINT"]
     )
     [install] = stage.all("RUN")
-    # The wheels come from the build stage through a bind mount (not a COPY, so they are not a layer), pip may
-    # not reach an index, and pip is removed once it has done its job.
-    assert install.flags == {"mount": "type=bind,from=build,source=/wheels,target=/wheels"}
-    assert shlex.split(install.args) == [
-        "python", "-m", "pip", "install", "--no-cache-dir", "--no-index", "--find-links=/wheels", INSTALLS[image],
-        "&&", "python", "-m", "pip", "uninstall", "--yes", "pip", "setuptools", "wheel",
+    # The wheels and the lock come from the build stage through bind mounts (not a COPY, so they are not a
+    # layer), pip may not reach an index, the lock's hashes are checked again, `pip check` proves the lock
+    # complete, pip is removed once it has done its job, and the standard library is compiled.
+    assert install.flags == {"mount": ("type=bind,from=build,source=/wheels,target=/wheels",
+                                       "type=bind,from=build,source=/src/requirements,target=/requirements")}
+    assert install.commands() == [
+        (PIP_ENV, ["python", "-m", "pip", "install", "--no-index", "--find-links=/wheels", "--require-hashes",
+                   "--no-deps", "-r", "/" + LOCKS[image]]),
+        (PIP_ENV, ["python", "-m", "pip", "install", "--no-index", "--no-deps", "/wheels/model_cache-*.whl"]),
+        ({}, ["python", "-m", "pip", "check"]),
+        ({}, ["python", "-m", "pip", "uninstall", "--yes", "pip", "setuptools", "wheel"]),
+        ({}, ["python", "-m", "compileall", "-q", "-j", "0", "--invalidation-mode", "unchecked-hash",
+              "/usr/local/lib/python3.11"]),
     ]
     for instruction in stage.body:
         assert not BUILD_TOOLS.search(instruction.args), instruction
     assert stage.all("COPY") == [] and stage.all("ADD") == []
+
+
+@pytest.mark.parametrize("image", sorted(IMAGES))
+def test_oci_labels_name_source_version_and_revision(image):
+    stage = final(image)
+    args = stage_args(stage)
+    assert args == {"BASE": "", "VERSION": tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"],
+                    "REVISION": "unknown", "SOURCE": "https://github.com/model-cache/model-cache"}
+    [label] = stage.all("LABEL")
+    labels = words_of(label)
+    prefix = "org.opencontainers.image."
+    assert {k.removeprefix(prefix) for k in labels} == {
+        "title", "description", "source", "version", "revision", "licenses", "base.name"}
+    assert labels[prefix + "source"] == "${SOURCE}"
+    assert labels[prefix + "version"] == "${VERSION}"
+    assert labels[prefix + "revision"] == "${REVISION}"
+    assert labels[prefix + "base.name"] == "${BASE}"
+    assert labels[prefix + "title"] == f"model-cache {image}"
+    assert labels[prefix + "licenses"] == tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["license"]
+
+
+@pytest.mark.parametrize("image", sorted(IMAGES))
+def test_pip_settings_never_reach_a_layer(image):
+    # No ENV or ARG carries pip settings, an index or a credential; the only secrets are the two mounts above.
+    parsed = dockerfile(image)
+    names = set(parsed.args) | {k for s in parsed.stages for k in (*env_of(s), *stage_args(s))}
+    assert not {n for n in names if re.search(r"PIP|INDEX|TOKEN|PASSWORD|SECRET|CERT|PROXY", n, re.I)}
+    mounts = [m for s in parsed.stages for i in s.body for m in i.flags.get("mount", ())]
+    assert [m for m in mounts if "secret" in m] == list(SECRETS)
 
 
 @pytest.mark.parametrize("image", sorted(IMAGES))
@@ -246,6 +352,17 @@ def test_webhook_environment_writes_no_bytecode():
     assert env_of(final("webhook")) == {"PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1"}
 
 
+def test_readme_documents_the_multi_arch_build_and_which_builders_work():
+    readme = (ROOT / "README.md").read_text()
+    for image in IMAGES:
+        header = (ROOT / IMAGES[image]).read_text()
+        for text in (readme, header):
+            assert f"docker buildx build --platform linux/amd64,linux/arm64 -f {IMAGES[image]}" in text
+            assert f"podman build --platform linux/amd64,linux/arm64 -f {IMAGES[image]}" in text
+            assert "--secret id=pip.conf,src=" in text
+    assert "BuildKit" in readme and "buildah" in readme and "make lock" in readme
+
+
 # --- the build context -----------------------------------------------------------------------------------------
 
 
@@ -302,6 +419,10 @@ def test_dockerignore_matcher():
         ("README.md", True),
         ("webhook/cli.py", True),
         ("loader/contract.py", True),
+        ("requirements/loader.txt", True),
+        ("requirements/webhook.txt", True),
+        ("requirements/build.txt", True),
+        ("requirements/dev.txt", False),
         ("webhook/__pycache__/cli.cpython-311.pyc", False),
         ("loader/stray.pyc", False),
         (".venv/bin/python", False),
@@ -320,7 +441,8 @@ def test_context_holds_only_what_the_wheel_needs():
     tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
     sent = {p for p in tracked if in_context(p)}
     assert {"pyproject.toml", "README.md"} <= sent
-    assert {p.split("/")[0] for p in sent} == {"pyproject.toml", "README.md", "webhook", "loader"}
+    assert {p.split("/")[0] for p in sent} == {"pyproject.toml", "README.md", "requirements", "webhook", "loader"}
+    assert {p for p in sent if p.startswith("requirements/")} == {LOCKS[i] for i in (*IMAGES, "build")}
 
 
 @pytest.mark.parametrize("image", sorted(IMAGES))
@@ -332,7 +454,7 @@ def test_every_copy_source_exists_and_is_in_the_context(image):
         if "from" not in copy.flags
         for src in copy.args.split()[:-1]
     ]
-    assert sources == ["pyproject.toml", "README.md", "webhook", "loader"]
+    assert sources == ["requirements/build.txt", LOCKS[image], "pyproject.toml", "README.md", "webhook", "loader"]
     for src in sources:
         path = ROOT / src
         assert path.exists(), src
@@ -512,3 +634,99 @@ def test_the_webhook_cli_without_its_extra_says_what_to_install(argv):
     assert "Traceback" not in done.stderr
     [line] = done.stderr.splitlines()
     assert line.startswith("model-cache-webhook: ") and line.endswith("install model-cache[webhook]"), line
+
+
+# --- the locks: every image's install set pinned with hashes, and used -------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Pin:
+    version: str
+    hashes: frozenset[str]
+
+
+def read_lock(which: str) -> dict[str, Pin]:
+    """A lock as pip-compile writes it (NAME==VERSION, then --hash=sha256:... options; comments and "via" lines)."""
+    pins: dict[str, Pin] = {}
+    text = (ROOT / LOCKS[which]).read_text().replace("\\\n", " ")
+    for line in text.splitlines():
+        line = line.partition("#")[0].strip()
+        if not line:
+            continue
+        requirement, *options = line.split()
+        req = Requirement(requirement)
+        [spec] = req.specifier
+        assert spec.operator == "==" and not req.extras and req.marker is None, line
+        assert options and all(re.fullmatch(r"--hash=sha256:[0-9a-f]{64}", o) for o in options), line
+        name = canonicalize_name(req.name)
+        assert name not in pins, f"{LOCKS[which]}: {name} twice"
+        pins[name] = Pin(spec.version, frozenset(o.removeprefix("--hash=") for o in options))
+    return pins
+
+
+def install_set(which: str) -> set[str]:
+    """The distributions pip installs for the project with the lock's extras, besides the project itself."""
+    wanted = [*declared("project").values(), *(r for extra in LOCK_EXTRAS[which] for r in declared(extra).values())]
+    return closure(wanted)
+
+
+@pytest.mark.parametrize("which", sorted(LOCK_EXTRAS))
+def test_each_lock_pins_its_whole_install_set_with_hashes(which):
+    lock = read_lock(which)
+    # Exactly the closure: nothing missing (--require-hashes would refuse the build), nothing extra.
+    assert set(lock) == install_set(which)
+    # One set of versions: the images' locks are dev.txt's pins, hashes and all, and dev.txt is what `make`'s
+    # venv holds (the metadata the closure above was read from is that of the locked versions).
+    dev = read_lock("dev")
+    assert {name: dev[name] for name in lock} == lock
+    assert {name: importlib.metadata.version(name) for name in lock} == {n: p.version for n, p in lock.items()}
+
+
+def test_the_loader_lock_holds_no_webhook_only_distribution():
+    loader, webhook = read_lock("loader"), read_lock("webhook")
+    assert set(loader) == LOADER_CLOSURE
+    webhook_only = set(webhook) - install_set("loader")
+    assert webhook_only >= {"fastapi", "kubernetes", "cryptography", "pydantic", "starlette", "urllib3", "uvicorn"}
+    assert not set(loader) & webhook_only
+    assert set(loader) < set(webhook)
+
+
+def test_the_build_lock_pins_a_setuptools_that_builds_the_project():
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    [requires] = pyproject["build-system"]["requires"]
+    req = Requirement(requires)
+    # license = "Apache-2.0" (a PEP 639 expression) needs setuptools 77; 70 fails to build the project.
+    assert pyproject["project"]["license"] == "Apache-2.0"
+    assert req.name == "setuptools" and "76.9" not in req.specifier and "77.0" in req.specifier
+    build = read_lock("build")
+    assert set(build) == {"setuptools"} and build["setuptools"].version in req.specifier
+    assert SpecifierSet(">=77").contains(build["setuptools"].version)
+
+
+def makefile_rule(target: str) -> list[str]:
+    """The recipe lines of one Makefile rule, with make's variables left as written."""
+    lines = (ROOT / "Makefile").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if re.match(rf"{re.escape(target)}\s*:", line))
+    recipe = []
+    for line in lines[start + 1:]:
+        if not line.startswith("\t"):
+            break
+        recipe.append(line.strip())
+    return recipe
+
+
+def test_make_installs_the_dev_lock_and_refreshes_every_lock():
+    assert makefile_rule("$(STAMP)") == [
+        "$(PYTHON) -m venv $(VENV)",
+        "$(PY) -m pip install --quiet --upgrade pip",
+        "$(PY) -m pip install --quiet --require-hashes -r requirements/dev.txt -r requirements/build.txt",
+        "$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .",
+        "touch $(STAMP)",
+    ]
+    makefile = (ROOT / "Makefile").read_text()
+    assert re.search(r"^\$\(STAMP\): pyproject\.toml requirements/dev\.txt requirements/build\.txt$", makefile, re.M)
+    written = [re.search(r"-o (\S+) pyproject\.toml$", line) for line in makefile_rule("lock")]
+    assert sorted(m.group(1) for m in written if m) == sorted(LOCKS.values())
+    assert "--generate-hashes" in makefile and "CUSTOM_COMPILE_COMMAND='make lock'" in makefile
+    for path in LOCKS.values():
+        assert "#    make lock\n" in (ROOT / path).read_text(), f"{path} says how it is refreshed"
