@@ -34,6 +34,12 @@ FLAG_PLAIN_HTTP_REGISTRY = "--plain-http-registry"  # HOST[:PORT] spoken to over
 ENV_POD_UID = "MODEL_CACHE_POD_UID"  # fieldRef metadata.uid: in the loader and in every app container it mounts into
 ENV_NODE_NAME = "MODEL_CACHE_NODE_NAME"  # fieldRef spec.nodeName: in the loader
 
+# --- the CSI path (issue 12): the volume the webhook writes, the node agent's driver serves -------------------------
+#: The CSI driver name (a CSIDriver object of this name; kubelet lists it in the node's CSINode once registered).
+CSI_DRIVER = "model.cache"
+#: volumeAttributes key holding the model reference of an inline CSI volume.
+CSI_ATTR_REF = "ref"
+
 # --- cache layout (relative to the cache root) ------------------------------------------------------------------
 BLOBS_DIR = "blobs/sha256"  # verified blobs, read-only, named by hex digest
 PARTIAL_DIR = "partial"  # in-flight downloads and their resume state
@@ -90,3 +96,4 @@ class ExitCode(enum.IntEnum):
     NO_SPACE = 6  # not enough free disk in the cache
     NETWORK = 7  # registry unreachable or failing after retries
     INVALID_ARTIFACT = 8  # unsafe names, unsupported media types, malformed manifests
+    PERMISSION = 9  # the loader's uid may not write (or read) a path in the cache: the message names uid, path, owner

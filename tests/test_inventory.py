@@ -77,7 +77,7 @@ def test_initial_list_publishes_a_synced_snapshot_of_nodes_and_namespaces(fake, 
         node_from_dict(crio),
     ]
     assert dict(snap.namespaces) == {"default": {}, "models": {"model.cache/enabled": "true"}}
-    assert inventory.lists == {"nodes": 1, "namespaces": 1}
+    assert inventory.lists == {"nodes": 1, "namespaces": 1, "csinodes": 1}
 
 
 def test_large_inventories_are_listed_in_pages(fake, watching):
@@ -136,7 +136,7 @@ def test_watch_events_add_modify_and_delete_nodes(fake, watching):
     fake.delete("namespaces", "team-a")
     assert inventory.wait_for(lambda s: "team-a" not in s.namespaces, WAIT) is not None
     # Events alone: never a second list.
-    assert inventory.lists == {"nodes": 1, "namespaces": 1}
+    assert inventory.lists == {"nodes": 1, "namespaces": 1, "csinodes": 1}
 
 
 def test_node_and_namespace_updates_that_change_nothing_the_decision_reads_keep_the_snapshot(fake, watching):
@@ -171,16 +171,21 @@ def test_relists_and_deletions_that_change_nothing_publish_nothing(fake, tmp_pat
     published = []
     inventory.publish = published.append
     inventory._replace_namespaces([namespace("team-a")])
+    inventory._replace_csinodes([csinode("n1", "model.cache")])
     inventory._replace_nodes([node("n1"), node("n2")])
-    assert len(published) == 2 and published[-1].synced
+    assert len(published) == 3 and published[-1].synced
     inventory._replace_nodes([node("n2"), node("n1")])  # the same nodes again (a 410 relist)
     inventory._replace_namespaces([namespace("team-a")])
+    inventory._replace_csinodes([csinode("n1", "model.cache"), csinode("n2")])
     inventory._node_event("DELETED", node("gone"))
     inventory._namespace_event("DELETED", namespace("gone"))
+    inventory._csinode_event("DELETED", csinode("gone", "model.cache"))
+    inventory._csinode_event("MODIFIED", csinode("n2", "ebs.csi.aws.com"))  # still no agent there
     inventory._node_event("MODIFIED", {"metadata": {}})  # unreadable: ignored with a warning
-    assert len(published) == 2
+    inventory._csinode_event("MODIFIED", {"metadata": {}})
+    assert len(published) == 3
     inventory._replace_nodes([node("n1")])  # n2 went while the watch was down
-    assert len(published) == 3 and names(published[-1]) == ["n1"]
+    assert len(published) == 4 and names(published[-1]) == ["n1"] and published[-1].agents == {"n1"}
 
 
 def test_a_list_keeps_only_what_the_inventory_reads_of_each_node():
@@ -214,7 +219,7 @@ def test_a_bookmark_moves_the_resume_point_of_the_next_watch(fake, watching):
 
     resumed = fake.wait_for_request(lambda r: r.resource == "nodes" and r.watch and r.resource_version == str(marker))
     assert resumed is not None
-    assert inventory.lists == {"nodes": 1, "namespaces": 1}
+    assert inventory.lists == {"nodes": 1, "namespaces": 1, "csinodes": 1}
 
 
 def test_410_gone_during_a_watch_relists_and_picks_up_changes_whose_events_were_lost(fake, watching):
@@ -231,7 +236,7 @@ def test_410_gone_during_a_watch_relists_and_picks_up_changes_whose_events_were_
     snap = inventory.wait_for(lambda s: names(s) == ["n1", "n2", "n3"], WAIT)
     assert snap is not None and snap.synced
     assert {n.name: n.runtime for n in snap.nodes} == {"n1": "containerd", "n2": "cri-o", "n3": "cri-o"}
-    assert inventory.lists == {"nodes": 2, "namespaces": 1}
+    assert inventory.lists == {"nodes": 2, "namespaces": 1, "csinodes": 1}
 
     # The relist's version is the new resume point, and events flow again.
     fake.put("nodes", node("n4"))
@@ -262,7 +267,7 @@ def test_failing_requests_are_retried_with_backoff(fake, watching):
     assert inventory.wait_for(lambda s: names(s) == ["n1", "n2"], WAIT) is not None
     statuses = [r.resource_version for r in fake.requests_for("nodes", watch=False)]
     assert len(statuses) == 2  # the failed list, then the one that worked
-    assert inventory.lists == {"nodes": 1, "namespaces": 1}
+    assert inventory.lists == {"nodes": 1, "namespaces": 1, "csinodes": 1}
 
 
 def test_stop_ends_the_watch_threads(fake, tmp_path):
@@ -271,7 +276,7 @@ def test_stop_ends_the_watch_threads(fake, tmp_path):
     inventory.start()
     assert inventory.wait_for(lambda s: s.synced, WAIT) is not None
     inventory.stop()
-    assert [t.is_alive() for t in inventory._threads] == [False, False]
+    assert [t.is_alive() for t in inventory._threads] == [False, False, False]
 
 
 # --- the file source ------------------------------------------------------------------------------------------
@@ -327,7 +332,7 @@ def test_load_file_reads_a_json_node_list_whose_items_have_no_kind(tmp_path):
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        pytest.param("kind: Pod\nmetadata: {name: p}\n", "document 1: expected a Node, a Namespace or a list of them, got kind 'Pod'", id="wrong-kind"),
+        pytest.param("kind: Pod\nmetadata: {name: p}\n", "document 1: expected a Node, a Namespace, a CSINode or a list of them, got kind 'Pod'", id="wrong-kind"),
         pytest.param("kind: List\nitems: {a: 1}\n", "document 1: 'items' must be a list", id="items-not-list"),
         pytest.param("kind: NodeList\nitems: [3]\n", "document 1 items[0]: expected an object, got int", id="item-not-object"),
         pytest.param("kind: Node\nmetadata: {}\n", "a Node without metadata.name", id="nameless-node"),
@@ -339,3 +344,48 @@ def test_load_file_refuses_what_is_not_an_inventory(tmp_path, text, message):
     with pytest.raises(ValueError) as info:
         inv.load_file(path)
     assert message in str(info.value)
+
+
+# --- CSINodes: where the node agent runs ------------------------------------------------------------------------
+
+
+def csinode(name: str, *drivers: str) -> dict:
+    return {
+        "apiVersion": "storage.k8s.io/v1",
+        "kind": "CSINode",
+        "metadata": {"name": name},
+        "spec": {"drivers": [{"name": d, "nodeID": name, "topologyKeys": None} for d in drivers]},
+    }
+
+
+def test_csinodes_listing_the_driver_mark_agent_nodes_and_follow_events(fake, watching):
+    fake.put("nodes", node("n1"))
+    fake.put("nodes", node("n2"))
+    fake.put("csinodes", csinode("n1", "model.cache", "ebs.csi.aws.com"))
+    fake.put("csinodes", csinode("n2", "ebs.csi.aws.com"))
+    fake.hold("csinodes")
+    inventory = watching()
+    snap = inventory.wait_for(lambda s: len(s.nodes) == 2, WAIT)
+    assert snap is not None and snap.synced is False  # not before CSINodes have listed too
+    fake.release("csinodes")
+    snap = inventory.wait_for(lambda s: s.synced, WAIT)
+    assert snap is not None and snap.agents == frozenset({"n1"})
+
+    fake.put("csinodes", csinode("n2", "ebs.csi.aws.com", "model.cache"))  # the agent registered on n2
+    assert inventory.wait_for(lambda s: s.agents == {"n1", "n2"}, WAIT) is not None
+    fake.put("csinodes", csinode("n1", "ebs.csi.aws.com"))  # and unregistered on n1
+    assert inventory.wait_for(lambda s: s.agents == {"n2"}, WAIT) is not None
+    fake.delete("csinodes", "n2")
+    assert inventory.wait_for(lambda s: s.agents == frozenset(), WAIT) is not None
+    assert inventory.lists == {"nodes": 1, "namespaces": 1, "csinodes": 1}
+
+
+def test_a_file_inventory_takes_csinodes_beside_nodes(tmp_path):
+    path = tmp_path / "fleet.yaml"
+    items = [node("n1"), node("n2"), csinode("n1", "model.cache")]
+    path.write_text(json.dumps({"apiVersion": "v1", "kind": "List", "items": items}))
+    snap = inv.load_file(path)
+    assert snap == snapshot_from(items[:2], [], synced=True, csinodes=items[2:])
+    assert snap.agents == frozenset({"n1"})
+    path.write_text(json.dumps({"kind": "CSINodeList", "items": [{"metadata": {"name": "n9"}, "spec": {}}]}))
+    assert inv.load_file(path).agents == frozenset()

@@ -172,7 +172,8 @@ def test_namespaced_objects_live_in_the_webhook_namespace(kid):
 
 # --- RBAC ------------------------------------------------------------------------------------------------------
 
-INVENTORY_RULES = [{"apiGroups": [""], "resources": ["nodes", "namespaces"], "verbs": ["get", "list", "watch"]}]
+INVENTORY_RULES = [{"apiGroups": [""], "resources": ["nodes", "namespaces"], "verbs": ["get", "list", "watch"]},
+                   {"apiGroups": ["storage.k8s.io"], "resources": ["csinodes"], "verbs": ["get", "list", "watch"]}]
 SELF_CERT_CLUSTER_RULES = [
     {
         "apiGroups": ["admissionregistration.k8s.io"],

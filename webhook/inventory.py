@@ -6,12 +6,12 @@ current snapshot is one attribute read; writers build a new snapshot and swap th
 
 Two sources feed it:
 
-* :class:`WatchingInventory`: one background thread per resource (nodes, namespaces) runs the reflector
+* :class:`WatchingInventory`: one background thread per resource (nodes, namespaces, CSINodes) runs the reflector
   protocol: a paginated LIST gives the state and a resourceVersion, then a WATCH from that version streams
   ADDED / MODIFIED / DELETED / BOOKMARK events. A watch that ends normally (server timeout) resumes from the
   last version seen; ``410 Gone`` (as an HTTP status or an ERROR event: the version was compacted away) means
   events were lost, so the thread lists again and replaces its state wholesale; any other failure backs off
-  exponentially and retries. ``synced`` turns true once both initial lists have landed and stays true through
+  exponentially and retries. ``synced`` turns true once all initial lists have landed and stays true through
   relists (a slightly stale inventory still beats none).
 * :func:`load_file`: a NodeList (or a v1 List of Nodes and Namespaces) from YAML or JSON, for offline use, the
   preview CLI and the demo; it is synced from the start.
@@ -42,7 +42,7 @@ from kubernetes import client as k8s_client
 from kubernetes import config as k8s_config
 from kubernetes.client.exceptions import ApiException
 
-from webhook.snapshot import EMPTY, Snapshot, node_from_dict, snapshot_from
+from webhook.snapshot import EMPTY, Snapshot, node_from_dict, runs_agent, snapshot_from
 
 if TYPE_CHECKING:
     import urllib3
@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 
 NODES = "nodes"
 NAMESPACES = "namespaces"
+CSINODES = "csinodes"  # which nodes run the node agent (its CSI driver registered with kubelet)
 
 _LIST_PAGE = 500
 _WATCH_SECONDS = 300  # server-side watch timeout; the apiserver caps it anyway
@@ -104,14 +105,18 @@ class Inventory:
 # --- file source -------------------------------------------------------------------------------------------
 
 
-def parse_inventory_documents(docs: list[Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Split loaded YAML/JSON documents into (nodes, namespaces).
+def parse_inventory_documents(
+    docs: list[Any],
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """Split loaded YAML/JSON documents into (nodes, namespaces, csinodes).
 
-    Accepts NodeList / NamespaceList / v1 List documents (items without a ``kind`` inside a NodeList are nodes)
-    and bare Node and Namespace documents; anything else is an error, so a wrong file is not silently empty.
+    Accepts NodeList / NamespaceList / CSINodeList / v1 List documents (items without a ``kind`` inside a NodeList
+    are nodes) and bare Node, Namespace and CSINode documents; anything else is an error, so a wrong file is not
+    silently empty.
     """
     nodes: list[dict[str, Any]] = []
     namespaces: list[dict[str, Any]] = []
+    csinodes: list[dict[str, Any]] = []
 
     def add(obj: Any, default_kind: str | None, where: str) -> None:
         if not isinstance(obj, dict):
@@ -121,20 +126,24 @@ def parse_inventory_documents(docs: list[Any]) -> tuple[list[dict[str, Any]], li
             nodes.append(obj)
         elif kind == "Namespace":
             namespaces.append(obj)
-        elif kind in ("List", "NodeList", "NamespaceList"):
+        elif kind == "CSINode":
+            csinodes.append(obj)
+        elif kind in ("List", "NodeList", "NamespaceList", "CSINodeList"):
             items = obj.get("items") or []
             if not isinstance(items, list):
                 raise ValueError(f"{where}: 'items' must be a list")
-            inner = {"NodeList": "Node", "NamespaceList": "Namespace"}.get(kind)
+            inner = {"NodeList": "Node", "NamespaceList": "Namespace", "CSINodeList": "CSINode"}.get(kind)
             for i, item in enumerate(items):
                 add(item, inner, f"{where} items[{i}]")
         else:
-            raise ValueError(f"{where}: expected a Node, a Namespace or a list of them, got kind {kind!r}")
+            raise ValueError(
+                f"{where}: expected a Node, a Namespace, a CSINode or a list of them, got kind {kind!r}"
+            )
 
     for i, doc in enumerate(docs):
         if doc is not None:
             add(doc, None, f"document {i + 1}")
-    return nodes, namespaces
+    return nodes, namespaces, csinodes
 
 
 def load_file(path: str | Path) -> Snapshot:
@@ -148,10 +157,10 @@ def load_file(path: str | Path) -> Snapshot:
         except yaml.YAMLError as exc:
             raise ValueError(f"{path}: not valid YAML or JSON: {exc}") from exc
     try:
-        nodes, namespaces = parse_inventory_documents(docs)
+        nodes, namespaces, csinodes = parse_inventory_documents(docs)
     except ValueError as exc:
         raise ValueError(f"{path}: {exc}") from exc
-    return snapshot_from(nodes, namespaces, synced=True)
+    return snapshot_from(nodes, namespaces, synced=True, csinodes=csinodes)
 
 
 def static(snapshot: Snapshot) -> Inventory:
@@ -192,13 +201,22 @@ def _slim(obj: Any) -> Any:
     if not isinstance(obj, dict):
         return obj  # _node_infos reports it
     out: dict[str, Any] = {}
-    for part, keys in (("metadata", ("name", "labels")), ("spec", ("taints", "unschedulable")), ("status", ("nodeInfo",))):
+    for part, keys in (("metadata", ("name", "labels")), ("spec", ("taints", "unschedulable", "drivers")),
+                       ("status", ("nodeInfo",))):
         value = obj.get(part)
         if isinstance(value, dict):
             out[part] = {k: value[k] for k in keys if k in value}
         elif value is not None:
             out[part] = value  # malformed: left for the reader to refuse
     return out
+
+
+def _agent_of(obj: Any) -> tuple[str, bool] | None:
+    """runs_agent() of a CSINode object, None (with a warning) for one the inventory cannot read."""
+    seen = runs_agent(obj) if isinstance(obj, dict) else None
+    if seen is None:
+        log.warning("ignoring a CSINode object the inventory cannot read: %.200r", obj)
+    return seen
 
 
 def _name(obj: dict[str, Any]) -> str:
@@ -241,7 +259,11 @@ class _Reflector:
         self.resource = resource
         core = k8s_client.CoreV1Api(api)
         # With _preload_content=False these return the raw urllib3 response, not the model they are declared to.
-        self._list: Callable[..., Any] = core.list_node if resource == NODES else core.list_namespace
+        self._list: Callable[..., Any] = {
+            NODES: core.list_node,
+            NAMESPACES: core.list_namespace,
+            CSINODES: k8s_client.StorageV1Api(api).list_csi_node,
+        }[resource]
         self._on_replace = on_replace
         self._on_event = on_event
         self._stopping = stopping
@@ -357,10 +379,12 @@ class WatchingInventory(Inventory):
         self._lock = threading.Lock()
         self._nodes: dict[str, Any] = {}
         self._namespaces: dict[str, Mapping[str, str]] = {}
+        self._agents: set[str] = set()
         self._listed: set[str] = set()
         self._reflectors = [
             _Reflector(api, NODES, self._replace_nodes, self._node_event, self._stopping),
             _Reflector(api, NAMESPACES, self._replace_namespaces, self._namespace_event, self._stopping),
+            _Reflector(api, CSINODES, self._replace_csinodes, self._csinode_event, self._stopping),
         ]
         self._threads: list[threading.Thread] = []
 
@@ -376,7 +400,8 @@ class WatchingInventory(Inventory):
             Snapshot(
                 nodes=tuple(self._nodes.values()),
                 namespaces=types.MappingProxyType(dict(self._namespaces)),
-                synced=self._listed == {NODES, NAMESPACES},
+                synced=self._listed == {NODES, NAMESPACES, CSINODES},
+                agents=frozenset(self._agents),
             )
         )
 
@@ -425,6 +450,29 @@ class WatchingInventory(Inventory):
                 if self._namespaces.get(name) == labels:
                     return
                 self._namespaces[name] = labels
+            self._publish_locked()
+
+    def _replace_csinodes(self, items: list[Any]) -> None:
+        fresh = {name for name, listed in filter(None, map(_agent_of, items)) if listed}
+        with self._lock:
+            if fresh == self._agents and CSINODES in self._listed:
+                return
+            self._agents = fresh
+            self._listed.add(CSINODES)
+            self._publish_locked()
+
+    def _csinode_event(self, kind: str, obj: dict[str, Any]) -> None:
+        seen = _agent_of(obj)
+        if seen is None:
+            return
+        name, listed = seen
+        with self._lock:
+            if (name in self._agents) == (listed and kind != "DELETED"):
+                return
+            if listed and kind != "DELETED":
+                self._agents.add(name)
+            else:
+                self._agents.discard(name)
             self._publish_locked()
 
     # -- lifecycle -----------------------------------------------------------------------------------------

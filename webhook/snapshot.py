@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from loader import contract
 from webhook.memo import AnswerMemo, DecisionMemo
 
 _VERSION = re.compile(r"^v?(\d+)\.(\d+)(?:\.(\d+))?")
@@ -61,6 +62,9 @@ class Snapshot:
     nodes: tuple[NodeInfo, ...]
     namespaces: Mapping[str, Mapping[str, str]]  # namespace name -> labels
     synced: bool
+    # Nodes that run the node agent: their CSINode object lists model-cache's CSI driver (kubelet registers it
+    # once the agent's node-driver-registrar has).
+    agents: frozenset[str] = frozenset()
     # Decisions per distinct scheduling constraint, filled lazily by nodes.choose_mode. Pods of one Deployment share
     # their constraints, so a 5000-node inventory is scanned once per snapshot and template, not once per pod.
     # Not part of the value: equality and repr ignore it.
@@ -123,14 +127,29 @@ def node_from_dict(d: Mapping[str, Any]) -> NodeInfo:
     )
 
 
+def runs_agent(csinode: Mapping[str, Any]) -> tuple[str, bool] | None:
+    """(node name, whether its CSINode lists model-cache's CSI driver) of a CSINode object, None without a name."""
+    meta, spec = _dict(csinode.get("metadata")), _dict(csinode.get("spec"))
+    name = meta.get("name")
+    if not isinstance(name, str) or not name:
+        return None
+    drivers = spec.get("drivers")
+    listed = isinstance(drivers, list) and any(_dict(d).get("name") == contract.CSI_DRIVER for d in drivers)
+    return name, listed
+
+
 def snapshot_from(
-    nodes: Sequence[Mapping[str, Any]], namespaces: Sequence[Mapping[str, Any]], synced: bool = True
+    nodes: Sequence[Mapping[str, Any]],
+    namespaces: Sequence[Mapping[str, Any]],
+    synced: bool = True,
+    csinodes: Sequence[Mapping[str, Any]] = (),
 ) -> Snapshot:
-    """A Snapshot from Node and Namespace objects (as in the ``items`` of a NodeList / NamespaceList)."""
+    """A Snapshot from Node, Namespace and CSINode objects (as in the ``items`` of their lists)."""
     ns: dict[str, Mapping[str, str]] = {}
     for obj in namespaces:
         meta = _dict(obj.get("metadata")) if isinstance(obj, Mapping) else {}
         name = meta.get("name")
         if isinstance(name, str) and name:
             ns[name] = _str_map(meta.get("labels"))
-    return Snapshot(tuple(node_from_dict(n) for n in nodes), MappingProxyType(ns), synced)
+    agents = frozenset(name for name, listed in filter(None, map(runs_agent, csinodes)) if listed)
+    return Snapshot(tuple(node_from_dict(n) for n in nodes), MappingProxyType(ns), synced, agents)

@@ -1,9 +1,9 @@
-"""A thin stand-in for kube-apiserver's list/watch of nodes and namespaces, on 127.0.0.1 over plain HTTP.
+"""A thin stand-in for kube-apiserver's list/watch of nodes, namespaces and CSINodes, on 127.0.0.1 over plain HTTP.
 
 There is no apiserver on these machines, and the inventory's reflector is exactly the part that needs one. This
 speaks the protocol the reflector relies on and nothing more:
 
-* ``GET /api/v1/{nodes,namespaces}`` lists, with ``limit``/``continue`` pagination and ``metadata.resourceVersion``;
+* ``GET /api/v1/{nodes,namespaces}`` and ``/apis/storage.k8s.io/v1/csinodes`` list, with ``limit``/``continue`` pagination and ``metadata.resourceVersion``;
 * ``?watch=1&resourceVersion=N`` streams newline-delimited JSON events (chunked) after ``N``: ADDED, MODIFIED,
   DELETED, BOOKMARK (only when ``allowWatchBookmarks``); a version older than the compaction point gets an
   ERROR event with code 410, as the real server does; :meth:`FakeApiServer.expire` also cuts open watches
@@ -29,7 +29,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
-RESOURCES = {"nodes": ("Node", "NodeList"), "namespaces": ("Namespace", "NamespaceList")}
+RESOURCES = {"nodes": ("Node", "NodeList"), "namespaces": ("Namespace", "NamespaceList"),
+             "csinodes": ("CSINode", "CSINodeList")}
+#: Where each resource is listed and watched.
+PATHS = {"/api/v1/nodes": "nodes", "/api/v1/namespaces": "namespaces", "/apis/storage.k8s.io/v1/csinodes": "csinodes"}
 
 
 @dataclass
@@ -256,11 +259,10 @@ class FakeApiServer:
             def do_GET(self) -> None:  # http.server's naming
                 url = urlsplit(self.path)
                 params = {k: v[-1] for k, v in parse_qs(url.query).items()}
-                parts = url.path.strip("/").split("/")
-                if len(parts) != 3 or parts[:2] != ["api", "v1"] or parts[2] not in RESOURCES:
+                resource = PATHS.get(url.path.rstrip("/"))
+                if resource is None:
                     self._json(*fake._store_request("GET", url.path.rstrip("/"), None))
                     return
-                resource = parts[2]
                 watch = params.get("watch") in ("1", "true")
                 with fake._cond:
                     fake.requests.append(Request(resource, watch, params.get("resourceVersion"), params))
