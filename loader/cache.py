@@ -23,6 +23,15 @@ Nothing in the cache is trusted because of where it sits. Every path is built fr
 counts as present only when it is a regular, read-only file of the descriptor's size (what a verified publish
 leaves); a ``refs/`` link counts only when it points exactly at ``../models/sha256/<hex>``; meta files are parsed
 and validated like any other input. Lock waits are bounded (:class:`~loader.errors.LockTimeout`).
+
+Who owns what (README "Who owns the cache"): loaders of different uids may share one cache through one group.
+Every directory the loader makes is ``DIR_MODE`` (group-writable and setgid, so what is made inside takes the
+directory's group) and every file it later rewrites, touches or locks is ``FILE_MODE``, set explicitly (a umask
+of 022 would drop the group's write bit). A directory of the layout that the loader owns is brought to that mode
+and to the cache root's group on every start, so a cache an older loader made heals itself; lock files are opened
+read-only (flock needs no write access), so a lock file another uid made 0644 still locks. Published blobs and
+trees stay read-only for everyone. A permission problem that remains is :class:`CachePermissionError` (exit 9),
+naming the loader's uid and groups, the path, and its owner and mode.
 """
 
 from __future__ import annotations
@@ -55,10 +64,19 @@ MODEL_LOCK_TIMEOUT = 600.0  # publishing or re-verifying one model; a holder tha
 GC_LOCK_TIMEOUT = 900.0  # a pull waiting for a running gc, or gc waiting for running pulls
 MAX_META_BYTES = 8 * 1024 * 1024
 _NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
+DIR_MODE = 0o2775  # the layout's directories and pods/<uid>: the group creates, renames and removes entries in them
+FILE_MODE = 0o664  # locks, lastuse, meta, partial downloads, pods/<uid>/.node: the group rewrites and touches them
 
 
 class CacheCorrupt(LoaderError):
     """Something in the cache is not what model-loader writes there (a planted symlink, a foreign file type)."""
+
+
+class CachePermissionError(LoaderError):
+    """The loader's uid may not write (or read) a path it needs: a root-owned new claim, or entries another uid
+    made without the group's write bit. The message names the uid, the path, its owner and mode, and the fix."""
+
+    exit_code = contract.ExitCode.PERMISSION
 
 
 @dataclass(frozen=True)
@@ -96,25 +114,27 @@ class Cache:
 
     # ---- setup ---------------------------------------------------------------------------------------------------
     def ensure(self) -> Cache:
-        """Create the layout, and refuse a cache whose own directories are not real directories."""
+        """Create the layout, and refuse a cache whose own directories are not real directories. The root and the
+        layout's directories this uid owns get DIR_MODE and the root's group (the root: this process's group,
+        unless it already has one of this process's groups)."""
         self.root.mkdir(parents=True, exist_ok=True)
+        group = _share_dir(self.root, None)
         for d in CACHE_DIRS:
             path = self.root / d
-            try:
-                os.mkdir(path, 0o755)
-            except FileExistsError:
-                pass
+            _mkdir_shared(path)
             st = os.lstat(path)
             if not stat.S_ISDIR(st.st_mode):
                 what = f"a symlink to {os.readlink(path)!r}" if stat.S_ISLNK(st.st_mode) else "not a directory"
                 raise CacheCorrupt(
                     f"cache {self.root}: {d} is {what}; model-loader never makes one, so it refuses to follow it."
                     f" Remove {path} (the cache recreates it) and find out who wrote it")
+            _share_dir(path, group, st)
         return self
 
     # ---- locks ---------------------------------------------------------------------------------------------------
     def _lock_fd(self, name: str) -> int:
-        return self.open_file(self.root / contract.LOCKS_DIR / name, os.O_RDWR | os.O_CREAT)
+        # Read-only: flock needs no write access, so a lock file another uid made 0644 still locks.
+        return self.open_file(self.root / contract.LOCKS_DIR / name, os.O_RDONLY | os.O_CREAT)
 
     @contextlib.contextmanager
     def lock(self, name: str, blocking: bool = True, timeout: float = MODEL_LOCK_TIMEOUT) -> Iterator[bool]:
@@ -150,15 +170,21 @@ class Cache:
             os.close(fd)
 
     # ---- files ---------------------------------------------------------------------------------------------------
-    def open_file(self, path: Path, flags: int, mode: int = 0o644) -> int:
-        """os.open that never follows a symlink at ``path`` (a planted link is CacheCorrupt, not followed)."""
+    def open_file(self, path: Path, flags: int, mode: int = FILE_MODE) -> int:
+        """os.open that never follows a symlink at ``path`` (a planted link is CacheCorrupt, not followed). With
+        O_CREAT, a file this uid owns gets ``mode`` exactly (the umask does not take the group's write bit)."""
         try:
-            return os.open(path, flags | _NOFOLLOW, mode)
+            fd = os.open(path, flags | _NOFOLLOW, mode)
         except OSError as exc:
             if exc.errno == errno.ELOOP:
                 raise CacheCorrupt(f"cache {self.root}: {path} is a symlink; model-loader never makes one there and"
                                    " refuses to follow it. Remove it") from exc
             raise
+        if flags & os.O_CREAT:
+            st = os.fstat(fd)
+            if st.st_uid == os.geteuid() and stat.S_IMODE(st.st_mode) != mode:
+                os.fchmod(fd, mode)
+        return fd
 
     def open_partial(self, path: Path) -> int:
         return self.open_file(path, os.O_RDWR | os.O_CREAT)
@@ -302,10 +328,8 @@ class Cache:
         """pods/<uid>/<key> -> the model: what the pod's app mounts (subPathExpr). Written once per pod and ref;
         a restarted container resolves it to the same digest whatever the tag does meanwhile."""
         pod = self.pod_dir(pod_uid)
-        with contextlib.suppress(FileExistsError):
-            os.mkdir(pod.parent, 0o755)
-        with contextlib.suppress(FileExistsError):
-            os.mkdir(pod, 0o755)
+        _mkdir_shared(pod.parent)
+        _mkdir_shared(pod)
         if not _is_real_dir(pod) or not _is_real_dir(pod.parent):
             raise CacheCorrupt(f"cache {self.root}: {pod} is not a directory model-loader made; remove it")
         if node:
@@ -385,9 +409,13 @@ class Cache:
         self.update_meta(digest, add)
 
     def touch(self, digest: str) -> None:
-        fd = self.open_file(self.root / contract.LASTUSE_DIR / _hex(digest), os.O_WRONLY | os.O_CREAT)
+        path = self.root / contract.LASTUSE_DIR / _hex(digest)
+        fd = self.open_file(path, os.O_RDONLY | os.O_CREAT)
         try:
             os.utime(fd)
+        except PermissionError:
+            # Another uid's file without the group's write bit (an older loader's 0644): a new one of ours instead.
+            _write_atomic(path, b"", self.tmp_dir())
         finally:
             os.close(fd)
 
@@ -508,8 +536,9 @@ def _mb(n: int) -> str:
 
 def _write_atomic(path: Path, data: bytes, tmpdir: Path) -> None:
     tmp = tmpdir / f".{path.name}.{uuid.uuid4().hex[:8]}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o644)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, FILE_MODE)
     try:
+        os.fchmod(fd, FILE_MODE)  # the umask's bits off again: the group rewrites it
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -572,6 +601,58 @@ def _is_real_dir(path: Path) -> bool:
         return stat.S_ISDIR(os.lstat(path).st_mode)
     except FileNotFoundError:
         return False
+
+
+def _mkdir_shared(path: Path) -> bool:
+    """mkdir with DIR_MODE exactly (the umask does not take the group's bits); False when it already existed."""
+    try:
+        os.mkdir(path, DIR_MODE)
+    except FileExistsError:
+        return False
+    os.chmod(path, DIR_MODE)
+    return True
+
+
+def _share_dir(path: Path, group: int | None, st: os.stat_result | None = None) -> int:
+    """Give a directory this uid owns DIR_MODE and ``group`` (None, for the cache root: this process's group unless
+    it already has one of this process's groups); a directory of another uid is left alone. The group the
+    directory has afterwards."""
+    st = os.lstat(path) if st is None else st
+    if st.st_uid != os.geteuid() or not stat.S_ISDIR(st.st_mode):
+        return st.st_gid
+    mine = {os.getegid(), *os.getgroups()}
+    wanted = st.st_gid if group is None and st.st_gid in mine else (os.getegid() if group is None else group)
+    if wanted != st.st_gid and wanted in mine:
+        os.chown(path, -1, wanted, follow_symlinks=False)  # the owner may give its file any group it is in
+    if stat.S_IMODE(st.st_mode) != DIR_MODE or wanted != st.st_gid:
+        os.chmod(path, DIR_MODE)  # after the chown: a chmod keeps setgid only on a group of ours
+    return wanted if wanted in mine else st.st_gid
+
+
+def permission_problem(exc: PermissionError) -> CachePermissionError:
+    """What a PermissionError means, for whoever fixes it: the loader's uid and groups, the path, and the owner
+    and mode of that path or, when it does not exist, of the directory it was to be made in."""
+    path = exc.filename
+    if path is None:
+        return CachePermissionError(f"permission denied ({exc.strerror}) running as {_whoami()}; {_FIX}")
+    path = os.fsdecode(path)
+    target = path if os.path.lexists(path) else os.path.dirname(path.rstrip("/")) or "/"
+    try:
+        st = os.lstat(target)
+        owner = f"owned by uid {st.st_uid} gid {st.st_gid} mode {stat.S_IMODE(st.st_mode):04o}"
+    except OSError as err:
+        owner = f"not readable ({err.strerror})"
+    where = f"{path}: it is {owner}" if target == path else f"{path}: its directory {target} is {owner}"
+    return CachePermissionError(f"permission denied on {where}; model-loader runs as {_whoami()}. {_FIX}")
+
+
+_FIX = ("Every loader that writes one cache needs write access to it through one group (README, Troubleshooting:"
+        " \"Exit 9\"): give the cache that group once, or set the pod's fsGroup where the volume supports it")
+
+
+def _whoami() -> str:
+    groups = ",".join(str(g) for g in sorted({os.getegid(), *os.getgroups()}))
+    return f"uid {os.geteuid()} gid {os.getegid()} (groups {groups})"
 
 
 def _chmod_nofollow(path: str | Path, mode: int) -> None:

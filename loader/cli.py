@@ -48,12 +48,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code: int = command.run(args, settings, log)
         return code
-    except LoaderError as exc:
-        log.error("failed", command=args.command, exit_code=int(exc.exit_code), error=str(exc))
-        _termination_failure(settings.termination_log, exc)
-        return int(exc.exit_code)
+    except (LoaderError, PermissionError) as exc:
+        # A PermissionError anywhere (the cache, a pull secret's file) is exit 9 naming uid, path and owner.
+        err = exc if isinstance(exc, LoaderError) else _permission_problem(exc)
+        log.error("failed", command=args.command, exit_code=int(err.exit_code), error=str(err))
+        _termination_failure(settings.termination_log, err)
+        return int(err.exit_code)
     except KeyboardInterrupt:
         return 130
+
+
+def _permission_problem(exc: PermissionError) -> LoaderError:
+    from loader.cache import permission_problem  # here: only a failed run pays for the import
+
+    return permission_problem(exc)
 
 
 def _termination_failure(path: str, exc: LoaderError) -> None:
