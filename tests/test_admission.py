@@ -280,7 +280,7 @@ def test_namespace_missing_from_inventory_assumes_no_pod_security():
 
 def test_denial_response():
     response = mutate_review(review(pod({ann.MODE: "turbo"})), SNAPSHOT, SETTINGS)
-    assert response == denied("model.cache/mode is 'turbo': use auto, image-volume or init-container")
+    assert response == denied("model.cache/mode is 'turbo': use auto, image-volume, csi or init-container")
 
 
 @pytest.mark.parametrize(
@@ -594,7 +594,7 @@ def test_settings_from_environment(monkeypatch):
         ({"node_cache_path": "var/lib"}, "MODEL_CACHE_NODE_CACHE_PATH: 'var/lib' must be a normalised absolute path other than / (e.g."
          " /var/lib/model-cache)"),
         ({"default_cache": "disk"}, "MODEL_CACHE_DEFAULT_CACHE: default_cache 'disk': use node, pod or pvc:<claim-name>"),
-        ({"default_mode": "fast"}, "MODEL_CACHE_DEFAULT_MODE: Input should be 'auto', 'image-volume' or 'init-container'"),
+        ({"default_mode": "fast"}, "MODEL_CACHE_DEFAULT_MODE: Input should be 'auto', 'image-volume', 'csi' or 'init-container'"),
         ({"allowed_registries": ["https://r.io"]}, "MODEL_CACHE_ALLOWED_REGISTRIES: allowed_registries entry 'https://r.io' is not host,"
          " host:port or host/repository-prefix (e.g. registry.example.com, 10.0.0.5:5000, ghcr.io/acme)"),
         ({"loader_run_as_user": 0}, "MODEL_CACHE_LOADER_RUN_AS_USER: Input should be greater than or equal to 1"),

@@ -36,8 +36,14 @@ def load_pod(name: str) -> dict[str, Any]:
     return yaml.safe_load((FIXTURES / f"{name}.yaml").read_text())
 
 
-def fleet(name: str, synced: bool = True) -> Snapshot:
-    return snapshot_from(FLEETS[name] if name != "none" else [], [], synced=synced)
+def fleet(name: str, synced: bool = True, agents: tuple[str, ...] = ()) -> Snapshot:
+    """A fleet; ``agents`` names the nodes whose CSINode lists the node agent's driver ("*": all of them)."""
+    nodes = FLEETS[name] if name != "none" else []
+    if agents == ("*",):
+        agents = tuple(n["metadata"]["name"] for n in nodes)
+    csinodes = [{"kind": "CSINode", "metadata": {"name": a}, "spec": {"drivers": [{"name": contract.CSI_DRIVER}]}}
+                for a in agents]
+    return snapshot_from(nodes, [], synced=synced, csinodes=csinodes)
 
 
 @dataclass(frozen=True)
@@ -50,12 +56,13 @@ class Case:
     namespace_labels: dict[str, str] | None = None
     settings: dict[str, Any] = field(default_factory=dict)
     synced: bool = True
+    agents: tuple[str, ...] = ()  # nodes running the node agent ("*": every node of the fleet)
 
     def inputs(self) -> tuple[dict[str, Any], Snapshot, Settings]:
         pod = load_pod(self.pod)
         pod["metadata"]["annotations"].update(self.annotations)
         pod["spec"].update(copy.deepcopy(self.spec))
-        return pod, fleet(self.fleet, self.synced), Settings(**self.settings)
+        return pod, fleet(self.fleet, self.synced, self.agents), Settings(**self.settings)
 
 
 CASES = [
@@ -114,6 +121,17 @@ CASES = [
         "resources": {"limits": {"cpu": "300m", "memory": "200Mi"}}}]}),
     Case("unknown-annotation-warned", "single", "crio", annotations={"model.cache/refs": "x", "model.cache/cache_": "pod"}),
     Case("hub-short-reference", "single", "crio", annotations={ann.REF: "ollama/llama3"}),
+    # Issue 12: the node agent's CSI volume, when every candidate runs the agent and not every one mounts images.
+    Case("csi-all-containerd-run-the-agent", "single", "containerd", agents=("*",)),
+    Case("csi-restricted-namespace-keeps-the-node-cache", "single", "containerd", agents=("*",),
+         namespace_labels=RESTRICTED),
+    Case("csi-mixed-fleet-all-agents", "multi", "mixed", agents=("*",),
+         spec={"imagePullSecrets": [{"name": "regcred"}, {"name": "mirror-cred"}]}),
+    Case("csi-image-volume-wins-where-all-mount-images", "single", "crio", agents=("*",)),
+    Case("csi-one-node-without-agent-gets-the-init-container", "single", "containerd", agents=("ctrd-a", "ctrd-b")),
+    Case("mode-csi-explicit", "single", "containerd", agents=("*",), annotations={ann.MODE: "csi", ann.CACHE: "pod"}),
+    Case("mode-csi-unsynced", "single", "containerd", annotations={ann.MODE: "csi"}, synced=False),
+    Case("csi-without-pull-secrets", "single", "containerd", agents=("*",), spec={"imagePullSecrets": None}),
 ]
 IDS = [c.id for c in CASES]
 
@@ -362,7 +380,7 @@ DENIALS = [
      "model.cache/ref: 'ghcr.io/acmecorp/phi3:v1' is in registry ghcr.io, which is not allowed in this cluster"
      " (allowed: ghcr.io/acme); push the model to an allowed registry or ask the cluster admin to extend"
      " MODEL_CACHE_ALLOWED_REGISTRIES"),
-    ("unknown-mode", {ann.MODE: "fast"}, {}, "model.cache/mode is 'fast': use auto, image-volume or init-container"),
+    ("unknown-mode", {ann.MODE: "fast"}, {}, "model.cache/mode is 'fast': use auto, image-volume, csi or init-container"),
     ("unknown-cache", {ann.CACHE: "disk"}, {}, "model.cache/cache is 'disk': use node, pod or pvc:<claim-name>"),
     ("bad-claim", {ann.CACHE: "pvc:Models"}, {},
      "model.cache/cache is 'pvc:Models': claim name 'Models' is not a valid PersistentVolumeClaim name (lowercase"
@@ -528,6 +546,35 @@ def test_explicit_image_volume_on_incapable_candidates_is_denied():
         " model.cache/mode to auto or init-container, or restrict the pod (nodeSelector, node affinity) to nodes"
         " running cri-o 1.33+ with kubelet 1.35+"
     )
+
+
+def test_explicit_csi_where_a_candidate_lacks_the_agent_is_denied():
+    pod = _pod_with({ann.MODE: "csi"})
+    with pytest.raises(Denied) as e:
+        mutate_pod(pod, "ml", None, fleet("mixed", agents=("crio-a", "crio-b")), Settings())
+    assert e.value.message == (
+        "model.cache/mode is 'csi' but 4 candidate nodes of 6 do not run the model-cache node agent: ctrd-a, ctrd-b,"
+        " crio-old and 1 more; set model.cache/mode to auto or init-container, or restrict the pod (nodeSelector,"
+        " node affinity) to nodes running the agent (their CSINode lists the model.cache driver)"
+    )
+
+
+def test_the_csi_path_is_admissible_under_restricted_pod_security():
+    """What the CSI path adds passes the restricted profile's volume and container rules: only csi volumes, no
+    init container, no host namespaces or privileges (the app's own containers are the app team's business)."""
+    case = next(c for c in CASES if c.id == "csi-restricted-namespace-keeps-the-node-cache")
+    pod, snapshot, settings = case.inputs()
+    out = mutate_pod(pod, "ml", RESTRICTED, snapshot, settings).pod
+    added = out["spec"]["volumes"][len(pod["spec"].get("volumes") or ()):]
+    restricted_volume_types = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
+                               "projected", "secret"}
+    assert [set(v) - {"name"} for v in added] == [{"csi"}]
+    assert {k for v in out["spec"]["volumes"] for k in v if k != "name"} <= restricted_volume_types
+    assert out["spec"].get("initContainers") == pod["spec"].get("initContainers")
+    for key in ("hostNetwork", "hostPID", "hostIPC", "securityContext"):
+        assert out["spec"].get(key) == pod["spec"].get(key)
+    assert [c.get("securityContext") for c in out["spec"]["containers"]] == [
+        c.get("securityContext") for c in pod["spec"]["containers"]]
 
 
 def main() -> None:

@@ -18,6 +18,7 @@ always denied, naming the field) or yields a pod in which
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Any
 
 import jsonpatch
@@ -31,7 +32,8 @@ from webhook import annotations as ann
 from webhook.admission import mutate_review, validate_review
 from webhook.config import Settings
 
-SNAPSHOT = fresh_snapshot()  # crio-a (pool=crio, can mount image volumes), ctrd-a (pool=ctrd); ml is restricted
+# crio-a (pool=crio, can mount image volumes), ctrd-a (pool=ctrd, runs the node agent: the CSI path); ml is restricted
+SNAPSHOT = dataclasses.replace(fresh_snapshot(), agents=frozenset({"ctrd-a"}))
 SETTINGS = [Settings(), Settings(registry_ca_configmap="registry-ca", node_cache_path="/mnt/nvme/models")]
 REFS = {"phi3": "registry.example.com/models/phi3:v1", "embed": "registry.example.com/models/bge:v2"}
 KINDS = ("containers", "initContainers", "ephemeralContainers")
@@ -180,8 +182,12 @@ def _check_mutated(before: dict[str, Any], after: dict[str, Any], cfg: Settings)
                 assert mount["mountPath"] == f"{base}/{model}" and model in models
                 if mount["name"] == cache_name:
                     assert mount["subPathExpr"] == contract.pod_subpath_expr(models[model])
-                else:  # an image volume holds the model itself
-                    assert "image" in injected[mount["name"]] and "subPathExpr" not in mount
+                else:  # an image volume or the node agent's CSI volume holds the model itself, read-only
+                    volume = injected[mount["name"]]
+                    assert "subPathExpr" not in mount
+                    assert "image" in volume or volume["csi"]["readOnly"] is True
+                    if "csi" in volume:
+                        assert volume["csi"]["volumeAttributes"] == {contract.CSI_ATTR_REF: str(models[model])}
 
     # No hostPath reaches the node cache but the injected one.
     reaching = [v["name"] for v in new["volumes"]

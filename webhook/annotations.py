@@ -13,10 +13,12 @@ On a pod (or a workload's pod template):
     Comma-separated container names that get the models (default: every app container in ``spec.containers``).
     Init containers and native sidecars may be named too; the loader runs before all of them.
 ``model.cache/mode``
-    ``auto`` (default), ``image-volume`` or ``init-container``.
+    ``auto`` (default), ``image-volume``, ``csi`` or ``init-container``. ``auto`` takes an image volume when every
+    node the pod may run on can mount one, else a CSI volume of the node agent when every such node runs it, else
+    the init container.
 ``model.cache/cache``
     ``node`` (default: a hostPath shared by every pod on the node), ``pod`` (an emptyDir) or ``pvc:<claim>``.
-    Init-container mode only.
+    Init-container mode only (the CSI path always uses the agent's node cache).
 ``model.cache/injected`` (written by the webhook)
     ``<mode>: <one-line reason>``, e.g. ``init-container: 2 of 5 candidate nodes run containerd 2.0``. A pod that
     carries it is returned unchanged, which makes the mutation idempotent under reinvocation and re-admission.
@@ -55,10 +57,11 @@ USER_KEYS: Final = (REF, MOUNT_PATH, CONTAINERS, MODE, CACHE)
 PSA_ENFORCE_LABEL: Final = "pod-security.kubernetes.io/enforce"
 PSA_NO_HOSTPATH_LEVELS: Final = frozenset({"baseline", "restricted"})
 
-Mode = Literal["auto", "image-volume", "init-container"]
-Path = Literal["image-volume", "init-container"]  # what a pod actually gets
-MODES: Final[tuple[Mode, ...]] = ("auto", "image-volume", "init-container")
+Mode = Literal["auto", "image-volume", "csi", "init-container"]
+Path = Literal["image-volume", "csi", "init-container"]  # what a pod actually gets
+MODES: Final[tuple[Mode, ...]] = ("auto", "image-volume", "csi", "init-container")
 IMAGE_VOLUME: Final = "image-volume"
+CSI: Final = "csi"
 INIT_CONTAINER: Final = "init-container"
 AUTO: Final = "auto"
 

@@ -79,7 +79,7 @@ class Settings(BaseSettings):
     loader_image: str = "ghcr.io/model-cache/loader:0.1.0"
     node_cache_path: str = contract.DEFAULT_NODE_CACHE
     default_mount_path: str = "/models"
-    default_mode: Literal["auto", "image-volume", "init-container"] = "auto"
+    default_mode: Literal["auto", "image-volume", "csi", "init-container"] = "auto"
     default_cache: str = "node"
     # The loader's resources. Kubernetes charges a pod, for its whole life, the larger of its largest init
     # container's request and the sum of its app containers' requests, per resource: so the loader's *requests*

@@ -130,7 +130,7 @@ class Plan:
 class Outcome:
     pod: dict[str, Any]
     warnings: tuple[str, ...]
-    mode: str | None  # image-volume or init-container; None when the pod was left alone
+    mode: str | None  # image-volume, csi or init-container; None when the pod was left alone
     reason: str  # one line: why this mode (and which cache), or why the pod was left alone
 
     @property
@@ -268,7 +268,7 @@ def read_plan(annotations: Mapping[str, str], spec: Mapping[str, Any], settings:
     raw_mode = annotations.get(ann.MODE)
     mode = settings.default_mode if raw_mode is None else raw_mode.strip(ann.SPACE)
     if mode not in ann.MODES:
-        raise Denied(f"{ann.MODE} is {ann.shown(raw_mode or '')}: use auto, image-volume or init-container")
+        raise Denied(f"{ann.MODE} is {ann.shown(raw_mode or '')}: use auto, image-volume, csi or init-container")
 
     raw_cache = annotations.get(ann.CACHE)
     try:
@@ -586,6 +586,41 @@ def _inject_image_volumes(spec: dict[str, Any], targets: list[dict[str, Any]], p
     _add_mounts(targets, mounts)
 
 
+def _plural_is(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
+
+
+def _inject_csi(spec: dict[str, Any], targets: list[dict[str, Any]], plan: Plan) -> list[str]:
+    """One inline CSI volume of the node agent per model, mounted read-only in the targets; returns warnings.
+
+    The agent pulls with the pod's first imagePullSecret (a CSI volume names one nodePublishSecretRef), applies the
+    shared cache's access rule, pins the digest for the pod (its uid comes with podInfoOnMount) and bind-mounts
+    the model's tree read-only: no hostPath, no init container, no secret volume in the pod."""
+    secrets = pull_secret_names(spec)
+    warnings = []
+    if len(secrets) > 1:
+        warnings.append(
+            f"model.cache: the CSI path pulls with one secret: {secrets[0]!r} (the first imagePullSecret);"
+            f" {_plural_is(len(secrets) - 1, 'other is', 'others are')} not used for models"
+        )
+    names = Namer(_taken_volume_names(spec))
+    volumes, mounts = [], []
+    for model in plan.models:
+        name = names.name(MODEL_VOLUME + model.name)
+        csi: dict[str, Any] = {
+            "driver": contract.CSI_DRIVER,
+            "readOnly": True,
+            "volumeAttributes": {contract.CSI_ATTR_REF: str(model.ref)},
+        }
+        if secrets:
+            csi["nodePublishSecretRef"] = {"name": secrets[0]}
+        volumes.append({"name": name, "csi": csi})
+        mounts.append({"name": name, "mountPath": plan.path(model), "readOnly": True})
+    spec["volumes"] = [*(spec.get("volumes") or ()), *volumes]
+    _add_mounts(targets, mounts)
+    return warnings
+
+
 def loader_security_context(as_root: bool, settings: Settings) -> dict[str, Any]:
     uid = 0 if as_root else settings.loader_run_as_user
     return {
@@ -850,6 +885,11 @@ def mutate_pod(
         if plan.cache_explicit and plan.mode_explicit:
             warnings.append(f"model.cache: {ann.CACHE} is ignored: the model is mounted as an image volume")
         _inject_image_volumes(spec, targets, plan)
+        reason = choice.reason
+    elif choice.mode == ann.CSI:
+        if plan.cache_explicit and plan.mode_explicit:
+            warnings.append(f"model.cache: {ann.CACHE} is ignored: the node agent mounts the model from its node cache")
+        warnings += _inject_csi(spec, targets, plan)
         reason = choice.reason
     else:
         cache, psa_warnings = _effective_cache(plan, namespace, namespace_labels)

@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 
 import orjson
 
+from loader import contract
 from webhook import annotations as ann
 from webhook.config import Settings
 from webhook.errors import Denied
@@ -50,7 +51,7 @@ _MEMO_LIMIT = 4096
 
 
 class Choice(NamedTuple):
-    mode: str  # ann.IMAGE_VOLUME or ann.INIT_CONTAINER
+    mode: str  # ann.IMAGE_VOLUME, ann.CSI or ann.INIT_CONTAINER
     reason: str  # one line, recorded in the STATUS annotation
     warnings: tuple[str, ...]
 
@@ -218,6 +219,10 @@ def candidate_nodes(pod_spec: Mapping[str, Any], snapshot: Snapshot) -> tuple[No
     return tuple(out)
 
 
+_AGENT = _Why("runs the model-cache node agent", "run the model-cache node agent", "node agent")
+_NO_AGENT = _Why("does not run the model-cache node agent", "do not run the model-cache node agent", "no agent")
+
+
 # --- the decision ------------------------------------------------------------------------------------------------
 
 
@@ -316,6 +321,12 @@ def _choose(mode: str, pod_spec: Mapping[str, Any], snapshot: Snapshot, settings
                 f"{asked}; not checked: {unknown}",
                 (f"model.cache: {unknown}, so whether the pod's node can mount image volumes was not checked",),
             )
+        if mode == ann.CSI:
+            return Choice(
+                ann.CSI,
+                f"{asked}; not checked: {unknown}",
+                (f"model.cache: {unknown}, so whether the pod's node runs the node agent was not checked",),
+            )
         return Choice(
             ann.INIT_CONTAINER,
             unknown,
@@ -334,6 +345,18 @@ def _choose(mode: str, pod_spec: Mapping[str, Any], snapshot: Snapshot, settings
     capable = [(node, why) for node, ok, why in assessed if ok]
     incapable = [(node, why) for node, ok, why in assessed if not ok]
     total = len(candidates)
+    without_agent = [(node, _NO_AGENT) for node in candidates if node.name not in snapshot.agents]
+
+    if mode == ann.CSI:
+        if without_agent:
+            where = f"{ann.MODE} is 'csi'" if explicit else "the cluster default mode is csi"
+            raise Denied(
+                f"{where} but {_plural(len(without_agent), 'candidate node')} of {total} do not run the model-cache"
+                f" node agent: {_names(without_agent, detail=False)}; set {ann.MODE} to auto or init-container, or"
+                " restrict the pod (nodeSelector, node affinity) to nodes running the agent (their CSINode lists"
+                f" the {contract.CSI_DRIVER} driver)"
+            )
+        return Choice(ann.CSI, f"{asked}; {_grouped([(n, _AGENT) for n in candidates], total, True)}", ())
 
     if not incapable:
         reason = _grouped(capable, total, all_capable=True)
@@ -348,6 +371,11 @@ def _choose(mode: str, pod_spec: Mapping[str, Any], snapshot: Snapshot, settings
             f" node affinity) to nodes running cri-o {settings.image_volume_min_crio}+ with kubelet"
             f" {settings.image_volume_min_kubelet}+"
         )
+    if not without_agent:
+        # Every candidate runs the node agent: its CSI volume, which needs no hostPath, init container or secret
+        # volume (so restricted namespaces keep the shared node cache).
+        agents = _grouped([(n, _AGENT) for n in candidates], total, True)
+        return Choice(ann.CSI, f"{reason}; {agents}", ())
     warnings: tuple[str, ...] = ()
     if capable:
         # A mixed set is actionable: the app team can narrow the pod to the capable pool.
