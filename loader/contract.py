@@ -74,6 +74,17 @@ def pod_subpath_expr(ref: Reference | str) -> str:
     return posixpath.join(PODS_DIR, f"$({ENV_POD_UID})", cache_key(ref))
 
 
+#: Prefix of the node labels the node agent sets for each model it holds complete (issue 12): ``WARM_LABEL_PREFIX``
+#: + the hash part of the reference's cache key, value ``"true"``. The webhook prefers nodes carrying them.
+WARM_LABEL_PREFIX = "warm.model.cache/"
+
+
+def warm_label(ref: Reference | str) -> str:
+    """The node label key saying a node holds ``ref`` complete in its node cache: ``warm.model.cache/<16 hex>``, the
+    hash of cache_key() (a valid label name whatever the reference, and distinct for distinct references)."""
+    return WARM_LABEL_PREFIX + cache_key(ref).rsplit("-", 1)[1]
+
+
 # --- where things live inside the pod -----------------------------------------------------------------------
 DEFAULT_NODE_CACHE = "/var/lib/model-cache"  # hostPath on the node for the `node` cache
 CACHE_MOUNT = "/cache"  # the cache volume inside the loader container

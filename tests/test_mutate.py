@@ -36,9 +36,13 @@ def load_pod(name: str) -> dict[str, Any]:
     return yaml.safe_load((FIXTURES / f"{name}.yaml").read_text())
 
 
-def fleet(name: str, synced: bool = True, agents: tuple[str, ...] = ()) -> Snapshot:
-    """A fleet; ``agents`` names the nodes whose CSINode lists the node agent's driver ("*": all of them)."""
-    nodes = FLEETS[name] if name != "none" else []
+def fleet(name: str, synced: bool = True, agents: tuple[str, ...] = (), warm: dict[str, list[str]] | None = None) -> Snapshot:
+    """A fleet; ``agents`` names the nodes whose CSINode lists the node agent's driver ("*": all of them); ``warm``
+    maps node names to the references their agent holds warm (labelled as the agent labels them)."""
+    nodes = copy.deepcopy(FLEETS[name]) if name != "none" else []
+    for node in nodes:
+        for ref in (warm or {}).get(node["metadata"]["name"], ()):
+            node["metadata"]["labels"][contract.warm_label(ref)] = "true"
     if agents == ("*",):
         agents = tuple(n["metadata"]["name"] for n in nodes)
     csinodes = [{"kind": "CSINode", "metadata": {"name": a}, "spec": {"drivers": [{"name": contract.CSI_DRIVER}]}}
@@ -57,12 +61,13 @@ class Case:
     settings: dict[str, Any] = field(default_factory=dict)
     synced: bool = True
     agents: tuple[str, ...] = ()  # nodes running the node agent ("*": every node of the fleet)
+    warm: dict[str, list[str]] = field(default_factory=dict)  # node -> references its agent holds warm
 
     def inputs(self) -> tuple[dict[str, Any], Snapshot, Settings]:
         pod = load_pod(self.pod)
         pod["metadata"]["annotations"].update(self.annotations)
         pod["spec"].update(copy.deepcopy(self.spec))
-        return pod, fleet(self.fleet, self.synced, self.agents), Settings(**self.settings)
+        return pod, fleet(self.fleet, self.synced, self.agents, self.warm), Settings(**self.settings)
 
 
 CASES = [
@@ -132,6 +137,16 @@ CASES = [
     Case("mode-csi-explicit", "single", "containerd", agents=("*",), annotations={ann.MODE: "csi", ann.CACHE: "pod"}),
     Case("mode-csi-unsynced", "single", "containerd", annotations={ann.MODE: "csi"}, synced=False),
     Case("csi-without-pull-secrets", "single", "containerd", agents=("*",), spec={"imagePullSecrets": None}),
+    # Warm placement: a preferred node affinity toward nodes whose agent holds the model (appended to the pod's own).
+    Case("csi-prefers-warm-nodes", "multi", "containerd", agents=("*",),
+         warm={"ctrd-a": ["registry.example.com/models/phi3:v1"], "ctrd-b": ["registry.example.com/models/phi3:v1",
+               "registry.example.com/models/llama:v9"]}),
+    Case("node-cache-prefers-warm-nodes", "affinity-crio", "mixed", warm={"crio-a": ["registry.example.com/models/llama-3-8b:q4"]},
+         annotations={ann.MODE: "init-container"}),
+    Case("pod-cache-ignores-warm-nodes", "single", "containerd", annotations={ann.CACHE: "pod"},
+         warm={"ctrd-a": ["registry.example.com/models/phi3:v1"]}),
+    Case("warm-affinity-off", "single", "containerd", settings={"warm_affinity_weight": 0},
+         warm={"ctrd-a": ["registry.example.com/models/phi3:v1"]}),
 ]
 IDS = [c.id for c in CASES]
 

@@ -108,6 +108,10 @@ class Settings(BaseSettings):
     # every loader; a model from one is never "verified over TLS" for the shared cache's access rule.
     plain_http_registries: Annotated[list[str], NoDecode] = Field(default_factory=list)
     loader_run_as_user: int = Field(default=65532, ge=1, le=2**31 - 1)
+    # Weight (1-100) of the preferred node affinity toward nodes whose node agent holds the pod's model complete
+    # (label contract.warm_label), added on the CSI and node-cache paths while some node carries that label; the
+    # scheduler then places replicas on warm nodes when they fit. 0: never.
+    warm_affinity_weight: int = Field(default=50, ge=0, le=100)
     image_volume_min_crio: str = "1.33"
     image_volume_min_kubelet: str = "1.35"
     # Self-managed certificates (see webhook/certs.py): on, the webhook keeps its CA and serving certificate in

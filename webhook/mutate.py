@@ -586,6 +586,25 @@ def _inject_image_volumes(spec: dict[str, Any], targets: list[dict[str, Any]], p
     _add_mounts(targets, mounts)
 
 
+def _prefer_warm(spec: dict[str, Any], plan: Plan, snapshot: Snapshot, settings: Settings) -> None:
+    """A preferred node affinity term (weight ``settings.warm_affinity_weight``) per model some node holds warm
+    (its node agent's label), appended to the pod's own; models no node holds add nothing."""
+    labels = [contract.warm_label(m.ref) for m in plan.models]
+    warm = [label for label in dict.fromkeys(labels) if label in snapshot.warm]
+    if not warm or settings.warm_affinity_weight == 0:
+        return
+    affinity = dict(spec.get("affinity") or {})
+    node_affinity = dict(affinity.get("nodeAffinity") or {})
+    key = "preferredDuringSchedulingIgnoredDuringExecution"
+    node_affinity[key] = [
+        *(node_affinity.get(key) or ()),
+        *({"weight": settings.warm_affinity_weight, "preference": {"matchExpressions": [{"key": label, "operator": "Exists"}]}}
+          for label in warm),
+    ]
+    affinity["nodeAffinity"] = node_affinity
+    spec["affinity"] = affinity
+
+
 def _plural_is(n: int, one: str, many: str) -> str:
     return f"{n} {one if n == 1 else many}"
 
@@ -890,11 +909,14 @@ def mutate_pod(
         if plan.cache_explicit and plan.mode_explicit:
             warnings.append(f"model.cache: {ann.CACHE} is ignored: the node agent mounts the model from its node cache")
         warnings += _inject_csi(spec, targets, plan)
+        _prefer_warm(spec, plan, snapshot, settings)
         reason = choice.reason
     else:
         cache, psa_warnings = _effective_cache(plan, namespace, namespace_labels)
         warnings += psa_warnings
         _inject_loader(spec, targets, plan, cache, settings)
+        if cache == ann.CACHE_NODE:
+            _prefer_warm(spec, plan, snapshot, settings)
         reason = f"{choice.reason}; cache {_cache_text(cache, plan.claim)}"
     warnings += _add_env(targets, plan)
 

@@ -73,6 +73,13 @@ class Snapshot:
     # Whole answers per recurring pod (webhook/memo.py), filled lazily by admission.mutate_review. Not part of the
     # value either.
     answers: AnswerMemo = field(default_factory=AnswerMemo, compare=False, repr=False, hash=False)
+    # The warm-model labels (contract.warm_label) some node carries: the node agent sets one per model its node
+    # holds complete. Derived from ``nodes`` once per snapshot.
+    warm: frozenset[str] = field(init=False, compare=False, repr=False, hash=False)
+
+    def __post_init__(self) -> None:
+        prefix = contract.WARM_LABEL_PREFIX
+        object.__setattr__(self, "warm", frozenset(k for n in self.nodes for k in n.labels if k.startswith(prefix)))
 
 
 EMPTY = Snapshot((), MappingProxyType({}), False)
