@@ -146,6 +146,18 @@ def test_a_claim_as_nfs_leaves_it_is_exit_9_naming_uid_path_and_owner_until_it_h
     }
 
 
+def test_a_pod_cache_emptydir_takes_the_loader_as_it_is(area, registry, pusher):
+    refs = push_models(registry, pusher, "pod")
+    cache = area / "empty-dir"  # kubelet makes an emptyDir root-owned 0777 (no fsGroup)
+    cache.mkdir()
+    os.chmod(cache, 0o777)
+    code, out, _ = pull(LOADER, LOADER, area, cache, refs["pod"], "--pod-uid", "pod-1")
+    assert code == 0 and out is not None and out["cache_hit"] is False
+    got = owners(cache)
+    assert got.pop(".") == (0, 0, "0777")  # not the loader's to change
+    assert got == {k: (LOADER, LOADER, "2775" if (cache / k).is_dir() else "0664") for k in got}
+
+
 def test_uid_0_and_uid_65532_loaders_share_a_node_cache_through_one_group(area, registry, pusher):
     refs = push_models(registry, pusher, "a", "b", "c")
     cache = area / "node-cache"  # hostPath DirectoryOrCreate: kubelet makes it root-owned 0755
