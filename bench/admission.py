@@ -669,7 +669,14 @@ async def _attack(args: argparse.Namespace, tally: dict[str, int]) -> dict[str, 
     coroutines = _attack_tasks(args.attacker, attacker, connections, args)
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-    tasks = [asyncio.ensure_future(c) for c in coroutines]
+    parent = os.getppid()
+
+    async def orphaned() -> None:  # the benchmark died without stopping us: stop by ourselves
+        while os.getppid() == parent:
+            await asyncio.sleep(1)
+        stop.set()
+
+    tasks = [asyncio.ensure_future(c) for c in (*coroutines, orphaned())]
     # Ready once every attack connection has been opened (or tried for 60 s): the attack is under way.
     deadline = time.monotonic() + 60
     while tally.get(_OPENED, 0) < connections and time.monotonic() < deadline and not stop.is_set():
@@ -721,7 +728,11 @@ class Attack:
     def stop(self) -> tuple[float, dict[str, int]]:
         cpu = _cpu_seconds(self.proc.pid)
         self.proc.send_signal(signal.SIGTERM)
-        out, _ = self.proc.communicate(timeout=60)
+        try:
+            out, _ = self.proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            out, _ = self.proc.communicate()
         try:
             return cpu, json.loads(out.decode().strip().splitlines()[-1])
         except (ValueError, IndexError):
