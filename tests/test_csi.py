@@ -1,0 +1,520 @@
+"""The CSI node plugin (loader/csi) over a real unix socket with a real gRPC client, against real registries, with
+real bind mounts (the tests run as root).
+
+kubelet is played by the test: it creates the target's parent directory under a "kubelet pods directory" in
+tmp_path, as kubelet does (pods/<uid>/volumes/kubernetes.io~csi/<name>/mount), and sends what kubelet sends for an
+inline ephemeral volume with podInfoOnMount. Every mount made under tmp_path is taken down in teardown, even
+after a failure.
+"""
+
+from __future__ import annotations
+
+import base64
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import pytest
+
+from loader import contract
+from loader.access import PROOF_BYTES
+from loader.cache import Cache
+from loader.csi import DRIVER_NAME, csi_pb2, csi_pb2_grpc, mounts
+from loader.csi.server import Running, serve, wait_budget
+from loader.log import Logger
+from tests.support.auth_registry import session_for, start_htpasswd_registry
+from tests.support.files import tree
+from tests.support.logged_registry import LoggedRegistry, start_logged_registry
+from tests.support.oci import Pusher, file_layer
+from tests.support.throttle import ThrottleProxy
+
+UID_A = "0f8fad5b-d9cb-469f-a165-70867728950e"
+UID_B = "7c9e6679-7425-40de-944b-e07fc1f90ae7"
+UID_C = "1b4e28ba-2fa1-11d2-883f-0016d3cca427"
+FILES = {"config.json": b'{"architectures": ["Phi3"]}', "model.safetensors": os.urandom(200_000) + b"end",
+         "tokenizer/tokenizer.json": b'{"model": {"type": "BPE"}}'}
+OTHER = {"other.bin": b"another model"}
+MOUNT = "csi"
+
+
+# ---- the node: a plugin on a socket, a kubelet pods dir, a cache --------------------------------------------------
+@dataclass
+class Node:
+    root: Path
+    sockdir: Path
+    running: Running | None = None
+    channel: grpc.Channel | None = None
+    log_lines: list[str] = field(default_factory=list)
+
+    @property
+    def socket(self) -> str:
+        return str(self.sockdir / "csi.sock")
+
+    @property
+    def pods(self) -> Path:
+        return self.root / "kubelet" / "pods"
+
+    @property
+    def cache(self) -> Path:
+        return self.root / "cache"
+
+    @property
+    def state(self) -> Path:
+        return self.sockdir / "volumes"
+
+    def start(self) -> Node:
+        stream = _Lines(self.log_lines)
+        self.running = serve(self.socket, self.cache, "node-a", str(self.pods), log=Logger(stream))  # type: ignore[arg-type]
+        self.channel = grpc.insecure_channel(f"unix://{self.socket}")
+        return self
+
+    def stop(self) -> None:
+        if self.channel is not None:
+            self.channel.close()
+            self.channel = None
+        if self.running is not None:
+            self.running.stop()
+            self.running = None
+
+    @property
+    def node(self) -> csi_pb2_grpc.NodeStub:
+        assert self.channel is not None
+        return csi_pb2_grpc.NodeStub(self.channel)
+
+    @property
+    def identity(self) -> csi_pb2_grpc.IdentityStub:
+        assert self.channel is not None
+        return csi_pb2_grpc.IdentityStub(self.channel)
+
+    def target(self, uid: str, name: str = "model") -> Path:
+        """What kubelet gives: pods/<uid>/volumes/kubernetes.io~csi/<name>/mount, its parent made."""
+        parent = self.pods / uid / "volumes" / "kubernetes.io~csi" / name
+        parent.mkdir(parents=True, exist_ok=True)
+        return parent / "mount"
+
+    def publish(self, ref: str, uid: str, name: str = "model", timeout: float = 60.0, **kw: object) -> None:
+        self.node.NodePublishVolume(publish_request(ref, uid, self.target(uid, name), name=name, **kw),  # type: ignore[arg-type]
+                                    timeout=timeout)
+
+    def unpublish(self, uid: str, name: str = "model", volume_id: str | None = None) -> None:
+        self.node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(
+            volume_id=volume_id or f"csi-{uid}-{name}", target_path=str(self.target(uid, name))), timeout=30)
+
+    def mounted(self) -> list[str]:
+        """Mount points under this node's root, in mount order."""
+        with open(mounts.MOUNTINFO) as f:
+            table = mounts.parse_mountinfo(f.read())
+        return [m.mount_point for m in table if m.mount_point.startswith(str(self.root) + "/")]
+
+
+class _Lines:
+    def __init__(self, lines: list[str]) -> None:
+        self.lines = lines
+
+    def write(self, s: str) -> None:
+        self.lines.append(s)
+
+    def flush(self) -> None:
+        pass
+
+
+def publish_request(ref: str, uid: str, target: Path | str, *, volume_id: str | None = None, readonly: bool = True,
+                    secret: dict[str, str] | None = None, context: dict[str, str] | None = None,
+                    capability: csi_pb2.VolumeCapability | None = None, staging: str = "",
+                    name: str = "model") -> csi_pb2.NodePublishVolumeRequest:
+    """What kubelet sends for `csi: {driver: model.cache, readOnly: true, volumeAttributes: {ref: REF}}`."""
+    ctx = {"csi.storage.k8s.io/ephemeral": "true", "csi.storage.k8s.io/pod.uid": uid,
+           "csi.storage.k8s.io/pod.namespace": "team-a", "csi.storage.k8s.io/pod.name": f"app-{uid[:4]}",
+           "csi.storage.k8s.io/serviceAccount.name": "default", "ref": ref}
+    if context is not None:
+        ctx = context
+    cap = capability if capability is not None else csi_pb2.VolumeCapability(
+        mount=csi_pb2.VolumeCapability.MountVolume(),
+        access_mode=csi_pb2.VolumeCapability.AccessMode(mode=csi_pb2.VolumeCapability.AccessMode.SINGLE_NODE_WRITER))
+    return csi_pb2.NodePublishVolumeRequest(
+        volume_id=volume_id or f"csi-{uid}-{name}", target_path=str(target), staging_target_path=staging,
+        volume_capability=cap, readonly=readonly, secrets=secret or {}, volume_context=ctx)
+
+
+def dockerconfig(host: str, user: str, password: str) -> dict[str, str]:
+    auth = base64.b64encode(f"{user}:{password}".encode()).decode()
+    return {".dockerconfigjson": json.dumps({"auths": {host: {"auth": auth}}})}
+
+
+def unmount_all_under(root: Path) -> None:
+    for _ in range(200):
+        with open(mounts.MOUNTINFO) as f:
+            mine = [m.mount_point for m in mounts.parse_mountinfo(f.read())
+                    if m.mount_point.startswith(str(root) + "/")]
+        if not mine:
+            return
+        subprocess.run(["umount", "-l", mine[-1]], check=False)
+
+
+@pytest.fixture
+def make_node(tmp_path) -> Iterator:
+    """Nodes on tmp_path (the socket in a short directory of its own: a unix socket path has at most 107 bytes)."""
+    made: list[Node] = []
+
+    def make(start: bool = True) -> Node:
+        sockdir = Path(tempfile.mkdtemp(prefix="csi-", dir="/tmp"))
+        node = Node(tmp_path / f"node{len(made)}", sockdir)
+        node.pods.mkdir(parents=True)
+        made.append(node)
+        return node.start() if start else node
+
+    yield make
+    for node in made:
+        try:
+            node.stop()
+        finally:
+            unmount_all_under(node.root)
+            shutil.rmtree(node.sockdir, ignore_errors=True)
+
+
+@pytest.fixture
+def node(make_node) -> Node:
+    return make_node()
+
+
+@pytest.fixture(scope="module")
+def model(registry) -> tuple[str, str]:
+    p = Pusher(registry.url)
+    digest = p.push_artifact("csi/model", "v1", [file_layer(n, d) for n, d in FILES.items()])
+    p.push_artifact("csi/other", "v1", [file_layer(n, d) for n, d in OTHER.items()])
+    return f"{registry.host}/csi/model:v1", digest
+
+
+def code_of(call, *args, **kw) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as e:
+        call(*args, **kw)
+    return e.value.code(), e.value.details()
+
+
+# ---- identity ------------------------------------------------------------------------------------------------------
+def test_identity_and_node_info(node):
+    info = node.identity.GetPluginInfo(csi_pb2.GetPluginInfoRequest(), timeout=10)
+    assert (info.name, info.vendor_version) == (DRIVER_NAME, "0.1.0")
+    assert list(node.identity.GetPluginCapabilities(csi_pb2.GetPluginCapabilitiesRequest(), timeout=10)
+                .capabilities) == []
+    probe = node.identity.Probe(csi_pb2.ProbeRequest(), timeout=10)
+    assert probe.HasField("ready") and probe.ready.value is True
+    assert node.node.NodeGetInfo(csi_pb2.NodeGetInfoRequest(), timeout=10).node_id == "node-a"
+    assert list(node.node.NodeGetCapabilities(csi_pb2.NodeGetCapabilitiesRequest(), timeout=10).capabilities) == []
+    assert oct(os.stat(node.socket).st_mode & 0o777) == "0o600"
+
+
+def test_probe_fails_when_the_cache_is_not_usable(node):
+    refs = node.cache / contract.REFS_DIR
+    shutil.rmtree(refs)
+    refs.write_text("not a directory")
+    code, msg = code_of(node.identity.Probe, csi_pb2.ProbeRequest(), timeout=10)
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "refs is not a directory" in msg
+
+
+# ---- publish and unpublish -----------------------------------------------------------------------------------------
+def test_publish_mounts_the_exact_tree_read_only_and_unpublish_takes_it_away(node, model):
+    ref, digest = model
+    target = node.target(UID_A)
+    node.publish(ref, UID_A)
+    assert tree(target) == FILES
+    assert node.mounted() == [str(target)]
+    with open(mounts.MOUNTINFO) as f:
+        m = mounts.mount_at(str(target), mounts.parse_mountinfo(f.read()))
+    assert m is not None and {"ro", "nosuid", "nodev", "noexec"} <= m.options
+    for attempt in (lambda: (target / "new.txt").write_bytes(b"x"),
+                    lambda: (target / "config.json").write_bytes(b"x"),
+                    lambda: (target / "tokenizer").rmdir()):
+        with pytest.raises(OSError) as e:
+            attempt()
+        assert e.value.errno == errno.EROFS
+    cache = Cache(node.cache)
+    assert cache.pinned(ref, UID_A) == digest  # the pod's pin, as the init-container path writes it
+    assert os.path.samefile(target, cache.model_path(digest))
+
+    node.unpublish(UID_A)
+    assert node.mounted() == [] and not target.exists() and target.parent.is_dir()
+    assert not (node.cache / contract.PODS_DIR / UID_A).exists()  # the pod's last volume: its pin went
+    assert tree(cache.model_path(digest)) == FILES  # the cached model stays for the next pod
+    assert os.listdir(node.state) == []
+    node.unpublish(UID_A)  # idempotent: a missing target is fine
+
+
+def test_publish_is_idempotent_and_refuses_another_model_at_the_target(node, model, registry):
+    ref, _ = model
+    node.publish(ref, UID_A)
+    node.publish(ref, UID_A)  # the same volume and target: OK, nothing stacked
+    assert node.mounted() == [str(node.target(UID_A))]
+    other = f"{registry.host}/csi/other:v1"
+    code, msg = code_of(node.publish, other, UID_A)  # same volume id, another model
+    assert code == grpc.StatusCode.ALREADY_EXISTS and ref in msg and other in msg
+    code, msg = code_of(node.publish, other, UID_A, volume_id="csi-another-volume")  # another volume, same target
+    assert code == grpc.StatusCode.ALREADY_EXISTS and "already has a mount" in msg
+    assert node.mounted() == [str(node.target(UID_A))] and tree(node.target(UID_A)) == FILES
+
+
+def test_two_volumes_of_one_pod_keep_its_pin_until_the_last_goes(node, model, registry):
+    ref, digest = model
+    other = f"{registry.host}/csi/other:v1"
+    node.publish(ref, UID_A, name="one")
+    node.publish(other, UID_A, name="two")
+    assert (tree(node.target(UID_A, "one")), tree(node.target(UID_A, "two"))) == (FILES, OTHER)
+    node.unpublish(UID_A, "one")
+    assert Cache(node.cache).pinned(other, UID_A) is not None and Cache(node.cache).pinned(ref, UID_A) == digest
+    node.unpublish(UID_A, "two")
+    assert not (node.cache / contract.PODS_DIR / UID_A).exists() and node.mounted() == []
+
+
+# ---- arguments ------------------------------------------------------------------------------------------------------
+def _mount_capability() -> csi_pb2.VolumeCapability:
+    return csi_pb2.VolumeCapability(mount=csi_pb2.VolumeCapability.MountVolume())
+
+
+def _ctx(**change: str | None) -> dict[str, str]:
+    ctx = {"csi.storage.k8s.io/ephemeral": "true", "csi.storage.k8s.io/pod.uid": UID_A,
+           "csi.storage.k8s.io/pod.namespace": "team-a", "csi.storage.k8s.io/pod.name": "app",
+           "csi.storage.k8s.io/serviceAccount.name": "default", "ref": "REF"}
+    for k, v in change.items():
+        key = {"ephemeral": "csi.storage.k8s.io/ephemeral", "uid": "csi.storage.k8s.io/pod.uid"}.get(k, k)
+        if v is None:
+            ctx.pop(key, None)
+        else:
+            ctx[key] = v
+    return ctx
+
+
+WRONG = {
+    "readonly-false": (dict(readonly=False), "readonly is false"),
+    "no-ref": (dict(context=_ctx(ref=None)), "volume_context has no 'ref'"),
+    "bad-ref": (dict(context=_ctx(ref="Not A Ref")), "volume_context ref 'Not A Ref' is not a model reference"),
+    "not-ephemeral": (dict(context=_ctx(ephemeral=None)), "serves only inline ephemeral volumes"),
+    "no-pod-info": (dict(context=_ctx(uid=None)), "set podInfoOnMount: true"),
+    "bad-pod-uid": (dict(context=_ctx(uid="../../etc")), "is not a pod UID"),
+    "unknown-attribute": (dict(context=_ctx(reference="x")), "does not know: ['reference']"),
+    "block": (dict(capability=csi_pb2.VolumeCapability(block=csi_pb2.VolumeCapability.BlockVolume())),
+              "access_type is block, not mount"),
+    "fs-type": (dict(capability=csi_pb2.VolumeCapability(mount=csi_pb2.VolumeCapability.MountVolume(
+        fs_type="ext4"))), "mount.fs_type is 'ext4'"),
+    "staging": (dict(staging="/var/lib/kubelet/plugins/x"), "no STAGE_UNSTAGE_VOLUME capability"),
+    "two-secret-keys": (dict(secret={".dockerconfigjson": "{}", "token": "t"}),
+                        "secrets has the keys ['.dockerconfigjson', 'token']"),
+    "secret-not-json": (dict(secret={".dockerconfigjson": "{not json"}),
+                        "nodePublishSecretRef key .dockerconfigjson: not valid JSON"),
+    "secret-helpers": (dict(secret={".dockerconfigjson": json.dumps({"credHelpers": {"r.example": "evil"}})}),
+                       "names credential helpers"),
+}
+
+
+@pytest.mark.parametrize("case", list(WRONG))
+def test_wrong_arguments_are_invalid_argument_naming_the_field_and_nothing_is_touched(node, model, case):
+    ref, _ = model
+    kw, fragment = WRONG[case]
+    if "context" in kw:
+        kw = dict(kw, context={k: (ref if v == "REF" else v) for k, v in kw["context"].items()})
+    target = node.target(UID_A)
+    code, msg = code_of(node.node.NodePublishVolume, publish_request(ref, UID_A, target, **kw), timeout=30)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and fragment in msg, msg
+    if case.startswith("secret"):
+        assert "{not json" not in msg and "evil" not in msg  # never a secret's content
+    assert not target.exists() and node.mounted() == [] and os.listdir(node.state) == []
+    assert os.listdir(node.cache / contract.MODELS_DIR) == []
+
+
+@pytest.mark.parametrize("target,fragment", [
+    ("relative/mount", "is not absolute"),
+    ("{pods}/{uid}/volumes/../../../etc", "is not a normal path"),
+    ("{root}/elsewhere/mount", "is not under the kubelet pods directory"),
+    ("", "target_path is empty"),
+], ids=["relative", "dotdot", "outside", "empty"])
+def test_bad_target_paths_are_refused(node, model, target, fragment):
+    ref, _ = model
+    path = target.format(pods=node.pods, uid=UID_A, root=node.root)
+    for call, req in ((node.node.NodePublishVolume, publish_request(ref, UID_A, path)),
+                      (node.node.NodeUnpublishVolume, csi_pb2.NodeUnpublishVolumeRequest(volume_id="v",
+                                                                                          target_path=path))):
+        code, msg = code_of(call, req, timeout=30)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and fragment in msg
+    code, msg = code_of(node.node.NodeUnpublishVolume, csi_pb2.NodeUnpublishVolumeRequest(
+        target_path=str(node.target(UID_A))), timeout=30)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "volume_id is empty" in msg
+
+
+def test_a_symlink_out_of_the_pods_dir_is_refused(node, model):
+    ref, _ = model
+    outside = node.root / "outside"
+    outside.mkdir()
+    (node.pods / UID_A).symlink_to(outside)
+    code, msg = code_of(node.publish, ref, UID_A)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "through a symlink" in msg
+    assert list(outside.rglob("*")) == [outside / "volumes", outside / "volumes" / "kubernetes.io~csi",
+                                        outside / "volumes" / "kubernetes.io~csi" / "model"]  # what the test made
+    assert node.mounted() == []
+
+
+# ---- loader errors ---------------------------------------------------------------------------------------------------
+def test_a_missing_model_is_not_found_with_the_loaders_message(node, registry):
+    ref = f"{registry.host}/csi/absent:v1"
+    code, msg = code_of(node.publish, ref, UID_A)
+    assert code == grpc.StatusCode.NOT_FOUND and "csi/absent" in msg
+    assert node.mounted() == [] and not node.target(UID_A).exists()
+    node.publish(f"{registry.host}/csi/other:v1", UID_A)  # the failed job is gone: a good ref for the volume works
+    assert tree(node.target(UID_A)) == OTHER
+
+
+@pytest.fixture(scope="module")
+def private():
+    reg = start_htpasswd_registry({"victim": "victim-secret", "mallory": "mallory-secret"})
+    try:
+        p = Pusher(reg.url, session=session_for(reg, auth=("victim", "victim-secret")))
+        reg.digest = p.push_artifact("victim/private", "v1", [file_layer(n, d) for n, d in FILES.items()])  # type: ignore[attr-defined]
+        yield reg
+    finally:
+        reg.stop()
+
+
+def test_another_tenant_is_refused_as_the_access_rule_says(node, private):
+    ref = f"{private.host}/victim/private:v1"
+    node.publish(ref, UID_A, secret=dockerconfig(private.host, "victim", "victim-secret"))
+    assert tree(node.target(UID_A)) == FILES
+    # Another pod on the node, with the victim's exact reference: no credentials, then wrong ones.
+    code, msg = code_of(node.publish, ref, UID_B)
+    assert code == grpc.StatusCode.UNAUTHENTICATED and private.host in msg
+    code, msg = code_of(node.publish, ref, UID_C, secret=dockerconfig(private.host, "victim", "guessed"))
+    assert code == grpc.StatusCode.PERMISSION_DENIED and private.host in msg and "guessed" not in msg
+    assert node.mounted() == [str(node.target(UID_A))]
+    assert sorted(os.listdir(node.cache / contract.PODS_DIR)) == [UID_A]  # no pin for the refused pods
+    assert not node.target(UID_B).exists() and not node.target(UID_C).exists()
+
+
+# ---- one download for many pods ------------------------------------------------------------------------------------
+@pytest.fixture
+def logged() -> Iterator[LoggedRegistry]:
+    reg = start_logged_registry()
+    yield reg
+    reg.cleanup()
+
+
+def test_concurrent_publishes_of_one_model_share_one_download(node, logged):
+    files = {f"shard-{i}.bin": os.urandom(300_000) for i in range(3)}
+    layers = [file_layer(n, d) for n, d in files.items()]
+    Pusher(logged.url).push_artifact("shared/model", "v1", layers)
+    ref = f"{logged.host}/shared/model:v1"
+    uids = [UID_A, UID_B, UID_C]
+    calls = [node.node.NodePublishVolume.future(publish_request(ref, uid, node.target(uid)), timeout=60)
+             for uid in uids]
+    for call in calls:
+        call.result()
+    assert [tree(node.target(uid)) for uid in uids] == [files] * 3
+    gets = [g for g in logged.blob_gets() if g.repo == "shared/model"]
+    # The loader asks for every blob with a Range (206 answers), so downloads are counted in bytes served: each
+    # blob's bytes once; the other pods proved access with a window of PROOF_BYTES of each blob (plain HTTP: proof
+    # of possession), no more.
+    served = Counter()
+    for g in gets:
+        if g.bytes > PROOF_BYTES:
+            served[g.digest] += g.bytes
+    assert served == Counter({layer.descriptor()["digest"]: len(layer.data) for layer in layers})
+    proofs = [g for g in gets if g.bytes <= PROOF_BYTES]
+    assert len(proofs) == 2 * len(layers) and all(g.status == 206 for g in proofs)
+
+
+# ---- a pull longer than kubelet's deadline -------------------------------------------------------------------------
+def test_a_pull_past_the_deadline_is_aborted_then_a_retry_completes_it(node, logged):
+    weights = os.urandom(3 << 20)
+    layer = file_layer("weights.bin", weights)
+    Pusher(logged.url).push_artifact("slow/model", "v1", [layer])
+    with ThrottleProxy(logged.url, rate=100_000) as proxy:  # 3 MB at 100 KB/s per connection: far past 2 s
+        ref = f"{proxy.host}/slow/model:v1"
+        req = publish_request(ref, UID_A, node.target(UID_A))
+        code, msg = code_of(node.node.NodePublishVolume, req, timeout=2.0)
+        assert code == grpc.StatusCode.ABORTED and "still pulling" in msg
+        code, msg = code_of(node.node.NodePublishVolume, req, timeout=2.0)  # kubelet's retry: the same pull goes on
+        assert code == grpc.StatusCode.ABORTED and "still pulling" in msg
+        assert node.mounted() == []
+        proxy.set(rate=None)
+        node.node.NodePublishVolume(req, timeout=120)
+    assert tree(node.target(UID_A)) == {"weights.bin": weights}
+    served = sum(g.bytes for g in logged.blob_gets() if g.digest == layer.descriptor()["digest"])
+    assert served == len(weights)  # one download that went on, never restarted
+    assert sum("csi.publish.pending" in line for line in node.log_lines) == 2
+
+
+def test_wait_budget_keeps_a_margin_before_the_callers_deadline():
+    assert [wait_budget(t) for t in (None, 120.0, 10.0, 2.0, 0.3)] == [110.0, 110.0, 9.0, 1.5, 0.0]
+
+
+# ---- restart -------------------------------------------------------------------------------------------------------
+def test_after_a_restart_the_mount_still_reads_and_unpublish_works(make_node, model):
+    ref, _ = model
+    node = make_node()
+    target = node.target(UID_A)
+    node.publish(ref, UID_A)
+    node.stop()
+    assert tree(target) == FILES  # a kernel bind mount: no agent needed
+    node.start()  # a new process would see the same: the socket, the state dir and the mount table
+    node.publish(ref, UID_A)  # kubelet re-publishing after the restart: recognised, nothing stacked
+    assert node.mounted() == [str(target)] and tree(target) == FILES
+    node.unpublish(UID_A)
+    assert node.mounted() == [] and not target.exists()
+    assert not (node.cache / contract.PODS_DIR / UID_A).exists()
+
+
+# ---- the command line ----------------------------------------------------------------------------------------------
+def test_the_csi_subcommand_serves_until_sigterm(make_node, model):
+    ref, _ = model
+    node = make_node(start=False)
+    proc = subprocess.Popen([sys.executable, "-m", "loader.cli", "csi", "--socket", node.socket, "--cache",
+                             str(node.cache), "--node-name", "node-b", "--pods-dir", str(node.pods)],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        channel = grpc.insecure_channel(f"unix://{node.socket}")
+        grpc.channel_ready_future(channel).result(timeout=60)
+        info = csi_pb2_grpc.NodeStub(channel).NodeGetInfo(csi_pb2.NodeGetInfoRequest(), timeout=10)
+        assert info.node_id == "node-b"
+        csi_pb2_grpc.NodeStub(channel).NodePublishVolume(publish_request(ref, UID_A, node.target(UID_A)), timeout=60)
+        assert tree(node.target(UID_A)) == FILES
+        channel.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "event=csi.serving" in err and "event=csi.publish.done" in err and "event=csi.stopping" in err
+    assert tree(node.target(UID_A)) == FILES  # the mount outlives the agent
+
+
+# ---- the generated modules -------------------------------------------------------------------------------------------
+def test_the_committed_modules_are_what_the_proto_generates(tmp_path):
+    from tests.support.csi_codegen import OUTPUTS, ROOT, generate
+
+    fresh = generate(tmp_path)
+    assert sorted(fresh) == sorted(OUTPUTS)
+    for name, data in fresh.items():
+        assert (ROOT / "loader/csi" / name).read_bytes() == data, f"loader/csi/{name} is stale: regenerate it"
+
+
+def test_one_call_per_volume_at_a_time(node, logged):
+    """A second call for a volume while the first is in flight is ABORTED (the spec's "operation pending")."""
+    Pusher(logged.url).push_artifact("busy/model", "v1", [file_layer("w.bin", os.urandom(1 << 20))])
+    with ThrottleProxy(logged.url, rate=50_000) as proxy:
+        req = publish_request(f"{proxy.host}/busy/model:v1", UID_A, node.target(UID_A))
+        first = node.node.NodePublishVolume.future(req, timeout=60)
+        deadline = time.monotonic() + 60
+        while not any("event=pull.start" in line for line in list(node.log_lines)):  # the first call is pulling
+            assert time.monotonic() < deadline, node.log_lines
+            time.sleep(0.05)
+        code, msg = code_of(node.node.NodePublishVolume, req, timeout=10)
+        assert code == grpc.StatusCode.ABORTED and "another call for volume" in msg
+        proxy.set(rate=None)
+        first.result()
+    assert node.mounted() == [str(node.target(UID_A))]
