@@ -648,7 +648,9 @@ def loader_security_context(as_root: bool, settings: Settings) -> dict[str, Any]
         "readOnlyRootFilesystem": True,
         "runAsNonRoot": not as_root,
         "runAsUser": uid,
-        "runAsGroup": uid,
+        # One group for every writer of a cache, whatever its uid: the loader makes directories setgid 2775 and
+        # mutable files 0664 for it (docs/operations.md, "Who owns the cache (exit 9)").
+        "runAsGroup": settings.loader_run_as_user,
         "seccompProfile": {"type": "RuntimeDefault"},
     }
 
