@@ -141,6 +141,7 @@ class Plugin:
         try:
             mounts.bind_read_only(res.path, req.target)
         except mounts.MountError as exc:
+            self.volumes.remove(req.volume_id)  # nothing to undo: a retry starts over, the pin waits for gc
             hint = (" (the agent needs CAP_SYS_ADMIN in the host's mount namespace: run it privileged)"
                     if exc.errno in (errno.EPERM, errno.EACCES) else "")
             raise Refusal(grpc.StatusCode.INTERNAL, f"{exc}{hint}") from exc
