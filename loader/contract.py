@@ -82,7 +82,12 @@ WARM_LABEL_PREFIX = "warm.model.cache/"
 def warm_label(ref: Reference | str) -> str:
     """The node label key saying a node holds ``ref`` complete in its node cache: ``warm.model.cache/<16 hex>``, the
     hash of cache_key() (a valid label name whatever the reference, and distinct for distinct references)."""
-    return WARM_LABEL_PREFIX + cache_key(ref).rsplit("-", 1)[1]
+    return warm_label_of_key(cache_key(ref))
+
+
+def warm_label_of_key(key: str) -> str:
+    """warm_label() from a cache key (the name of a ``refs/`` entry) rather than the reference."""
+    return WARM_LABEL_PREFIX + key.rsplit("-", 1)[-1]
 
 
 # --- where things live inside the pod -----------------------------------------------------------------------

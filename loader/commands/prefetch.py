@@ -21,7 +21,9 @@ from loader.commands.common import (
 from loader.config import LoaderSettings
 
 if TYPE_CHECKING:
+    from loader import prefetch
     from loader.log import Logger
+    from loader.pull import PullOptions
 
 NAME = "prefetch"
 
@@ -33,9 +35,15 @@ class _Terminated(BaseException):
 def add_parser(sub: SubParsers, settings: LoaderSettings) -> None:
     p = sub.add_parser(NAME, help="pull listed models into a node cache, and keep them current",
                        description="Pull every listed model into the cache; with --interval keep re-checking tags"
-                                   " and re-reading the models file. Runs as the prefetch DaemonSet.")
+                                   " and re-reading the models file. The node agent (model-loader agent) does the"
+                                   " same and more.")
+    add_prefetch_flags(p, settings, list_required=True)
+
+
+def add_prefetch_flags(p: argparse.ArgumentParser, settings: LoaderSettings, list_required: bool) -> None:
+    """The flags of prefetch, which the node agent (commands/agent.py) shares."""
     p.add_argument(contract.FLAG_CACHE, required=True, metavar="DIR", help="cache directory (the node's hostPath)")
-    src = p.add_mutually_exclusive_group(required=True)
+    src = p.add_mutually_exclusive_group(required=list_required)
     src.add_argument("--ref", action="extend", nargs="+", default=[], metavar="REF",
                      help="models to keep (repeatable)")
     src.add_argument("--models-file", metavar="FILE",
@@ -58,6 +66,19 @@ def add_parser(sub: SubParsers, settings: LoaderSettings) -> None:
 
 
 def run(args: argparse.Namespace, settings: LoaderSettings, log: Logger) -> int:
+    from loader import prefetch
+
+    cfg, opts = prefetch_config(args, settings)
+    node_api = prefetch.NodeApi.from_settings(settings) if cfg.untaint else None
+    stop = threading.Event()
+    worker = prefetch.Prefetcher(cfg, opts, log, node_api=node_api, stop=stop)
+    log.info("prefetch.start", models_file=args.models_file, refs=len(args.ref) or None, interval=args.interval,
+             untaint=args.untaint, metrics_port=args.metrics_port or None, cache=str(opts.cache))
+    return serve_until_term(args, worker, stop, log)
+
+
+def prefetch_config(args: argparse.Namespace, settings: LoaderSettings) -> tuple[prefetch.Config, PullOptions]:
+    """The prefetch configuration and pull options from prefetch's flags (UsageError for bad values)."""
     from loader import gc, prefetch
     from loader.errors import UsageError
     from loader.pull import PullOptions
@@ -91,9 +112,14 @@ def run(args: argparse.Namespace, settings: LoaderSettings, log: Logger) -> int:
         progress=settings.progress,
         progress_interval=settings.progress_interval,
     )
-    node_api = prefetch.NodeApi.from_settings(settings) if untaint else None
-    stop = threading.Event()
-    worker = prefetch.Prefetcher(cfg, opts, log, node_api=node_api, stop=stop)
+    return cfg, opts
+
+
+def serve_until_term(args: argparse.Namespace, worker: prefetch.Prefetcher, stop: threading.Event, log: Logger) -> int:
+    """Run ``worker`` (with its status server on --metrics-port) until it ends or SIGTERM comes."""
+    from loader import prefetch
+    from loader.errors import UsageError
+
     server = None
     if args.metrics_port:
         try:
@@ -108,8 +134,6 @@ def run(args: argparse.Namespace, settings: LoaderSettings, log: Logger) -> int:
         raise _Terminated
 
     previous = signal.signal(signal.SIGTERM, on_term)
-    log.info("prefetch.start", models_file=args.models_file, refs=len(args.ref) or None, interval=args.interval,
-             untaint=args.untaint, metrics_port=args.metrics_port or None, cache=str(opts.cache))
     try:
         return worker.run()
     except _Terminated:

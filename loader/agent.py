@@ -1,0 +1,142 @@
+"""The node agent: everything model-cache does per node, in one process (``model-loader agent``, one DaemonSet).
+
+It is the prefetcher (:mod:`loader.prefetch`: the models list re-read every round, the startup taint removed once
+every listed model is local, gc after each round, ``/metrics`` ``/healthz`` ``/readyz``) plus:
+
+* the CSI node plugin (:mod:`loader.csi.server`) on kubelet's plugin socket, serving inline ``model.cache``
+  volumes from the same node cache;
+* warm labels: the node carries ``warm.model.cache/<hash>`` (:func:`loader.contract.warm_label`) for each model
+  its cache holds complete, at most ``limit`` of them (the most recently used), so the webhook can prefer warm
+  nodes. They follow the cache: a pull adds one, gc's eviction removes it, within ``label_interval``.
+
+:func:`warm_labels` (what the node should carry) and :func:`label_patch` (the merge patch that gets it there) are
+pure; :class:`LabelSync` reads the cache and talks to the node API (:class:`loader.prefetch.NodeApi`).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
+
+from loader import contract
+from loader.errors import LoaderError
+from loader.prefetch import NodeApi, NodeApiError, Prefetcher, Round
+
+if TYPE_CHECKING:
+    from loader.cache import Cache
+    from loader.log import Logger
+
+#: Warm labels per node at most: a node object is read by every scheduler pass and every watch; keep it small.
+MAX_WARM_LABELS = 64
+LABEL_INTERVAL = 30.0  # seconds between label syncs (a sync that changes nothing sends nothing)
+LABEL_ATTEMPTS = 5
+
+
+# ---- what the node should say ------------------------------------------------------------------------------------
+
+
+def warm_labels(cache: Cache, limit: int = MAX_WARM_LABELS) -> dict[str, str]:
+    """The warm labels for the models ``cache`` holds complete (a ``refs/`` link to a published tree), the ``limit``
+    most recently used first. Read through the cache's listing API; nothing is built from file contents."""
+    published = {d.hex for d in cache.list_models()}
+    lastuse = cache.list_lastuse()
+    held = [(lastuse.get(target.hex, 0.0), name) for name, target in cache.list_refs().items()
+            if target is not None and target.hex in published]
+    held.sort(key=lambda item: (-item[0], item[1]))
+    out: dict[str, str] = {}
+    for _, name in held:
+        label = contract.warm_label_of_key(name)
+        if label not in out:
+            out[label] = "true"
+            if len(out) == limit:
+                break
+    return out
+
+
+def label_patch(node: Mapping[str, Any], want: Mapping[str, str]) -> dict[str, Any] | None:
+    """A JSON merge patch setting the node's warm labels to exactly ``want`` (others untouched), guarded by the
+    resourceVersion read; None when they already are."""
+    meta = node.get("metadata") or {}
+    have = {k: v for k, v in (meta.get("labels") or {}).items() if k.startswith(contract.WARM_LABEL_PREFIX)}
+    if have == dict(want):
+        return None
+    change: dict[str, str | None] = {k: None for k in have if k not in want}
+    change.update({k: v for k, v in want.items() if have.get(k) != v})
+    return {"metadata": {"resourceVersion": meta.get("resourceVersion"), "labels": change}}
+
+
+# ---- keeping it so -----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LabelSync:
+    """Keeps one node's warm labels equal to what its cache holds."""
+
+    api: NodeApi
+    node: str
+    cache: Cache
+    log: Logger
+    limit: int = MAX_WARM_LABELS
+    last: dict[str, str] | None = None  # what the node was last set to (None: not known yet)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def sync(self) -> bool:
+        """Bring the labels up to date; True when a patch was sent. Raises NodeApiError when the API refuses.
+        One at a time (the label thread and the prefetch rounds both call it)."""
+        with self._lock:
+            return self._sync()
+
+    def _sync(self) -> bool:
+        want = warm_labels(self.cache, self.limit)
+        if want == self.last:
+            return False
+        path = f"/api/v1/nodes/{quote(self.node, safe='')}"
+        for attempt in range(1, LABEL_ATTEMPTS + 1):
+            status, node = self.api.request("GET", path)
+            if status != 200 or node is None:
+                raise NodeApiError(f"cannot get node {self.node} to set its warm labels: HTTP {status}")
+            patch = label_patch(node, want)
+            if patch is None:
+                self.last = want
+                return False
+            status, body = self.api.request("PATCH", path, patch, "application/merge-patch+json")
+            if status == 200:
+                self.last = want
+                self.log.info("agent.labels", node=self.node, warm=len(want), attempt=attempt)
+                return True
+            if status != 409:
+                message = (body or {}).get("message", "")
+                raise NodeApiError(f"cannot patch node {self.node}'s warm labels: HTTP {status}"
+                                   + (f" ({message})" if message else "")
+                                   + (": apply the agent's ClusterRole and ValidatingAdmissionPolicy" if status == 403
+                                      else ""))
+        raise NodeApiError(f"node {self.node} kept changing: {LABEL_ATTEMPTS} label patches conflicted")
+
+    def run(self, stop: threading.Event, interval: float = LABEL_INTERVAL) -> None:
+        """Sync every ``interval`` until ``stop`` (the prefetch rounds sync too, the first one at the end of the
+        first round); failures are logged and retried next time."""
+        while not stop.wait(interval):
+            self.sync_logged()
+
+    def sync_logged(self) -> None:
+        """sync(), with a failure logged (and the next sync reading the node afresh) instead of raised."""
+        try:
+            self.sync()
+        except (LoaderError, OSError) as exc:
+            self.log.warning("agent.labels_failed", node=self.node, error=str(exc))
+            self.last = None
+
+
+class AgentPrefetcher(Prefetcher):
+    """The prefetcher whose every step ends with a label sync (so a round's pulls and gc show at once)."""
+
+    labels: LabelSync | None = None
+
+    def step(self) -> Round:
+        rnd = super().step()
+        if self.labels is not None:
+            self.labels.sync_logged()
+        return rnd
