@@ -38,7 +38,7 @@ from loader.pull import PullOptions, PullResult, pull
 
 DEFAULT_PODS_DIR = "/var/lib/kubelet/pods"
 MAX_WAIT = 110.0  # a call without a deadline waits this long for its pull (kubelet's own deadline is 120 s)
-MIN_MARGIN, MAX_MARGIN = 0.5, 10.0  # answered this long before the caller's deadline (10% of what it gave)
+MIN_MARGIN, MAX_MARGIN = 1.0, 10.0  # answered this long before the caller's deadline (10% of what it gave)
 STATE_DIR_NAME = "volumes"  # beside the socket by default: kubelet's plugin directory, a hostPath that persists
 
 
