@@ -500,26 +500,66 @@ def test_after_a_restart_the_mount_still_reads_and_unpublish_works(make_node, mo
 
 
 # ---- the command line ----------------------------------------------------------------------------------------------
-def test_the_csi_subcommand_serves_until_sigterm(make_node, model):
-    ref, _ = model
-    node = make_node(start=False)
-    proc = subprocess.Popen([sys.executable, "-m", "loader.cli", "csi", "--socket", node.socket, "--cache",
+def _agent(node: Node) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "loader.cli", "csi", "--socket", node.socket, "--cache",
                              str(node.cache), "--node-name", "node-b", "--pods-dir", str(node.pods)],
                             stderr=subprocess.PIPE, text=True)
-    try:
-        channel = grpc.insecure_channel(f"unix://{node.socket}")
-        grpc.channel_ready_future(channel).result(timeout=60)
-        info = csi_pb2_grpc.NodeStub(channel).NodeGetInfo(csi_pb2.NodeGetInfoRequest(), timeout=10)
-        assert info.node_id == "node-b"
-        csi_pb2_grpc.NodeStub(channel).NodePublishVolume(publish_request(ref, UID_A, node.target(UID_A)), timeout=60)
-        assert tree(node.target(UID_A)) == FILES
-        channel.close()
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
+
+
+def _stopped(proc: subprocess.Popen) -> str:
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
-    assert "event=csi.serving" in err and "event=csi.publish.done" in err and "event=csi.stopping" in err
-    assert tree(node.target(UID_A)) == FILES  # the mount outlives the agent
+    return err
+
+
+def test_the_csi_subcommand_serves_until_sigterm_and_a_new_process_unpublishes(make_node, model):
+    ref, _ = model
+    node = make_node(start=False)
+    req = publish_request(ref, UID_A, node.target(UID_A))
+    for round_ in ("first", "restarted"):
+        proc = _agent(node)
+        try:
+            with grpc.insecure_channel(f"unix://{node.socket}") as channel:
+                grpc.channel_ready_future(channel).result(timeout=60)
+                stub = csi_pb2_grpc.NodeStub(channel)
+                assert stub.NodeGetInfo(csi_pb2.NodeGetInfoRequest(), timeout=10).node_id == "node-b"
+                stub.NodePublishVolume(req, timeout=60)  # the restarted agent finds the mount: OK, nothing stacked
+                assert node.mounted() == [str(node.target(UID_A))] and tree(node.target(UID_A)) == FILES
+                if round_ == "restarted":
+                    stub.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(
+                        volume_id=req.volume_id, target_path=req.target_path), timeout=30)
+        finally:
+            err = _stopped(proc)
+        assert "event=csi.serving" in err and "event=csi.stopping" in err
+        done = "event=csi.publish.done" if round_ == "first" else "event=csi.publish.exists"
+        assert done in err, err
+    assert node.mounted() == [] and not node.target(UID_A).exists()
+    assert not (node.cache / contract.PODS_DIR / UID_A).exists()
+
+
+def test_loader_errors_map_to_the_specs_codes():
+    from loader import errors
+    from loader.cache import CacheCorrupt
+    from loader.csi.codes import code_for
+    from loader.digest import InvalidDigest
+
+    table = [(errors.AuthError("x"), True, grpc.StatusCode.PERMISSION_DENIED),
+             (errors.AuthError("x"), False, grpc.StatusCode.UNAUTHENTICATED),
+             (errors.NotFoundError("x"), True, grpc.StatusCode.NOT_FOUND),
+             (errors.NoSpaceError("x"), False, grpc.StatusCode.RESOURCE_EXHAUSTED),
+             (errors.UsageError("x"), False, grpc.StatusCode.INVALID_ARGUMENT),
+             (errors.ArtifactError("x"), False, grpc.StatusCode.INVALID_ARGUMENT),
+             (InvalidDigest("x"), False, grpc.StatusCode.INVALID_ARGUMENT),
+             (errors.DigestMismatch("x"), False, grpc.StatusCode.DATA_LOSS),
+             (errors.RejectedError("x", 400, "DENIED"), False, grpc.StatusCode.FAILED_PRECONDITION),
+             (errors.NetworkError("x"), False, grpc.StatusCode.UNAVAILABLE),
+             (errors.DeadlineExceeded("x"), False, grpc.StatusCode.UNAVAILABLE),
+             (errors.LockTimeout("x"), False, grpc.StatusCode.UNAVAILABLE),
+             (errors.ConnectError("x"), False, grpc.StatusCode.UNAVAILABLE),
+             (CacheCorrupt("x"), False, grpc.StatusCode.INTERNAL),
+             (errors.LoaderError("x"), False, grpc.StatusCode.INTERNAL)]
+    assert [code_for(e, creds) for e, creds, _ in table] == [c for _, _, c in table]
 
 
 # ---- the generated modules -------------------------------------------------------------------------------------------
