@@ -73,9 +73,10 @@ class Node:
     def state(self) -> Path:
         return self.sockdir / "volumes"
 
-    def start(self) -> Node:
+    def start(self, max_workers: int = 16) -> Node:
         stream = _Lines(self.log_lines)
-        self.running = serve(self.socket, self.cache, "node-a", str(self.pods), log=Logger(stream))  # type: ignore[arg-type]
+        self.running = serve(self.socket, self.cache, "node-a", str(self.pods), log=Logger(stream),  # type: ignore[arg-type]
+                             max_workers=max_workers)
         self.channel = grpc.insecure_channel(f"unix://{self.socket}")
         return self
 
@@ -479,6 +480,32 @@ def test_a_pull_past_the_deadline_is_aborted_then_a_retry_completes_it(node, log
     assert sum("csi.publish.pending" in line for line in node.log_lines) == 2
 
 
+def _wait_for_log(node: Node, event: str) -> None:
+    deadline = time.monotonic() + 60
+    while not any(f"event={event}" in line for line in list(node.log_lines)):
+        assert time.monotonic() < deadline, node.log_lines
+        time.sleep(0.05)
+
+
+def test_calls_waiting_for_pulls_never_take_the_last_workers(make_node, logged):
+    """With 3 workers, one call may wait for a pull: a second publish answers ABORTED at once (its pull queued
+    behind the first), and Probe still answers while the first waits."""
+    node = make_node(start=False).start(max_workers=3)
+    weights = os.urandom(1 << 20)
+    Pusher(logged.url).push_artifact("burst/model", "v1", [file_layer("w.bin", weights)])
+    with ThrottleProxy(logged.url, rate=50_000) as proxy:
+        ref = f"{proxy.host}/burst/model:v1"
+        first = node.node.NodePublishVolume.future(publish_request(ref, UID_A, node.target(UID_A)), timeout=60)
+        _wait_for_log(node, "pull.start")
+        code, msg = code_of(node.publish, ref, UID_B, timeout=30)
+        assert code == grpc.StatusCode.ABORTED and "already do" in msg
+        assert node.identity.Probe(csi_pb2.ProbeRequest(), timeout=10).ready.value is True
+        proxy.set(rate=None)
+        first.result()
+        node.publish(ref, UID_B)
+    assert tree(node.target(UID_A)) == tree(node.target(UID_B)) == {"w.bin": weights}
+
+
 def test_wait_budget_keeps_a_margin_before_the_callers_deadline():
     assert [wait_budget(t) for t in (None, 120.0, 10.0, 2.0, 0.3)] == [110.0, 110.0, 9.0, 1.0, 0.0]
 
@@ -578,10 +605,7 @@ def test_one_call_per_volume_at_a_time(node, logged):
     with ThrottleProxy(logged.url, rate=50_000) as proxy:
         req = publish_request(f"{proxy.host}/busy/model:v1", UID_A, node.target(UID_A))
         first = node.node.NodePublishVolume.future(req, timeout=60)
-        deadline = time.monotonic() + 60
-        while not any("event=pull.start" in line for line in list(node.log_lines)):  # the first call is pulling
-            assert time.monotonic() < deadline, node.log_lines
-            time.sleep(0.05)
+        _wait_for_log(node, "pull.start")  # the first call is pulling
         code, msg = code_of(node.node.NodePublishVolume, req, timeout=10)
         assert code == grpc.StatusCode.ABORTED and "another call for volume" in msg
         proxy.set(rate=None)

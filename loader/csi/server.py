@@ -8,6 +8,8 @@ and the record is on disk. Errors map to the spec's codes in codes.py; what kube
 
 One call per volume at a time (a second one for the same volume answers ABORTED, the spec's "operation pending");
 calls run on a bounded thread pool, and gRPC refuses calls beyond ``max_workers * 4`` with RESOURCE_EXHAUSTED.
+At most ``max_workers - RESERVED_WORKERS`` calls wait for pulls at once; one more answers ABORTED at once (its pull
+still starts), so a burst of publishes never starves Probe (the liveness check) or unpublishes.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ DEFAULT_PODS_DIR = "/var/lib/kubelet/pods"
 MAX_WAIT = 110.0  # a call without a deadline waits this long for its pull (kubelet's own deadline is 120 s)
 MIN_MARGIN, MAX_MARGIN = 1.0, 10.0  # answered this long before the caller's deadline (10% of what it gave)
 STATE_DIR_NAME = "volumes"  # beside the socket by default: kubelet's plugin directory, a hostPath that persists
+MAX_WORKERS = 16
+RESERVED_WORKERS = 2  # never taken by calls waiting for pulls: Probe, NodeUnpublishVolume and the rest still answer
 
 
 def wait_budget(time_remaining: float | None) -> float:
@@ -77,8 +81,9 @@ class Settings:
 class Plugin:
     """What the two services do, apart from gRPC: a Refusal or a result."""
 
-    def __init__(self, settings: Settings, state_dir: Path, log: Logger) -> None:
+    def __init__(self, settings: Settings, state_dir: Path, log: Logger, max_waiting: int) -> None:
         self.settings, self.log = settings, log
+        self._waiting = threading.BoundedSemaphore(max_waiting)
         self.pods_dir = os.path.normpath(settings.pods_dir)
         self.cache = Cache(settings.cache_dir)
         self.volumes = Volumes(state_dir)
@@ -159,14 +164,16 @@ class Plugin:
             job = self.jobs.start(req.job_key, str(req.ref), lambda: pull(str(req.ref), opts, self.log))
         except TooManyJobs as exc:
             raise Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{exc}; retry later") from exc
+        waits = self._waiting.acquire(blocking=False)  # no free slot: do not wait at all, the pull goes on
         try:
-            res = job.future.result(timeout=budget)
+            res = job.future.result(timeout=budget if waits else 0.0)
         except futures.TimeoutError:
             self.log.info("csi.publish.pending", volume=req.volume_id, ref=str(req.ref), pod=str(req.pod),
                           seconds=round(job.elapsed(), 1))
+            why = "" if waits else " (the most calls that may wait for pulls at once already do)"
             raise Refusal(grpc.StatusCode.ABORTED,
-                          f"still pulling {req.ref} for pod {req.pod} ({job.elapsed():.0f}s so far); the pull goes"
-                          " on, and this call completes when it is retried after the pull has finished") from None
+                          f"still pulling {req.ref} for pod {req.pod} ({job.elapsed():.0f}s so far){why}; the pull"
+                          " goes on, and this call completes when it is retried after the pull has finished") from None
         except LoaderError as exc:
             self.jobs.claim(job)
             code = code_for(exc, had_credentials=req.credentials is not None)
@@ -175,6 +182,9 @@ class Plugin:
             raise Refusal(code, str(exc)) from exc
         except Exception as exc:  # noqa: BLE001 - a bug in the pull: INTERNAL, logged, never a hung volume
             self._claim_failed(job, req, exc)
+        finally:
+            if waits:
+                self._waiting.release()
         self.jobs.claim(job)
         return res
 
@@ -336,7 +346,8 @@ class Running:
 
 def serve(socket_path: str, cache_dir: str | os.PathLike[str], node_name: str,
           kubelet_pods_dir: str = DEFAULT_PODS_DIR, *, state_dir: str | os.PathLike[str] | None = None,
-          pull_options: PullOptions | None = None, log: Logger | None = None, max_workers: int = 8) -> Running:
+          pull_options: PullOptions | None = None, log: Logger | None = None,
+          max_workers: int = MAX_WORKERS) -> Running:
     """Start the Identity and Node services on ``socket_path`` (a stale socket file there is replaced) and return.
 
     ``state_dir`` holds the volume records (default: ``volumes/`` beside the socket, kubelet's plugin directory,
@@ -349,7 +360,9 @@ def serve(socket_path: str, cache_dir: str | os.PathLike[str], node_name: str,
         raise ValueError(f"socket {socket_path!r} and pods directory {kubelet_pods_dir!r} must be absolute paths")
     state = Path(state_dir) if state_dir is not None else Path(socket_path).parent / STATE_DIR_NAME
     settings = Settings(Path(cache_dir).absolute(), node_name, kubelet_pods_dir, state, pull_options)
-    plugin = Plugin(settings, state, log)
+    if max_workers <= RESERVED_WORKERS:
+        raise ValueError(f"max_workers {max_workers} must be more than {RESERVED_WORKERS}")
+    plugin = Plugin(settings, state, log, max_waiting=max_workers - RESERVED_WORKERS)
     try:
         plugin.check_usable()
     except Refusal as r:
