@@ -75,7 +75,7 @@ class Node:
 
     def start(self, max_workers: int = 16) -> Node:
         stream = _Lines(self.log_lines)
-        self.running = serve(self.socket, self.cache, "node-a", str(self.pods), log=Logger(stream),  # type: ignore[arg-type]
+        self.running = serve(self.socket, self.cache, "node-a", str(self.pods), log=Logger(stream),
                              max_workers=max_workers)
         self.channel = grpc.insecure_channel(f"unix://{self.socket}")
         return self
@@ -105,7 +105,7 @@ class Node:
         return parent / "mount"
 
     def publish(self, ref: str, uid: str, name: str = "model", timeout: float = 60.0, **kw: object) -> None:
-        self.node.NodePublishVolume(publish_request(ref, uid, self.target(uid, name), name=name, **kw),  # type: ignore[arg-type]
+        self.node.NodePublishVolume(publish_request(ref, uid, self.target(uid, name), name=name, **kw),
                                     timeout=timeout)
 
     def unpublish(self, uid: str, name: str = "model", volume_id: str | None = None) -> None:
@@ -403,7 +403,7 @@ def private():
     reg = start_htpasswd_registry({"victim": "victim-secret", "mallory": "mallory-secret"})
     try:
         p = Pusher(reg.url, session=session_for(reg, auth=("victim", "victim-secret")))
-        reg.digest = p.push_artifact("victim/private", "v1", [file_layer(n, d) for n, d in FILES.items()])  # type: ignore[attr-defined]
+        reg.digest = p.push_artifact("victim/private", "v1", [file_layer(n, d) for n, d in FILES.items()])
         yield reg
     finally:
         reg.stop()
