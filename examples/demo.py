@@ -2,12 +2,14 @@
 
 1. start a real registry on 127.0.0.1 and push a small sample model as an OCI artifact
 2. generate certificates and start the webhook over TLS with a sample inventory (a CRI-O and a containerd pool)
-3. send it the pod of examples/deployment.yaml twice, once per pool, and show each decision and patch
+3. send it the pod of examples/deployment.yaml three times, once per pool, and show each decision and patch
 4. run the injected init container's exact command line locally, show the model tree, run it again (warm hit)
 5. move the tag: the first pod restarts on the digest it pinned, a new pod gets the new one
 6. run it as another tenant would, naming the model's digest on a registry it made unreachable: refused (exit 7),
    the shared cache's access rule (docs/architecture.md)
-7. stop everything it started
+7. the third path: start the node agent (model-loader agent) and call NodePublishVolume on its CSI socket as
+   kubelet would for the CSI volume of step 3; show the bind-mounted, read-only tree beside the other paths'
+8. stop everything it started
 
 Exits non-zero if any step fails.
 """
@@ -111,9 +113,97 @@ def wait_ready(client: httpx.Client, url: str, proc: subprocess.Popen, timeout: 
     raise RuntimeError("the webhook did not become ready")
 
 
+def csi_path(pod: dict, registry_host: str, files: dict[str, bytes]) -> None:
+    """Step 7: the node agent's CSI volume, published as kubelet would publish it (bind mounts need root)."""
+    step("7. the CSI path: the node agent serves the pod's csi volume from its node cache")
+    volume = next(v for v in pod["spec"]["volumes"] if "csi" in v)
+    print(f"the pod's volume: {json.dumps(volume, separators=(',', ':'))}")
+    if os.geteuid() != 0:
+        print(f"{DIM}skipped: NodePublishVolume bind-mounts the model, which needs root (run make demo as root, as"
+              f" CI does); tests/test_csi.py covers it{RESET}")
+        return
+    import grpc
+
+    from loader.csi import csi_pb2, csi_pb2_grpc
+
+    work = WORK / "agent"
+    pods = work / "kubelet" / "pods"
+    pods.mkdir(parents=True)
+    sock = Path("/tmp") / f"model-cache-demo-{os.getpid()}" / "csi.sock"  # a unix socket path has <= 107 bytes
+    agent = subprocess.Popen(
+        [BIN / "model-loader", "agent", "--cache", work / "node-cache", "--node-name", "gpu-agent-0",
+         "--csi-socket", sock, "--pods-dir", pods, "--interval", "1h"],
+        stdout=subprocess.DEVNULL, stderr=open(WORK / "agent.log", "w"))  # noqa: SIM115 (open while it runs)
+    uid = "0b1c2d3e-4f50-4617-8293-a4b5c6d7e8f9"
+    target = pods / uid / "volumes" / "kubernetes.io~csi" / volume["name"] / "mount"
+    target.parent.mkdir(parents=True)  # kubelet makes the volume's directory; the plugin makes the mount point
+    request = csi_pb2.NodePublishVolumeRequest(
+        volume_id=f"csi-{uid}-{volume['name']}", target_path=str(target), readonly=True,
+        volume_capability=csi_pb2.VolumeCapability(
+            mount=csi_pb2.VolumeCapability.MountVolume(),
+            access_mode=csi_pb2.VolumeCapability.AccessMode(mode=csi_pb2.VolumeCapability.AccessMode.SINGLE_NODE_WRITER)),
+        volume_context={**volume["csi"]["volumeAttributes"], "csi.storage.k8s.io/ephemeral": "true",
+                        "csi.storage.k8s.io/pod.uid": uid, "csi.storage.k8s.io/pod.namespace": "inference",
+                        "csi.storage.k8s.io/pod.name": "phi3-server-7d9f8-abcde",
+                        "csi.storage.k8s.io/serviceAccount.name": "default"})
+    try:
+        for _ in range(300):  # until the agent listens
+            if sock.exists() or agent.poll() is not None:
+                break
+            time.sleep(0.1)
+        with grpc.insecure_channel(f"unix://{sock}") as channel:
+            node = csi_pb2_grpc.NodeStub(channel)
+            t0 = time.monotonic()
+            for _ in range(30):  # kubelet retries a publish answered ABORTED (pull still running) the same way
+                try:
+                    node.NodePublishVolume(request, timeout=60)
+                    break
+                except grpc.RpcError as exc:
+                    if exc.code() != grpc.StatusCode.ABORTED:
+                        raise RuntimeError(f"NodePublishVolume: {exc.code().name}: {exc.details()}") from None
+                    time.sleep(0.5)
+            print(f"NodePublishVolume -> OK in {time.monotonic() - t0:.2f}s; {target.relative_to(ROOT)} is a"
+                  " read-only bind mount of the model tree:")
+            print("\n".join(tree_lines(target)))
+            for name, data in files.items():
+                if (target / name).read_bytes() != data:
+                    raise RuntimeError(f"{name} differs from what was pushed")
+            try:
+                (target / "config.json").write_bytes(b"{}")
+                raise RuntimeError("the CSI mount is writable")
+            except OSError as exc:
+                if exc.errno != 30:  # EROFS
+                    raise
+            print(f"{GREEN}every file is byte-identical to the pushed model, and writes fail (EROFS){RESET}: the same"
+                  " tree as the image volume and the init container give")
+            node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(volume_id=request.volume_id,
+                                                                         target_path=str(target)), timeout=60)
+            print(f"NodeUnpublishVolume -> OK: target removed ({not target.exists()})")
+    finally:
+        unmount_under(pods)  # when a step above failed between publish and unpublish
+        agent.send_signal(signal.SIGTERM)
+        try:
+            agent.wait(30)
+        except subprocess.TimeoutExpired:
+            agent.kill()
+        shutil.rmtree(sock.parent, ignore_errors=True)
+
+
+def unmount_under(root: Path) -> None:
+    """Lazily unmount whatever an interrupted run left mounted under ``root`` (step 7's bind mount), deepest first."""
+    try:
+        with open("/proc/self/mountinfo") as f:
+            points = [line.split()[4] for line in f]
+    except OSError:
+        return
+    for point in sorted((p for p in points if p.startswith(f"{root}/")), reverse=True):
+        subprocess.run(["umount", "-l", point], check=False)
+
+
 def main() -> int:
     sys.stdout.reconfigure(line_buffering=True)  # keep our lines in order with the subprocesses' output
     t_start = time.monotonic()
+    unmount_under(WORK)
     shutil.rmtree(WORK, ignore_errors=True)
     (WORK / "model").mkdir(parents=True)
     registry = webhook = None
@@ -148,13 +238,13 @@ def main() -> int:
         wait_ready(client, url, webhook)
         print(f"webhook: {url} (ready; log in {(WORK / 'webhook.log').relative_to(ROOT)})")
         print("inventory: examples/nodes.yaml: 3 nodes cri-o 1.34 / kubelet 1.35 (pool=crio),"
-              " 2 nodes containerd 2.0 (pool=containerd)")
+              " 2 nodes containerd 2.0 (pool=containerd), 2 containerd nodes running the node agent (pool=agent)")
 
         step("3. the pod of examples/deployment.yaml, as its ReplicaSet creates it, once per pool")
         deployment = yaml.safe_load((ROOT / "examples/deployment.yaml").read_text().replace("REGISTRY", registry.host))
         template = deployment["spec"]["template"]
         mutated = {}
-        for pool in ("crio", "containerd"):
+        for pool in ("crio", "containerd", "agent"):
             pod = {"apiVersion": "v1", "kind": "Pod",
                    "metadata": {**copy.deepcopy(template["metadata"]), "generateName": "phi3-server-7d9f8-",
                                 "namespace": "inference"},
@@ -250,6 +340,7 @@ def main() -> int:
         print(f"{GREEN}refused (exit {out.returncode}){RESET}: an outage proves nothing; the cache keeps the model for"
               " the identity that read it (docs/architecture.md, 'The shared cache')")
         print(f"  {DIM}{last[:300]}{RESET}")
+        csi_path(mutated["agent"], registry.host, moved)  # the tag has moved (step 5): a new pod gets that
         step(f"done in {time.monotonic() - t_start:.1f}s")
         return 0
     except (subprocess.CalledProcessError, RuntimeError, httpx.HTTPError, OSError, KeyError, StopIteration) as exc:
