@@ -526,6 +526,23 @@ def test_after_a_restart_the_mount_still_reads_and_unpublish_works(make_node, mo
     assert not (node.cache / contract.PODS_DIR / UID_A).exists()
 
 
+def test_a_lost_mount_or_a_lost_record_is_repaired_by_the_next_publish(node, model):
+    """What a crash between the record and the mount leaves (a record, no mount), and a state directory wiped
+    under a live mount (a mount, no record): kubelet's retry makes both whole again."""
+    ref, _ = model
+    target = node.target(UID_A)
+    node.publish(ref, UID_A)
+    subprocess.run(["umount", str(target)], check=True)
+    node.publish(ref, UID_A)
+    assert node.mounted() == [str(target)] and tree(target) == FILES
+    for name in os.listdir(node.state):
+        os.unlink(node.state / name)
+    node.publish(ref, UID_A)  # the mount is this model, read-only: adopted, its record written again
+    assert node.mounted() == [str(target)] and len(os.listdir(node.state)) == 1
+    node.unpublish(UID_A)
+    assert node.mounted() == [] and not (node.cache / contract.PODS_DIR / UID_A).exists()
+
+
 # ---- the command line ----------------------------------------------------------------------------------------------
 def _agent(node: Node) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "loader.cli", "csi", "--socket", node.socket, "--cache",
