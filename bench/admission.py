@@ -360,6 +360,7 @@ class Phase:
         self.outcomes: dict[str, int] = {}
         self.peak_mb = 0.0
         self.rise_mb = 0.0  # the peak over the RSS the series started at (memory earlier series left is not its own)
+        self.after_mb = 0.0  # RSS 0.5 s after the last round's chunk (attack mode)
         self.sample: dict = {}
 
     def run(self, ctx: ssl.SSLContext, bodies: list[bytes], concurrency: int,
@@ -839,10 +840,13 @@ def attack_main(args: argparse.Namespace) -> int:
             for path in ("/noop", "/mutate"):
                 warm = [http_request(path, b) for b in bodies[-args.warmup :]]
                 asyncio.run(_drive("127.0.0.1", port, ctx, warm, args.concurrency))
+            after_rounds: list[float] = []
             for r in range(rounds):
                 for phase in phases:
                     phase.run(ctx, bodies[r * chunk : (r + 1) * chunk], args.concurrency, attack_env, args.timeout)
                     time.sleep(0.5)  # the server closes what the attacker left behind
+                    phase.after_mb = _status_mb(proc.pid, "VmRSS")
+                after_rounds.append(_status_mb(proc.pid, "VmRSS"))
                 print(f"round {r + 1}/{rounds} done", file=sys.stderr, flush=True)
             final_mb = _status_mb(proc.pid, "VmRSS")
         finally:
@@ -854,11 +858,13 @@ def attack_main(args: argparse.Namespace) -> int:
           f"{rounds} interleaved rounds; concurrency {args.concurrency}, TLS 1.3 keep-alive, one uvicorn worker, "
           f"{args.attack_inventory} nodes; each attack in its own process, started {args.attack_ramp} s before each "
           f"round's reviews; machine: {os.cpu_count()} cores")
-    print(f"server RSS: {idle_mb:.0f} MB after start, {final_mb:.0f} MB at the end; peak RSS per series is VmHWM "
-          "(reset before each round) or VmRSS sampled every 10 ms")
+    print(f"server RSS: {idle_mb:.0f} MB after start, {final_mb:.0f} MB at the end, after each round "
+          f"{', '.join(f'{mb:.0f}' for mb in after_rounds)} MB; peak RSS per series is VmHWM (reset before each chunk)"
+          " or VmRSS sampled every 10 ms")
     print()
     header = (f"{'series':<20} {'req/s':>7} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'p50 x':>6} {'p99 x':>6} "
-              f"{'req/s x':>7} {'failed':>6} {'peak RSS MB':>11} {'rise MB':>7} {'server CPU s':>12} {'attacker CPU s':>14}")
+              f"{'req/s x':>7} {'failed':>6} {'peak RSS MB':>11} {'rise MB':>7} {'after MB':>8} {'server CPU s':>12} "
+              f"{'attacker CPU s':>14}")
     print(header)
     print("-" * len(header))
     for phase in phases:
@@ -866,10 +872,12 @@ def attack_main(args: argparse.Namespace) -> int:
         name = phase.name if phase.attack else f"{phase.path} (no attack)"
         print(f"{name:<20} {r['rps']:>7.0f} {r['p50']:>8.2f} {r['p99']:>8.2f} {r['max']:>8.1f} "
               f"{r['p50'] / base['p50']:>6.2f} {r['p99'] / base['p99']:>6.2f} {r['rps'] / base['rps']:>7.2f} "
-              f"{phase.failed:>6} {phase.peak_mb:>11.0f} {phase.rise_mb:>7.0f} {phase.server_cpu:>12.2f} {phase.attacker_cpu:>14.2f}")
+              f"{phase.failed:>6} {phase.peak_mb:>11.0f} {phase.rise_mb:>7.0f} {phase.after_mb:>8.0f} {phase.server_cpu:>12.2f} "
+              f"{phase.attacker_cpu:>14.2f}")
     print()
     print("ratios (x) are against /mutate without an attack, in the same run; failed: reviews without a 200 answer;"
-          " rise: peak RSS over the RSS the series started at (the largest of its rounds)")
+          " rise: peak RSS over the RSS the series started at (the largest of its rounds); after: RSS 0.5 s after the"
+          " series' last chunk")
     noop = phases[0].row()
     print(f"no attack: mutate/noop throughput ratio {base['rps'] / noop['rps']:.2f} (target >= 0.5); mutate p99 "
           f"{base['p99']:.2f} ms (target < 25 ms)")
