@@ -10,11 +10,12 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 all: test
 
 # The venv holds requirements/dev.txt (the `webhook` and `test` extras, locked with hashes) and the build
-# requirements; the project goes in editable, without resolving anything (--require-hashes cannot install an
-# editable project, and every dependency is already there).
+# requirements; first the locked pip (requirements/build.txt, hash-checked: the venv's own pip is whatever the
+# interpreter bundles), then the locks; the project goes in editable, without resolving anything (--require-hashes
+# cannot install an editable project, and every dependency is already there).
 $(STAMP): pyproject.toml requirements/dev.txt requirements/build.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet --require-hashes --no-deps -r requirements/build.txt
 	$(PY) -m pip install --quiet --require-hashes -r requirements/dev.txt -r requirements/build.txt
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
@@ -24,7 +25,8 @@ $(STAMP): pyproject.toml requirements/dev.txt requirements/build.txt
 #   dev.txt      `make`'s venv: .[webhook,test]
 #   webhook.txt  Dockerfile.webhook: .[webhook], at dev.txt's versions
 #   loader.txt   Dockerfile.loader: the project's own dependencies, at dev.txt's versions
-#   build.txt    what builds the project's wheel (setuptools), for --no-build-isolation
+#   build.txt    requirements/build.in: pip (what `make` installs the locks with) and setuptools (what builds
+#                the project's wheel, for --no-build-isolation), at dev.txt's versions
 # Resolved against the default index alone (no local wheel folders or extra indexes: their files would add hashes
 # the index does not serve). `make lock` moves every pin to the newest release the bounds in pyproject.toml
 # allow; `make lock LOCK_UPGRADE='--upgrade-package NAME'` moves one; `make lock LOCK_UPGRADE=` only adds what
@@ -41,7 +43,7 @@ lock:
 	$(PIP_COMPILE) --extra webhook --extra test -o requirements/dev.txt pyproject.toml
 	$(PIP_COMPILE) --extra webhook -c requirements/dev.txt -o requirements/webhook.txt pyproject.toml
 	$(PIP_COMPILE) -c requirements/dev.txt -o requirements/loader.txt pyproject.toml
-	$(PIP_COMPILE) --only-build-deps --build-deps-for=wheel -o requirements/build.txt pyproject.toml
+	$(PIP_COMPILE) -c requirements/dev.txt -o requirements/build.txt requirements/build.in
 
 # Debian's CNCF Distribution registry and skopeo: the tests and the demo run against them.
 system-deps:

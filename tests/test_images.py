@@ -6,11 +6,13 @@ read-only-root-friendly environment), and .dockerignore is evaluated with Docker
 
 The locks (requirements/*.txt) are checked against the installed distributions: each image's lock pins exactly
 the closure of what that image installs, every pin with hashes, at the versions `make`'s venv holds; the loader's
-lock holds no distribution of the webhook extra.
+lock holds no distribution only the webhook needs; the build lock pins pip and the setuptools that builds the
+project, and `make` installs that pip before anything else.
 
 The extras split is checked against the installed distributions: the loader image installs the project alone and
 the webhook image ``model-cache[webhook]``; each side's imports (read from the source, imports inside functions
-included) are declared where they are used; the loader's install set holds no distribution of the webhook extra;
+included) are declared where they are used; the loader's install set holds no distribution of the webhook extra
+but what the loader's own dependencies require (typing-extensions, through grpcio);
 and in an interpreter that can import only what the loader image holds, every loader module imports and
 ``model-cache-webhook`` says which extra to install.
 """
@@ -466,7 +468,10 @@ def test_every_copy_source_exists_and_is_in_the_context(image):
 
 FIRST_PARTY = {"webhook", "loader", "tests", "bench", "examples"}
 # The whole install set of the loader image, besides the project: [project].dependencies and what they require.
-LOADER_CLOSURE = {"zstandard", "prometheus-client"}
+# grpcio and protobuf serve the node agent's CSI plugin (loader.csi), which runs from the loader image.
+LOADER_CLOSURE = {"zstandard", "prometheus-client", "grpcio", "protobuf", "typing-extensions"}
+# In the webhook extra (webhook.models imports it) and in the loader image all the same: grpcio requires it.
+SHARED_BY_REQUIREMENT = {"typing-extensions": "grpcio"}
 # Declared in the webhook extra but never imported by name: uvicorn loads them (webhook/server.py's Config: uvloop
 # by name, httptools through uvicorn's httptools protocol, which server.py subclasses to bound request heads).
 UVICORN_LOADS = {"httptools": "from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol",
@@ -537,7 +542,11 @@ def test_the_loader_image_installs_no_distribution_of_the_webhook_extra():
     loader = closure(list(declared("project").values()))
     webhook = closure(list(declared("webhook").values()))
     assert loader == LOADER_CLOSURE
-    assert not loader & set(declared("webhook")), "a webhook dependency is in the loader image"
+    # A webhook dependency reaches the loader image only as a requirement of one of the loader's own.
+    assert loader & set(declared("webhook")) == set(SHARED_BY_REQUIREMENT), "a webhook dependency is in the loader image"
+    for dist, required_by in SHARED_BY_REQUIREMENT.items():
+        assert required_by in declared("project")
+        assert dist in closure([declared("project")[required_by]]) - {required_by}
     assert webhook - loader >= {"fastapi", "kubernetes", "cryptography", "pydantic", "starlette", "urllib3"}
     assert not set(declared("test")) & (set(declared("project")) | set(declared("webhook")))
 
@@ -691,16 +700,24 @@ def test_the_loader_lock_holds_no_webhook_only_distribution():
     assert set(loader) < set(webhook)
 
 
-def test_the_build_lock_pins_a_setuptools_that_builds_the_project():
+def test_the_build_lock_pins_pip_and_a_setuptools_that_builds_the_project():
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     [requires] = pyproject["build-system"]["requires"]
     req = Requirement(requires)
     # license = "Apache-2.0" (a PEP 639 expression) needs setuptools 77; 70 fails to build the project.
     assert pyproject["project"]["license"] == "Apache-2.0"
     assert req.name == "setuptools" and "76.9" not in req.specifier and "77.0" in req.specifier
+    # build.in, what build.txt is compiled from: pip, and the build-system's own requirement, to the letter.
+    lines = [line.partition("#")[0].strip() for line in (ROOT / "requirements/build.in").read_text().splitlines()]
+    assert [line for line in lines if line] == ["pip", requires]
     build = read_lock("build")
-    assert set(build) == {"setuptools"} and build["setuptools"].version in req.specifier
+    assert set(build) == {"pip", "setuptools"} and build["setuptools"].version in req.specifier
     assert SpecifierSet(">=77").contains(build["setuptools"].version)
+    # At dev.txt's versions where dev.txt pins them too (grpcio-tools needs setuptools): `make` installs both
+    # locks in one pip call, which two pins of one name would fail; and the venv holds those versions.
+    dev = read_lock("dev")
+    assert {name: dev[name] for name in set(build) & set(dev)} == {name: build[name] for name in set(build) & set(dev)}
+    assert {name: importlib.metadata.version(name) for name in build} == {n: p.version for n, p in build.items()}
 
 
 def makefile_rule(target: str) -> list[str]:
@@ -718,14 +735,15 @@ def makefile_rule(target: str) -> list[str]:
 def test_make_installs_the_dev_lock_and_refreshes_every_lock():
     assert makefile_rule("$(STAMP)") == [
         "$(PYTHON) -m venv $(VENV)",
-        "$(PY) -m pip install --quiet --upgrade pip",
+        # The locked pip first (no unpinned upgrade: `make` is reproducible), hash-checked like everything after.
+        "$(PY) -m pip install --quiet --require-hashes --no-deps -r requirements/build.txt",
         "$(PY) -m pip install --quiet --require-hashes -r requirements/dev.txt -r requirements/build.txt",
         "$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .",
         "touch $(STAMP)",
     ]
     makefile = (ROOT / "Makefile").read_text()
     assert re.search(r"^\$\(STAMP\): pyproject\.toml requirements/dev\.txt requirements/build\.txt$", makefile, re.M)
-    written = [re.search(r"-o (\S+) pyproject\.toml$", line) for line in makefile_rule("lock")]
+    written = [re.search(r"-o (\S+) (?:pyproject\.toml|requirements/build\.in)$", line) for line in makefile_rule("lock")]
     assert sorted(m.group(1) for m in written if m) == sorted(LOCKS.values())
     assert "--generate-hashes" in makefile and "CUSTOM_COMPILE_COMMAND='make lock'" in makefile
     for path in LOCKS.values():
