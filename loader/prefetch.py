@@ -178,7 +178,7 @@ class NodeApi:
         host, port = settings.kubernetes_service_host, settings.kubernetes_service_port
         if not host or not port:
             raise UsageError("--untaint needs the in-cluster API server, but KUBERNETES_SERVICE_HOST/PORT are not"
-                             " set: run it in a pod (the prefetch DaemonSet), or drop --untaint")
+                             " set: run it in a pod (the node agent DaemonSet), or drop --untaint")
         try:
             return cls(host, int(port), settings.kube_token_file, settings.kube_ca_file)
         except ValueError:
@@ -250,7 +250,7 @@ def _explain(status: int, body: dict[str, Any] | None, verb: str, target: Untain
     hint = {
         401: "the API server rejected the service-account token",
         403: f"the service account may not {verb} nodes: apply the ClusterRole and binding from"
-             " manifests/overlays/prefetch (and check any ValidatingAdmissionPolicy on nodes)",
+             " manifests/overlays/agent (and check any ValidatingAdmissionPolicy on nodes)",
         404: f"there is no node {target.node!r}: --untaint must name this pod's own node (spec.nodeName via the"
              " downward API, $(NODE_NAME))",
     }.get(status, "unexpected answer")

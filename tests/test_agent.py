@@ -4,6 +4,7 @@ that prefetches, untaints, labels, serves CSI and stops on SIGTERM. Real registr
 
 from __future__ import annotations
 
+import copy
 import io
 import os
 import signal
@@ -12,9 +13,12 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import grpc
+import kubernetes_validate
 import pytest
+import yaml
 
 from loader import contract, gc
 from loader.agent import LabelSync, label_patch, warm_labels
@@ -191,3 +195,191 @@ def test_bad_agent_flags_exit_2_with_the_fix(tmp_path, args, message):
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2, done.stderr
     assert message in done.stderr
+
+
+# --- the DaemonSet overlay (manifests/overlays/agent: the prefetch overlay folded into the agent's) --------------
+
+OVERLAY = Path(__file__).resolve().parent.parent / "manifests" / "overlays" / "agent"
+NODE_KINDS = ["CSIDriver", "ClusterRole", "ClusterRoleBinding", "ConfigMap", "DaemonSet", "Namespace", "ServiceAccount"]
+
+
+def render(path: Path) -> list[dict]:
+    out = subprocess.run(["kubectl", "kustomize", str(path)], capture_output=True, text=True, check=True).stdout
+    return [d for d in yaml.safe_load_all(out) if d]
+
+
+def overlay(kind: str, name: str | None = None) -> dict:
+    [found] = [o for o in render(OVERLAY) if o["kind"] == kind and (name is None or o["metadata"]["name"] == name)]
+    return found
+
+
+@pytest.mark.parametrize("version", ["1.33", "1.37"])
+def test_overlay_validates_strictly(version):
+    objs = render(OVERLAY)
+    assert sorted(o["kind"] for o in objs) == NODE_KINDS
+    assert [(o["kind"], o["metadata"]["name"], kubernetes_validate.validate(o, version, strict=True))
+            for o in objs] == [(o["kind"], o["metadata"]["name"], version) for o in objs]
+    example = yaml.safe_load((OVERLAY / "crio-image-volumes.yaml").read_text())
+    assert kubernetes_validate.validate(example, version, strict=True) == version
+
+
+def test_the_csi_driver_is_inline_ephemeral_with_pod_info_and_never_chowned():
+    driver = overlay("CSIDriver")
+    assert driver["metadata"]["name"] == contract.CSI_DRIVER
+    assert driver["spec"] == {"attachRequired": False, "podInfoOnMount": True, "volumeLifecycleModes": ["Ephemeral"],
+                              "fsGroupPolicy": "None", "requiresRepublish": False, "storageCapacity": False}
+
+
+def test_the_daemonset():
+    ds = overlay("DaemonSet")
+    spec = ds["spec"]["template"]["spec"]
+    agent_c, registrar = spec["containers"]
+    assert ds["metadata"]["namespace"] == overlay("Namespace")["metadata"]["name"] == "model-cache-agent"
+    assert overlay("Namespace")["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "privileged"
+    assert agent_c["image"] == "ghcr.io/model-cache/loader:0.1.0"
+    assert agent_c["args"] == [
+        "agent", "--cache", "/cache", "--models-file", "/etc/model-cache/models.txt", "--interval", "10m",
+        "--untaint", "$(NODE_NAME):model.cache/warming", "--warm-labels", "--metrics-port", "9090", "--gc-max-unused",
+        "168h", "--pods-dir", "/var/lib/kubelet/pods", "--node-name", "$(NODE_NAME)", "--csi-socket", "/csi/csi.sock"]
+    # Every flag is one the agent really has (parsed by its own parser, $(VAR) as kubelet would leave it).
+    from loader.cli import build_parser
+    from loader.commands import agent as agent_command
+    from loader.config import LoaderSettings
+
+    parsed = build_parser(LoaderSettings(), [agent_command]).parse_args(agent_c["args"])
+    assert (parsed.csi_socket, parsed.warm_labels, parsed.node_name) == ("/csi/csi.sock", True, "$(NODE_NAME)")
+    assert agent_c["env"][0] == {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}
+    assert agent_c["securityContext"] == {
+        "privileged": True, "readOnlyRootFilesystem": True, "runAsNonRoot": False, "runAsUser": 0,
+        "runAsGroup": 65532, "seccompProfile": {"type": "RuntimeDefault"}}
+    assert {"key": WARMING, "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
+    mounts = {m["name"]: m for m in agent_c["volumeMounts"]}
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert mounts == {
+        "cache": {"name": "cache", "mountPath": "/cache"},
+        "models": {"name": "models", "mountPath": "/etc/model-cache", "readOnly": True},
+        # kubelet names CSI targets by host paths: the same path inside, and mounts propagate back to the host.
+        "kubelet-pods": {"name": "kubelet-pods", "mountPath": "/var/lib/kubelet/pods", "mountPropagation": "Bidirectional"},
+        "plugin-dir": {"name": "plugin-dir", "mountPath": "/csi"},
+    }
+    assert volumes["cache"]["hostPath"] == {"path": contract.DEFAULT_NODE_CACHE, "type": "DirectoryOrCreate"}
+    assert volumes["kubelet-pods"]["hostPath"] == {"path": "/var/lib/kubelet/pods", "type": "Directory"}
+    assert volumes["plugin-dir"]["hostPath"] == {"path": f"/var/lib/kubelet/plugins/{contract.CSI_DRIVER}",
+                                                 "type": "DirectoryOrCreate"}
+    assert volumes["registration-dir"]["hostPath"] == {"path": "/var/lib/kubelet/plugins_registry", "type": "Directory"}
+    # The registrar tells kubelet where the agent's socket is on the host: the plugin dir's hostPath + the socket.
+    assert registrar["image"] == "registry.k8s.io/sig-storage/csi-node-driver-registrar:v2.18.1"
+    assert registrar["args"] == ["--csi-address=/csi/csi.sock",
+                                 f"--kubelet-registration-path=/var/lib/kubelet/plugins/{contract.CSI_DRIVER}/csi.sock",
+                                 "--health-port=9809"]
+    assert {m["name"]: m["mountPath"] for m in registrar["volumeMounts"]} == {"plugin-dir": "/csi",
+                                                                               "registration-dir": "/registration"}
+    assert registrar["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    cm = overlay("ConfigMap")
+    assert volumes["models"]["configMap"] == {"name": cm["metadata"]["name"]}
+    assert cm["metadata"]["name"] == "model-cache-agent-models"  # no hash: a list change restarts nothing
+    assert cm["data"] == {"models.txt": (OVERLAY / "models.txt").read_text()}
+    assert gc.parse_models_list(cm["data"]["models.txt"], "models.txt") == (["registry.example.com/models/phi3:v1"], [])
+    assert agent_c["ports"] == [{"name": "metrics", "containerPort": 9090, "protocol": "TCP"}]
+    assert agent_c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    assert agent_c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    assert registrar["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "registrar"}
+    assert spec["serviceAccountName"] == overlay("ServiceAccount")["metadata"]["name"]
+
+
+def test_rbac_is_get_and_patch_on_nodes_only():
+    sa = overlay("ServiceAccount")
+    assert overlay("ClusterRole")["rules"] == [{"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "patch"]}]
+    binding = overlay("ClusterRoleBinding")
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                                  "name": overlay("ClusterRole")["metadata"]["name"]}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa["metadata"]["name"],
+                                    "namespace": sa["metadata"]["namespace"]}]
+
+
+def with_component(tmp_path: Path) -> list[dict]:
+    rel = os.path.relpath(OVERLAY, tmp_path)
+    (tmp_path / "kustomization.yaml").write_text(f"resources: [{rel}]\ncomponents: [{rel}/restrict-node]\n")
+    return render(tmp_path)
+
+
+@pytest.mark.parametrize("version", ["1.33", "1.37"])
+def test_restrict_node_component_validates(tmp_path, version):
+    objs = with_component(tmp_path)
+    assert sorted(o["kind"] for o in objs) == sorted(
+        [*NODE_KINDS, "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"])
+    for o in objs:
+        assert kubernetes_validate.validate(o, version, strict=True) == version
+
+
+def admitted(policy: dict, user: dict, old: dict, new: dict) -> list[str]:
+    """Evaluate the policy's CEL as the API server would for an UPDATE: [] when admitted, else the messages."""
+    import celpy
+
+    env = celpy.Environment()
+    act = {"request": celpy.json_to_cel({"userInfo": user, "operation": "UPDATE"}),
+           "object": celpy.json_to_cel(new), "oldObject": celpy.json_to_cel(old)}
+    spec = policy["spec"]
+    if not all(env.program(env.compile(m["expression"])).evaluate(act) for m in spec["matchConditions"]):
+        return ["not matched"]
+    variables = {v["name"]: env.program(env.compile(v["expression"])).evaluate(act) for v in spec.get("variables", [])}
+    act["variables"] = celpy.celtypes.MapType({celpy.celtypes.StringType(k): v for k, v in variables.items()})
+    out = []
+    for v in spec["validations"]:
+        result = env.program(env.compile(v["expression"])).evaluate(act)
+        assert isinstance(result, celpy.celtypes.BoolType), result
+        if not result:
+            out.append(v["message"])
+    return out
+
+
+def with_labels(n: dict, **labels: str) -> dict:
+    out = copy.deepcopy(n)
+    out["metadata"]["labels"].update(labels)
+    return out
+
+
+def test_restrict_node_policy_admits_only_the_taint_removal_and_warm_labels_on_its_own_node(tmp_path):
+    objs = with_component(tmp_path)
+    [policy] = [o for o in objs if o["kind"] == "ValidatingAdmissionPolicy"]
+    [binding] = [o for o in objs if o["kind"] == "ValidatingAdmissionPolicyBinding"]
+    assert (binding["spec"]["policyName"], binding["spec"]["validationActions"]) == (policy["metadata"]["name"], ["Deny"])
+    sa = overlay("ServiceAccount")["metadata"]
+    me = {"username": f"system:serviceaccount:{sa['namespace']}:{sa['name']}",
+          "extra": {"authentication.kubernetes.io/node-name": ["node-a"]}}
+    old = node("node-a", [GPU_TAINT, *WARMING_TAINTS])
+    good = node("node-a", [GPU_TAINT])
+    only = node("node-a", WARMING_TAINTS)
+    untainted = {**only, "spec": {k: v for k, v in only["spec"].items() if k != "taints"}}
+    relabelled = with_labels(node("node-a", [GPU_TAINT]), pool="on-demand")
+    cordoned = node("node-a", [GPU_TAINT])
+    cordoned["spec"]["unschedulable"] = True
+    annotated = node("node-a", [GPU_TAINT])
+    annotated["metadata"]["annotations"] = {"x": "y"}
+    taints_msg = "the agent may only remove the model.cache/warming taint"
+    labels_msg = "the agent may change only warm.model.cache/ labels"
+    warm_msg = 'warm.model.cache/ labels are "true", at most 64 of them'
+    other_msg = "the agent may not change a node's annotations or schedulability"
+    w1, w2 = "warm.model.cache/0123456789abcdef", "warm.model.cache/fedcba9876543210"
+    assert admitted(policy, me, old, good) == []
+    assert admitted(policy, me, only, untainted) == []
+    # Warm labels: added, replaced, removed; with the taint untouched.
+    warm_old = with_labels(good, **{w1: "true"})
+    assert admitted(policy, me, good, warm_old) == []
+    assert admitted(policy, me, warm_old, with_labels(good, **{w2: "true"})) == []
+    assert admitted(policy, me, warm_old, good) == []
+    assert admitted(policy, me, good, with_labels(good, **{w1: "yes"})) == [warm_msg]
+    many = with_labels(good, **{f"warm.model.cache/{i:016x}": "true" for i in range(65)})
+    assert admitted(policy, me, good, many) == [warm_msg]
+    assert admitted(policy, me, old, node("node-a", [*WARMING_TAINTS[:1]])) == [taints_msg]
+    assert admitted(policy, me, old, node("node-a", [GPU_TAINT, *WARMING_TAINTS, {"key": "x", "effect": "NoSchedule"}])
+                    ) == [taints_msg]
+    assert admitted(policy, me, old, relabelled) == [labels_msg]
+    assert admitted(policy, me, good, with_labels(good, **{"warm.model.cache.evil/x": "true"})) == [labels_msg]
+    assert admitted(policy, me, old, cordoned) == [other_msg]
+    assert admitted(policy, me, good, annotated) == [other_msg]
+    assert admitted(policy, me, node("node-b", [GPU_TAINT, *WARMING_TAINTS]), node("node-b", [GPU_TAINT])) == [
+        "the agent may change only the node its pod runs on"]
+    assert admitted(policy, {"username": me["username"]}, old, good) == [
+        "the agent may change only the node its pod runs on"]
+    assert admitted(policy, {"username": "system:node:node-a"}, old, node("node-a", [])) == ["not matched"]

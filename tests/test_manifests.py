@@ -47,7 +47,7 @@ KUSTOMIZATIONS = {
     "manual-certs": MANIFESTS / "overlays" / "manual-certs",
     "pvc-cache": MANIFESTS / "overlays" / "pvc-cache",
     "pvc-cache-claim": MANIFESTS / "overlays" / "pvc-cache" / "claim",
-    "prefetch": MANIFESTS / "overlays" / "prefetch",
+    "agent": MANIFESTS / "overlays" / "agent",
 }
 # The ones that install the webhook (the claim is a per-namespace add-on).
 INSTALLS = ["default", "base", "cert-manager", "manual-certs", "pvc-cache"]
@@ -643,48 +643,49 @@ def test_overlays_change_only_what_they_say():
 
 
 
-# --- the prefetcher's registry settings (the registry-ca component, a plain-HTTP patch) ---------------------------
+# --- the node agent's registry settings (the registry-ca component, a plain-HTTP patch) ---------------------------
 
-PREFETCH_PLAIN_HTTP_PATCH = """\
-  - target: {kind: DaemonSet, name: model-cache-prefetch}
+AGENT_PLAIN_HTTP_PATCH = """\
+  - target: {kind: DaemonSet, name: model-cache-agent}
     patch: |-
       - {op: add, path: /spec/template/spec/containers/0/args/-, value: --plain-http-registry}
       - {op: add, path: /spec/template/spec/containers/0/args/-, value: registry.internal:5000}
 """
 
 
-def prefetch_with_registry_settings(tmp_path: Path) -> list[dict]:
-    """The overlay an admin writes (manifests/overlays/prefetch/README.md): the component plus the patch."""
-    rel = os.path.relpath(KUSTOMIZATIONS["prefetch"], tmp_path)
+def agent_with_registry_settings(tmp_path: Path) -> list[dict]:
+    """The overlay an admin writes (manifests/overlays/agent/README.md): the component plus the patch."""
+    rel = os.path.relpath(KUSTOMIZATIONS["agent"], tmp_path)
     (tmp_path / "kustomization.yaml").write_text(
-        f"resources: [{rel}]\ncomponents: [{rel}/registry-ca]\npatches:\n{PREFETCH_PLAIN_HTTP_PATCH}"
+        f"resources: [{rel}]\ncomponents: [{rel}/registry-ca]\npatches:\n{AGENT_PLAIN_HTTP_PATCH}"
     )
     out = subprocess.run(["kubectl", "kustomize", str(tmp_path)], capture_output=True, text=True, check=True).stdout
     return [doc for doc in yaml.safe_load_all(out) if doc]
 
 
 def test_the_plain_http_patch_is_the_one_the_readme_shows():
-    readme = (KUSTOMIZATIONS["prefetch"] / "README.md").read_text()
-    assert PREFETCH_PLAIN_HTTP_PATCH in readme
+    readme = (KUSTOMIZATIONS["agent"] / "README.md").read_text()
+    assert AGENT_PLAIN_HTTP_PATCH in readme
 
 
 @pytest.mark.parametrize("version", K8S_VERSIONS)
-def test_prefetch_registry_settings_validate_and_reach_the_loader(tmp_path, version):
+def test_agent_registry_settings_validate_and_reach_the_loader(tmp_path, version):
     from loader import contract
     from loader.cli import build_parser
-    from loader.commands import prefetch
+    from loader.commands import agent
     from loader.config import LoaderSettings
     from tests.support.kubelet import expand_args
 
-    objs = prefetch_with_registry_settings(tmp_path)
-    plain = [o for o in render("prefetch")]
+    objs = agent_with_registry_settings(tmp_path)
+    plain = [o for o in render("agent")]
     assert [(o["kind"], o["metadata"]["name"]) for o in objs] == [(o["kind"], o["metadata"]["name"]) for o in plain]
     for o in objs:
         assert kubernetes_validate.validate(o, version, strict=True) == version
     [ds] = [o for o in objs if o["kind"] == "DaemonSet"]
     [before] = [o for o in plain if o["kind"] == "DaemonSet"]
     spec, old = ds["spec"]["template"]["spec"], before["spec"]["template"]["spec"]
-    [c], [c0] = spec["containers"], old["containers"]
+    [c, registrar], [c0, registrar0] = spec["containers"], old["containers"]
+    assert registrar == registrar0
     ca_file = f"{contract.CA_MOUNT}/{contract.CA_BUNDLE_KEY}"
     assert c["args"] == [*c0["args"], contract.FLAG_CA_FILE, ca_file, contract.FLAG_PLAIN_HTTP_REGISTRY,
                          "registry.internal:5000"]
@@ -697,7 +698,7 @@ def test_prefetch_registry_settings_validate_and_reach_the_loader(tmp_path, vers
         "optional": True}}]
     assert {k: v for k, v in c.items() if k not in ("args", "volumeMounts")} == {
         k: v for k, v in c0.items() if k not in ("args", "volumeMounts")}
-    args = build_parser(LoaderSettings(), [prefetch]).parse_args(expand_args(c["args"], {"NODE_NAME": "node-a"}))
+    args = build_parser(LoaderSettings(), [agent]).parse_args(expand_args(c["args"], {"NODE_NAME": "node-a"}))
     assert (args.ca_file, args.plain_http_registry) == ([ca_file], ["registry.internal:5000"])
 
 

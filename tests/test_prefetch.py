@@ -16,16 +16,14 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-import kubernetes_validate
 import pytest
-import yaml
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
 
 from loader import contract
 from loader.config import LoaderSettings
 from loader.errors import NotFoundError
-from loader.gc import Policy, parse_models_list
+from loader.gc import Policy
 from loader.log import Logger, NullLogger
 from loader.prefetch import (
     Config,
@@ -45,7 +43,6 @@ from tests.support.files import tree
 from tests.support.oci import file_layer
 
 ROOT = Path(__file__).resolve().parent.parent
-OVERLAY = ROOT / "manifests" / "overlays" / "prefetch"
 WARMING = "model.cache/warming"
 OLD = 1_700_000_000
 
@@ -459,142 +456,3 @@ def test_one_shot_exit_codes_and_bad_flags(registry, tmp_path):
         [line] = err.splitlines()
         quoted = '"' + message.replace("\\", "\\\\").replace('"', '\\"') + '"'
         assert line.split(" ", 1)[1] == f"level=error event=failed command=prefetch exit_code=2 error={quoted}"
-
-
-# --- the DaemonSet overlay ----------------------------------------------------------------------------------------
-
-
-def render(path: Path) -> list[dict]:
-    out = subprocess.run(["kubectl", "kustomize", str(path)], capture_output=True, text=True, check=True).stdout
-    return [d for d in yaml.safe_load_all(out) if d]
-
-
-@pytest.mark.parametrize("version", ["1.33", "1.37"])
-def test_overlay_validates_strictly(version):
-    objs = render(OVERLAY)
-    assert [(o["kind"], o["metadata"]["name"], kubernetes_validate.validate(o, version, strict=True))
-            for o in objs] == [(o["kind"], o["metadata"]["name"], version) for o in objs]
-    example = yaml.safe_load((OVERLAY / "crio-image-volumes.yaml").read_text())
-    assert kubernetes_validate.validate(example, version, strict=True) == version
-
-
-def overlay(kind: str, name: str | None = None) -> dict:
-    [found] = [o for o in render(OVERLAY) if o["kind"] == kind and (name is None or o["metadata"]["name"] == name)]
-    return found
-
-
-def test_the_daemonset():
-    ds = overlay("DaemonSet")
-    spec = ds["spec"]["template"]["spec"]
-    [c] = spec["containers"]
-    assert ds["metadata"]["namespace"] == overlay("Namespace")["metadata"]["name"] == "model-cache-prefetch"
-    assert c["image"] == "ghcr.io/model-cache/loader:0.1.0"
-    assert c["args"] == ["prefetch", "--cache", "/cache", "--models-file", "/etc/model-cache/models.txt",
-                         "--interval", "10m", "--untaint", "$(NODE_NAME):model.cache/warming", "--metrics-port",
-                         "9090", "--gc-max-unused", "168h", "--pods-dir", "/var/lib/kubelet/pods", "--node-name",
-                         "$(NODE_NAME)"]
-    assert c["env"][0] == {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}
-    assert c["securityContext"] == {
-        "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "runAsNonRoot": False, "runAsUser": 0,
-        "runAsGroup": 0, "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}}
-    assert {"key": WARMING, "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
-    mounts = {m["name"]: m for m in c["volumeMounts"]}
-    volumes = {v["name"]: v for v in spec["volumes"]}
-    assert mounts["cache"]["mountPath"] == "/cache"
-    assert volumes["cache"]["hostPath"] == {"path": contract.DEFAULT_NODE_CACHE, "type": "DirectoryOrCreate"}
-    assert (mounts["models"]["mountPath"], mounts["models"]["readOnly"]) == ("/etc/model-cache", True)
-    assert mounts["kubelet-pods"] == {"name": "kubelet-pods", "mountPath": "/var/lib/kubelet/pods", "readOnly": True}
-    assert volumes["kubelet-pods"]["hostPath"] == {"path": "/var/lib/kubelet/pods", "type": "Directory"}
-    cm = overlay("ConfigMap")
-    assert volumes["models"]["configMap"] == {"name": cm["metadata"]["name"]}
-    assert cm["metadata"]["name"] == "model-cache-prefetch-models"  # no hash: a list change restarts nothing
-    assert cm["data"] == {"models.txt": (OVERLAY / "models.txt").read_text()}
-    refs, errors = parse_models_list(cm["data"]["models.txt"], "models.txt")
-    assert (refs, errors) == (["registry.example.com/models/phi3:v1"], [])
-    assert c["ports"] == [{"name": "metrics", "containerPort": 9090, "protocol": "TCP"}]
-    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
-    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
-    assert spec["serviceAccountName"] == overlay("ServiceAccount")["metadata"]["name"]
-
-
-def test_rbac_is_get_and_patch_on_nodes_only():
-    sa = overlay("ServiceAccount")
-    assert overlay("ClusterRole")["rules"] == [{"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "patch"]}]
-    binding = overlay("ClusterRoleBinding")
-    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
-                                  "name": overlay("ClusterRole")["metadata"]["name"]}
-    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa["metadata"]["name"],
-                                    "namespace": sa["metadata"]["namespace"]}]
-    assert sorted(o["kind"] for o in render(OVERLAY)) == [
-        "ClusterRole", "ClusterRoleBinding", "ConfigMap", "DaemonSet", "Namespace", "ServiceAccount"]
-
-
-def with_component(tmp_path: Path) -> list[dict]:
-    rel = os.path.relpath(OVERLAY, tmp_path)
-    (tmp_path / "kustomization.yaml").write_text(
-        f"resources: [{rel}]\ncomponents: [{rel}/restrict-untaint]\n")
-    return render(tmp_path)
-
-
-@pytest.mark.parametrize("version", ["1.33", "1.37"])
-def test_restrict_untaint_component_validates(tmp_path, version):
-    objs = with_component(tmp_path)
-    assert sorted(o["kind"] for o in objs) == [
-        "ClusterRole", "ClusterRoleBinding", "ConfigMap", "DaemonSet", "Namespace", "ServiceAccount",
-        "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"]
-    for o in objs:
-        assert kubernetes_validate.validate(o, version, strict=True) == version
-
-
-def admitted(policy: dict, user: dict, old: dict, new: dict) -> list[str]:
-    """Evaluate the policy's CEL as the API server would for an UPDATE: [] when admitted, else the messages."""
-    import celpy
-
-    env = celpy.Environment()
-    act = {"request": celpy.json_to_cel({"userInfo": user, "operation": "UPDATE"}),
-           "object": celpy.json_to_cel(new), "oldObject": celpy.json_to_cel(old)}
-    spec = policy["spec"]
-    if not all(env.program(env.compile(m["expression"])).evaluate(act) for m in spec["matchConditions"]):
-        return ["not matched"]
-    out = []
-    for v in spec["validations"]:
-        result = env.program(env.compile(v["expression"])).evaluate(act)
-        assert isinstance(result, celpy.celtypes.BoolType), result
-        if not result:
-            out.append(v["message"])
-    return out
-
-
-def test_restrict_untaint_policy_admits_only_removing_the_taint_from_its_own_node(tmp_path):
-    [policy] = [o for o in with_component(tmp_path) if o["kind"] == "ValidatingAdmissionPolicy"]
-    [binding] = [o for o in with_component(tmp_path) if o["kind"] == "ValidatingAdmissionPolicyBinding"]
-    assert (binding["spec"]["policyName"], binding["spec"]["validationActions"]) == (policy["metadata"]["name"],
-                                                                                      ["Deny"])
-    sa = overlay("ServiceAccount")["metadata"]
-    me = {"username": f"system:serviceaccount:{sa['namespace']}:{sa['name']}",
-          "extra": {"authentication.kubernetes.io/node-name": ["node-a"]}}
-    old = node("node-a", [GPU_TAINT, *WARMING_TAINTS])
-    good = node("node-a", [GPU_TAINT])
-    only = node("node-a", WARMING_TAINTS)
-    untainted = {**only, "spec": {k: v for k, v in only["spec"].items() if k != "taints"}}
-    relabelled = node("node-a", [GPU_TAINT])
-    relabelled["metadata"]["labels"]["pool"] = "on-demand"
-    cordoned = node("node-a", [GPU_TAINT])
-    cordoned["spec"]["unschedulable"] = True
-    other = node("node-b", [GPU_TAINT])
-    other_old = node("node-b", [GPU_TAINT, *WARMING_TAINTS])
-    taints_msg = "the prefetcher may only remove the model.cache/warming taint"
-    assert admitted(policy, me, old, good) == []
-    assert admitted(policy, me, only, untainted) == []
-    assert admitted(policy, me, old, old) == [taints_msg]  # the one change it may make is the removal
-    assert admitted(policy, me, old, node("node-a", [*WARMING_TAINTS])) == [taints_msg]
-    assert admitted(policy, me, old, node("node-a", [GPU_TAINT, *WARMING_TAINTS, {"key": "x", "effect": "NoSchedule"}])
-                    ) == [taints_msg]
-    assert admitted(policy, me, old, relabelled) == [
-        "the prefetcher may not change a node's labels, annotations or schedulability"]
-    assert admitted(policy, me, old, cordoned) == [
-        "the prefetcher may not change a node's labels, annotations or schedulability"]
-    assert admitted(policy, me, other_old, other) == ["the prefetcher may change only the node its pod runs on"]
-    assert admitted(policy, {"username": me["username"]}, old, good) == [
-        "the prefetcher may change only the node its pod runs on"]
-    assert admitted(policy, {"username": "system:node:node-a"}, old, node("node-a", [])) == ["not matched"]
