@@ -374,7 +374,7 @@ def test_untaint_flag_and_environment(tmp_path):
     with pytest.raises(Exception) as err:
         NodeApi.from_settings(LoaderSettings.from_env({}))
     assert str(err.value) == ("--untaint needs the in-cluster API server, but KUBERNETES_SERVICE_HOST/PORT are not"
-                              " set: run it in a pod (the prefetch DaemonSet), or drop --untaint")
+                              " set: run it in a pod (the node agent DaemonSet), or drop --untaint")
 
 
 # --- the command ---------------------------------------------------------------------------------------------------
