@@ -389,6 +389,16 @@ def materialize(entries: Sequence[Entry], staging: Path, blob_path: Callable[[Di
     return total_bytes, total_files
 
 
+# Why link(2) may refuse a blob, and the copy is made instead:
+_UNLINKABLE = {
+    # The blob's inode has as many links as its filesystem allows (many models share it).
+    errno.EMLINK: "the blob has too many links",
+    # fs.protected_hardlinks (on by default): only the blob's owner, or a process that may write it or holds
+    # CAP_FOWNER, may link it; a blob another uid published (0444) is neither, whatever the shared group.
+    errno.EPERM: "the blob is another uid's and fs.protected_hardlinks refuses the link",
+}
+
+
 def _link_blob(tree: _Tree, e: Entry, blob: Path, ref: str, budget: ExpansionBudget) -> None:
     who = f"{ref}: layer {e.name!r}"
     st = os.lstat(blob)
@@ -400,11 +410,12 @@ def _link_blob(tree: _Tree, e: Entry, blob: Path, ref: str, budget: ExpansionBud
     except FileExistsError:
         raise ArtifactError(f"{ref}: {e.name!r} is written by two layers") from None
     except OSError as exc:
-        if exc.errno != errno.EMLINK:
+        why = _UNLINKABLE.get(exc.errno or 0)
+        if why is None:
             raise
-        # The blob's inode has as many links as its filesystem allows (many models share it): a copy instead,
-        # charged like extracted bytes. Never a failure another tenant can cause.
-        budget.charge(st.st_size, f"layer {e.name!r} (a copy: the blob has too many links)")
+        # A link the kernel refuses for a reason no loader can change: a copy instead, charged like extracted
+        # bytes. Never a failure another tenant can cause.
+        budget.charge(st.st_size, f"layer {e.name!r} (a copy: {why})")
         _copy_into(blob, parent, leaf)
         return
     tree.shared.add((st.st_dev, st.st_ino))

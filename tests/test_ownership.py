@@ -90,8 +90,7 @@ def _owner(path: Path) -> tuple[int, int, str]:
 
 
 def push_models(registry, pusher, *names: str) -> dict[str, str]:
-    """One small model per name, each with blobs of its own (a blob another uid published cannot be hard-linked
-    under fs.protected_hardlinks: see the report on loader.layout)."""
+    """One small model per name, each with blobs of its own (models sharing a blob: the protected_hardlinks test)."""
     refs = {}
     for name in names:
         pusher.push_artifact(f"own/{name}", "v1", [file_layer("w.bin", f"weights of {name}".encode())],
@@ -188,6 +187,43 @@ def test_uid_0_and_uid_65532_loaders_share_a_node_cache_through_one_group(area, 
     assert got["locks/gc"] == (0, LOADER, "0664")  # made by uid 0, locked by both since
     assert {k: v for k, v in got.items() if k.startswith("pods/")} == {
         "pods/pod-1": (0, LOADER, "2775"), "pods/pod-2": (LOADER, LOADER, "2775"), "pods/pod-3": (0, LOADER, "2775")}
+
+
+@pytest.mark.parametrize("first, second", [(0, LOADER), (LOADER, 0)], ids=["uid0-then-65532", "65532-then-uid0"])
+def test_a_model_sharing_a_blob_another_uid_published_gets_a_copy_of_it(area, registry, pusher, first, second):
+    # fs.protected_hardlinks (on by default, and here) lets a process hard-link only a file it owns or may write
+    # (or with CAP_FOWNER, which the injected loader drops): a blob another uid published is neither (0444, theirs), so
+    # the second model's tree gets a copy of it (EPERM is handled like EMLINK), not exit 9.
+    assert Path("/proc/sys/fs/protected_hardlinks").read_text() == "1\n"
+    shared, own = b"tokenizer shared by both models", {"a": b"weights of a", "b": b"weights of b"}
+    refs = {}
+    for name in ("a", "b"):
+        pusher.push_artifact(f"own/shared-{name}", "v1",
+                             [file_layer("tokenizer.json", shared), file_layer("w.bin", own[name])],
+                             config=f'{{"model": "{name}"}}'.encode())
+        refs[name] = f"{registry.host}/own/shared-{name}:v1"
+    cache = area / "node-cache"
+    cache.mkdir(mode=0o755)
+    os.chown(cache, 0, LOADER)
+    os.chmod(cache, 0o2775)
+    code, a, _ = pull(first, LOADER, area, cache, refs["a"])
+    assert code == 0 and a is not None and a["cache_hit"] is False
+    code, b, term = pull(second, LOADER, area, cache, refs["b"])
+    assert code == 0 and b is not None and b["cache_hit"] is False, term
+    blobs = {p.read_bytes(): os.lstat(p) for p in (cache / contract.BLOBS_DIR).iterdir()}
+    assert {data: st.st_uid for data, st in blobs.items() if data in (shared, *own.values())} == {
+        shared: first, own["a"]: first, own["b"]: second}
+    trees = {name: Path(out["path"]) for name, out in (("a", a), ("b", b))}
+    for name, tree in trees.items():
+        # The whole tree, exact: same bytes and modes whichever way each file got there.
+        assert {str(p.relative_to(tree)): (p.read_bytes(), f"{stat.S_IMODE(os.lstat(p).st_mode):04o}")
+                for p in tree.rglob("*")} == {"tokenizer.json": (shared, "0444"), "w.bin": (own[name], "0444")}
+        # A model's own blob is linked into its tree (one inode); the shared one is linked only where its owner
+        # pulled, copied where the other uid did.
+        assert os.lstat(tree / "w.bin").st_ino == blobs[own[name]].st_ino
+    assert os.lstat(trees["a"] / "tokenizer.json").st_ino == blobs[shared].st_ino
+    copy = os.lstat(trees["b"] / "tokenizer.json")
+    assert copy.st_ino != blobs[shared].st_ino and copy.st_nlink == 1 and copy.st_uid == second
 
 
 def test_a_cache_an_older_loader_left_is_exit_9_until_the_documented_fix(area, registry, pusher):
