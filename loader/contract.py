@@ -34,6 +34,19 @@ FLAG_PLAIN_HTTP_REGISTRY = "--plain-http-registry"  # HOST[:PORT] spoken to over
 ENV_POD_UID = "MODEL_CACHE_POD_UID"  # fieldRef metadata.uid: in the loader and in every app container it mounts into
 ENV_NODE_NAME = "MODEL_CACHE_NODE_NAME"  # fieldRef spec.nodeName: in the loader
 
+# --- signature policy (issue 13): a model becomes visible only when a signature over its manifest digest verifies ---
+# The policy reaches the loader as arguments (public keys and identities are not secret; no cross-namespace mounts).
+# Several keys or identities: any one that verifies suffices. No policy flag: nothing is required (as before).
+SIGN = "sign"  # ``model-loader sign REF --key KEY``: write a cosign-compatible signature for REF's manifest digest
+FLAG_VERIFY_KEY = "--verify-key"  # FILE: a PEM public key (ECDSA P-256/P-384, Ed25519, RSA); repeatable
+FLAG_VERIFY_KEY_DATA = "--verify-key-data"  # base64 of a PEM public key, several joined by ","; repeatable
+FLAG_VERIFY_IDENTITY = "--verify-identity"  # ISSUER=SUBJECT: a keyless signer (OIDC issuer, certificate SAN)
+FLAG_TRUSTED_ROOT = "--trusted-root"  # FILE: the Sigstore trusted root JSON keyless bundles are checked against
+# The webhook keeps inline keys in the loader container's env and passes them as
+# ``--verify-key-data=$(MODEL_CACHE_VERIFY_KEYS)`` (kubelet expands $(VAR) in args), so the policy is readable in
+# the pod spec, bounded like any arg, and the loader itself reads no environment for it.
+ENV_VERIFY_KEYS = "MODEL_CACHE_VERIFY_KEYS"  # base64 PEM public keys joined by ","
+
 # --- the CSI path (issue 12): the volume the webhook writes, the node agent's driver serves -------------------------
 #: The CSI driver name (a CSIDriver object of this name; kubelet lists it in the node's CSINode once registered).
 CSI_DRIVER = "model.cache"
@@ -113,3 +126,4 @@ class ExitCode(enum.IntEnum):
     NETWORK = 7  # registry unreachable or failing after retries
     INVALID_ARTIFACT = 8  # unsafe names, unsupported media types, malformed manifests
     PERMISSION = 9  # the loader's uid may not write (or read) a path in the cache: the message names uid, path, owner
+    SIGNATURE = 10  # a signature policy is set and no signature over the model's digest verifies: nothing published

@@ -260,6 +260,22 @@ class RegistryClient:
 
         return self._with_endpoints("GET", f"/v2/{self.repo}/manifests/{reference}", {"Accept": _ACCEPT}, accept)
 
+    def get_referrers(self, digest: str) -> bytes | None:
+        """The OCI 1.1 referrers index of ``digest`` (``GET /v2/<name>/referrers/<digest>``, read to at most
+        MAX_MANIFEST_BYTES; unfiltered, as the ``artifactType`` filter is optional for a registry and the caller
+        filters anyway), or None when the registry answers 404: it has no referrers API (Distribution 2.8), and
+        the caller falls back to the tag schemes."""
+        dgst = Digest.parse(digest, f"referrers subject of {self.ref}")
+
+        def accept(resp: Response, ep: Endpoint) -> bytes:
+            return resp.read_body(MAX_MANIFEST_BYTES, f"the referrers of {self.repo}@{dgst}")
+
+        try:
+            return self._with_endpoints("GET", f"/v2/{self.repo}/referrers/{dgst}",
+                                        {"Accept": "application/vnd.oci.image.index.v1+json"}, accept)
+        except NotFoundError:
+            return None
+
     def open_blob(self, digest: str, start: int = 0, end: int | None = None, size: int | None = None) -> BlobResponse:
         """GET a blob from ``start`` (to ``end`` inclusive, or the end). Raises TransientError on retryable faults.
 

@@ -1,0 +1,445 @@
+"""Model signatures, pure: keys and policies, cosign signature manifests and payloads, and the verdict.
+
+No network and no cache here: loader.sign finds signatures in a registry (and pushes them), loader.pull asks
+:func:`check` for a verdict before anything is published. Every value from outside (a signature manifest, a
+referrers index, a simple-signing payload, a base64 annotation, a PEM key) is parsed into a typed value at the
+boundary, bounded in size and count, or refused with a message naming where it came from.
+
+Formats (cosign's SIGNATURE_SPEC, and OCI 1.1 referrers):
+
+* A signature manifest is an OCI image manifest whose layers are simple-signing payloads
+  (``application/vnd.dev.cosign.simplesigning.v1+json``), each with its base64 signature in the layer annotation
+  ``dev.cosignproject.cosign/signature``. Found at the tag ``sha256-<hex>.sig`` of the signed digest, or as a
+  referrer (``subject``) with artifactType ``application/vnd.dev.cosign.artifact.sig.v1+json``.
+* The payload is JSON; ``critical.image.docker-manifest-digest`` must equal the digest being verified and
+  ``critical.type`` must be ``cosign container image signature``. Keys are matched case-insensitively, as Go's
+  encoding/json (which cosign uses) does; two spellings of one key are refused as ambiguous.
+* Signature schemes: ECDSA (DER signature) over SHA-256 for P-256, SHA-384 (or SHA-256, as older cosign) for
+  P-384, SHA-512 for P-521; Ed25519 over the payload itself; RSA PKCS#1 v1.5 or PSS over SHA-256.
+
+A policy's fingerprint names what a verification trusted (the keys' fingerprints, the identities, the trusted
+root's digest); the cache records it with the model, so a hit under the same policy needs no second verification.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from loader.contract import ExitCode
+from loader.digest import Digest
+from loader.errors import ArtifactError, LoaderError, UsageError
+
+# ---- formats (the only place they are spelled) --------------------------------------------------------------
+SIMPLESIGNING = "application/vnd.dev.cosign.simplesigning.v1+json"
+SIGNATURE_ANNOTATION = "dev.cosignproject.cosign/signature"
+COSIGN_SIG_ARTIFACT = "application/vnd.dev.cosign.artifact.sig.v1+json"
+COSIGN_TYPE = "cosign container image signature"
+OCI_IMAGE_CONFIG = "application/vnd.oci.image.config.v1+json"
+
+# ---- bounds --------------------------------------------------------------------------------------------------
+MAX_SIGNATURE_MANIFEST = 256 * 1024  # one signature manifest (cosign appends a layer per signature)
+MAX_REFERRERS_INDEX = 4 * 1024 * 1024
+MAX_SIGNATURE_LAYERS = 64  # simple-signing layers looked at per signature manifest
+MAX_SIGNATURE_MANIFESTS = 16  # signature referrers looked at per digest
+MAX_PAYLOAD = 64 * 1024  # one simple-signing payload
+MAX_SIGNATURE_B64 = 4096  # one base64 signature (RSA-4096 is 684 characters)
+MAX_KEY_PEM = 16 * 1024
+MAX_KEYS = 64
+MAX_IDENTITIES = 64
+MAX_PROBLEMS = 5  # what a refusal lists of what did not match
+
+
+class SignatureError(LoaderError):
+    """A policy requires a signature and none over the model's digest verifies (exit 10). The message names the
+    reference, the digest and what did not match."""
+
+    exit_code = ExitCode.SIGNATURE
+
+
+# ---- keys ----------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PublicKey:
+    """A verification key: its kind, its fingerprint (``sha256:`` of the DER SubjectPublicKeyInfo, what the cache
+    records and ``--output json`` reports), where it came from, and the loaded key."""
+
+    kind: str  # ecdsa-p256, ecdsa-p384, ecdsa-p521, ed25519, rsa-<bits>
+    fingerprint: Digest
+    source: str
+    key: Any = field(repr=False, compare=False)
+
+
+def load_public_key(pem: bytes, source: str) -> PublicKey:
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+    if len(pem) > MAX_KEY_PEM:
+        raise UsageError(f"public key {source} is {len(pem)} bytes, over {MAX_KEY_PEM}: not a PEM public key")
+    try:
+        key = serialization.load_pem_public_key(pem)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        raise UsageError(f"public key {source} is not a PEM public key (-----BEGIN PUBLIC KEY-----): {exc}") from None
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        curves = {"secp256r1": "ecdsa-p256", "secp384r1": "ecdsa-p384", "secp521r1": "ecdsa-p521"}
+        if key.curve.name not in curves:
+            raise UsageError(f"public key {source} is on curve {key.curve.name}; P-256, P-384 or P-521 only")
+        kind = curves[key.curve.name]
+    elif isinstance(key, ed25519.Ed25519PublicKey):
+        kind = "ed25519"
+    elif isinstance(key, rsa.RSAPublicKey):
+        if key.key_size < 2048:
+            raise UsageError(f"public key {source} is RSA-{key.key_size}; 2048 bits at least")
+        kind = f"rsa-{key.key_size}"
+    else:
+        raise UsageError(f"public key {source} is a {type(key).__name__}; ECDSA, Ed25519 or RSA only")
+    der = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return PublicKey(kind, Digest.of(der), source, key)
+
+
+def keys_from_base64(text: str, where: str) -> list[PublicKey]:
+    """``--verify-key-data``: base64 PEM public keys joined by ``,`` (whitespace ignored)."""
+    out = []
+    for i, part in enumerate(p for p in text.replace("\n", "").split(",") if p.strip()):
+        try:
+            pem = base64.b64decode(part.strip(), validate=True)
+        except (binascii.Error, ValueError):
+            raise UsageError(f"{where}: entry {i} is not base64 (of a PEM public key)") from None
+        out.append(load_public_key(pem, f"{where}[{i}]"))
+    return out
+
+
+def verify_with(key: PublicKey, payload: bytes, signature: bytes) -> bool:
+    """True when ``signature`` is ``key``'s over ``payload`` under one of the schemes cosign uses for its kind."""
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec, padding
+
+    k = key.key
+    attempts: list[Any]
+    if key.kind == "ed25519":
+        attempts = [lambda: k.verify(signature, payload)]
+    elif key.kind.startswith("ecdsa-"):
+        by_curve: dict[str, list[hashes.HashAlgorithm]] = {
+            "ecdsa-p256": [hashes.SHA256()], "ecdsa-p384": [hashes.SHA384(), hashes.SHA256()],
+            "ecdsa-p521": [hashes.SHA512()]}
+        algs = by_curve[key.kind]
+        attempts = [lambda h=h: k.verify(signature, payload, ec.ECDSA(h)) for h in algs]
+    else:
+        pss = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=padding.PSS.AUTO)
+        attempts = [lambda: k.verify(signature, payload, padding.PKCS1v15(), hashes.SHA256()),
+                    lambda: k.verify(signature, payload, pss, hashes.SHA256())]
+    for attempt in attempts:
+        try:
+            attempt()
+            return True
+        except (InvalidSignature, ValueError):
+            continue
+    return False
+
+
+# ---- private keys (model-loader sign) ------------------------------------------------------------------------
+def load_private_key(pem: bytes, source: str, password: bytes | None = None) -> Any:
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+    try:
+        key = serialization.load_pem_private_key(pem, password)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        hint = (" (cosign's own encrypted key format is not read: export it with `cosign import-key-pair`'s"
+                " inverse, or make a PEM key with openssl)" if b"SIGSTORE" in pem[:64] else "")
+        raise UsageError(f"private key {source} is not a PEM private key{hint}: {exc}") from None
+    if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name not in ("secp256r1", "secp384r1", "secp521r1"):
+        raise UsageError(f"private key {source} is on curve {key.curve.name}; P-256, P-384 or P-521 only")
+    if not isinstance(key, (ec.EllipticCurvePrivateKey, ed25519.Ed25519PrivateKey, rsa.RSAPrivateKey)):
+        raise UsageError(f"private key {source} is a {type(key).__name__}; ECDSA, Ed25519 or RSA only")
+    return key
+
+
+def sign_payload(private_key: Any, payload: bytes) -> bytes:
+    """A signature cosign verifies with the matching public key: ECDSA (hash by curve), Ed25519, RSA PKCS#1 v1.5."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding
+
+    if isinstance(private_key, ed25519.Ed25519PrivateKey):
+        sig: bytes = private_key.sign(payload)
+        return sig
+    if isinstance(private_key, ec.EllipticCurvePrivateKey):
+        h = {"secp384r1": hashes.SHA384(), "secp521r1": hashes.SHA512()}.get(private_key.curve.name, hashes.SHA256())
+        sig = private_key.sign(payload, ec.ECDSA(h))
+        return sig
+    sig = private_key.sign(payload, padding.PKCS1v15(), hashes.SHA256())
+    return sig
+
+
+def public_key_of(private_key: Any) -> PublicKey:
+    from cryptography.hazmat.primitives import serialization
+
+    pem = private_key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                serialization.PublicFormat.SubjectPublicKeyInfo)
+    return load_public_key(pem, "the signing key")
+
+
+# ---- policy --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Identity:
+    """A keyless signer: the OIDC issuer and the certificate's subject (SAN), both matched exactly."""
+
+    issuer: str
+    subject: str
+
+    @classmethod
+    def parse(cls, text: str, where: str) -> Identity:
+        issuer, sep, subject = text.partition("=")
+        if not sep or not issuer.strip() or not subject.strip() or len(text) > 1024:
+            raise UsageError(f"{where} {text[:100]!r} is not ISSUER=SUBJECT, e.g."
+                             " https://token.actions.githubusercontent.com=https://github.com/org/repo/.github/"
+                             "workflows/release.yml@refs/heads/main")
+        return cls(issuer.strip(), subject.strip())
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What a model must be signed by: any one of ``keys``, or (keyless) any one of ``identities`` under the
+    trusted root. ``trusted_root`` holds the root's bytes (read once, at start-up)."""
+
+    keys: tuple[PublicKey, ...] = ()
+    identities: tuple[Identity, ...] = ()
+    trusted_root: bytes | None = field(default=None, repr=False)
+    trusted_root_source: str | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.keys) > MAX_KEYS:
+            raise UsageError(f"{len(self.keys)} verification keys, over {MAX_KEYS}")
+        if len(self.identities) > MAX_IDENTITIES:
+            raise UsageError(f"{len(self.identities)} identities, over {MAX_IDENTITIES}")
+
+    @property
+    def required(self) -> bool:
+        return bool(self.keys or self.identities)
+
+    @property
+    def fingerprint(self) -> Digest:
+        """Stable over the policy's meaning: the same keys and identities in any order, from any file, give the
+        same fingerprint; any other key, identity or trusted root gives another."""
+        doc = {"keys": sorted({k.fingerprint for k in self.keys}),
+               "identities": sorted({(i.issuer, i.subject) for i in self.identities}),
+               "trusted_root": Digest.of(self.trusted_root) if self.trusted_root is not None and self.identities
+               else None}
+        return Digest.of(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode())
+
+    def describe(self) -> str:
+        parts = [f"key {k.fingerprint[:19]}... ({k.kind}, {k.source})" for k in self.keys]
+        parts += [f"identity {i.subject} from {i.issuer}" for i in self.identities]
+        return "; ".join(parts) or "nothing"
+
+
+# ---- what verified -------------------------------------------------------------------------------------------
+WHERE = ("referrers", "referrers-tag", "tag")  # the referrers API, OCI 1.1's fallback tag sha256-<hex>, cosign's .sig
+
+
+@dataclass(frozen=True)
+class Verified:
+    """What verified a model: the policy, the key (or identity), where the signature was found, and the signature
+    manifest's digest. ``recorded``: taken from the cache's record of an earlier verification."""
+
+    policy: Digest
+    signer: str  # a key fingerprint, or "identity:<issuer>=<subject>"
+    where: str
+    signature: Digest
+    recorded: bool = False
+
+    def as_json(self) -> dict[str, Any]:
+        return {"policy": self.policy, "signer": self.signer, "where": self.where, "signature": self.signature,
+                "recorded": self.recorded}
+
+    def record(self, at: float) -> dict[str, Any]:
+        """What the cache's meta keeps under the policy's fingerprint."""
+        return {"signer": self.signer, "where": self.where, "signature": self.signature, "at": at}
+
+    @classmethod
+    def from_record(cls, policy: Digest, rec: Mapping[str, Any]) -> Verified:
+        return cls(policy, str(rec["signer"]), str(rec["where"]), Digest(rec["signature"]), recorded=True)
+
+
+# ---- signature manifests, referrers, payloads -----------------------------------------------------------------
+@dataclass(frozen=True)
+class SignatureLayer:
+    """One simple-signing layer: the payload blob to fetch and its decoded signature."""
+
+    payload: Digest
+    size: int
+    signature: bytes
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One signature found for a digest, its payload fetched and verified against its descriptor."""
+
+    where: str
+    manifest: Digest  # the signature manifest
+    payload: bytes
+    signature: bytes
+
+
+def _load(data: bytes, limit: int, where: str) -> dict[str, Any]:
+    if len(data) > limit:
+        raise ArtifactError(f"{where} is {len(data)} bytes, over the {limit} byte limit")
+    try:
+        obj = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{where} is not valid JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise ArtifactError(f"{where} is not a JSON object")
+    return obj
+
+
+def parse_signature_manifest(data: bytes, where: str) -> tuple[list[SignatureLayer], list[str]]:
+    """The simple-signing layers of a signature manifest (at most MAX_SIGNATURE_LAYERS), and what was skipped and
+    why (other media types, missing or malformed signatures)."""
+    obj = _load(data, MAX_SIGNATURE_MANIFEST, where)
+    layers = obj.get("layers")
+    if not isinstance(layers, list):
+        raise ArtifactError(f"{where} has no layers list")
+    out: list[SignatureLayer] = []
+    skipped: list[str] = []
+    for i, layer in enumerate(layers[:MAX_SIGNATURE_LAYERS]):
+        at = f"{where} layer {i}"
+        if not isinstance(layer, dict) or layer.get("mediaType") != SIMPLESIGNING:
+            skipped.append(f"{at} is not a {SIMPLESIGNING} layer")
+            continue
+        digest = Digest.parse(layer.get("digest"), f"{at} (field 'digest')")
+        size = layer.get("size")
+        if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= MAX_PAYLOAD:
+            skipped.append(f"{at} has payload size {str(size)[:20]}, not 0 to {MAX_PAYLOAD}")
+            continue
+        ann = layer.get("annotations")
+        b64 = ann.get(SIGNATURE_ANNOTATION) if isinstance(ann, dict) else None
+        if not isinstance(b64, str) or not b64:
+            skipped.append(f"{at} has no {SIGNATURE_ANNOTATION} annotation")
+            continue
+        if len(b64) > MAX_SIGNATURE_B64:
+            skipped.append(f"{at} has a {len(b64)}-character signature, over {MAX_SIGNATURE_B64}")
+            continue
+        try:
+            sig = base64.b64decode(b64, validate=True)
+        except (binascii.Error, ValueError):
+            skipped.append(f"{at}: its {SIGNATURE_ANNOTATION} annotation is not base64")
+            continue
+        out.append(SignatureLayer(digest, size, sig))
+    if len(layers) > MAX_SIGNATURE_LAYERS:
+        skipped.append(f"{where} has {len(layers)} layers; only the first {MAX_SIGNATURE_LAYERS} were looked at")
+    return out, skipped
+
+
+def parse_referrers(data: bytes, subject: Digest, artifact_type: str, where: str) -> list[Digest]:
+    """The manifests of a referrers index (the API's answer, or the fallback tag's index) with ``artifact_type``,
+    at most MAX_SIGNATURE_MANIFESTS, in the order listed."""
+    obj = _load(data, MAX_REFERRERS_INDEX, where)
+    manifests = obj.get("manifests")
+    if not isinstance(manifests, list):
+        raise ArtifactError(f"{where} (referrers of {subject}) has no manifests list")
+    out: list[Digest] = []
+    for i, m in enumerate(manifests):
+        if not isinstance(m, dict) or m.get("artifactType") != artifact_type:
+            continue
+        out.append(Digest.parse(m.get("digest"), f"{where} entry {i}"))
+        if len(out) >= MAX_SIGNATURE_MANIFESTS:
+            break
+    return out
+
+
+def _field(obj: Mapping[str, Any], name: str, where: str) -> Any:
+    """``obj[name]`` matched case-insensitively, as Go's encoding/json does; two spellings are ambiguous."""
+    found = [k for k in obj if k.lower() == name]
+    if len(found) > 1:
+        raise ArtifactError(f"{where} spells {name!r} {len(found)} ways ({', '.join(sorted(found))}): ambiguous")
+    return obj[found[0]] if found else None
+
+
+@dataclass(frozen=True)
+class Payload:
+    """A simple-signing payload: the digest it signs and the reference it names (informative only)."""
+
+    digest: Digest
+    docker_reference: str | None
+
+
+def parse_payload(data: bytes, where: str) -> Payload:
+    obj = _load(data, MAX_PAYLOAD, where)
+    critical = _field(obj, "critical", where)
+    if not isinstance(critical, dict):
+        raise ArtifactError(f"{where} has no 'critical' object")
+    kind = _field(critical, "type", f"{where} critical")
+    if kind != COSIGN_TYPE:
+        raise ArtifactError(f"{where} has critical.type {str(kind)[:80]!r}, not {COSIGN_TYPE!r}")
+    image = _field(critical, "image", f"{where} critical")
+    if not isinstance(image, dict):
+        raise ArtifactError(f"{where} has no critical.image object")
+    digest = Digest.parse(_field(image, "docker-manifest-digest", f"{where} critical.image"),
+                          f"{where} critical.image.docker-manifest-digest")
+    identity = _field(critical, "identity", f"{where} critical")
+    ref = _field(identity, "docker-reference", f"{where} critical.identity") if isinstance(identity, dict) else None
+    return Payload(digest, ref if isinstance(ref, str) else None)
+
+
+def make_payload(digest: Digest, docker_reference: str) -> bytes:
+    """The simple-signing payload cosign writes for ``digest`` (compact JSON, cosign's field order)."""
+    doc = {"critical": {"identity": {"docker-reference": docker_reference},
+                        "image": {"docker-manifest-digest": str(digest)}, "type": COSIGN_TYPE},
+           "optional": None}
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
+def signature_config(layers: Sequence[Mapping[str, Any]]) -> bytes:
+    """The image config cosign gives a signature manifest: empty but for the layers' diff_ids."""
+    doc = {"architecture": "", "config": {}, "created": "0001-01-01T00:00:00Z",
+           "history": [{"created": "0001-01-01T00:00:00Z"}], "os": "",
+           "rootfs": {"type": "layers", "diff_ids": [str(layer["digest"]) for layer in layers]}}
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
+def signature_layer(payload: bytes, signature: bytes) -> dict[str, Any]:
+    return {"mediaType": SIMPLESIGNING, "size": len(payload), "digest": str(Digest.of(payload)),
+            "annotations": {SIGNATURE_ANNOTATION: base64.b64encode(signature).decode()}}
+
+
+# ---- the verdict ---------------------------------------------------------------------------------------------
+def check(candidates: Iterable[Candidate], policy: Policy, digest: Digest, label: str,
+          looked: Sequence[str] = (), problems: list[str] | None = None) -> Verified:
+    """The first candidate whose payload signs ``digest`` and whose signature verifies with one of the policy's
+    keys; else SignatureError naming the reference, the digest and what did not match (at most MAX_PROBLEMS
+    reasons). ``candidates`` is consumed lazily, so the search stops at the first signature that verifies.
+    ``looked`` names where signatures were looked for, ``problems`` what was refused while finding them: both are
+    filled by the finder while ``candidates`` is consumed, and read once it is exhausted."""
+    found = 0
+    seen: list[str] = problems if problems is not None else []
+    for c in candidates:
+        found += 1
+        try:
+            payload = parse_payload(c.payload, f"signature {c.manifest} ({c.where}) payload")
+        except ArtifactError as exc:
+            seen.append(str(exc))
+            continue
+        if payload.digest != digest:
+            seen.append(f"signature {c.manifest} ({c.where}) signs {payload.digest}, not {digest}")
+            continue
+        for key in policy.keys:
+            if verify_with(key, c.payload, c.signature):
+                return Verified(policy.fingerprint, key.fingerprint, c.where, c.manifest)
+        seen.append(f"signature {c.manifest} ({c.where}) verifies with none of the policy's keys")
+    where = f" (looked in {', '.join(looked)})" if looked else ""
+    if not found and not seen:
+        what = f"no signature found{where}"
+    else:
+        what = f"{found} signature(s) found{where}, none verifies: " + "; ".join(seen[:MAX_PROBLEMS])
+        if len(seen) > MAX_PROBLEMS:
+            what += f"; and {len(seen) - MAX_PROBLEMS} more"
+    raise SignatureError(f"{label}: model {digest} is not signed as the policy requires ({policy.describe()}):"
+                         f" {what}. Nothing was published; sign it (model-loader sign {label} --key KEY, or cosign"
+                         " sign) and pull again")
