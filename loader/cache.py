@@ -688,7 +688,37 @@ def parse_meta(data: bytes, digest: Digest) -> dict[str, Any] | None:
     meta.setdefault("bytes", 0)
     meta.setdefault("files", 0)
     meta.setdefault("sources", [])
+    if "verified" in meta:  # a malformed record is no record: the model is verified again, not refused
+        verified = meta["verified"]
+        meta["verified"] = ({p: v for p, v in verified.items() if _is_verification(p, v)}
+                            if isinstance(verified, dict) else {})
     return meta
+
+
+# ---- signature verifications (issue 13): what verified a model, by the fingerprint of the policy that required it --
+#: Policies recorded per model; the oldest record goes first (a shared cache serves tenants with different policies).
+MAX_VERIFICATIONS = 16
+
+
+def _is_verification(policy: object, rec: object) -> bool:
+    return (is_digest(policy) and isinstance(rec, dict) and isinstance(rec.get("signer"), str)
+            and isinstance(rec.get("where"), str) and is_digest(rec.get("signature"))
+            and isinstance(rec.get("at"), (int, float)))
+
+
+def verification(meta: dict[str, Any], policy: str) -> dict[str, Any] | None:
+    """The record of the verification of this model under ``policy`` (a policy fingerprint), if one was made."""
+    rec = meta.get("verified", {}).get(policy)
+    return rec if isinstance(rec, dict) else None
+
+
+def record_verification(meta: dict[str, Any], policy: str, rec: dict[str, Any]) -> None:
+    """Record that ``policy`` verified this model (``rec``: signer, where, signature, at), keeping the newest
+    MAX_VERIFICATIONS policies. For update_meta."""
+    verified = dict(meta.get("verified") or {})
+    verified[policy] = rec
+    newest = sorted(verified.items(), key=lambda kv: kv[1].get("at", 0), reverse=True)[:MAX_VERIFICATIONS]
+    meta["verified"] = dict(sorted(newest))
 
 
 def _fsync_dir(path: Path) -> None:

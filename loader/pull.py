@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from loader import layout, oci, retry
+from loader import layout, oci, retry, sign
 from loader.access import (
     ANONYMOUS,
     Source,
@@ -24,7 +24,7 @@ from loader.access import (
     possession_failures,
     sources_of,
 )
-from loader.cache import GC_LOCK_TIMEOUT, Cache, CachedModel, check_pod_uid
+from loader.cache import GC_LOCK_TIMEOUT, Cache, CachedModel, check_pod_uid, record_verification, verification
 from loader.digest import Digest
 from loader.errors import ArtifactError, AuthError, NetworkError, UsageError
 from loader.fetch import BLOB_POLICY, LOCK_STALL, Blob, Fetcher
@@ -33,6 +33,7 @@ from loader.publish import publish_model
 from loader.reference import Reference, parse
 from loader.registry import RegistryClient
 from loader.retry import RetryPolicy
+from loader.signing import Policy, SignatureError, Verified
 
 T = TypeVar("T")
 
@@ -63,6 +64,13 @@ class PullOptions:
     node_name: str | None = None
     ca_files: tuple[str, ...] = ()  # extra CAs for registries (--ca-file)
     plain_http_registries: frozenset[str] = frozenset()  # registries spoken to over plain HTTP (--plain-http-registry)
+    # Issue 13: a model is served only once a signature over its digest verifies under this policy (--verify-key...);
+    # a hit the cache records as verified under the same policy is not verified again.
+    signature_policy: Policy | None = None
+
+    @property
+    def signatures_required(self) -> bool:
+        return self.signature_policy is not None and self.signature_policy.required
 
     def is_plain_http(self, ref: Reference) -> bool:
         if self.plain_http is not None:
@@ -83,11 +91,15 @@ class PullResult:
     fetched_bytes: int = 0  # blob bytes this loader downloaded (another loader may have fetched the rest)
     stale: bool = False  # the registry was unreachable: the cached copy was served without re-checking the tag
     pinned: bool = False  # a restarted pod: the digest its first loader verified, whatever the tag says now
+    verified: Verified | None = None  # what verified the model's signature (a policy was set)
 
     def as_json(self) -> dict[str, Any]:
-        return {"ref": self.ref, "digest": self.digest, "path": self.path, "bytes": self.bytes, "files": self.files,
-                "seconds": round(self.seconds, 3), "cache_hit": self.cache_hit, "fetched_bytes": self.fetched_bytes,
-                "stale": self.stale, "pinned": self.pinned}
+        out = {"ref": self.ref, "digest": self.digest, "path": self.path, "bytes": self.bytes, "files": self.files,
+               "seconds": round(self.seconds, 3), "cache_hit": self.cache_hit, "fetched_bytes": self.fetched_bytes,
+               "stale": self.stale, "pinned": self.pinned}
+        if self.verified is not None:
+            out["verified"] = self.verified.as_json()
+        return out
 
 
 def pull(text: str, opts: PullOptions, log: Any) -> PullResult:
@@ -117,21 +129,26 @@ class _Hit:
         self.ref, self.cache, self.log, self.t0, self.pinned = ref, cache, log, t0, pinned
 
     def __call__(self, model: CachedModel, warnings: Sequence[str] = (), source: Source | None = None,
-                 stale: bool = False, fetched: int = 0) -> PullResult:
+                 stale: bool = False, fetched: int = 0, verified: Verified | None = None) -> PullResult:
         label = str(self.ref)
         if not self.pinned:
             self.cache.link_ref(self.ref, model.digest)
-        # One read-modify-write of the meta for both records, and none when the meta the lookup read has them.
-        if label not in model.meta["refs"] or (source is not None and source not in sources_of(model.meta)):
+        # One read-modify-write of the meta for every record, and none when the meta the lookup read has them.
+        new_verification = verified is not None and not verified.recorded
+        if (label not in model.meta["refs"] or (source is not None and source not in sources_of(model.meta))
+                or new_verification):
             def record(meta: dict[str, Any]) -> None:
                 meta["refs"] = sorted(set(meta["refs"]) | {label})
                 if source is not None:
                     add_source(meta, source)
+                if verified is not None and new_verification:
+                    record_verification(meta, verified.policy, verified.record(time.time()))
 
             self.cache.update_meta(model.digest, record)
         self.cache.touch(model.digest)
         res = PullResult(label, model.digest, str(model.path), model.bytes, model.files, time.monotonic() - self.t0,
-                         True, list(warnings), fetched_bytes=fetched, stale=stale, pinned=self.pinned)
+                         True, list(warnings), fetched_bytes=fetched, stale=stale, pinned=self.pinned,
+                         verified=verified)
         self.log.info("pull.hit", ref=label, digest=model.digest, path=res.path, seconds=round(res.seconds, 3),
                       stale=stale or None, pinned=self.pinned or None)
         return res
@@ -149,12 +166,16 @@ def _pull(name: Reference, cache: Cache, opts: PullOptions, log: Any, t0: float)
     # A digest names immutable content: a cached copy needs no network at all (unless access is to be proven).
     if ref.digest and (opts.offline or not opts.check_access):
         model = cache.lookup_digest(ref.digest)
-        if model:
-            return hit(model)
+        if model and (not opts.signatures_required or _recorded(model, opts)):
+            return hit(model, verified=_recorded(model, opts))
     if opts.offline:
         model = cache.lookup_ref(ref)
         if model:
-            return hit(model)
+            if opts.signatures_required and not _recorded(model, opts):
+                raise SignatureError(f"{label}: the cached model {model.digest} was never verified under this"
+                                     " signature policy, and --offline forbids fetching its signatures; pull it"
+                                     " once online")
+            return hit(model, verified=_recorded(model, opts))
         raise NetworkError(f"{label} is not in cache {cache.root} and --offline forbids the registry: pull it once"
                            " online, or import a bundle (model-loader import)")
 
@@ -176,6 +197,10 @@ def _fallback(exc: NetworkError, model: CachedModel | None, ref: Reference, sour
     """The registry cannot be reached: the cached copy, if the access rule grants it to this pod."""
     if model is None:
         raise exc
+    if opts.signatures_required and not _recorded(model, opts):
+        raise NetworkError(f"registry {ref.registry} is unreachable ({exc}) and the cached copy of {ref}"
+                           f" ({model.digest}) was never verified under this signature policy; the pod starts once"
+                           " the registry answers and a signature verifies") from exc
     # A restarted pod's pin was written only after this very pod proved access to that digest: it keeps it.
     if opts.check_access and not hit.pinned and not may_fall_back(sources_of(model.meta), ref, source.identity):
         raise NetworkError(
@@ -185,7 +210,7 @@ def _fallback(exc: NetworkError, model: CachedModel | None, ref: Reference, sour
         ) from exc
     msg = f"registry {ref.registry} unreachable ({exc}); using the cached copy {model.digest}"
     log.warning("pull.registry_unreachable", ref=str(hit.ref), digest=model.digest, error=str(exc))
-    return hit(model, [msg], stale=True)
+    return hit(model, [msg], stale=True, verified=_recorded(model, opts))
 
 
 def _pull_online(ref: Reference, client: RegistryClient, cache: Cache, opts: PullOptions, log: Any, t0: float,
@@ -208,8 +233,10 @@ def _pull_online(ref: Reference, client: RegistryClient, cache: Cache, opts: Pul
             return _fallback(exc, cache.lookup_ref(ref), ref, source, opts, hit, log)
         digest = Digest.parse(found, f"registry {ref.registry}: the digest of {label}")
         model = cache.lookup_digest(digest)
-        if model and not opts.check_access:
-            return hit(model)
+    # Before anything is served or published: a signature over the digest, unless this policy verified it before.
+    verified = _require_signature(client, digest, model, opts, log, label)
+    if model and not ref.digest and not opts.check_access:
+        return hit(model, verified=verified)
 
     if top is None:
         # The manifest, by digest (its bytes are verified against it): the first part of every access proof.
@@ -239,7 +266,7 @@ def _pull_online(ref: Reference, client: RegistryClient, cache: Cache, opts: Pul
     proven: set[Digest] = set()
     if opts.check_access:
         if model is not None and hit_proof(sources_of(model.meta), ref, source.tls) == "manifest":
-            return hit(model, source=source)
+            return hit(model, source=source, verified=verified)
         present = [(b.digest, b.size) for b in blobs if cache.has_blob(b.digest, b.size)]
         verify_only = set(possession_failures(client, present, cache.blob_path, opts.policy))
         proven = {d for d, _ in present} - verify_only
@@ -247,7 +274,7 @@ def _pull_online(ref: Reference, client: RegistryClient, cache: Cache, opts: Pul
             log.info("pull.prove_by_download", ref=label, blobs=len(verify_only),
                      reason="the registry did not serve the cached bytes of these blobs")
         elif model is not None:
-            return hit(model, source=source)
+            return hit(model, source=source, verified=verified)
 
     fetcher = Fetcher(client, cache, concurrency=opts.concurrency, log=log, label=label,
                       source_name=ref.registry, policy=opts.policy, lock_stall=opts.lock_stall)
@@ -265,8 +292,10 @@ def _pull_online(ref: Reference, client: RegistryClient, cache: Cache, opts: Pul
         _prove_the_rest(client, fetcher, cache, blobs, proven, opts, log, label)
 
     if model is not None:  # every blob this pod could not show is now downloaded and verified from its registry
-        return hit(model, source=source, fetched=client.bytes_received)
+        return hit(model, source=source, fetched=client.bytes_received, verified=verified)
     model = publish_model(cache, digest, entries, dict(image.raw), image.media_type, [label], label, [source])
+    if verified is not None:
+        cache.update_meta(digest, lambda meta: record_verification(meta, verified.policy, verified.record(time.time())))
     if not hit.pinned:
         cache.link_ref(hit.ref, digest)
     cache.add_ref_to_meta(digest, label)
@@ -276,7 +305,27 @@ def _pull_online(ref: Reference, client: RegistryClient, cache: Cache, opts: Pul
              seconds=round(secs, 3), mbps=round(total / secs / 1e6, 1) if secs else None,
              fetched_bytes=client.bytes_received)
     return PullResult(label, digest, str(model.path), model.bytes, model.files, secs, False,
-                      fetched_bytes=client.bytes_received, pinned=hit.pinned)
+                      fetched_bytes=client.bytes_received, pinned=hit.pinned, verified=verified)
+
+
+def _recorded(model: CachedModel | None, opts: PullOptions) -> Verified | None:
+    """The cache's record that this very policy verified the model before (None: no policy, or no record)."""
+    if model is None or opts.signature_policy is None or not opts.signature_policy.required:
+        return None
+    rec = verification(model.meta, opts.signature_policy.fingerprint)
+    return Verified.from_record(opts.signature_policy.fingerprint, rec) if rec is not None else None
+
+
+def _require_signature(client: RegistryClient, digest: Digest, model: CachedModel | None, opts: PullOptions,
+                       log: Any, label: str) -> Verified | None:
+    """None when no signature is required; the cache's record when this policy verified the model before; else
+    the signature that verifies it now (SignatureError, exit 10, when none does: nothing is published)."""
+    if opts.signature_policy is None or not opts.signature_policy.required:
+        return None
+    recorded = _recorded(model, opts)
+    if recorded is not None:
+        return recorded
+    return sign.verify(client, opts.signature_policy, digest, label, log)
 
 
 def _prove_the_rest(client: RegistryClient, fetcher: Fetcher, cache: Cache, blobs: list[Blob], proven: set[Digest],

@@ -14,6 +14,7 @@ from loader.reference import parse
 if TYPE_CHECKING:
     from loader.credentials import DockerConfig
     from loader.log import Logger
+    from loader.signing import Policy
 
 #: What ``add_parser(sub, settings)`` receives: the ``model-loader`` parser's subcommands.
 SubParsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
@@ -99,3 +100,32 @@ def registry_settings(args: argparse.Namespace) -> tuple[tuple[str, ...], frozen
                              " e.g. registry.internal:5000")
         hosts.append(host)
     return tuple(args.ca_file), frozenset(hosts)
+
+
+def add_verify_flags(p: argparse.ArgumentParser) -> None:
+    """The signature policy (issue 13): with any of these, a model is served only once a signature verifies."""
+    p.add_argument(contract.FLAG_VERIFY_KEY, action="append", default=[], metavar="PEM",
+                   help="require a cosign signature by this public key (repeatable; any one key suffices)")
+    p.add_argument(contract.FLAG_VERIFY_KEY_DATA, action="append", default=[], metavar="BASE64[,BASE64...]",
+                   help="the same, inline: base64 of PEM public keys joined by ',' (the webhook passes"
+                        f" $({contract.ENV_VERIFY_KEYS}))")
+
+
+def signature_policy(args: argparse.Namespace) -> Policy | None:
+    """The policy the verify flags give, keys loaded and checked now (a bad key stops the loader before it touches
+    the cache); None when no flag asks for a signature."""
+    if not args.verify_key and not args.verify_key_data:
+        return None
+    from loader import signing
+
+    keys: list[signing.PublicKey] = []
+    for path in args.verify_key:
+        try:
+            with open(path, "rb") as f:
+                pem = f.read(signing.MAX_KEY_PEM + 1)
+        except OSError as exc:
+            raise UsageError(f"{contract.FLAG_VERIFY_KEY} {path!r}: {exc.strerror}") from None
+        keys.append(signing.load_public_key(pem, path))
+    for i, text in enumerate(args.verify_key_data):
+        keys.extend(signing.keys_from_base64(text, f"{contract.FLAG_VERIFY_KEY_DATA} #{i + 1}"))
+    return signing.Policy(keys=tuple(keys))

@@ -13,10 +13,12 @@ from loader import contract
 from loader.commands.common import (
     SubParsers,
     add_registry_flags,
+    add_verify_flags,
     check_concurrency,
     load_credentials,
     parse_mirrors,
     registry_settings,
+    signature_policy,
 )
 from loader.config import LoaderSettings
 
@@ -32,6 +34,7 @@ def add_parser(sub: SubParsers, settings: LoaderSettings) -> None:
     p.add_argument("refs", nargs="+", metavar="REF", help="host[:port]/repo[:tag][@sha256:...]")
     p.add_argument(contract.FLAG_CACHE, required=True, metavar="DIR", help="cache directory (shared by pods)")
     add_registry_flags(p, settings)
+    add_verify_flags(p)
     p.add_argument(contract.FLAG_MIRROR, action="append", default=[], metavar="HOST=URL",
                    help="try URL first for registry HOST, then the registry itself (repeatable)")
     p.add_argument(contract.FLAG_OFFLINE, action="store_true", help="never touch the network; use the cache only")
@@ -52,6 +55,7 @@ def run(args: argparse.Namespace, settings: LoaderSettings, log: Logger) -> int:
 
     check_concurrency(args.concurrency)
     ca_files, plain_hosts = registry_settings(args)
+    policy = signature_policy(args)
     opts = PullOptions(
         cache=Path(args.cache),
         concurrency=args.concurrency,
@@ -68,6 +72,7 @@ def run(args: argparse.Namespace, settings: LoaderSettings, log: Logger) -> int:
         check_access=args.check_access,
         pod_uid=args.pod_uid,
         node_name=args.node_name,
+        signature_policy=policy,
     )
     results: list[PullResult] = []
     for ref in args.refs:
@@ -96,6 +101,9 @@ def describe(r: PullResult) -> str:
         what = f"downloaded {r.fetched_bytes / 1e6:.1f} of {r.bytes / 1e6:.1f} MB, the rest already on the node"
     if r.pinned:
         what += ", pinned digest of this pod"
+    if r.verified is not None:
+        what += f", signed by {r.verified.signer[:19]}... ({r.verified.where}"
+        what += ", verified before)" if r.verified.recorded else ")"
     return f"{what} in {r.seconds:.2f}s"
 
 
