@@ -16,7 +16,7 @@ from loader.log import Logger
 
 # Subcommand -> module under loader/commands, in the order `--help` lists them.
 COMMANDS = {"pull": "pull", "push": "push", "prefetch": "prefetch", "gc": "gc", "ls": "ls", "export": "export",
-            "import": "import_bundle", "csi": "csi", "agent": "agent"}
+            "import": "import_bundle", "csi": "csi", "agent": "agent", "sign": "sign"}
 
 
 def _modules(argv: list[str]) -> list[ModuleType]:
