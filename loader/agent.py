@@ -5,6 +5,8 @@ every listed model is local, gc after each round, ``/metrics`` ``/healthz`` ``/r
 
 * the CSI node plugin (:mod:`loader.csi.server`) on kubelet's plugin socket, serving inline ``model.cache``
   volumes from the same node cache;
+* metrics (:class:`AgentMetrics`): pulls and hits by source, pull duration, failures by exit class, CSI publish
+  latency, the models and bytes the cache holds;
 * warm labels: the node carries ``warm.model.cache/<hash>`` (:func:`loader.contract.warm_label`) for each model
   its cache holds complete, at most ``limit`` of them (the most recently used), so the webhook can prefer warm
   nodes. They follow the cache: a pull adds one, gc's eviction removes it, within ``label_interval``.
@@ -21,13 +23,17 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
+from prometheus_client import Counter, Gauge, Histogram
+
 from loader import contract
+from loader.cache import Cache
 from loader.errors import LoaderError
-from loader.prefetch import NodeApi, NodeApiError, Prefetcher, Round
+from loader.prefetch import Metrics, NodeApi, NodeApiError, Prefetcher, Round
 
 if TYPE_CHECKING:
-    from loader.cache import Cache
     from loader.log import Logger
+    from loader.observe import PullObserver
+    from loader.pull import PullResult
 
 #: Warm labels per node at most: a node object is read by every scheduler pass and every watch; keep it small.
 MAX_WARM_LABELS = 64
@@ -130,13 +136,83 @@ class LabelSync:
             self.last = None
 
 
+# ---- metrics ---------------------------------------------------------------------------------------------------
+
+#: Pull durations from a warm hit (a manifest GET) to a cold pull of a large model.
+PULL_BUCKETS = (0.1, 0.5, 1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600)
+#: A CSI publish answers within kubelet's deadline (about 2 minutes), ABORTED while the pull goes on.
+PUBLISH_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+#: The gRPC codes a publish may answer (docs/csi.md); anything else is counted as "other".
+PUBLISH_CODES = frozenset({"OK", "ABORTED", "INVALID_ARGUMENT", "NOT_FOUND", "ALREADY_EXISTS", "PERMISSION_DENIED",
+                           "UNAUTHENTICATED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "DATA_LOSS",
+                           "UNAVAILABLE", "INTERNAL"})
+
+
+class AgentMetrics:
+    """The agent's own series, in the prefetcher's registry (one /metrics): pulls by source and result, their
+    duration, failures by exit class, CSI publish latency by answer, and what the cache holds. Labels come from
+    closed sets only (sources, results, exit-code names, gRPC codes), never from a reference."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        r = metrics.registry
+        self.pulls = Counter("model_cache_agent_pulls", "Pulls by source (prefetch, csi) and result (pulled, hit,"
+                             " failed)", ["source", "result"], registry=r)
+        self.pull_seconds = Histogram("model_cache_agent_pull_duration_seconds", "Duration of a pull, by source",
+                                      ["source"], buckets=PULL_BUCKETS, registry=r)
+        self.failures = Counter("model_cache_agent_pull_failures", "Failed pulls by exit class (the loader's exit"
+                                " code name)", ["exit"], registry=r)
+        self.publish_seconds = Histogram("model_cache_agent_csi_publish_duration_seconds", "NodePublishVolume"
+                                         " latency, by the code answered", ["code"], buckets=PUBLISH_BUCKETS,
+                                         registry=r)
+        self.models = Gauge("model_cache_agent_models_cached", "Models the node cache holds complete", registry=r)
+        self.bytes = Gauge("model_cache_agent_cache_bytes", "Bytes of the models the node cache holds (as the apps"
+                           " see them; shared blobs counted per model)", registry=r)
+        for source in ("prefetch", "csi"):
+            for result in ("pulled", "hit", "failed"):
+                self.pulls.labels(source, result)
+            self.pull_seconds.labels(source)
+        for code in contract.ExitCode:
+            if code is not contract.ExitCode.OK:
+                self.failures.labels(code.name.lower())
+
+    def observer(self, source: str) -> PullObserver:
+        def observe(ref: str, seconds: float, result: PullResult | None, error: LoaderError | None) -> None:
+            self.pull_seconds.labels(source).observe(seconds)
+            if error is not None:
+                self.pulls.labels(source, "failed").inc()
+                self.failures.labels(contract.ExitCode(error.exit_code).name.lower()).inc()
+            elif result is not None:
+                self.pulls.labels(source, "hit" if result.cache_hit else "pulled").inc()
+        return observe
+
+    def published(self, seconds: float, code: str) -> None:
+        self.publish_seconds.labels(code if code in PUBLISH_CODES else "other").observe(seconds)
+
+    def measure_cache(self, cache: Cache) -> None:
+        """The models-cached and bytes gauges, from the cache's listing and its models' records."""
+        models = cache.list_models()
+        total = 0
+        for digest in models:
+            meta = cache.read_meta(digest)
+            if meta is not None and isinstance(meta.get("bytes"), int):
+                total += meta["bytes"]
+        self.models.set(len(models))
+        self.bytes.set(total)
+
+
 class AgentPrefetcher(Prefetcher):
     """The prefetcher whose every step ends with a label sync (so a round's pulls and gc show at once)."""
 
     labels: LabelSync | None = None
+    agent_metrics: AgentMetrics | None = None
 
     def step(self) -> Round:
         rnd = super().step()
         if self.labels is not None:
             self.labels.sync_logged()
+        if self.agent_metrics is not None:
+            try:
+                self.agent_metrics.measure_cache(Cache(self.opts.cache))
+            except (LoaderError, OSError) as exc:
+                self.log.warning("agent.measure_failed", error=str(exc))
         return rnd

@@ -30,6 +30,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from loader import gc
 from loader.cache import Cache
 from loader.errors import LoaderError, UsageError
+from loader.observe import PullObserver
 from loader.pull import PullOptions, PullResult, pull
 
 if TYPE_CHECKING:
@@ -293,6 +294,8 @@ class Prefetcher:
         self.ready = threading.Event()  # warm: a full round succeeded (and the taint is gone)
         self.rounds = 0
         self.untainted = False
+        # Told of every pull (ref, seconds, result or error): the node agent's metrics.
+        self.on_pull: PullObserver | None = None
 
     def round(self) -> Round:
         """Pull every listed model once."""
@@ -307,13 +310,18 @@ class Prefetcher:
             if self.stop.is_set():
                 rnd.stopped = True
                 break
+            started = time.monotonic()
             try:
                 res = pull(ref, self.opts, self.log)
             except LoaderError as exc:
+                if self.on_pull is not None:
+                    self.on_pull(ref, time.monotonic() - started, None, exc)
                 rnd.failures[ref] = exc
                 self.metrics.failures.labels(ref).inc()
                 self.log.error("prefetch.pull_failed", ref=ref, exit_code=int(exc.exit_code), error=str(exc))
                 continue
+            if self.on_pull is not None:
+                self.on_pull(ref, time.monotonic() - started, res, None)
             rnd.results[ref] = res
             if not res.cache_hit:
                 self.metrics.pulled.inc(res.bytes)

@@ -29,6 +29,7 @@ from loader.prefetch import NodeApi, NodeApiError
 from loader.pull import PullOptions, pull
 from tests.support.fake_node_api import FakeNodeApi
 from tests.support.files import tree
+from tests.test_csi import publish_request, unmount_all_under
 from tests.test_prefetch import GPU_TAINT, WARMING, WARMING_TAINTS, data, free_port, node, push, samples
 
 LOG = Logger(io.StringIO())
@@ -166,14 +167,46 @@ def test_the_agent_prefetches_untaints_labels_serves_csi_and_stops_on_sigterm(re
         got = node_api.get("node-a")
         assert got["spec"]["taints"] == [GPU_TAINT]
         assert got["metadata"]["labels"] == {"pool": "spot", label(ref): "true"}
+        uid = "7c9e6679-7425-40de-944b-e07fc1f90ae7"
+        target = pods / uid / "volumes" / "kubernetes.io~csi" / "model" / "mount"
+        target.parent.mkdir(parents=True)
         with grpc.insecure_channel(f"unix://{sock}") as channel:
             info = csi_pb2_grpc.IdentityStub(channel).GetPluginInfo(csi_pb2.GetPluginInfoRequest(), timeout=30)
-            node_info = csi_pb2_grpc.NodeStub(channel).NodeGetInfo(csi_pb2.NodeGetInfoRequest(), timeout=30)
+            node_stub = csi_pb2_grpc.NodeStub(channel)
+            node_info = node_stub.NodeGetInfo(csi_pb2.NodeGetInfoRequest(), timeout=30)
+            # A pod's CSI volume of the prefetched model: a hit (the access rule's manifest GET), bind-mounted.
+            node_stub.NodePublishVolume(publish_request(ref, uid, target), timeout=60)
+            assert tree(target) == files
+            node_stub.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(
+                volume_id=f"csi-{uid}-model", target_path=str(target)), timeout=60)
+            with pytest.raises(grpc.RpcError) as refused:
+                node_stub.NodePublishVolume(publish_request(ref, uid, target, readonly=False), timeout=60)
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert (info.name, node_info.node_id) == (contract.CSI_DRIVER, "node-a")
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
             metrics = samples(r.read().decode())
         assert metrics[("model_cache_prefetch_models_cached", ())] == 1
+        agent_series = {k: v for k, v in metrics.items() if k[0].startswith("model_cache_agent_")
+                        and not k[0].endswith(("_sum", "_bucket"))}
+        failures = {("model_cache_agent_pull_failures_total", (("exit", c.name.lower()),)): 0.0
+                    for c in contract.ExitCode if c is not contract.ExitCode.OK}
+        assert agent_series == {
+            **failures,
+            ("model_cache_agent_pulls_total", (("result", "pulled"), ("source", "prefetch"))): 1.0,
+            ("model_cache_agent_pulls_total", (("result", "hit"), ("source", "prefetch"))): 0.0,
+            ("model_cache_agent_pulls_total", (("result", "failed"), ("source", "prefetch"))): 0.0,
+            ("model_cache_agent_pulls_total", (("result", "pulled"), ("source", "csi"))): 0.0,
+            ("model_cache_agent_pulls_total", (("result", "hit"), ("source", "csi"))): 1.0,
+            ("model_cache_agent_pulls_total", (("result", "failed"), ("source", "csi"))): 0.0,
+            ("model_cache_agent_pull_duration_seconds_count", (("source", "prefetch"),)): 1.0,
+            ("model_cache_agent_pull_duration_seconds_count", (("source", "csi"),)): 1.0,
+            ("model_cache_agent_csi_publish_duration_seconds_count", (("code", "OK"),)): 1.0,
+            ("model_cache_agent_csi_publish_duration_seconds_count", (("code", "INVALID_ARGUMENT"),)): 1.0,
+            ("model_cache_agent_models_cached", ()): 1.0,
+            ("model_cache_agent_cache_bytes", ()): 40_000.0,
+        }
     finally:
+        unmount_all_under(pods)
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=60)
     assert (proc.returncode, out) == (0, ""), err

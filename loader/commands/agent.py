@@ -55,6 +55,8 @@ def run(args: argparse.Namespace, settings: LoaderSettings, log: Logger) -> int:
     node_api = prefetch.NodeApi.from_settings(settings) if cfg.untaint or args.warm_labels else None
     stop = threading.Event()
     worker = agent.AgentPrefetcher(cfg, opts, log, node_api=node_api, stop=stop)
+    metrics = worker.agent_metrics = agent.AgentMetrics(worker.metrics)
+    worker.on_pull = metrics.observer("prefetch")
     threads = []
     if args.warm_labels:
         assert node_api is not None
@@ -71,7 +73,8 @@ def run(args: argparse.Namespace, settings: LoaderSettings, log: Logger) -> int:
 
         try:
             csi = serve(args.csi_socket, args.cache, args.node_name, args.pods_dir or "/var/lib/kubelet/pods",
-                        state_dir=args.csi_state_dir, pull_options=opts, log=log)
+                        state_dir=args.csi_state_dir, pull_options=opts, log=log, on_pull=metrics.observer("csi"),
+                        on_publish=metrics.published)
         except ValueError as exc:
             raise UsageError(str(exc)) from exc
     for thread in threads:

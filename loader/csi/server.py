@@ -20,6 +20,7 @@ import errno
 import importlib.metadata
 import os
 import threading
+import time
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
@@ -36,6 +37,7 @@ from loader.csi.jobs import Job, Jobs, TooManyJobs
 from loader.csi.volumes import Record, Volumes
 from loader.errors import LoaderError
 from loader.log import Logger
+from loader.observe import PublishObserver, PullObserver
 from loader.pull import PullOptions, PullResult, pull
 
 DEFAULT_PODS_DIR = "/var/lib/kubelet/pods"
@@ -81,8 +83,10 @@ class Settings:
 class Plugin:
     """What the two services do, apart from gRPC: a Refusal or a result."""
 
-    def __init__(self, settings: Settings, state_dir: Path, log: Logger, max_waiting: int) -> None:
+    def __init__(self, settings: Settings, state_dir: Path, log: Logger, max_waiting: int,
+                 on_pull: PullObserver | None = None, on_publish: PublishObserver | None = None) -> None:
         self.settings, self.log = settings, log
+        self.on_pull, self.on_publish = on_pull, on_publish  # the node agent's metrics
         self._waiting = threading.BoundedSemaphore(max_waiting)
         self.pods_dir = os.path.normpath(settings.pods_dir)
         self.cache = Cache(settings.cache_dir)
@@ -161,7 +165,7 @@ class Plugin:
     def _pull(self, req: rq.Publish, budget: float) -> PullResult:
         opts = dataclasses.replace(self._pull_base, credentials=req.credentials, pod_uid=req.pod.uid)
         try:
-            job = self.jobs.start(req.job_key, str(req.ref), lambda: pull(str(req.ref), opts, self.log))
+            job = self.jobs.start(req.job_key, str(req.ref), lambda: self._observed_pull(str(req.ref), opts))
         except TooManyJobs as exc:
             raise Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{exc}; retry later") from exc
         waits = self._waiting.acquire(blocking=False)  # no free slot: do not wait at all, the pull goes on
@@ -186,6 +190,19 @@ class Plugin:
             if waits:
                 self._waiting.release()
         self.jobs.claim(job)
+        return res
+
+    def _observed_pull(self, ref: str, opts: PullOptions) -> PullResult:
+        """pull(), with on_pull told of the outcome (in the job's thread: a pull outlives the call that began it)."""
+        started = time.monotonic()
+        try:
+            res = pull(ref, opts, self.log)
+        except LoaderError as exc:
+            if self.on_pull is not None:
+                self.on_pull(ref, time.monotonic() - started, None, exc)
+            raise
+        if self.on_pull is not None:
+            self.on_pull(ref, time.monotonic() - started, res, None)
         return res
 
     def _claim_failed(self, job: Job[PullResult], req: rq.Publish, exc: Exception) -> NoReturn:
@@ -290,6 +307,19 @@ class NodeService(csi_pb2_grpc.NodeServicer):
 
     def NodePublishVolume(self, request: csi_pb2.NodePublishVolumeRequest,
                           context: Any) -> csi_pb2.NodePublishVolumeResponse:
+        started, code = time.monotonic(), "INTERNAL"  # until the call knows better (a bug escapes as INTERNAL)
+        try:
+            refusal = self._publish(request, context)
+            code = "OK" if refusal is None else refusal.code.name
+            if refusal is not None:
+                _answer(context, refusal)
+        finally:
+            if self.plugin.on_publish is not None:
+                self.plugin.on_publish(time.monotonic() - started, code)
+        return csi_pb2.NodePublishVolumeResponse()
+
+    def _publish(self, request: csi_pb2.NodePublishVolumeRequest, context: Any) -> Refusal | None:
+        """Publish; None when done, else the Refusal to answer."""
         try:
             req = rq.parse_publish(
                 volume_id=request.volume_id, target_path=request.target_path,
@@ -300,10 +330,10 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                 self.plugin.publish(req, wait_budget(context.time_remaining()))
         except rq.InvalidArgument as exc:
             self.plugin.log.warning("csi.publish.invalid", volume=request.volume_id[:256], error=str(exc))
-            _answer(context, Refusal(grpc.StatusCode.INVALID_ARGUMENT, str(exc)))
+            return Refusal(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except Refusal as r:
-            _answer(context, r)
-        return csi_pb2.NodePublishVolumeResponse()
+            return r
+        return None
 
     def NodeUnpublishVolume(self, request: csi_pb2.NodeUnpublishVolumeRequest,
                             context: Any) -> csi_pb2.NodeUnpublishVolumeResponse:
@@ -347,7 +377,8 @@ class Running:
 def serve(socket_path: str, cache_dir: str | os.PathLike[str], node_name: str,
           kubelet_pods_dir: str = DEFAULT_PODS_DIR, *, state_dir: str | os.PathLike[str] | None = None,
           pull_options: PullOptions | None = None, log: Logger | None = None,
-          max_workers: int = MAX_WORKERS) -> Running:
+          max_workers: int = MAX_WORKERS, on_pull: PullObserver | None = None,
+          on_publish: PublishObserver | None = None) -> Running:
     """Start the Identity and Node services on ``socket_path`` (a stale socket file there is replaced) and return.
 
     ``state_dir`` holds the volume records (default: ``volumes/`` beside the socket, kubelet's plugin directory,
@@ -362,7 +393,8 @@ def serve(socket_path: str, cache_dir: str | os.PathLike[str], node_name: str,
     settings = Settings(Path(cache_dir).absolute(), node_name, kubelet_pods_dir, state, pull_options)
     if max_workers <= RESERVED_WORKERS:
         raise ValueError(f"max_workers {max_workers} must be more than {RESERVED_WORKERS}")
-    plugin = Plugin(settings, state, log, max_waiting=max_workers - RESERVED_WORKERS)
+    plugin = Plugin(settings, state, log, max_waiting=max_workers - RESERVED_WORKERS, on_pull=on_pull,
+                    on_publish=on_publish)
     try:
         plugin.check_usable()
     except Refusal as r:
