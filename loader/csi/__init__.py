@@ -14,5 +14,8 @@ docs/csi.md says what kubelet is assumed to do and how an admin checks it on a n
 
 from __future__ import annotations
 
-#: The driver name: a pod's ``volumes[].csi.driver``, the CSIDriver object's name, GetPluginInfo's ``name``.
-DRIVER_NAME = "model.cache"
+from loader import contract
+
+#: The driver name: a pod's ``volumes[].csi.driver``, the CSIDriver object's name, GetPluginInfo's ``name``. Defined
+#: once, in the webhook/loader contract (the webhook writes it into pods).
+DRIVER_NAME = contract.CSI_DRIVER

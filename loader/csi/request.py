@@ -23,7 +23,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from loader import credentials
+from loader import contract, credentials
 from loader.cache import check_pod_uid
 from loader.csi import DRIVER_NAME
 from loader.errors import UsageError
@@ -36,7 +36,7 @@ POD_NAMESPACE = "csi.storage.k8s.io/pod.namespace"
 POD_NAME = "csi.storage.k8s.io/pod.name"
 SERVICE_ACCOUNT = "csi.storage.k8s.io/serviceAccount.name"
 KUBELET_PREFIX = "csi.storage.k8s.io/"  # others kubelet may add (serviceAccount.tokens): not ours to judge
-REF = "ref"
+REF = contract.CSI_ATTR_REF
 ATTRIBUTES = (REF,)  # volumeAttributes a pod may set
 
 # The secret: one docker-config Secret (kubernetes.io/dockerconfigjson; kubernetes.io/dockercfg is the legacy type).
