@@ -32,6 +32,11 @@ the closing PUT) with one small reused buffer per request, so memory stays flat 
 registry already has are skipped (HEAD); ``--mount-from REPO`` asks for a cross-repository mount first. Layers
 upload in parallel, largest first; identical files upload once.
 
+Scratch space: only ``--compress zstd`` writes before it uploads (each compressed layer, removed once uploaded),
+in a scratch directory made at the first such layer (:class:`Scratch`): in ``--tmp-dir`` when given, else beside
+DIR (its parent: the volume the model is on), else in TMPDIR. A push without compression writes nothing locally,
+so it runs under a read-only root with no ``/cache`` (the loader image's TMPDIR) at all.
+
 Refused before anything is uploaded: symlinks that leave DIR or point at directories, and special files (fifos,
 sockets, devices). A symlink to a file inside DIR is pushed as that file's content under the link's name. Empty
 directories cannot be expressed by per-file layers and are named in a warning. Nothing is skipped silently.
@@ -44,6 +49,7 @@ import hashlib
 import json
 import os
 import posixpath
+import shutil
 import stat
 import tarfile
 import tempfile
@@ -324,6 +330,61 @@ def compress_file(f: LocalFile, tmpdir: Path) -> tuple[Path, str, int, str]:
     return Path(name), "sha256:" + blob_hash.hexdigest(), size, "sha256:" + tar_hash.hexdigest()
 
 
+# ---- scratch space --------------------------------------------------------------------------------------------------
+SCRATCH_PREFIX = ".model-loader-push-"
+
+
+def scratch_places(directory: Path, tmp_dir: Path | None) -> list[Path | None]:
+    """Where a push may make its scratch directory, in order; None is the system's (TMPDIR, by tempfile's rules).
+
+    ``--tmp-dir`` alone when given (a directory the user chose does not silently become another). Else beside the
+    directory being pushed: a container mounts the model's volume anyway, while its root may be read-only and the
+    loader image's TMPDIR (/cache/tmp) exists only where a cache is mounted; then TMPDIR.
+    """
+    if tmp_dir is not None:
+        return [tmp_dir]
+    return [directory.resolve().parent, None]
+
+
+class Scratch:
+    """One push's scratch directory, made at its first use (a push that compresses nothing makes none) in the
+    first of ``places`` where one can be made, and removed with its contents when the push ends."""
+
+    def __init__(self, places: list[Path | None], log: Any) -> None:
+        self._places = places
+        self._log = log
+        self._lock = threading.Lock()
+        self._path: Path | None = None
+
+    def path(self) -> Path:
+        with self._lock:  # layers compress in parallel: the first one makes it
+            if self._path is None:
+                self._path = self._make()
+            return self._path
+
+    def _make(self) -> Path:
+        tried = []
+        for place in self._places:
+            try:
+                path = Path(tempfile.mkdtemp(prefix=SCRATCH_PREFIX, dir=place))
+            except OSError as exc:  # read-only, not ours, missing; for None: "No usable temporary directory"
+                tried.append(f"{place if place is not None else 'TMPDIR'}: {exc.strerror or exc}")
+                continue
+            self._log.info("push.scratch", dir=str(path))
+            return path
+        raise UsageError(
+            "--compress zstd writes each compressed layer to a scratch file before uploading it, and no scratch"
+            f" directory could be made ({'; '.join(tried)}): give --tmp-dir DIR, a writable directory with room for"
+            " --concurrency compressed files (in a container, a mounted volume such as an emptyDir)")
+
+    def __enter__(self) -> Scratch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._path is not None:
+            shutil.rmtree(self._path, ignore_errors=True)
+
+
 def _retrying(fn: Callable[[], T], log: Any, what: str) -> T:
     return retry.call(fn, retry.SMALL_REQUESTS, what, log, "push.retry", file=what)
 
@@ -345,6 +406,7 @@ class PushOptions:
     progress_interval: float = 5.0
     ca_files: tuple[str, ...] = ()
     plain_http_registries: frozenset[str] = frozenset()
+    tmp_dir: Path | None = None  # where compressed layers are written before upload (scratch_places)
 
 
 @dataclass
@@ -398,18 +460,18 @@ def push(directory: str | Path, text: str, opts: PushOptions, log: Any) -> PushR
              compress=opts.compress)
 
     try:
-        return _push(ref, files, specs, total, warnings, mount_from, opts, log, t0)
+        with Scratch(scratch_places(Path(directory), opts.tmp_dir), log) as scratch:
+            return _push(ref, files, specs, total, warnings, mount_from, scratch, opts, log, t0)
     except AuthError as exc:
         raise push_auth_error(ref, exc) from exc
 
 
 def _push(ref: Reference, files: list[LocalFile], specs: list[LayerSpec], total: int, warnings: list[str],
-          mount_from: str | None, opts: PushOptions, log: Any, t0: float) -> PushResult:
+          mount_from: str | None, scratch: Scratch, opts: PushOptions, log: Any, t0: float) -> PushResult:
     with RegistryClient(ref, plain_http=opts.plain_http, insecure=opts.insecure, credentials=opts.credentials,
                         timeout=opts.timeout, log=log, actions="pull,push", ca_files=opts.ca_files,
                         plain_http_registries=opts.plain_http_registries,
                         extra_scopes=(f"repository:{mount_from}:pull",) if mount_from else ()) as client, \
-            tempfile.TemporaryDirectory(prefix="model-loader-push-") as tmp, \
             Progress(log, str(ref), total, mode=opts.progress, interval=opts.progress_interval) as prog:
         stop = threading.Event()
         up = Uploader(client, chunk_size=opts.chunk_size, mount_from=mount_from, log=log,
@@ -419,7 +481,7 @@ def _push(ref: Reference, files: list[LocalFile], specs: list[LayerSpec], total:
         def one(spec: LayerSpec) -> None:
             f = spec.file
             if spec.archive:
-                path, digest, size, diff_id = compress_file(f, Path(tmp))
+                path, digest, size, diff_id = compress_file(f, scratch.path())
                 try:
                     action = up.ensure(digest, size, file_source(path), f.rel)
                 finally:

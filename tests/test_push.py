@@ -3,10 +3,12 @@ mounted blobs, retries, refusals, flat memory on a large file, and oras-py readi
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -483,3 +485,118 @@ def test_mount_refused_for_the_source_falls_back_to_an_upload(tmp_path):
         pulled = pull(f"{reg.host}/private/only-mine:v1",
                       PullOptions(cache=tmp_path / "c", progress="none", credentials=alice), LOG)
         assert tree(Path(pulled.path)) == MODEL
+
+
+
+# ---- scratch space: a read-only root with no /cache ----------------------------------------------------------------
+# The loader image's environment: a read-only root filesystem, and TMPDIR on a cache volume (/cache/tmp) that a push
+# has no reason to mount. The script runs in a mount namespace of its own (the test's mounts stay as they are):
+# every mount becomes read-only, each of $VOLUMES a writable bind mount of itself (what mounting a volume there
+# gives a container), and the probe prints which places are writable before the loader starts.
+READ_ONLY_ROOT = r"""
+set -e
+for m in $(awk '{print $5}' /proc/self/mountinfo | sort -u); do mount -o remount,bind,ro "$m" 2>/dev/null || :; done
+for v in $VOLUMES; do mount --bind "$v" "$v"; mount -o remount,bind,rw "$v"; done
+for p in / /tmp /var/tmp "$PWD" $PROBE; do if touch "$p/.probe" 2>/dev/null; then rm "$p/.probe"; echo "$p"; fi; done
+echo "--"
+exec "$@"
+"""
+SCRATCH_MODEL = {"w.safetensors": b"w" * 70_000, "config.json": b"{}", "sub/tokenizer.json": b'{"t": 1}'}
+
+
+@dataclasses.dataclass
+class ReadOnlyPush:
+    code: int
+    writable: list[str]  # what the probe found writable
+    out: dict | None  # --output json
+    stderr: str
+
+    @property
+    def error(self) -> str:
+        """The error of the loader's ``event=failed`` line (logfmt: the last field, quoted)."""
+        [line] = [line for line in self.stderr.splitlines() if " level=error event=failed " in line]
+        quoted = line.split(" error=", 1)[1]
+        assert quoted.startswith('"') and quoted.endswith('"'), line
+        return re.sub(r"\\(.)", lambda m: "\n" if m.group(1) == "n" else m.group(1), quoted[1:-1])
+
+    @property
+    def scratch(self) -> list[str]:
+        """The scratch directories the push made (its push.scratch log lines)."""
+        return [line.split(" dir=", 1)[1] for line in self.stderr.splitlines() if " event=push.scratch " in line]
+
+
+def push_read_only(src: Path, ref: str, *flags: str, volumes: tuple[Path, ...] = ()) -> ReadOnlyPush:
+    """``model-loader push --compress zstd`` as the loader image runs it: all read-only except ``volumes``."""
+    env = {"PATH": os.environ["PATH"], "PYTHONDONTWRITEBYTECODE": "1", "TMPDIR": "/cache/tmp",
+           "VOLUMES": " ".join(map(str, volumes)), "PROBE": f"{src} {src.parent} {src.parent.parent}"}
+    cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c", READ_ONLY_ROOT, "sh",
+           sys.executable, "-m", "loader.cli", "push", str(src), ref, "--output", "json", "--progress", "none",
+           *flags]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    writable, _, out = done.stdout.partition("--\n")
+    assert "Traceback" not in done.stderr, done.stderr
+    return ReadOnlyPush(done.returncode, writable.split(), json.loads(out) if done.returncode == 0 else None,
+                        done.stderr)
+
+
+def pulls_back(registry, ref: str, digest: str, tmp_path: Path) -> bool:
+    pulled = pull(ref, PullOptions(cache=tmp_path / "cache", progress="none"), LOG)
+    return tree(Path(pulled.path)) == SCRATCH_MODEL and pulled.digest == digest
+
+
+ROOT = Path(__file__).resolve().parent.parent
+NEEDS_MOUNTS = pytest.mark.skipif(os.geteuid() != 0, reason="remounts in a mount namespace of its own: only root may")
+
+
+@pytest.mark.needs_root
+@NEEDS_MOUNTS
+def test_push_without_compression_writes_nothing_locally(registry, tmp_path):
+    src = make_tree(tmp_path / "models" / "m", SCRATCH_MODEL)
+    ref = f"{registry.host}/push/ro-plain:v1"
+    res = push_read_only(src, ref)
+    assert res.writable == []  # not /, /tmp, /var/tmp, the working directory, the model, beside it, above it
+    assert res.code == 0, res.stderr
+    assert res.scratch == []  # no scratch directory made, so no TMPDIR needed
+    assert res.out is not None and pulls_back(registry, ref, res.out["digest"], tmp_path)
+
+
+@pytest.mark.needs_root
+@NEEDS_MOUNTS
+def test_compressed_push_with_nowhere_to_write_says_which_directory_to_give(registry, tmp_path):
+    src = make_tree(tmp_path / "models" / "m", SCRATCH_MODEL)
+    res = push_read_only(src, f"{registry.host}/push/ro-nowhere:v1", "--compress", "zstd")
+    assert (res.writable, res.code) == ([], 2)
+    tried = ["/cache/tmp", "/tmp", "/var/tmp", "/usr/tmp", str(ROOT)]  # tempfile's candidates: TMPDIR first
+    assert res.error == (
+        "--compress zstd writes each compressed layer to a scratch file before uploading it, and no"
+        f" scratch directory could be made ({src.parent}: Read-only file system; TMPDIR: No usable temporary"
+        f" directory found in {tried}): give --tmp-dir DIR, a writable directory with room for --concurrency"
+        " compressed files (in a container, a mounted volume such as an emptyDir)"
+    )
+    assert requests.get(f"{registry.url}/v2/push/ro-nowhere/manifests/v1").status_code == 404
+    # --tmp-dir names one place, and only that one is tried: a read-only one is the same exit 2, naming it.
+    res = push_read_only(src, f"{registry.host}/push/ro-nowhere:v1", "--compress", "zstd", "--tmp-dir",
+                         str(tmp_path / "models"))
+    assert res.code == 2 and f"could be made ({tmp_path / 'models'}: Read-only file system): give" in res.error
+
+
+@pytest.mark.needs_root
+@NEEDS_MOUNTS
+@pytest.mark.parametrize("where", ["tmp-dir", "beside"])
+def test_compressed_push_writes_its_scratch_in_tmp_dir_or_beside_the_model(where, registry, tmp_path):
+    src = make_tree(tmp_path / "models" / "m", SCRATCH_MODEL)
+    ref = f"{registry.host}/push/ro-{where}:v1"
+    if where == "tmp-dir":  # an emptyDir mounted for it
+        scratch = tmp_path / "scratch"
+        scratch.mkdir()
+        res = push_read_only(src, ref, "--compress", "zstd", "--tmp-dir", str(scratch), volumes=(scratch,))
+        assert res.writable == []  # (the probe does not look at the scratch volume)
+    else:  # the model's volume is writable: the scratch goes beside the model, on that volume
+        scratch = src.parent
+        res = push_read_only(src, ref, "--compress", "zstd", volumes=(scratch,))
+        assert res.writable == [str(src), str(src.parent)]
+    assert res.code == 0, res.stderr
+    [made] = res.scratch
+    assert Path(made).parent == scratch and Path(made).name.startswith(".model-loader-push-")
+    assert sorted(p.name for p in scratch.iterdir()) == ([] if where == "tmp-dir" else ["m"])  # removed after
+    assert res.out is not None and pulls_back(registry, ref, res.out["digest"], tmp_path)

@@ -2,14 +2,16 @@
 
     model-loader push ./phi3 registry.example.com/models/phi3:v1 [--format modelpack|oras]
         [--compress none|zstd] [--mount-from REPO] [--artifact-type TYPE] [--chunk-size MIB]
-        [--concurrency N] [--plain-http] [--docker-config PATH] [--output text|json]
+        [--concurrency N] [--tmp-dir DIR] [--plain-http] [--docker-config PATH] [--output text|json]
 
 Prints each file with what happened to its blob (uploaded, exists, mounted, duplicate) and the manifest digest;
 ``--output json`` prints one object: ref, digest, bytes, files, seconds, uploaded_bytes, skipped_blobs,
 mounted_blobs. ModelPack by default; ``--format oras`` writes what ``oras push`` writes. Warnings (on stderr)
 name what will look different on an image volume and in model-loader's tree: ``--compress zstd`` (an image volume
 shows the compressed tars) and executable files (neither path keeps the bit). Names model-loader pull would
-refuse are refused before any upload (exit 8). See loader.push for the details.
+refuse are refused before any upload (exit 8). Only ``--compress zstd`` writes locally (each compressed layer,
+until it is uploaded): in ``--tmp-dir`` when given, else beside DIR, else in TMPDIR; exit 2 names what it tried
+when none is writable. See loader.push for the details.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from loader.commands.common import (
@@ -47,6 +50,9 @@ def add_parser(sub: SubParsers, settings: LoaderSettings) -> None:
     p.add_argument("--artifact-type", metavar="TYPE", help="manifest artifactType (default by --format)")
     p.add_argument("--chunk-size", type=int, default=64, metavar="MIB",
                    help="upload large files in PATCH chunks of this many MiB; 0 sends each file in one PUT")
+    p.add_argument("--tmp-dir", type=Path, metavar="DIR",
+                   help="where --compress zstd writes compressed layers until they are uploaded (default: beside"
+                        " the model directory, else TMPDIR)")
     add_registry_flags(p, settings)
     p.add_argument("--output", choices=["text", "json"], default="text")
     p.add_argument("--progress", choices=["auto", "bar", "log", "none"], default=settings.progress)
@@ -74,6 +80,7 @@ def run(args: argparse.Namespace, settings: LoaderSettings, log: Logger) -> int:
         chunk_size=args.chunk_size * MiB,
         progress=args.progress,
         progress_interval=settings.progress_interval,
+        tmp_dir=args.tmp_dir,
     )
     res = push(args.directory, args.ref, opts, log)
     for w in res.warnings:
