@@ -42,15 +42,19 @@ def verify(client: RegistryClient, policy: Policy, digest: Digest, label: str, l
     """The signature that verifies ``digest`` under ``policy``, or SignatureError (nothing verifies)."""
     looked: list[str] = []
     problems: list[str] = []
-    found = _signatures(client, digest, label, log, looked, problems)
+    found = _signatures(client, policy, digest, label, log, looked, problems)
     verified = signing.check(found, policy, digest, label, looked, problems)
     log.info("pull.signature_verified", ref=label, digest=digest, signer=verified.signer, where=verified.where,
              signature=verified.signature, policy=verified.policy)
     return verified
 
 
-def _signatures(client: RegistryClient, digest: Digest, label: str, log: Any, looked: list[str],
+def _signatures(client: RegistryClient, policy: Policy, digest: Digest, label: str, log: Any, looked: list[str],
                 problems: list[str]) -> Iterator[Candidate]:
+    """Signatures the policy can verify, lazily: cosign signatures when it names keys, Sigstore bundles when it
+    names identities."""
+    kinds = ((signing.COSIGN_SIG_ARTIFACT,) if policy.keys else ()) + (
+        (signing.SIGSTORE_BUNDLE,) if policy.identities else ())
     index = _retrying(lambda: client.get_referrers(digest), log, label)
     where = "referrers"
     looked.append("the referrers API")
@@ -60,20 +64,42 @@ def _signatures(client: RegistryClient, digest: Digest, label: str, log: Any, lo
         index = _manifest_or_none(client, referrers_tag(digest), log, label)
     if index is not None:
         try:
-            manifests = signing.parse_referrers(index, digest, signing.COSIGN_SIG_ARTIFACT, f"{where} of {label}")
+            manifests = signing.parse_referrers(index, digest, kinds, f"{where} of {label}")
         except ArtifactError as exc:
             problems.append(str(exc))
             manifests = []
-        for m in manifests:
+        for m, artifact_type in manifests:
             data = _manifest_or_none(client, m, log, label)
             if data is None:
                 problems.append(f"referrer {m} is listed but the registry has no such manifest")
-                continue
-            yield from _candidates(client, data, Digest.of(data), where, label, log, problems)
+            elif artifact_type == signing.SIGSTORE_BUNDLE:
+                yield from _bundles(client, data, Digest.of(data), where, label, log, problems)
+            else:
+                yield from _candidates(client, data, Digest.of(data), where, label, log, problems)
+    if not policy.keys:  # cosign's tag holds key signatures only
+        return
     looked.append(f"tag {sig_tag(digest)}")
     data = _manifest_or_none(client, sig_tag(digest), log, label)
     if data is not None:
         yield from _candidates(client, data, Digest.of(data), "tag", label, log, problems)
+
+
+def _bundles(client: RegistryClient, data: bytes, manifest: Digest, where: str, label: str, log: Any,
+             problems: list[str]) -> Iterator[Candidate]:
+    try:
+        layers = signing.parse_bundle_manifest(data, f"bundle manifest {manifest} ({where})")
+    except ArtifactError as exc:
+        problems.append(str(exc))
+        return
+    if not layers:
+        problems.append(f"bundle manifest {manifest} ({where}) has no {signing.SIGSTORE_BUNDLE} layer")
+    for digest, size in layers:
+        try:
+            bundle = _small_blob(client, digest, size, log, label)
+        except (ArtifactError, NotFoundError) as exc:
+            problems.append(f"bundle {manifest} ({where}): layer {digest}: {exc}")
+            continue
+        yield Candidate(where, manifest, bundle, kind="bundle")
 
 
 def _candidates(client: RegistryClient, data: bytes, manifest: Digest, where: str, label: str, log: Any,
@@ -102,7 +128,7 @@ def _manifest_or_none(client: RegistryClient, reference: str, log: Any, label: s
 
 
 def _small_blob(client: RegistryClient, digest: Digest, size: int, log: Any, label: str) -> bytes:
-    """A blob of at most signing.MAX_PAYLOAD bytes, whole, checked against its digest and size."""
+    """A small blob (a payload or a bundle, its size bounded by the parser), whole, checked against its digest."""
 
     def read() -> bytes:
         buf = bytearray(size + 1)

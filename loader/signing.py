@@ -39,6 +39,8 @@ SIMPLESIGNING = "application/vnd.dev.cosign.simplesigning.v1+json"
 SIGNATURE_ANNOTATION = "dev.cosignproject.cosign/signature"
 COSIGN_SIG_ARTIFACT = "application/vnd.dev.cosign.artifact.sig.v1+json"
 COSIGN_TYPE = "cosign container image signature"
+SIGSTORE_BUNDLE = "application/vnd.dev.sigstore.bundle.v0.3+json"  # a referrer's artifactType and its layer's type
+IN_TOTO = "application/vnd.in-toto+json"
 OCI_IMAGE_CONFIG = "application/vnd.oci.image.config.v1+json"
 
 # ---- bounds --------------------------------------------------------------------------------------------------
@@ -52,6 +54,9 @@ MAX_KEY_PEM = 16 * 1024
 MAX_KEYS = 64
 MAX_IDENTITIES = 64
 MAX_PROBLEMS = 5  # what a refusal lists of what did not match
+MAX_BUNDLE = 256 * 1024  # one Sigstore bundle (a certificate chain, a log entry, an envelope)
+MAX_TRUSTED_ROOT = 4 * 1024 * 1024
+MAX_SUBJECTS = 256  # in-toto statement subjects looked at
 
 
 class SignatureError(LoaderError):
@@ -279,12 +284,14 @@ class SignatureLayer:
 
 @dataclass(frozen=True)
 class Candidate:
-    """One signature found for a digest, its payload fetched and verified against its descriptor."""
+    """One signature found for a digest, its payload fetched and verified against its descriptor: a cosign
+    simple-signing payload and its signature, or (``kind`` "bundle") a Sigstore bundle, whole, in ``payload``."""
 
     where: str
     manifest: Digest  # the signature manifest
     payload: bytes
-    signature: bytes
+    signature: bytes = b""
+    kind: str = "cosign"
 
 
 def _load(data: bytes, limit: int, where: str) -> dict[str, Any]:
@@ -337,20 +344,37 @@ def parse_signature_manifest(data: bytes, where: str) -> tuple[list[SignatureLay
     return out, skipped
 
 
-def parse_referrers(data: bytes, subject: Digest, artifact_type: str, where: str) -> list[Digest]:
-    """The manifests of a referrers index (the API's answer, or the fallback tag's index) with ``artifact_type``,
-    at most MAX_SIGNATURE_MANIFESTS, in the order listed."""
+def parse_referrers(data: bytes, subject: Digest, artifact_types: Sequence[str], where: str) -> list[tuple[Digest, str]]:
+    """The manifests of a referrers index (the API's answer, or the fallback tag's index) whose artifactType is one
+    of ``artifact_types``, as (digest, artifactType), at most MAX_SIGNATURE_MANIFESTS, in the order listed."""
     obj = _load(data, MAX_REFERRERS_INDEX, where)
     manifests = obj.get("manifests")
     if not isinstance(manifests, list):
         raise ArtifactError(f"{where} (referrers of {subject}) has no manifests list")
-    out: list[Digest] = []
+    out: list[tuple[Digest, str]] = []
     for i, m in enumerate(manifests):
-        if not isinstance(m, dict) or m.get("artifactType") != artifact_type:
+        if not isinstance(m, dict) or m.get("artifactType") not in artifact_types:
             continue
-        out.append(Digest.parse(m.get("digest"), f"{where} entry {i}"))
+        out.append((Digest.parse(m.get("digest"), f"{where} entry {i}"), str(m["artifactType"])))
         if len(out) >= MAX_SIGNATURE_MANIFESTS:
             break
+    return out
+
+
+def parse_bundle_manifest(data: bytes, where: str) -> list[tuple[Digest, int]]:
+    """The bundle layers of a Sigstore bundle referrer (cosign's new bundle format): (digest, size) each."""
+    obj = _load(data, MAX_SIGNATURE_MANIFEST, where)
+    layers = obj.get("layers")
+    if not isinstance(layers, list):
+        raise ArtifactError(f"{where} has no layers list")
+    out = []
+    for i, layer in enumerate(layers[:MAX_SIGNATURE_LAYERS]):
+        if not isinstance(layer, dict) or layer.get("mediaType") != SIGSTORE_BUNDLE:
+            continue
+        size = layer.get("size")
+        if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= MAX_BUNDLE:
+            raise ArtifactError(f"{where} layer {i} has bundle size {str(size)[:20]}, not 0 to {MAX_BUNDLE}")
+        out.append((Digest.parse(layer.get("digest"), f"{where} layer {i} (field 'digest')"), size))
     return out
 
 
@@ -421,6 +445,13 @@ def check(candidates: Iterable[Candidate], policy: Policy, digest: Digest, label
     seen: list[str] = problems if problems is not None else []
     for c in candidates:
         found += 1
+        if c.kind == "bundle":
+            try:
+                signer = verify_bundle(c.payload, policy, digest)
+            except ArtifactError as exc:
+                seen.append(f"bundle {c.manifest} ({c.where}): {exc}")
+                continue
+            return Verified(policy.fingerprint, signer, c.where, c.manifest)
         try:
             payload = parse_payload(c.payload, f"signature {c.manifest} ({c.where}) payload")
         except ArtifactError as exc:
@@ -443,3 +474,97 @@ def check(candidates: Iterable[Candidate], policy: Policy, digest: Digest, label
     raise SignatureError(f"{label}: model {digest} is not signed as the policy requires ({policy.describe()}):"
                          f" {what}. Nothing was published; sign it (model-loader sign {label} --key KEY, or cosign"
                          " sign) and pull again")
+
+
+# ---- keyless: Sigstore bundles ---------------------------------------------------------------------------------
+_verifiers: dict[Digest, Any] = {}  # sigstore Verifier per trusted root (its digest)
+
+
+def load_trusted_root(data: bytes, source: str) -> Any:
+    """A Sigstore trusted root JSON (``--trusted-root``) as sigstore's TrustedRoot; UsageError when it is not one."""
+    from sigstore.errors import Error as SigstoreError
+    from sigstore.models import TrustedRoot
+    from sigstore_models.trustroot.v1 import TrustedRoot as TrustedRootMessage
+
+    if len(data) > MAX_TRUSTED_ROOT:
+        raise UsageError(f"trusted root {source} is {len(data)} bytes, over {MAX_TRUSTED_ROOT}")
+    try:
+        root = TrustedRoot(TrustedRootMessage.from_json(data))
+        root.get_fulcio_certs()
+        root.rekor_keyring(_verify_purpose())
+        root.ct_keyring(_verify_purpose())
+    except (SigstoreError, ValueError) as exc:
+        raise UsageError(f"trusted root {source} is not a usable Sigstore trusted root (certificate authorities,"
+                         f" transparency log and CT log keys): {str(exc)[:300]}") from None
+    return root
+
+
+def _verify_purpose() -> Any:
+    from sigstore._internal.trust import KeyringPurpose
+
+    return KeyringPurpose.VERIFY
+
+
+def verify_bundle(data: bytes, policy: Policy, digest: Digest) -> str:
+    """``identity:<issuer>=<subject>`` of the first policy identity the bundle verifies for, offline, against the
+    policy's trusted root: the certificate chains to its CA at the log's integrated time, carries a valid SCT, its
+    log entry's inclusion proof, checkpoint and promise verify with the log key, and the signature covers ``digest``
+    (a DSSE in-toto statement with the digest among its subjects, or a message signature over the manifest, whose
+    sha256 is the digest). ArtifactError naming what did not match otherwise."""
+    from sigstore.errors import Error as SigstoreError
+    from sigstore.hashes import Hashed
+    from sigstore.models import Bundle
+    from sigstore.verify import Verifier
+    from sigstore.verify.policy import Identity as IdentityPolicy
+    from sigstore_models.common.v1 import HashAlgorithm
+
+    if not policy.identities or policy.trusted_root is None:
+        raise ArtifactError("a keyless Sigstore bundle, and the policy names no identity to verify it for")
+    if len(data) > MAX_BUNDLE:
+        raise ArtifactError(f"{len(data)} bytes, over the {MAX_BUNDLE} byte limit")
+    try:
+        bundle = Bundle.from_json(data)
+    except (SigstoreError, ValueError) as exc:
+        raise ArtifactError(f"not a Sigstore bundle: {str(exc)[:200]}") from None
+    root_digest = Digest.of(policy.trusted_root)
+    verifier = _verifiers.get(root_digest)
+    if verifier is None:
+        verifier = _verifiers[root_digest] = Verifier(
+            trusted_root=load_trusted_root(policy.trusted_root, policy.trusted_root_source or "(policy)"))
+    dsse = bundle._inner.dsse_envelope is not None  # sigstore has no public accessor for the content's kind
+    problems = []
+    for ident in policy.identities:
+        try:
+            if dsse:
+                payload_type, payload = verifier.verify_dsse(bundle, IdentityPolicy(identity=ident.subject,
+                                                                                  issuer=ident.issuer))
+                _check_statement(payload_type, payload, digest)
+            else:
+                verifier.verify_artifact(Hashed(algorithm=HashAlgorithm.SHA2_256, digest=bytes.fromhex(digest.hex)),
+                                         bundle, IdentityPolicy(identity=ident.subject, issuer=ident.issuer))
+            return f"identity:{ident.issuer}={ident.subject}"
+        except (SigstoreError, ValueError) as exc:
+            problems.append(f"not for {ident.subject} from {ident.issuer} ({str(exc)[:200]})")
+        except ArtifactError as exc:
+            problems.append(str(exc))
+            break  # the statement names another digest: the same for every identity
+    raise ArtifactError("; ".join(problems))
+
+
+def _check_statement(payload_type: str, payload: bytes, digest: Digest) -> None:
+    """A verified DSSE payload must be an in-toto statement with ``digest`` among its subjects."""
+    if payload_type != IN_TOTO:
+        raise ArtifactError(f"its DSSE payload is {payload_type[:80]!r}, not an in-toto statement ({IN_TOTO})")
+    obj = _load(payload, MAX_BUNDLE, "its in-toto statement")
+    subjects = obj.get("subject")
+    if not isinstance(subjects, list):
+        raise ArtifactError("its in-toto statement has no subject list")
+    named = []
+    for s in subjects[:MAX_SUBJECTS]:
+        d = s.get("digest") if isinstance(s, dict) else None
+        hexd = d.get("sha256") if isinstance(d, dict) else None
+        if hexd == digest.hex:
+            return
+        if isinstance(hexd, str):
+            named.append(f"sha256:{hexd[:64]}")
+    raise ArtifactError(f"it signs {', '.join(named[:3]) or 'no sha256 subject'}, not {digest}")

@@ -18,8 +18,9 @@ from loader.cache import Cache
 from loader.cli import main
 from loader.digest import Digest
 from loader.errors import ArtifactError, UsageError
+from tests.support.fake_sigstore import FakeSigstore
 from tests.support.files import snapshot, tree
-from tests.support.oci import OCI_MANIFEST, file_layer
+from tests.support.oci import OCI_MANIFEST, Pusher, file_layer
 from tests.support.referrers_proxy import ReferrersProxy
 
 FILES = {"model.safetensors": b"weights" * 100, "config.json": b'{"a": 1}'}
@@ -368,8 +369,8 @@ def test_referrers_index_is_filtered_and_bounded():
     entry = {"mediaType": OCI_MANIFEST, "digest": D, "size": 1, "artifactType": signing.COSIGN_SIG_ARTIFACT}
     other = {**entry, "artifactType": "application/spdx+json", "digest": "sha256:" + "b" * 64}
     data = json.dumps({"manifests": [other] + [entry] * (signing.MAX_SIGNATURE_MANIFESTS + 5)}).encode()
-    assert signing.parse_referrers(data, Digest(D), signing.COSIGN_SIG_ARTIFACT, "r") == [
-        Digest(D)] * signing.MAX_SIGNATURE_MANIFESTS
+    assert signing.parse_referrers(data, Digest(D), (signing.COSIGN_SIG_ARTIFACT,), "r") == [
+        (Digest(D), signing.COSIGN_SIG_ARTIFACT)] * signing.MAX_SIGNATURE_MANIFESTS
 
 
 def test_weak_or_foreign_keys_are_refused():
@@ -380,3 +381,116 @@ def test_weak_or_foreign_keys_are_refused():
         with pytest.raises(UsageError) as exc:
             signing.load_public_key(pem, "k")
         assert message in str(exc.value)
+
+
+# ---- keyless: Sigstore bundles, made offline by a Sigstore of the tests' own (tests/support/fake_sigstore.py) ---------
+ISSUER = "https://issuer.example"
+DEV = "dev@example.com"
+
+
+def _push_bundle(base_url: str, repo: str, subject: str, bundle: bytes, fallback_tag: bool) -> str:
+    """A bundle referrer as cosign's new bundle format stores it; with ``fallback_tag``, also listed in the OCI 1.1
+    fallback tag's index (what a client does for a registry without the referrers API)."""
+    p = Pusher(base_url)
+    p.push_blob(repo, bundle)
+    empty = p.push_blob(repo, b"{}")
+    subject_bytes = p.manifest_bytes(repo, subject)
+    manifest = {"schemaVersion": 2, "mediaType": OCI_MANIFEST, "artifactType": signing.SIGSTORE_BUNDLE,
+                "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": empty, "size": 2},
+                "layers": [{"mediaType": signing.SIGSTORE_BUNDLE, "digest": str(Digest.of(bundle)),
+                            "size": len(bundle)}],
+                "subject": {"mediaType": OCI_MANIFEST, "digest": subject, "size": len(subject_bytes)}}
+    body = json.dumps(manifest, separators=(",", ":")).encode()
+    ref = p.push_manifest(repo, str(Digest.of(body)), manifest)
+    if fallback_tag:
+        p.push_manifest(repo, f"sha256-{subject.split(':')[1]}", {
+            "schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+            "manifests": [{"mediaType": OCI_MANIFEST, "digest": ref, "size": len(body),
+                           "artifactType": signing.SIGSTORE_BUNDLE}]})
+    return ref
+
+
+@pytest.fixture(scope="module")
+def fake() -> FakeSigstore:
+    return FakeSigstore()
+
+
+@pytest.fixture
+def root(tmp_path: Path, fake: FakeSigstore) -> Path:
+    path = tmp_path / "trusted_root.json"
+    path.write_bytes(fake.trusted_root())
+    return path
+
+
+def keyless(root: Path, *identities: str) -> tuple[str, ...]:
+    out: tuple[str, ...] = (contract.FLAG_TRUSTED_ROOT, str(root))
+    for i in identities:
+        out += (contract.FLAG_VERIFY_IDENTITY, i)
+    return out
+
+
+@pytest.mark.parametrize("where", ["referrers", "referrers-tag"])
+def test_keyless_bundle_for_the_right_identity(capsys, pusher, registry, cache, root, fake, where):
+    repo = f"sig/keyless-{where}"
+    digest = pusher.push_artifact(repo, "v1", _layers(FILES))
+    bundle = fake.dsse_bundle(fake.statement(digest), DEV, ISSUER)
+    with ReferrersProxy(registry.url) as proxy:
+        host = proxy.host if where == "referrers" else registry.host
+        sig = _push_bundle(f"http://{host}", repo, digest, bundle, fallback_tag=where == "referrers-tag")
+        code, res, err = pull(capsys, f"{host}/{repo}:v1", cache,
+                              extra=keyless(root, f"{ISSUER}=someone@example.com", f"{ISSUER}={DEV}"))
+    assert code == 0, err
+    assert {k: v for k, v in res["verified"].items() if k != "policy"} == {
+        "signer": f"identity:{ISSUER}={DEV}", "where": where, "signature": sig, "recorded": False}
+    assert published(cache, digest) == FILES
+
+
+def test_keyless_bundle_for_another_identity_is_refused(capsys, pusher, registry, cache, sentinel, root, fake):
+    digest = pusher.push_artifact("sig/keyless-wrong", "v1", _layers(FILES))
+    sig = _push_bundle(registry.url, "sig/keyless-wrong", digest, fake.dsse_bundle(fake.statement(digest), DEV, ISSUER),
+                       fallback_tag=True)
+    ref = f"{registry.host}/sig/keyless-wrong:v1"
+    before, sent = snapshot(cache), snapshot(sentinel)
+    code, _, err = pull(capsys, ref, cache, extra=keyless(root, f"{ISSUER}=other@example.com",
+                                                          f"https://other-issuer.example={DEV}"))
+    assert code == 10 and snapshot(cache) == before and snapshot(sentinel) == sent
+    assert (f"{ref}: model {digest} is not signed as the policy requires (identity other@example.com from {ISSUER};"
+            f" identity {DEV} from https://other-issuer.example): 1 signature(s) found (looked in the referrers API"
+            f" (absent) and tag sha256-{digest.split(':')[1]}), none verifies: bundle {sig} (referrers-tag): not for"
+            f" other@example.com from {ISSUER} (Certificate's SANs do not match other@example.com; actual SANs:"
+            f" {{'{DEV}'}}); not for {DEV} from https://other-issuer.example (Certificate's OIDCIssuer does not match"
+            f" (got '{ISSUER}', expected 'https://other-issuer.example')). Nothing was published") in err
+
+
+def test_keyless_bundle_for_another_digest_is_refused(capsys, pusher, registry, cache, sentinel, root, fake):
+    digest = pusher.push_artifact("sig/keyless-other", "v1", _layers(FILES))
+    other = "sha256:" + "c" * 64
+    sig = _push_bundle(registry.url, "sig/keyless-other", digest, fake.dsse_bundle(fake.statement(other), DEV, ISSUER),
+                       fallback_tag=True)
+    before, sent = snapshot(cache), snapshot(sentinel)
+    code, _, err = pull(capsys, f"{registry.host}/sig/keyless-other:v1", cache, extra=keyless(root, f"{ISSUER}={DEV}"))
+    assert code == 10 and snapshot(cache) == before and snapshot(sentinel) == sent
+    assert f"none verifies: bundle {sig} (referrers-tag): it signs {other}, not {digest}. Nothing was published" in err
+
+
+def test_keyless_bundle_from_an_untrusted_sigstore_is_refused(capsys, pusher, registry, cache, sentinel, root):
+    stranger = FakeSigstore("stranger")  # the same identity, certified and logged by a Sigstore the root does not name
+    digest = pusher.push_artifact("sig/keyless-stranger", "v1", _layers(FILES))
+    sig = _push_bundle(registry.url, "sig/keyless-stranger", digest,
+                       stranger.dsse_bundle(stranger.statement(digest), DEV, ISSUER), fallback_tag=True)
+    before, sent = snapshot(cache), snapshot(sentinel)
+    code, _, err = pull(capsys, f"{registry.host}/sig/keyless-stranger:v1", cache,
+                        extra=keyless(root, f"{ISSUER}={DEV}"))
+    assert code == 10 and snapshot(cache) == before and snapshot(sentinel) == sent
+    assert f"none verifies: bundle {sig} (referrers-tag): not for {DEV} from {ISSUER} (" in err
+
+
+def test_keyless_flags_go_together(capsys, tmp_path, root):
+    cache = tmp_path / "never"
+    for extra in ((contract.FLAG_VERIFY_IDENTITY, f"{ISSUER}={DEV}"), (contract.FLAG_TRUSTED_ROOT, str(root))):
+        code, _, err = cli(capsys, "pull", "127.0.0.1:1/x:v1", "--cache", str(cache), *extra)
+        assert code == 2 and "--verify-identity and --trusted-root go together" in err and not cache.exists()
+    bad = tmp_path / "bad.json"
+    bad.write_bytes(b'{"mediaType": "nope"}')
+    code, _, err = cli(capsys, "pull", "127.0.0.1:1/x:v1", "--cache", str(cache), *keyless(bad, f"{ISSUER}={DEV}"))
+    assert code == 2 and f"trusted root {bad} is not a usable Sigstore trusted root" in err and not cache.exists()

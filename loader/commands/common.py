@@ -109,14 +109,31 @@ def add_verify_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(contract.FLAG_VERIFY_KEY_DATA, action="append", default=[], metavar="BASE64[,BASE64...]",
                    help="the same, inline: base64 of PEM public keys joined by ',' (the webhook passes"
                         f" $({contract.ENV_VERIFY_KEYS}))")
+    p.add_argument(contract.FLAG_VERIFY_IDENTITY, action="append", default=[], metavar="ISSUER=SUBJECT",
+                   help="require a keyless Sigstore bundle for this OIDC issuer and certificate subject (repeatable;"
+                        f" any one suffices; needs {contract.FLAG_TRUSTED_ROOT})")
+    p.add_argument(contract.FLAG_TRUSTED_ROOT, metavar="JSON",
+                   help="the Sigstore trusted root keyless bundles are verified against, offline")
 
 
 def signature_policy(args: argparse.Namespace) -> Policy | None:
     """The policy the verify flags give, keys loaded and checked now (a bad key stops the loader before it touches
     the cache); None when no flag asks for a signature."""
-    if not args.verify_key and not args.verify_key_data:
+    if not args.verify_key and not args.verify_key_data and not args.verify_identity and not args.trusted_root:
         return None
     from loader import signing
+
+    if bool(args.verify_identity) != bool(args.trusted_root):
+        raise UsageError(f"{contract.FLAG_VERIFY_IDENTITY} and {contract.FLAG_TRUSTED_ROOT} go together: keyless"
+                         " bundles are verified for an identity against a trusted root, offline")
+    root: bytes | None = None
+    if args.trusted_root:
+        try:
+            with open(args.trusted_root, "rb") as f:
+                root = f.read(signing.MAX_TRUSTED_ROOT + 1)
+        except OSError as exc:
+            raise UsageError(f"{contract.FLAG_TRUSTED_ROOT} {args.trusted_root!r}: {exc.strerror}") from None
+        signing.load_trusted_root(root, args.trusted_root)
 
     keys: list[signing.PublicKey] = []
     for path in args.verify_key:
@@ -128,4 +145,6 @@ def signature_policy(args: argparse.Namespace) -> Policy | None:
         keys.append(signing.load_public_key(pem, path))
     for i, text in enumerate(args.verify_key_data):
         keys.extend(signing.keys_from_base64(text, f"{contract.FLAG_VERIFY_KEY_DATA} #{i + 1}"))
-    return signing.Policy(keys=tuple(keys))
+    identities = tuple(signing.Identity.parse(v, contract.FLAG_VERIFY_IDENTITY) for v in args.verify_identity)
+    return signing.Policy(keys=tuple(keys), identities=identities, trusted_root=root,
+                          trusted_root_source=args.trusted_root)
