@@ -445,6 +445,21 @@ def test_keyless_bundle_for_the_right_identity(capsys, pusher, registry, cache, 
     assert published(cache, digest) == FILES
 
 
+def test_keyless_message_signature_over_the_manifest(capsys, pusher, registry, cache, root, fake):
+    """A message-signature bundle (``cosign sign-blob`` / ``sigstore sign`` over the manifest file) binds the digest
+    too: the signed artifact is the manifest, whose sha256 is the digest. Over another artifact: refused."""
+    digest = pusher.push_artifact("sig/keyless-message", "v1", _layers(FILES))
+    other = pusher.push_artifact("sig/keyless-message", "v2", _layers({"x.bin": b"x"}))
+    sig = _push_bundle(registry.url, "sig/keyless-message", digest, fake.message_bundle(digest, DEV, ISSUER),
+                       fallback_tag=True)
+    wrong = _push_bundle(registry.url, "sig/keyless-message", other, fake.message_bundle(digest, DEV, ISSUER),
+                         fallback_tag=True)
+    code, res, err = pull(capsys, f"{registry.host}/sig/keyless-message:v1", cache, extra=keyless(root, f"{ISSUER}={DEV}"))
+    assert code == 0 and (res["verified"]["signer"], res["verified"]["signature"]) == (f"identity:{ISSUER}={DEV}", sig), err
+    code, _, err = pull(capsys, f"{registry.host}/sig/keyless-message:v2", cache, extra=keyless(root, f"{ISSUER}={DEV}"))
+    assert code == 10 and f"none verifies: bundle {wrong} (referrers-tag): not for {DEV} from {ISSUER} (" in err
+
+
 def test_keyless_bundle_for_another_identity_is_refused(capsys, pusher, registry, cache, sentinel, root, fake):
     digest = pusher.push_artifact("sig/keyless-wrong", "v1", _layers(FILES))
     sig = _push_bundle(registry.url, "sig/keyless-wrong", digest, fake.dsse_bundle(fake.statement(digest), DEV, ISSUER),

@@ -178,6 +178,25 @@ class FakeSigstore:
                                    "signatures": [{"sig": _b64(sig), "keyid": ""}]}}
         return json.dumps(bundle).encode()
 
+    def message_bundle(self, digest: str, subject: str, issuer: str) -> bytes:
+        """A message-signature bundle over the artifact whose sha256 is ``digest`` (here: the manifest itself)."""
+        from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = self._leaf(key, subject, issuer)
+        raw = bytes.fromhex(digest.split(":", 1)[1])
+        sig = key.sign(raw, ec.ECDSA(Prehashed(hashes.SHA256())))
+        body = rfc8785.dumps({"apiVersion": "0.0.1", "kind": "hashedrekord", "spec": {
+            "data": {"hash": {"algorithm": "sha256", "value": raw.hex()}},
+            "signature": {"content": _b64(sig),
+                          "publicKey": {"content": _b64(cert.public_bytes(serialization.Encoding.PEM))}}}})
+        bundle = {"mediaType": BUNDLE_V03,
+                  "verificationMaterial": {"certificate": {"rawBytes": _b64(cert.public_bytes(serialization.Encoding.DER))},
+                                           "tlogEntries": [self._tlog_entry(body, "hashedrekord")]},
+                  "messageSignature": {"messageDigest": {"algorithm": "SHA2_256", "digest": _b64(raw)},
+                                       "signature": _b64(sig)}}
+        return json.dumps(bundle).encode()
+
     @staticmethod
     def statement(digest: str, name: str = "model") -> bytes:
         """An in-toto statement whose subject is ``digest`` (what cosign signs for an image in a bundle)."""
