@@ -42,6 +42,7 @@ FLAG_VERIFY_KEY = "--verify-key"  # FILE: a PEM public key (ECDSA P-256/P-384, E
 FLAG_VERIFY_KEY_DATA = "--verify-key-data"  # base64 of a PEM public key, several joined by ","; repeatable
 FLAG_VERIFY_IDENTITY = "--verify-identity"  # ISSUER=SUBJECT: a keyless signer (OIDC issuer, certificate SAN)
 FLAG_TRUSTED_ROOT = "--trusted-root"  # FILE: the Sigstore trusted root JSON keyless bundles are checked against
+FLAG_VERIFY_MODEL_SIGNATURE = "--verify-model-signature"  # the OpenSSF signature file over the files, by a key
 # The webhook keeps inline keys in the loader container's env and passes them as
 # ``--verify-key-data=$(MODEL_CACHE_VERIFY_KEYS)`` (kubelet expands $(VAR) in args), so the policy is readable in
 # the pod spec, bounded like any arg, and the loader itself reads no environment for it.

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from loader import layout, oci, retry, sign
+from loader import layout, oci, retry, sign, signing
 from loader.access import (
     ANONYMOUS,
     Source,
@@ -234,7 +234,7 @@ def _pull_online(ref: Reference, client: RegistryClient, cache: Cache, opts: Pul
         digest = Digest.parse(found, f"registry {ref.registry}: the digest of {label}")
         model = cache.lookup_digest(digest)
     # Before anything is served or published: a signature over the digest, unless this policy verified it before.
-    verified = _require_signature(client, digest, model, opts, log, label)
+    verified = _require_signature(client, cache, digest, model, opts, log, label)
     if model and not ref.digest and not opts.check_access:
         return hit(model, verified=verified)
 
@@ -293,6 +293,8 @@ def _pull_online(ref: Reference, client: RegistryClient, cache: Cache, opts: Pul
 
     if model is not None:  # every blob this pod could not show is now downloaded and verified from its registry
         return hit(model, source=source, fetched=client.bytes_received, verified=verified)
+    if opts.signatures_required and verified is None:  # an OpenSSF model signature: on the files, before publish
+        verified = _verify_staged_tree(cache, entries, digest, opts, label)
     model = publish_model(cache, digest, entries, dict(image.raw), image.media_type, [label], label, [source])
     if verified is not None:
         cache.update_meta(digest, lambda meta: record_verification(meta, verified.policy, verified.record(time.time())))
@@ -316,16 +318,35 @@ def _recorded(model: CachedModel | None, opts: PullOptions) -> Verified | None:
     return Verified.from_record(opts.signature_policy.fingerprint, rec) if rec is not None else None
 
 
-def _require_signature(client: RegistryClient, digest: Digest, model: CachedModel | None, opts: PullOptions,
-                       log: Any, label: str) -> Verified | None:
+def _require_signature(client: RegistryClient, cache: Cache, digest: Digest, model: CachedModel | None,
+                       opts: PullOptions, log: Any, label: str) -> Verified | None:
     """None when no signature is required; the cache's record when this policy verified the model before; else
-    the signature that verifies it now (SignatureError, exit 10, when none does: nothing is published)."""
-    if opts.signature_policy is None or not opts.signature_policy.required:
+    the signature that verifies it now (SignatureError, exit 10, when none does: nothing is published). An OpenSSF
+    model signature is checked on the files: on a cached tree now, else (None) after the download, before publish."""
+    policy = opts.signature_policy
+    if policy is None or not policy.required:
         return None
     recorded = _recorded(model, opts)
     if recorded is not None:
         return recorded
-    return sign.verify(client, opts.signature_policy, digest, label, log)
+    if policy.model_signature:
+        if model is None:
+            return None
+        return signing.verify_model_signature(model.path, policy, digest, label, cache.tmp_dir())
+    return sign.verify(client, policy, digest, label, log)
+
+
+def _verify_staged_tree(cache: Cache, entries: list[layout.Entry], digest: Digest, opts: PullOptions,
+                        label: str) -> Verified:
+    """The model's files, laid out as they will be published (hard links to the verified blobs, tars extracted),
+    in a staging tree of their own that is removed afterwards, checked against the model's signature file."""
+    assert opts.signature_policy is not None
+    staging = cache.new_staging()
+    try:
+        layout.materialize(entries, staging, cache.blob_path, label)
+        return signing.verify_model_signature(staging, opts.signature_policy, digest, label, cache.tmp_dir())
+    finally:
+        cache.remove_tree(staging)
 
 
 def _prove_the_rest(client: RegistryClient, fetcher: Fetcher, cache: Cache, blobs: list[Blob], proven: set[Digest],

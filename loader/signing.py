@@ -23,11 +23,16 @@ root's digest); the cache records it with the model, so a hit under the same pol
 
 from __future__ import annotations
 
+import ast
 import base64
 import binascii
 import json
+import os
+import stat
+import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from loader.contract import ExitCode
@@ -57,6 +62,7 @@ MAX_PROBLEMS = 5  # what a refusal lists of what did not match
 MAX_BUNDLE = 256 * 1024  # one Sigstore bundle (a certificate chain, a log entry, an envelope)
 MAX_TRUSTED_ROOT = 4 * 1024 * 1024
 MAX_SUBJECTS = 256  # in-toto statement subjects looked at
+MODEL_SIGNATURE_FILE = "model.sig"  # OpenSSF model signing's signature file, at the top of the model's tree
 
 
 class SignatureError(LoaderError):
@@ -217,6 +223,9 @@ class Policy:
     identities: tuple[Identity, ...] = ()
     trusted_root: bytes | None = field(default=None, repr=False)
     trusted_root_source: str | None = None
+    # OpenSSF model signing: the tree's MODEL_SIGNATURE_FILE, over every file, by one of ``keys`` (ECDSA), checked
+    # on the tree after download and before publish, instead of a signature over the manifest digest.
+    model_signature: bool = False
 
     def __post_init__(self) -> None:
         if len(self.keys) > MAX_KEYS:
@@ -236,12 +245,15 @@ class Policy:
                "identities": sorted({(i.issuer, i.subject) for i in self.identities}),
                "trusted_root": Digest.of(self.trusted_root) if self.trusted_root is not None and self.identities
                else None}
+        if self.model_signature:
+            doc["model_signature"] = MODEL_SIGNATURE_FILE
         return Digest.of(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode())
 
     def describe(self) -> str:
         parts = [f"key {k.fingerprint[:19]}... ({k.kind}, {k.source})" for k in self.keys]
         parts += [f"identity {i.subject} from {i.issuer}" for i in self.identities]
-        return "; ".join(parts) or "nothing"
+        what = "; ".join(parts) or "nothing"
+        return f"an OpenSSF model signature {MODEL_SIGNATURE_FILE} by {what}" if self.model_signature else what
 
 
 # ---- what verified -------------------------------------------------------------------------------------------
@@ -568,3 +580,65 @@ def _check_statement(payload_type: str, payload: bytes, digest: Digest) -> None:
         if isinstance(hexd, str):
             named.append(f"sha256:{hexd[:64]}")
     raise ArtifactError(f"it signs {', '.join(named[:3]) or 'no sha256 subject'}, not {digest}")
+
+
+# ---- OpenSSF model signing: a signature file over the model's files -------------------------------------------
+def verify_model_signature(tree: Path, policy: Policy, digest: Digest, label: str, scratch: Path) -> Verified:
+    """The tree's MODEL_SIGNATURE_FILE (a model-signing bundle over every other file) verified with one of the
+    policy's ECDSA keys, and every file of the tree hashed against it (an extra, missing or changed file fails);
+    SignatureError naming the reference, the digest and the files or keys that did not match. ``scratch``: a
+    directory for the key files model-signing reads (it takes paths)."""
+    import model_signing
+    from cryptography.exceptions import InvalidSignature
+
+    sig = tree / MODEL_SIGNATURE_FILE
+    try:
+        st = os.lstat(sig)
+    except FileNotFoundError:
+        st = None
+    problems: list[str] = []
+    if st is None or not stat.S_ISREG(st.st_mode):
+        problems.append(f"the model has no {MODEL_SIGNATURE_FILE} file (a regular file at the top of its tree)")
+    elif st.st_size > MAX_BUNDLE:
+        problems.append(f"its {MODEL_SIGNATURE_FILE} is {st.st_size} bytes, over {MAX_BUNDLE}")
+    else:
+        keys = [k for k in policy.keys if k.kind.startswith("ecdsa-")]
+        if not keys:
+            problems.append("the policy has no ECDSA key, and model-signing verifies with ECDSA keys only")
+        for key in keys:
+            with tempfile.TemporaryDirectory(dir=scratch, prefix="model-sig-") as tmp:
+                pem = Path(tmp) / "key.pub"
+                pem.write_bytes(_pem(key))
+                try:
+                    config = model_signing.verifying.Config()  # type: ignore[no-untyped-call]
+                    config.use_elliptic_key_verifier(public_key=pem).verify(tree, sig)
+                except (ValueError, LookupError, TypeError, OSError, InvalidSignature) as exc:  # what model-signing raises for a bad,
+                    #                      foreign or malformed signature file (KeyError for a missing field)
+                    problems.append(f"key {key.fingerprint[:19]}...: {_mismatch(str(exc))[:400]}")
+                    continue
+            return Verified(policy.fingerprint, key.fingerprint, "model-signature", Digest.of(sig.read_bytes()))
+    raise SignatureError(f"{label}: model {digest} is not signed as the policy requires ({policy.describe()}): "
+                         + "; ".join(problems[:MAX_PROBLEMS]) + ". Nothing was published; sign the model's files"
+                         f" (model_signing sign key --private_key KEY --signature {MODEL_SIGNATURE_FILE}, with the"
+                         " signature inside the model directory) and push it again")
+
+
+def _mismatch(text: str) -> str:
+    """model-signing's message, readable: its list of differences joined, without the digests' reprs."""
+    _, sep, rest = text.partition("Signature mismatch: ")
+    if sep:
+        try:
+            diffs = ast.literal_eval(rest)
+        except (ValueError, SyntaxError):
+            return text
+        if isinstance(diffs, list):
+            return "the files do not match the signature: " + "; ".join(str(d).split(": Expected ", 1)[0]
+                                                                      for d in diffs)
+    return text
+
+
+def _pem(key: PublicKey) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    pem: bytes = key.key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return pem

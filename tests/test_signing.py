@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -509,3 +510,76 @@ def test_keyless_flags_go_together(capsys, tmp_path, root):
     bad.write_bytes(b'{"mediaType": "nope"}')
     code, _, err = cli(capsys, "pull", "127.0.0.1:1/x:v1", "--cache", str(cache), *keyless(bad, f"{ISSUER}={DEV}"))
     assert code == 2 and f"trusted root {bad} is not a usable Sigstore trusted root" in err and not cache.exists()
+
+
+# ---- OpenSSF model signing: model.sig over the files, checked on the tree before publish ------------------------
+def _model_signed(tmp: Path, key: Key, files: dict[str, bytes], change: dict[str, bytes] | None = None) -> dict:
+    """The files plus a model.sig made by model-signing (key-based) over them; ``change``: files replaced after
+    signing (what a tampered upload looks like)."""
+    import model_signing
+
+    d = tmp / f"model-{len(list(tmp.iterdir()))}"
+    d.mkdir()
+    for name, data in files.items():
+        (d / name).write_bytes(data)
+    hashing = model_signing.hashing.Config().set_ignored_paths(paths=["model.sig"], ignore_git_paths=True)
+    model_signing.signing.Config().use_elliptic_key_signer(private_key=key.pem).set_hashing_config(hashing).sign(
+        d, d / "model.sig")
+    out = {**files, **(change or {})}
+    out["model.sig"] = (d / "model.sig").read_bytes()
+    return out
+
+
+def _unchanged_but_blobs(before: dict, after: dict) -> None:
+    """Nothing published, linked or recorded; only verified, unreferenced blobs added (gc removes them)."""
+    added = {k for k in after if k not in before}
+    assert all(k.startswith("blobs/sha256/") for k in added), added
+    assert {k: v for k, v in after.items() if k not in added and k not in ("blobs/sha256", "tmp")} == {
+        k: v for k, v in before.items() if k not in ("blobs/sha256", "tmp")}
+
+
+def test_openssf_model_signature(capsys, pusher, registry, cache, tmp_path, keys):
+    files = _model_signed(tmp_path, keys["right"], FILES)
+    digest = pusher.push_artifact("sig/openssf", "v1", _layers(files))
+    ref = f"{registry.host}/sig/openssf:v1"
+    code, res, err = pull(capsys, ref, cache, keys["wrong"].pub, keys["right"].pub,
+                          extra=(contract.FLAG_VERIFY_MODEL_SIGNATURE,))
+    assert code == 0, err
+    assert {k: v for k, v in res["verified"].items() if k != "policy"} == {
+        "signer": keys["right"].fingerprint, "where": "model-signature", "signature": str(Digest.of(files["model.sig"])),
+        "recorded": False}
+    assert published(cache, digest) == files
+    assert os.listdir(cache / contract.TMP_DIR) == []  # the verification's staging tree is gone
+    code, again, err = pull(capsys, ref, cache, keys["wrong"].pub, keys["right"].pub,
+                            extra=(contract.FLAG_VERIFY_MODEL_SIGNATURE,))
+    assert code == 0 and again["verified"] == {**res["verified"], "recorded": True}, err
+
+
+@pytest.mark.parametrize("case", ["file-changed", "wrong-key", "no-signature-file"])
+def test_openssf_model_signature_refused(capsys, pusher, registry, cache, sentinel, tmp_path, keys, case):
+    if case == "file-changed":
+        files = _model_signed(tmp_path, keys["right"], FILES, change={"config.json": b'{"a": 2}'})
+    elif case == "wrong-key":
+        files = _model_signed(tmp_path, keys["wrong"], FILES)
+    else:
+        files = dict(FILES)
+    repo = f"sig/openssf-{case}"
+    digest = pusher.push_artifact(repo, "v1", _layers(files))
+    ref = f"{registry.host}/{repo}:v1"
+    before, sent = snapshot(cache), snapshot(sentinel)
+    code, _, err = pull(capsys, ref, cache, keys["right"].pub, extra=(contract.FLAG_VERIFY_MODEL_SIGNATURE,))
+    assert code == 10
+    _unchanged_but_blobs(before, snapshot(cache))
+    assert snapshot(sentinel) == sent
+    head = (f"{ref}: model {digest} is not signed as the policy requires (an OpenSSF model signature model.sig by key"
+            f" {keys['right'].fingerprint[:19]}... (ecdsa-p256, {keys['right'].pub})): ")
+    expected = {
+        "file-changed": f"key {keys['right'].fingerprint[:19]}...: the files do not match the signature: Hash"
+                        " mismatch for 'config.json'. Nothing was published",
+        "wrong-key": f"key {keys['right'].fingerprint[:19]}...: Key mismatch: The public key hash in the signature's"
+                     " verification material does not match the provided public key",
+        "no-signature-file": "the model has no model.sig file (a regular file at the top of its tree). Nothing was"
+                             " published",
+    }[case]
+    assert head + expected in err, err
+    assert not (cache / contract.MODELS_DIR / digest.split(":")[1]).exists()

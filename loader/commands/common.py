@@ -114,15 +114,24 @@ def add_verify_flags(p: argparse.ArgumentParser) -> None:
                         f" any one suffices; needs {contract.FLAG_TRUSTED_ROOT})")
     p.add_argument(contract.FLAG_TRUSTED_ROOT, metavar="JSON",
                    help="the Sigstore trusted root keyless bundles are verified against, offline")
+    p.add_argument(contract.FLAG_VERIFY_MODEL_SIGNATURE, action="store_true",
+                   help="require instead an OpenSSF model signature (model.sig in the model's tree, over its files)"
+                        f" by one of the {contract.FLAG_VERIFY_KEY} ECDSA keys, checked after download and before"
+                        " publish")
 
 
 def signature_policy(args: argparse.Namespace) -> Policy | None:
     """The policy the verify flags give, keys loaded and checked now (a bad key stops the loader before it touches
     the cache); None when no flag asks for a signature."""
-    if not args.verify_key and not args.verify_key_data and not args.verify_identity and not args.trusted_root:
+    if not (args.verify_key or args.verify_key_data or args.verify_identity or args.trusted_root
+            or args.verify_model_signature):
         return None
     from loader import signing
 
+    keyed = bool(args.verify_key or args.verify_key_data)
+    if args.verify_model_signature and (not keyed or args.verify_identity):
+        raise UsageError(f"{contract.FLAG_VERIFY_MODEL_SIGNATURE} needs {contract.FLAG_VERIFY_KEY} (ECDSA public keys;"
+                         " keyless model signatures are not supported)")
     if bool(args.verify_identity) != bool(args.trusted_root):
         raise UsageError(f"{contract.FLAG_VERIFY_IDENTITY} and {contract.FLAG_TRUSTED_ROOT} go together: keyless"
                          " bundles are verified for an identity against a trusted root, offline")
@@ -147,4 +156,4 @@ def signature_policy(args: argparse.Namespace) -> Policy | None:
         keys.extend(signing.keys_from_base64(text, f"{contract.FLAG_VERIFY_KEY_DATA} #{i + 1}"))
     identities = tuple(signing.Identity.parse(v, contract.FLAG_VERIFY_IDENTITY) for v in args.verify_identity)
     return signing.Policy(keys=tuple(keys), identities=identities, trusted_root=root,
-                          trusted_root_source=args.trusted_root)
+                          trusted_root_source=args.trusted_root, model_signature=args.verify_model_signature)
