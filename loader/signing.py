@@ -257,7 +257,9 @@ class Policy:
 
 
 # ---- what verified -------------------------------------------------------------------------------------------
-WHERE = ("referrers", "referrers-tag", "tag")  # the referrers API, OCI 1.1's fallback tag sha256-<hex>, cosign's .sig
+#: Where a signature was found: the referrers API, OCI 1.1's fallback tag sha256-<hex>, cosign's .sig tag, or (an
+#: OpenSSF model signature) the model's own tree.
+WHERE = ("referrers", "referrers-tag", "tag", "model-signature")
 
 
 @dataclass(frozen=True)
@@ -619,8 +621,8 @@ def verify_model_signature(tree: Path, policy: Policy, digest: Digest, label: st
             return Verified(policy.fingerprint, key.fingerprint, "model-signature", Digest.of(sig.read_bytes()))
     raise SignatureError(f"{label}: model {digest} is not signed as the policy requires ({policy.describe()}): "
                          + "; ".join(problems[:MAX_PROBLEMS]) + ". Nothing was published; sign the model's files"
-                         f" (model_signing sign key --private_key KEY --signature {MODEL_SIGNATURE_FILE}, with the"
-                         " signature inside the model directory) and push it again")
+                         f" (model_signing sign key --private_key KEY --signature DIR/{MODEL_SIGNATURE_FILE} DIR)"
+                         " and push it again")
 
 
 def _mismatch(text: str) -> str:
