@@ -10,9 +10,9 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from loader import layout, oci, retry, sign, signing
+from loader import layout, oci, retry
 from loader.access import (
     ANONYMOUS,
     Source,
@@ -33,7 +33,9 @@ from loader.publish import publish_model
 from loader.reference import Reference, parse
 from loader.registry import RegistryClient
 from loader.retry import RetryPolicy
-from loader.signing import Policy, SignatureError, Verified
+
+if TYPE_CHECKING:  # loader.signing is imported only by a pull with a policy: a warm start without one pays nothing
+    from loader.signing import Policy, Verified
 
 T = TypeVar("T")
 
@@ -172,6 +174,8 @@ def _pull(name: Reference, cache: Cache, opts: PullOptions, log: Any, t0: float)
         model = cache.lookup_ref(ref)
         if model:
             if opts.signatures_required and not _recorded(model, opts):
+                from loader.signing import SignatureError
+
                 raise SignatureError(f"{label}: the cached model {model.digest} was never verified under this"
                                      " signature policy, and --offline forbids fetching its signatures; pull it"
                                      " once online")
@@ -314,6 +318,8 @@ def _recorded(model: CachedModel | None, opts: PullOptions) -> Verified | None:
     """The cache's record that this very policy verified the model before (None: no policy, or no record)."""
     if model is None or opts.signature_policy is None or not opts.signature_policy.required:
         return None
+    from loader.signing import Verified
+
     rec = verification(model.meta, opts.signature_policy.fingerprint)
     return Verified.from_record(opts.signature_policy.fingerprint, rec) if rec is not None else None
 
@@ -329,6 +335,8 @@ def _require_signature(client: RegistryClient, cache: Cache, digest: Digest, mod
     recorded = _recorded(model, opts)
     if recorded is not None:
         return recorded
+    from loader import sign, signing
+
     if policy.model_signature:
         if model is None:
             return None
@@ -340,6 +348,8 @@ def _verify_staged_tree(cache: Cache, entries: list[layout.Entry], digest: Diges
                         label: str) -> Verified:
     """The model's files, laid out as they will be published (hard links to the verified blobs, tars extracted),
     in a staging tree of their own that is removed afterwards, checked against the model's signature file."""
+    from loader import signing
+
     assert opts.signature_policy is not None
     staging = cache.new_staging()
     try:

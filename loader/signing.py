@@ -23,13 +23,11 @@ root's digest); the cache records it with the model, so a hit under the same pol
 
 from __future__ import annotations
 
-import ast
 import base64
 import binascii
 import json
 import os
 import stat
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -590,6 +588,8 @@ def verify_model_signature(tree: Path, policy: Policy, digest: Digest, label: st
     policy's ECDSA keys, and every file of the tree hashed against it (an extra, missing or changed file fails);
     SignatureError naming the reference, the digest and the files or keys that did not match. ``scratch``: a
     directory for the key files model-signing reads (it takes paths)."""
+    import tempfile
+
     import model_signing
     from cryptography.exceptions import InvalidSignature
 
@@ -627,6 +627,8 @@ def verify_model_signature(tree: Path, policy: Policy, digest: Digest, label: st
 
 def _mismatch(text: str) -> str:
     """model-signing's message, readable: its list of differences joined, without the digests' reprs."""
+    import ast
+
     _, sep, rest = text.partition("Signature mismatch: ")
     if sep:
         try:
