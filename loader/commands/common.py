@@ -128,6 +128,8 @@ def signature_policy(args: argparse.Namespace) -> Policy | None:
         return None
     from loader import signing
 
+    _require_modules(["cryptography"] + (["sigstore"] if args.verify_identity or args.trusted_root else [])
+                     + (["model_signing"] if args.verify_model_signature else []))
     keyed = bool(args.verify_key or args.verify_key_data)
     if args.verify_model_signature and (not keyed or args.verify_identity):
         raise UsageError(f"{contract.FLAG_VERIFY_MODEL_SIGNATURE} needs {contract.FLAG_VERIFY_KEY} (ECDSA public keys;"
@@ -157,3 +159,13 @@ def signature_policy(args: argparse.Namespace) -> Policy | None:
     identities = tuple(signing.Identity.parse(v, contract.FLAG_VERIFY_IDENTITY) for v in args.verify_identity)
     return signing.Policy(keys=tuple(keys), identities=identities, trusted_root=root,
                           trusted_root_source=args.trusted_root, model_signature=args.verify_model_signature)
+
+
+def _require_modules(names: list[str]) -> None:
+    """Signature checks need packages a minimal loader install may lack: say which, before the cache is touched."""
+    import importlib.util
+
+    missing = [n for n in names if importlib.util.find_spec(n) is None]
+    if missing:
+        raise UsageError(f"signature verification needs the Python packages {', '.join(missing)}, which this loader"
+                         " does not have (pip install cryptography sigstore model-signing)")
