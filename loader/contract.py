@@ -47,6 +47,14 @@ FLAG_VERIFY_MODEL_SIGNATURE = "--verify-model-signature"  # the OpenSSF signatur
 # ``--verify-key-data=$(MODEL_CACHE_VERIFY_KEYS)`` (kubelet expands $(VAR) in args), so the policy is readable in
 # the pod spec, bounded like any arg, and the loader itself reads no environment for it.
 ENV_VERIFY_KEYS = "MODEL_CACHE_VERIFY_KEYS"  # base64 PEM public keys joined by ","
+# The cluster's policy by reference prefix (loader/policy.py's JSON): the node agent reads it from a file, the
+# webhook passes an init container the rules its models match as ``--signature-policy-data=$(MODEL_CACHE_SIGNATURE_POLICY)``
+# and, for keyless identities, ``--trusted-root-data=$(MODEL_CACHE_TRUSTED_ROOT)`` (base64 of the trusted root JSON).
+FLAG_SIGNATURE_POLICY = "--signature-policy"  # FILE: the policy JSON
+FLAG_SIGNATURE_POLICY_DATA = "--signature-policy-data"  # the policy JSON, inline
+FLAG_TRUSTED_ROOT_DATA = "--trusted-root-data"  # base64 of a Sigstore trusted root JSON, inline
+ENV_SIGNATURE_POLICY = "MODEL_CACHE_SIGNATURE_POLICY"
+ENV_TRUSTED_ROOT = "MODEL_CACHE_TRUSTED_ROOT"
 
 # --- the CSI path (issue 12): the volume the webhook writes, the node agent's driver serves -------------------------
 #: The CSI driver name (a CSIDriver object of this name; kubelet lists it in the node's CSINode once registered).

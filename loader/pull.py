@@ -6,6 +6,7 @@ the sequence below is the only place that combines the registry, the fetch engin
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -35,7 +36,7 @@ from loader.registry import RegistryClient
 from loader.retry import RetryPolicy
 
 if TYPE_CHECKING:  # loader.signing is imported only by a pull with a policy: a warm start without one pays nothing
-    from loader.signing import Policy, Verified
+    from loader.signing import Policy, PolicyTable, Verified
 
 T = TypeVar("T")
 
@@ -69,6 +70,9 @@ class PullOptions:
     # Issue 13: a model is served only once a signature over its digest verifies under this policy (--verify-key...);
     # a hit the cache records as verified under the same policy is not verified again.
     signature_policy: Policy | None = None
+    # The cluster's policy by reference prefix (--signature-policy, the webhook's MODEL_CACHE_SIGNATURE_POLICY): when
+    # set, the policy of each pull is its reference's rule (replacing signature_policy).
+    signature_table: PolicyTable | None = None
 
     @property
     def signatures_required(self) -> bool:
@@ -112,6 +116,8 @@ def pull(text: str, opts: PullOptions, log: Any) -> PullResult:
         raise UsageError(str(exc)) from exc
     if opts.pod_uid is not None:
         check_pod_uid(opts.pod_uid)
+    if opts.signature_table is not None:
+        opts = dataclasses.replace(opts, signature_policy=opts.signature_table.for_ref(ref.registry, ref.repository))
     cache = Cache(opts.cache).ensure()
     with cache.gc_lock(shared=True, timeout=opts.gc_lock_timeout):
         res = _pull(ref, cache, opts, log, t0)

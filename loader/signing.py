@@ -36,6 +36,7 @@ from typing import Any
 from loader.contract import ExitCode
 from loader.digest import Digest
 from loader.errors import ArtifactError, LoaderError, UsageError
+from loader.policy import Rule, rule_for
 
 # ---- formats (the only place they are spelled) --------------------------------------------------------------
 SIMPLESIGNING = "application/vnd.dev.cosign.simplesigning.v1+json"
@@ -490,6 +491,36 @@ def check(candidates: Iterable[Candidate], policy: Policy, digest: Digest, label
 
 # ---- keyless: Sigstore bundles ---------------------------------------------------------------------------------
 _verifiers: dict[Digest, Any] = {}  # sigstore Verifier per trusted root (its digest)
+
+
+@dataclass(frozen=True)
+class PolicyTable:
+    """The cluster's signature policy by reference prefix (loader/policy.py), keys loaded once: the policy a pull of a
+    reference must satisfy is its longest matching rule's, None when no rule asks for a signature."""
+
+    rules: tuple[tuple[Rule, Policy], ...] = ()
+
+    @classmethod
+    def build(cls, rules: Sequence[Rule], trusted_root: bytes | None, trusted_root_source: str | None,
+              where: str) -> PolicyTable:
+        """Each rule's Policy (UsageError for a key that does not load, or identities without a trusted root)."""
+        if trusted_root is None and any(rule.identities for rule in rules):
+            raise UsageError(f"{where} names keyless identities but no trusted root was given: add"
+                             " --trusted-root (or --trusted-root-data)")
+        built = []
+        for i, rule in enumerate(rules):
+            keys = tuple(load_public_key(pem.encode(), f"{where}[{i}].keys[{j}]") for j, pem in enumerate(rule.keys))
+            identities = tuple(Identity.parse(v, f"{where}[{i}].identities") for v in rule.identities)
+            built.append((rule, Policy(keys=keys, identities=identities,
+                                       trusted_root=trusted_root if identities else None,
+                                       trusted_root_source=trusted_root_source if identities else None)))
+        return cls(tuple(built))
+
+    def for_ref(self, registry: str, repository: str) -> Policy | None:
+        rule = rule_for(registry, repository, [r for r, _ in self.rules])
+        if rule is None or not rule.required:
+            return None
+        return next(p for r, p in self.rules if r is rule)
 
 
 def load_trusted_root(data: bytes, source: str) -> Any:

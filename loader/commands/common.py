@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import base64
+import binascii
 import os
 from typing import TYPE_CHECKING, TypeAlias
 
@@ -14,7 +16,7 @@ from loader.reference import parse
 if TYPE_CHECKING:
     from loader.credentials import DockerConfig
     from loader.log import Logger
-    from loader.signing import Policy
+    from loader.signing import Policy, PolicyTable
 
 #: What ``add_parser(sub, settings)`` receives: the ``model-loader`` parser's subcommands.
 SubParsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
@@ -114,17 +116,85 @@ def add_verify_flags(p: argparse.ArgumentParser) -> None:
                         f" any one suffices; needs {contract.FLAG_TRUSTED_ROOT})")
     p.add_argument(contract.FLAG_TRUSTED_ROOT, metavar="JSON",
                    help="the Sigstore trusted root keyless bundles are verified against, offline")
+    p.add_argument(contract.FLAG_TRUSTED_ROOT_DATA, metavar="BASE64",
+                   help=f"the same, inline: base64 of the trusted root JSON (the webhook passes $({contract.ENV_TRUSTED_ROOT}))")
+    p.add_argument(contract.FLAG_SIGNATURE_POLICY, metavar="JSON",
+                   help="the cluster's policy by registry/repository prefix (a JSON list of {prefix, keys, identities};"
+                        " docs/architecture.md, 'Signatures'): each model must satisfy its longest matching rule")
+    p.add_argument(contract.FLAG_SIGNATURE_POLICY_DATA, metavar="JSON",
+                   help=f"the same, inline (the webhook passes $({contract.ENV_SIGNATURE_POLICY}))")
     p.add_argument(contract.FLAG_VERIFY_MODEL_SIGNATURE, action="store_true",
                    help="require instead an OpenSSF model signature (model.sig in the model's tree, over its files)"
                         f" by one of the {contract.FLAG_VERIFY_KEY} ECDSA keys, checked after download and before"
                         " publish")
 
 
+def signature_table(args: argparse.Namespace) -> PolicyTable | None:
+    """The cluster's policy by prefix (--signature-policy[-data]), keys loaded now; None without one."""
+    if args.signature_policy is None and args.signature_policy_data is None:
+        return None
+    if args.signature_policy is not None and args.signature_policy_data is not None:
+        raise UsageError(f"{contract.FLAG_SIGNATURE_POLICY} and {contract.FLAG_SIGNATURE_POLICY_DATA} both given:"
+                         " pass one")
+    if args.verify_key or args.verify_key_data or args.verify_identity or args.verify_model_signature:
+        raise UsageError(f"{contract.FLAG_SIGNATURE_POLICY} names the keys per prefix: drop {contract.FLAG_VERIFY_KEY},"
+                         f" {contract.FLAG_VERIFY_KEY_DATA}, {contract.FLAG_VERIFY_IDENTITY} and"
+                         f" {contract.FLAG_VERIFY_MODEL_SIGNATURE}, or the policy")
+    from loader import policy as cluster_policy
+
+    where = contract.FLAG_SIGNATURE_POLICY_DATA if args.signature_policy is None else args.signature_policy
+    text = args.signature_policy_data
+    if args.signature_policy is not None:
+        try:
+            with open(args.signature_policy, encoding="utf-8") as f:
+                text = f.read(cluster_policy.MAX_POLICY + 1)
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"{contract.FLAG_SIGNATURE_POLICY} {args.signature_policy!r}: {exc}") from None
+    try:
+        rules = cluster_policy.parse_rules(text or "", where)
+    except cluster_policy.PolicyError as exc:
+        raise UsageError(str(exc)) from None
+    if not any(rule.required for rule in rules):
+        return None
+    _require_modules(["cryptography"] + (["sigstore"] if any(rule.identities for rule in rules) else []))
+    from loader import signing
+
+    root, source = _trusted_root(args)
+    return signing.PolicyTable.build(rules, root, source, where)
+
+
+def _trusted_root(args: argparse.Namespace) -> tuple[bytes | None, str | None]:
+    """The trusted root's bytes and where they came from (--trusted-root FILE or --trusted-root-data), checked."""
+    from loader import signing
+
+    if args.trusted_root and args.trusted_root_data:
+        raise UsageError(f"{contract.FLAG_TRUSTED_ROOT} and {contract.FLAG_TRUSTED_ROOT_DATA} both given: pass one")
+    if args.trusted_root_data:
+        try:
+            root = base64.b64decode(args.trusted_root_data, validate=True)
+        except (binascii.Error, ValueError):
+            raise UsageError(f"{contract.FLAG_TRUSTED_ROOT_DATA} is not base64: give base64 of the trusted root"
+                             " JSON") from None
+        signing.load_trusted_root(root, contract.FLAG_TRUSTED_ROOT_DATA)
+        return root, contract.FLAG_TRUSTED_ROOT_DATA
+    if not args.trusted_root:
+        return None, None
+    try:
+        with open(args.trusted_root, "rb") as f:
+            root = f.read(signing.MAX_TRUSTED_ROOT + 1)
+    except OSError as exc:
+        raise UsageError(f"{contract.FLAG_TRUSTED_ROOT} {args.trusted_root!r}: {exc.strerror}") from None
+    signing.load_trusted_root(root, args.trusted_root)
+    return root, args.trusted_root
+
+
 def signature_policy(args: argparse.Namespace) -> Policy | None:
     """The policy the verify flags give, keys loaded and checked now (a bad key stops the loader before it touches
-    the cache); None when no flag asks for a signature."""
+    the cache); None when no flag asks for a signature (or the cluster's policy by prefix is given instead)."""
+    if args.signature_policy is not None or args.signature_policy_data is not None:
+        return None
     if not (args.verify_key or args.verify_key_data or args.verify_identity or args.trusted_root
-            or args.verify_model_signature):
+            or args.trusted_root_data or args.verify_model_signature):
         return None
     from loader import signing
 
@@ -134,18 +204,10 @@ def signature_policy(args: argparse.Namespace) -> Policy | None:
     if args.verify_model_signature and (not keyed or args.verify_identity):
         raise UsageError(f"{contract.FLAG_VERIFY_MODEL_SIGNATURE} needs {contract.FLAG_VERIFY_KEY} (ECDSA public keys;"
                          " keyless model signatures are not supported)")
-    if bool(args.verify_identity) != bool(args.trusted_root):
+    if bool(args.verify_identity) != bool(args.trusted_root or args.trusted_root_data):
         raise UsageError(f"{contract.FLAG_VERIFY_IDENTITY} and {contract.FLAG_TRUSTED_ROOT} go together: keyless"
                          " bundles are verified for an identity against a trusted root, offline")
-    root: bytes | None = None
-    if args.trusted_root:
-        try:
-            with open(args.trusted_root, "rb") as f:
-                root = f.read(signing.MAX_TRUSTED_ROOT + 1)
-        except OSError as exc:
-            raise UsageError(f"{contract.FLAG_TRUSTED_ROOT} {args.trusted_root!r}: {exc.strerror}") from None
-        signing.load_trusted_root(root, args.trusted_root)
-
+    root, root_source = _trusted_root(args)
     keys: list[signing.PublicKey] = []
     for path in args.verify_key:
         try:
@@ -158,7 +220,7 @@ def signature_policy(args: argparse.Namespace) -> Policy | None:
         keys.extend(signing.keys_from_base64(text, f"{contract.FLAG_VERIFY_KEY_DATA} #{i + 1}"))
     identities = tuple(signing.Identity.parse(v, contract.FLAG_VERIFY_IDENTITY) for v in args.verify_identity)
     return signing.Policy(keys=tuple(keys), identities=identities, trusted_root=root,
-                          trusted_root_source=args.trusted_root, model_signature=args.verify_model_signature)
+                          trusted_root_source=root_source, model_signature=args.verify_model_signature)
 
 
 def _require_modules(names: list[str]) -> None:

@@ -13,10 +13,13 @@ from loader import contract
 from loader.commands.common import (
     SubParsers,
     add_registry_flags,
+    add_verify_flags,
     check_concurrency,
     load_credentials,
     parse_mirrors,
     registry_settings,
+    signature_policy,
+    signature_table,
 )
 from loader.config import LoaderSettings
 
@@ -63,6 +66,7 @@ def add_prefetch_flags(p: argparse.ArgumentParser, settings: LoaderSettings, lis
     add_registry_flags(p, settings)
     p.add_argument(contract.FLAG_MIRROR, action="append", default=[], metavar="HOST=URL",
                    help="try URL first for registry HOST, then the registry itself (repeatable)")
+    add_verify_flags(p)
 
 
 def run(args: argparse.Namespace, settings: LoaderSettings, log: Logger) -> int:
@@ -111,6 +115,8 @@ def prefetch_config(args: argparse.Namespace, settings: LoaderSettings) -> tuple
         timeout=args.timeout,
         progress=settings.progress,
         progress_interval=settings.progress_interval,
+        signature_policy=signature_policy(args),
+        signature_table=signature_table(args),
     )
     return cfg, opts
 

@@ -19,6 +19,7 @@ from loader.commands.common import (
     parse_mirrors,
     registry_settings,
     signature_policy,
+    signature_table,
 )
 from loader.config import LoaderSettings
 
@@ -73,6 +74,7 @@ def run(args: argparse.Namespace, settings: LoaderSettings, log: Logger) -> int:
         pod_uid=args.pod_uid,
         node_name=args.node_name,
         signature_policy=policy,
+        signature_table=signature_table(args),
     )
     results: list[PullResult] = []
     for ref in args.refs:

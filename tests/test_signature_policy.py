@@ -1,0 +1,127 @@
+"""The cluster's signature policy by reference prefix (loader/policy.py): parsed at the boundary with errors that
+name the field, the value and the fix; the longest prefix decides; and a real pull under it (--signature-policy-data,
+what the webhook passes) requires exactly what each model's rule asks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from loader import contract
+from loader.policy import MAX_RULES, PolicyError, Rule, parse_rules, rule_for
+from tests.support.files import snapshot
+from tests.test_signing import FILES, Key, _layers, cli, published, sign
+
+PEM = "-----BEGIN PUBLIC KEY-----\nMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAE\n-----END PUBLIC KEY-----\n"
+
+
+def test_a_policy_parses_into_rules():
+    text = json.dumps([
+        {"prefix": "registry.example.com/models", "keys": [PEM]},
+        {"prefix": "ghcr.io/acme", "identities": ["https://token.actions.githubusercontent.com=https://github.com/acme/m"]},
+        {"prefix": "registry.example.com/models/scratch"},
+        {"prefix": "registry.internal:5000"},
+    ])
+    assert parse_rules(text, "MODEL_CACHE_SIGNATURE_POLICY") == (
+        Rule("registry.example.com/models", (PEM,)),
+        Rule("ghcr.io/acme", (), ("https://token.actions.githubusercontent.com=https://github.com/acme/m",)),
+        Rule("registry.example.com/models/scratch"),
+        Rule("registry.internal:5000"),
+    )
+    assert parse_rules("", "x") == parse_rules("  \n", "x") == ()
+
+
+@pytest.mark.parametrize(("doc", "message"), [
+    ("{", "P is not JSON (Expecting property name enclosed in double quotes: line 1 column 2 (char 1)): write a list"),
+    ('{"prefix": "a"}', "P is a JSON dict: write a list of rules"),
+    ('["x"]', "P[0] is 'x': each rule is an object with prefix, keys and identities"),
+    ('[{"prefix": "a.io", "key": []}]', "P[0] has unknown fields ['key']: a rule has only prefix, keys and identities"),
+    ('[{"keys": []}]', "P[0].prefix is None: give host, host:port or host/repository-prefix"),
+    ('[{"prefix": "https://a.io/m"}]', "P[0].prefix is 'https://a.io/m': give host, host:port or host/repository-prefix"
+                                       " in lowercase, without a scheme, a tag or a trailing '/'"),
+    ('[{"prefix": "a.io/m/"}]', "P[0].prefix is 'a.io/m/': give host"),
+    ('[{"prefix": "A.io"}]', "P[0].prefix is 'A.io': give host"),
+    ('[{"prefix": "a.io"}, {"prefix": "a.io"}]', "P[1].prefix 'a.io' appears in two rules: merge them"),
+    ('[{"prefix": "a.io", "keys": "pem"}]', "P[0].keys is 'pem': give a list of strings"),
+    ('[{"prefix": "a.io", "keys": ["not a key"]}]', "P[0].keys[0] is 'not a key': give a PEM public key"),
+    ('[{"prefix": "a.io", "identities": ["dev@example.com"]}]',
+     "P[0].identities[0] is 'dev@example.com': give ISSUER=SUBJECT, the OIDC issuer URL (https://...)"),
+    ('[{"prefix": "a.io", "identities": ["http://i=x"]}]', "P[0].identities[0] is 'http://i=x': give ISSUER=SUBJECT"),
+    (json.dumps([{"prefix": f"r{i}.io"} for i in range(MAX_RULES + 1)]),
+     f"P has {MAX_RULES + 1} rules, over the limit of {MAX_RULES}: merge rules by prefix"),
+    (json.dumps([{"prefix": "a.io", "keys": [PEM] * 17}]), "P[0].keys has 17 entries, over the limit of 16"),
+])
+def test_bad_policies_name_the_field_the_value_and_the_fix(doc, message):
+    with pytest.raises(PolicyError) as e:
+        parse_rules(doc, "P")
+    assert message in str(e.value)
+
+
+def test_the_longest_prefix_decides_on_path_boundaries():
+    rules = parse_rules(json.dumps([
+        {"prefix": "registry.example.com", "keys": [PEM]},
+        {"prefix": "registry.example.com/models/scratch"},
+        {"prefix": "registry.example.com/models", "keys": [PEM, PEM.replace("AE", "AF")]},
+    ]), "P")
+    host, scratch, models = rules
+    assert rule_for("registry.example.com", "models/phi3", rules) is models
+    assert rule_for("registry.example.com", "models", rules) is models
+    assert rule_for("registry.example.com", "models2/phi3", rules) is host  # not a path boundary
+    assert rule_for("registry.example.com", "models/scratch/x", rules) is scratch
+    assert not scratch.required
+    assert rule_for("REGISTRY.example.com", "other/x", rules) is host  # hosts compare case-blind
+    assert rule_for("registry.example.com:443", "models/phi3", rules) is None  # another host:port
+    assert rule_for("ghcr.io", "acme/m", rules) is None
+
+
+# --- a real pull under the policy --------------------------------------------------------------------------------
+
+
+def test_each_model_must_satisfy_its_own_rule(capsys, pusher, registry, tmp_path):
+    right, wrong = Key(tmp_path, "right"), Key(tmp_path, "wrong")
+    policy = json.dumps([
+        {"prefix": f"{registry.host}/signed", "keys": [right.pub_pem.decode()]},
+        {"prefix": f"{registry.host}/signed/scratch"},
+    ])
+    cache = tmp_path / "cache"
+    refs = {}
+    for repo in ("signed/phi3", "signed/scratch/tmp", "free/phi3", "signed/wrongly"):
+        # Distinct contents: a digest verified under the policy is verified wherever it is pulled from.
+        pusher.push_artifact(repo, "v1", _layers({**FILES, "repo.txt": repo.encode()}))
+        refs[repo] = f"{registry.host}/{repo}:v1"
+    sign(capsys, refs["signed/phi3"], right)
+    sign(capsys, refs["signed/wrongly"], wrong)
+
+    def pull(ref: str) -> tuple[int, dict | None, str]:
+        code, out, err = cli(capsys, "pull", ref, "--cache", str(cache), "--output", "json", "--progress", "none",
+                             contract.FLAG_SIGNATURE_POLICY_DATA, policy)
+        return code, (json.loads(out) if code == 0 else None), err
+
+    code, res, err = pull(refs["signed/phi3"])
+    assert code == 0, err
+    assert res is not None and res["verified"]["signer"] == right.fingerprint
+    assert published(cache, res["digest"]) == {**FILES, "repo.txt": b"signed/phi3"}
+    for exempt in ("signed/scratch/tmp", "free/phi3"):  # an exempting rule; no rule at all
+        code, res, err = pull(refs[exempt])
+        assert code == 0, err
+        assert res is not None and "verified" not in res
+    before = snapshot(cache)
+    code, res, err = pull(refs["signed/wrongly"])
+    assert code == contract.ExitCode.SIGNATURE == 10
+    assert f"{refs['signed/wrongly']}: model " in err and "is not signed as the policy requires" in err
+    assert snapshot(cache) == before
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    ((contract.FLAG_SIGNATURE_POLICY_DATA, "[", ), "--signature-policy-data is not JSON"),
+    ((contract.FLAG_SIGNATURE_POLICY_DATA, '[{"prefix": "a.io", "identities": ["https://i=x"]}]'),
+     "--signature-policy-data names keyless identities but no trusted root was given"),
+    ((contract.FLAG_SIGNATURE_POLICY_DATA, "[]", contract.FLAG_VERIFY_KEY_DATA, "eA=="),
+     "--signature-policy names the keys per prefix: drop --verify-key"),
+])
+def test_bad_policy_flags_exit_2_before_the_cache(capsys, tmp_path, extra, message):
+    code, _out, err = cli(capsys, "pull", "registry.example.com/m:v1", "--cache", str(tmp_path / "cache"), *extra)
+    assert code == 2
+    assert message in err
+    assert not (tmp_path / "cache").exists()
