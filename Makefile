@@ -9,10 +9,10 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 all: test
 
-# The venv holds requirements/dev.txt (the `webhook` and `test` extras, locked with hashes) and the build
-# requirements; first the locked pip (requirements/build.txt, hash-checked: the venv's own pip is whatever the
-# interpreter bundles), then the locks; the project goes in editable, without resolving anything (--require-hashes
-# cannot install an editable project, and every dependency is already there).
+# The venv holds requirements/dev.txt (the `webhook`, `agent`, `signing` and `test` extras, locked with hashes)
+# and the build requirements; first the locked pip (requirements/build.txt, hash-checked: the venv's own pip is
+# whatever the interpreter bundles), then the locks; the project goes in editable, without resolving anything
+# (--require-hashes cannot install an editable project, and every dependency is already there).
 $(STAMP): pyproject.toml requirements/dev.txt requirements/build.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --require-hashes --no-deps -r requirements/build.txt
@@ -22,9 +22,10 @@ $(STAMP): pyproject.toml requirements/dev.txt requirements/build.txt
 
 # Refresh the locks (README "Images": reproducible builds). Each file pins every distribution of one install set
 # with the hashes of all its files (every platform's wheels, so amd64 and arm64 builds check the same lock):
-#   dev.txt      `make`'s venv: .[webhook,test]
+#   dev.txt      `make`'s venv: .[webhook,agent,signing,test]
 #   webhook.txt  Dockerfile.webhook: .[webhook], at dev.txt's versions
-#   loader.txt   Dockerfile.loader: the project's own dependencies, at dev.txt's versions
+#   loader.txt   Dockerfile.loader: .[agent,signing] (the node agent's gRPC, signature verification), at dev.txt's
+#                versions
 #   build.txt    requirements/build.in: pip (what `make` installs the locks with) and setuptools (what builds
 #                the project's wheel, for --no-build-isolation), at dev.txt's versions
 # Resolved against the default index alone (no local wheel folders or extra indexes: their files would add hashes
@@ -40,9 +41,9 @@ PIP_COMPILE   = env -u PIP_FIND_LINKS -u PIP_EXTRA_INDEX_URL -u PIP_INDEX_URL -u
 lock:
 	$(PYTHON) -m venv $(LOCK_TOOLS)
 	$(LOCK_TOOLS)/bin/python -m pip install --quiet 'pip-tools==7.6.2'
-	$(PIP_COMPILE) --extra webhook --extra test -o requirements/dev.txt pyproject.toml
+	$(PIP_COMPILE) --extra webhook --extra agent --extra signing --extra test -o requirements/dev.txt pyproject.toml
 	$(PIP_COMPILE) --extra webhook -c requirements/dev.txt -o requirements/webhook.txt pyproject.toml
-	$(PIP_COMPILE) -c requirements/dev.txt -o requirements/loader.txt pyproject.toml
+	$(PIP_COMPILE) --extra agent --extra signing -c requirements/dev.txt -o requirements/loader.txt pyproject.toml
 	$(PIP_COMPILE) -c requirements/dev.txt -o requirements/build.txt requirements/build.in
 
 # Debian's CNCF Distribution registry and skopeo: the tests and the demo run against them.

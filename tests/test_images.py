@@ -9,12 +9,13 @@ the closure of what that image installs, every pin with hashes, at the versions 
 lock holds no distribution only the webhook needs; the build lock pins pip and the setuptools that builds the
 project, and `make` installs that pip before anything else.
 
-The extras split is checked against the installed distributions: the loader image installs the project alone and
-the webhook image ``model-cache[webhook]``; each side's imports (read from the source, imports inside functions
-included) are declared where they are used; the loader's install set holds no distribution of the webhook extra
-but what the loader's own dependencies require (typing-extensions, through grpcio);
-and in an interpreter that can import only what the loader image holds, every loader module imports and
-``model-cache-webhook`` says which extra to install.
+The extras split is checked against the installed distributions: the loader image installs
+``model-cache[agent,signing]`` and the webhook image ``model-cache[webhook]``; each side's imports (read from the
+source, imports inside functions included) are declared where they are used; the loader's install set holds no
+distribution of the webhook extra but what the loader's own dependencies require (typing-extensions through grpcio,
+pydantic through sigstore), and the webhook's none of the agent and signing extras; and in an interpreter that can
+import only what the loader image holds, every loader module imports and ``model-cache-webhook`` says which extra
+to install.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ ENTRYPOINTS = {"webhook": "model-cache-webhook", "loader": "model-loader"}
 LOCKS = {"webhook": "requirements/webhook.txt", "loader": "requirements/loader.txt", "dev": "requirements/dev.txt",
          "build": "requirements/build.txt"}
 # The extras each lock's install set holds, besides [project].dependencies.
-LOCK_EXTRAS = {"loader": (), "webhook": ("webhook",), "dev": ("webhook", "test")}
+LOCK_EXTRAS = {"loader": ("agent", "signing"), "webhook": ("webhook",), "dev": ("webhook", "agent", "signing", "test")}
 # One exact patch of a slim Debian 12 Python 3.11, pinned by the digest of its multi-arch index.
 PINNED = re.compile(r"^python:3\.11\.\d+-slim-bookworm@sha256:[0-9a-f]{64}$")
 BUILD_TOOLS = re.compile(r"\b(apt-get|apt|apk|gcc|g\+\+|make|build-essential|python3?-dev|setup\.py)\b")
@@ -467,15 +468,39 @@ def test_every_copy_source_exists_and_is_in_the_context(image):
 # --- the extras split: the loader image holds what the loader imports, nothing of the webhook's ------------------
 
 FIRST_PARTY = {"webhook", "loader", "tests", "bench", "examples"}
-# The whole install set of the loader image, besides the project: [project].dependencies and what they require.
-# grpcio and protobuf serve the node agent's CSI plugin (loader.csi), which runs from the loader image.
-LOADER_CLOSURE = {"zstandard", "prometheus-client", "grpcio", "protobuf", "typing-extensions"}
-# In the webhook extra (webhook.models imports it) and in the loader image all the same: grpcio requires it.
-SHARED_BY_REQUIREMENT = {"typing-extensions": "grpcio"}
+# The loader image's extras, besides [project].dependencies: the node agent's CSI plugin (loader.csi, grpcio and
+# protobuf; the agent runs from the loader image) and signature verification (loader.signing: sigstore,
+# model-signing).
+LOADER_EXTRAS = ("agent", "signing")
+# The whole install set of the loader image, besides the project: what LOADER_EXTRAS and [project].dependencies
+# declare, and what they require. Most of it is sigstore's (tuf, securesystemslib, rich, requests, id, pyjwt, ...).
+LOADER_CLOSURE = {
+    # [project].dependencies
+    "zstandard", "prometheus-client", "cryptography", "cffi", "pycparser",
+    # agent
+    "grpcio", "protobuf", "typing-extensions",
+    # signing
+    "sigstore", "sigstore-models", "sigstore-rekor-types", "model-signing", "pyopenssl", "annotated-types",
+    "asn1crypto", "blake3", "certifi", "charset-normalizer", "click", "dnspython", "email-validator", "id", "idna",
+    "in-toto-attestation", "markdown-it-py", "mdurl", "platformdirs", "pydantic", "pydantic-core", "pygments",
+    "pyjwt", "requests", "rfc3161-client", "rfc8785", "rich", "securesystemslib", "tuf", "typing-inspection",
+    "urllib3",
+}
+# In the webhook extra (the webhook imports them) and in the loader image all the same, as a requirement of one of
+# the loader's own dependencies (the parent named here; others may require them too).
+SHARED_BY_REQUIREMENT = {"typing-extensions": "grpcio", "pydantic": "sigstore"}
+# The webhook image holds none of these (its install set is [project].dependencies and the webhook extra).
+LOADER_ONLY = {"grpcio", "protobuf", "sigstore", "sigstore-models", "model-signing", "pyopenssl", "tuf"}
+# The webhook extra's distributions that must never reach the loader image.
+WEBHOOK_ONLY = {"fastapi", "uvicorn", "httptools", "uvloop", "orjson", "pydantic-settings", "kubernetes",
+                "pyyaml", "jsonpatch"}
 # Declared in the webhook extra but never imported by name: uvicorn loads them (webhook/server.py's Config: uvloop
 # by name, httptools through uvicorn's httptools protocol, which server.py subclasses to bound request heads).
 UVICORN_LOADS = {"httptools": "from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol",
                  "uvloop": 'loop="uvloop"'}
+# Declared in the signing extra but never imported by name: model_signing imports OpenSSL without declaring
+# pyopenssl (here: the module that imports it, and the line).
+MODEL_SIGNING_LOADS = {"pyopenssl": ("model_signing._signing.sign_certificate", "from OpenSSL import crypto")}
 
 
 def declared(group: str) -> dict[str, Requirement]:
@@ -483,6 +508,11 @@ def declared(group: str) -> dict[str, Requirement]:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     texts = project["dependencies"] if group == "project" else project["optional-dependencies"][group]
     return {canonicalize_name(r.name): r for r in map(Requirement, texts)}
+
+
+def loader_side() -> dict[str, Requirement]:
+    """What the loader image's install set declares: [project].dependencies and LOADER_EXTRAS."""
+    return {name: r for group in ("project", *LOADER_EXTRAS) for name, r in declared(group).items()}
 
 
 def closure(requirements: list[Requirement]) -> set[str]:
@@ -494,7 +524,7 @@ def closure(requirements: list[Requirement]) -> set[str]:
         if req.marker is not None and not req.marker.evaluate({"extra": extra}):
             continue
         name = canonicalize_name(req.name)
-        dist = importlib.metadata.distribution(name)  # installed: `make` installs .[webhook,test]
+        dist = importlib.metadata.distribution(name)  # installed: `make` installs .[webhook,agent,signing,test]
         for wanted in ("", *req.extras):
             if (name, wanted) in seen:
                 continue
@@ -539,24 +569,33 @@ def third_party_imports(*folders: str) -> dict[str, dict[str, bool]]:
 
 
 def test_the_loader_image_installs_no_distribution_of_the_webhook_extra():
-    loader = closure(list(declared("project").values()))
-    webhook = closure(list(declared("webhook").values()))
+    loader = closure(list(loader_side().values()))
+    webhook = closure([*declared("project").values(), *declared("webhook").values()])
     assert loader == LOADER_CLOSURE
     # A webhook dependency reaches the loader image only as a requirement of one of the loader's own.
     assert loader & set(declared("webhook")) == set(SHARED_BY_REQUIREMENT), "a webhook dependency is in the loader image"
     for dist, required_by in SHARED_BY_REQUIREMENT.items():
-        assert required_by in declared("project")
-        assert dist in closure([declared("project")[required_by]]) - {required_by}
-    assert webhook - loader >= {"fastapi", "kubernetes", "cryptography", "pydantic", "starlette", "urllib3"}
-    assert not set(declared("test")) & (set(declared("project")) | set(declared("webhook")))
+        assert required_by in loader_side() and dist not in loader_side()
+        assert dist in closure([loader_side()[required_by]]) - {required_by}
+    assert set(declared("webhook")) >= WEBHOOK_ONLY and webhook - loader >= WEBHOOK_ONLY
+    # And the webhook image holds nothing of the agent's or of signing's: the extras split works both ways.
+    assert LOADER_CLOSURE >= LOADER_ONLY
+    assert not webhook & LOADER_ONLY, "an agent or signing dependency is in the webhook image"
+    assert not webhook & (set(declared("agent")) | set(declared("signing")))
+    # Each distribution is declared once, in the one group that needs it.
+    groups = ("project", "agent", "signing", "webhook", "test")
+    for i, group in enumerate(groups):
+        for other in groups[i + 1:]:
+            assert not set(declared(group)) & set(declared(other)), (group, other)
 
 
 def test_each_side_declares_what_it_imports():
     project, webhook, test = declared("project"), declared("webhook"), declared("test")
+    loader = loader_side()
     for folders, allowed, closed in [
-        (("loader",), set(project), closure(list(project.values()))),
+        (("loader",), set(loader), closure(list(loader.values()))),
         (("webhook",), set(project) | set(webhook), closure([*project.values(), *webhook.values()])),
-        (("tests", "bench", "examples"), set(project) | set(webhook) | set(test), None),
+        (("tests", "bench", "examples"), set(loader) | set(webhook) | set(test), None),
     ]:
         for module, sites in third_party_imports(*folders).items():
             dists = distributions_of(module)
@@ -566,14 +605,20 @@ def test_each_side_declares_what_it_imports():
                 assert dists & allowed, f"{folders}: {module} ({sorted(sites)}) is not declared for it"
             elif closed is not None:
                 assert dists & closed, f"{folders}: {module} ({sorted(sites)}) is not installed with it"
-    # And each runtime dependency is imported where it is declared: the loader's by the loader, the webhook
-    # extra's by the webhook and not by the loader (else it belongs to [project].dependencies).
+    # And each runtime dependency is imported where it is declared: the loader's (with the agent and signing
+    # extras) by the loader, the webhook extra's by the webhook and not by the loader (else it belongs to
+    # [project].dependencies), the agent and signing extras' not by the webhook (else they belong to the core).
     imported = {
         side: {d for m, sites in third_party_imports(side).items() if any(sites.values()) for d in distributions_of(m)}
         for side in IMAGES
     }
-    assert set(project) <= imported["loader"]
+    assert set(loader) - set(MODEL_SIGNING_LOADS) == imported["loader"]
     assert not set(webhook) & imported["loader"]
+    assert not (set(loader) - set(project)) & imported["webhook"]
+    for dist, (module, named) in MODEL_SIGNING_LOADS.items():
+        spec = importlib.util.find_spec(module)
+        assert spec is not None and spec.origin is not None and named in Path(spec.origin).read_text()
+        assert dist in declared("signing") and dist not in imported["loader"]
     server = (ROOT / "webhook" / "server.py").read_text()
     for dist, named in UVICORN_LOADS.items():
         assert named in server and dist in webhook and dist not in imported["webhook"]
@@ -581,10 +626,13 @@ def test_each_side_declares_what_it_imports():
 
 
 def test_the_cli_knows_the_webhook_extra_modules():
-    # webhook.cli turns a ModuleNotFoundError of one of these into "install model-cache[webhook]".
-    webhook = set(declared("webhook"))
+    # webhook.cli turns a ModuleNotFoundError of one of these into "install model-cache[webhook]". A module of a
+    # core dependency it also names (cryptography, core since loader.signing imports it) never fires: every
+    # install holds it.
+    webhook, project = set(declared("webhook")), set(declared("project"))
     modules = {m for m in third_party_imports("webhook") if distributions_of(m) & webhook}
-    assert modules | set(UVICORN_LOADS) == WEBHOOK_EXTRA
+    core = {m for m in WEBHOOK_EXTRA if distributions_of(m) & project}
+    assert modules | set(UVICORN_LOADS) == WEBHOOK_EXTRA - core
 
 
 # A child interpreter that can import only what the loader image holds: the standard library, the project, and
@@ -595,7 +643,8 @@ ALLOWED = set(sys.argv[1].split(","))
 class LoaderImageOnly(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
         top = name.partition(".")[0]
-        if top in sys.stdlib_module_names or top in ALLOWED:
+        # _sysconfigdata_*: the standard library's build variables (sysconfig; zoneinfo reads TZPATH from them)
+        if top in sys.stdlib_module_names or top.startswith("_sysconfigdata_") or top in ALLOWED:
             return None
         raise ModuleNotFoundError(f"No module named {name!r} (not in the loader image)", name=name)
 sys.meta_path.insert(0, LoaderImageOnly())
@@ -628,10 +677,10 @@ def test_every_loader_module_imports_with_only_the_loader_images_packages():
     assert done.stderr.endswith("ModuleNotFoundError: No module named 'yaml' (not in the loader image)\n"), done.stderr
 
 
+# Not `certs`: it needs only cryptography, a core dependency, so it runs from the loader image too.
 @pytest.mark.parametrize(
     "argv",
     [
-        ["certs", "--service", "s", "--namespace", "n", "--out", "/nonexistent/out"],
         ["serve", "--tls-cert", "/nonexistent/c", "--tls-key", "/nonexistent/k"],
         ["mutate", "-f", "/nonexistent/pods.yaml"],
     ],
@@ -695,9 +744,12 @@ def test_the_loader_lock_holds_no_webhook_only_distribution():
     loader, webhook = read_lock("loader"), read_lock("webhook")
     assert set(loader) == LOADER_CLOSURE
     webhook_only = set(webhook) - install_set("loader")
-    assert webhook_only >= {"fastapi", "kubernetes", "cryptography", "pydantic", "starlette", "urllib3", "uvicorn"}
+    assert webhook_only >= WEBHOOK_ONLY
     assert not set(loader) & webhook_only
-    assert set(loader) < set(webhook)
+    # And the webhook's lock none of the agent's or signing's: what the two share is the core's closure and what
+    # both sides' own dependencies require (pydantic, typing-extensions, requests, ...).
+    assert not set(webhook) & LOADER_ONLY
+    assert set(webhook) & set(loader) >= closure(list(declared("project").values())) | set(SHARED_BY_REQUIREMENT)
 
 
 def test_the_build_lock_pins_pip_and_a_setuptools_that_builds_the_project():
