@@ -793,3 +793,36 @@ def test_the_file_descriptor_limit_is_lowered_never_raised():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.split() == ["2048", "1000", "1000", "(1000,", "8192)"]
+
+
+def test_a_client_that_leaves_mid_body_is_counted_not_logged_as_a_server_error(served, caplog):
+    server = served()
+    malformed = 'model_cache_reviews_total{kind="unknown",mode="none",outcome="malformed"}'
+
+    def count(client: httpx.Client) -> float:
+        for line in client.get("/metrics").text.splitlines():
+            if line.startswith(malformed):
+                return float(line.split()[-1])
+        return 0.0
+
+    with caplog.at_level(logging.INFO), server.client() as client:
+        before = count(client)
+        with server.raw() as conn:
+            conn.sendall(_head(100_000) + b'{"apiVersion": "admission.k8s.io/v1", ')  # and it leaves
+        for _ in range(600):  # polled until the server has seen the disconnect; not timed
+            if count(client) == before + 1:
+                break
+            threading.Event().wait(0.05)
+        assert count(client) == before + 1
+        assert client.get("/healthz").status_code == 200
+    assert not [r for r in caplog.records if r.exc_info or "Exception in ASGI application" in r.getMessage()]
+
+
+def test_repeated_refusals_are_logged_once_per_interval_with_a_count():
+    from webhook.app import Throttled
+
+    every = Throttled(3600)
+    assert [every.due(), every.due(), every.due()] == [0, None, None]
+    every.next = 0.0  # the interval has passed
+    assert every.due() == 2
+    assert every.due() is None

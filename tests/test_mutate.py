@@ -7,7 +7,9 @@ intended change, regenerate with ``python -m tests.test_mutate`` and review the 
 
 from __future__ import annotations
 
+import base64
 import copy
+import json
 import pathlib
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +30,16 @@ FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "pods"
 EXPECTED = FIXTURES / "expected"
 FLEETS: dict[str, list[dict[str, Any]]] = yaml.safe_load((FIXTURES / "fleets.yaml").read_text())
 RESTRICTED = {ann.ENABLED_LABEL: "true", ann.PSA_ENFORCE_LABEL: "restricted"}
+SIGNING_KEY = ("-----BEGIN PUBLIC KEY-----\nMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEvrMXqTsGchTx6schpf3vGVMXRMzS\n"
+               "RuGqH2srMPsjnIRg2nevgV0vHR/FPBC+Piv7RCdHWcrQJhSSXWYCbkFANw==\n-----END PUBLIC KEY-----\n")
+SIGNING_POLICY = json.dumps([
+    {"prefix": "registry.example.com/models", "keys": [SIGNING_KEY]},
+    {"prefix": "registry.example.com/models/scratch"},
+    {"prefix": "ghcr.io/other", "keys": [SIGNING_KEY]},
+])
+KEYLESS_POLICY = json.dumps([{"prefix": "registry.example.com",
+                              "identities": ["https://token.actions.githubusercontent.com=https://github.com/acme/m"]}])
+TRUSTED_ROOT = base64.b64encode(b'{"mediaType": "application/vnd.dev.sigstore.trustedroot+json;version=0.1"}').decode()
 BASELINE = {ann.ENABLED_LABEL: "true", ann.PSA_ENFORCE_LABEL: "baseline"}
 PRIVILEGED = {ann.ENABLED_LABEL: "true", ann.PSA_ENFORCE_LABEL: "privileged"}
 
@@ -147,6 +159,15 @@ CASES = [
          warm={"ctrd-a": ["registry.example.com/models/phi3:v1"]}),
     Case("warm-affinity-off", "single", "containerd", settings={"warm_affinity_weight": 0},
          warm={"ctrd-a": ["registry.example.com/models/phi3:v1"]}),
+    # Issue 13: models the cluster's signature policy covers never take an image volume (the runtime checks no
+    # signature); the loader gets the rules its models match.
+    Case("signed-model-on-crio-takes-the-loader", "multi", "crio", settings={"signature_policy": SIGNING_POLICY}),
+    Case("signed-model-on-crio-with-agents-takes-csi", "single", "crio", agents=("*",),
+         settings={"signature_policy": SIGNING_POLICY}),
+    Case("exempt-prefix-keeps-the-image-volume", "single", "crio", annotations={
+        ann.REF: "registry.example.com/models/scratch/phi3:v1"}, settings={"signature_policy": SIGNING_POLICY}),
+    Case("keyless-identity-passes-the-trusted-root", "single", "containerd", settings={
+        "signature_policy": KEYLESS_POLICY, "trusted_root": TRUSTED_ROOT}),
 ]
 IDS = [c.id for c in CASES]
 
@@ -273,7 +294,9 @@ def test_every_model_mount_is_pinned_by_the_downward_api_uid():
         spec = out["pod"]["spec"]
         loader = spec["initContainers"][0]
         cache = loader["volumeMounts"][0]["name"]
-        assert loader["env"] == [_uid_env(), {"name": contract.ENV_NODE_NAME, "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}]
+        assert loader["env"][:2] == [_uid_env(), {"name": contract.ENV_NODE_NAME, "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}]
+        # Beyond the downward API, only the signature policy's values (public keys and a trusted root: not secret).
+        assert {e["name"] for e in loader["env"][2:]} <= {contract.ENV_SIGNATURE_POLICY, contract.ENV_TRUSTED_ROOT}
         args = loader["args"]
         assert args[args.index("--pod-uid") + 1] == "$(MODEL_CACHE_POD_UID)", case.id
         assert args[args.index("--node-name") + 1] == "$(MODEL_CACHE_NODE_NAME)", case.id
@@ -572,6 +595,21 @@ def test_explicit_csi_where_a_candidate_lacks_the_agent_is_denied():
         " crio-old and 1 more; set model.cache/mode to auto or init-container, or restrict the pod (nodeSelector,"
         " node affinity) to nodes running the agent (their CSINode lists the model.cache driver)"
     )
+
+
+def test_a_signed_model_on_an_image_volume_is_denied_naming_it():
+    pod = _pod_with({ann.MODE: "image-volume"})
+    with pytest.raises(Denied) as e:
+        mutate_pod(pod, "ml", None, fleet("crio"), Settings(signature_policy=SIGNING_POLICY))
+    assert e.value.message == (
+        "model.cache/mode is 'image-volume', but model 'phi3' (registry.example.com/models/phi3:v1) must be signed (the"
+        " cluster's signature policy for registry.example.com/models) and an image volume is mounted by the container"
+        " runtime, which checks no signature; set model.cache/mode to auto, csi or init-container (the node agent or"
+        " the loader verifies the signature)"
+    )
+    default = Settings(signature_policy=SIGNING_POLICY, default_mode="image-volume")
+    with pytest.raises(Denied, match="^the cluster default mode is image-volume, but model 'phi3'"):
+        mutate_pod(_pod_with({}), "ml", None, fleet("crio"), default)
 
 
 def test_the_csi_path_is_admissible_under_restricted_pod_security():

@@ -125,3 +125,44 @@ def test_bad_policy_flags_exit_2_before_the_cache(capsys, tmp_path, extra, messa
     assert code == 2
     assert message in err
     assert not (tmp_path / "cache").exists()
+
+
+# --- the webhook's side of the contract: what it injects, the loader enforces --------------------------------------
+
+
+def test_the_loader_the_webhook_injects_enforces_the_policy(capsys, pusher, registry, tmp_path):
+    """A pod mutated under MODEL_CACHE_SIGNATURE_POLICY: its init container's command line, $(VAR) expanded as kubelet
+    does, run against the real registry: the signed model passes, the same pod for an unsigned one is exit 10."""
+    from loader.cli import main
+    from tests.support import kubelet
+    from webhook import annotations as ann
+    from webhook.config import Settings
+    from webhook.mutate import mutate_pod
+    from webhook.snapshot import snapshot_from
+
+    right = Key(tmp_path, "right")
+    settings = Settings(signature_policy=json.dumps([{"prefix": f"{registry.host}/team", "keys": [right.pub_pem.decode()]}]))
+    crio = {"metadata": {"name": "n1"}, "status": {"nodeInfo": {"containerRuntimeVersion": "cri-o://1.34.1",
+                                                                "kubeletVersion": "v1.35.0"}}}
+    for repo, signed in (("team/signed", True), ("team/unsigned", False)):
+        pusher.push_artifact(repo, "v1", _layers({**FILES, "repo.txt": repo.encode()}))
+        ref = f"{registry.host}/{repo}:v1"
+        if signed:
+            sign(capsys, ref, right)
+        pod = {"metadata": {"annotations": {ann.REF: ref}, "uid": "1c2d3e4f-5a6b-4c7d-8e9f-0a1b2c3d4e5f"},
+               "spec": {"nodeName": "n1", "containers": [{"name": "app", "image": "app:1"}]}}
+        out = mutate_pod(pod, "open", None, snapshot_from([crio], []), settings)
+        assert out.mode == ann.INIT_CONTAINER  # every node mounts image volumes, but the model must be signed
+        pod = {**out.pod, "metadata": {**out.pod["metadata"], "uid": pod["metadata"]["uid"]}}
+        [init] = out.pod["spec"]["initContainers"]
+        argv = kubelet.expand_args([*init["command"], *init["args"]], kubelet.container_env(pod, init))
+        argv = [str(tmp_path / "cache") if a == contract.CACHE_MOUNT else a for a in argv[1:]]
+        before = snapshot(tmp_path / "cache") if (tmp_path / "cache").exists() else {}
+        code = main(argv)
+        err = capsys.readouterr().err
+        if signed:
+            assert code == 0, err
+        else:
+            assert code == 10, err
+            assert "is not signed as the policy requires" in err
+            assert snapshot(tmp_path / "cache") == before

@@ -20,6 +20,8 @@ from webhook.errors import Denied
 from webhook.mutate import (
     MAX_ANNOTATION_CHARS,
     MAX_CONTAINERS,
+    MAX_MODEL_MOUNTS,
+    MAX_MODELS,
     MAX_PULL_SECRETS,
     MAX_VOLUMES,
     Namer,
@@ -188,6 +190,33 @@ def test_counts_over_the_ceiling_are_denied_naming_field_and_limit(make, message
     with pytest.raises(Denied) as exc:
         mutate_pod(make(limit + 1), "ml", None, EMPTY, SETTINGS)
     assert exc.value.message == message.format(n=limit + 1, limit=limit)
+
+
+def _models(n: int) -> str:
+    return ", ".join(f"m{i}=r.io/m:{i}" for i in range(n))
+
+
+def test_models_over_the_ceiling_are_denied_naming_the_limit():
+    assert len(mutate_pod(pod({ann.REF: _models(MAX_MODELS)}), "ml", None, EMPTY, SETTINGS).pod["spec"]["containers"][0]
+               ["volumeMounts"]) == MAX_MODELS  # at it: served
+    with pytest.raises(Denied) as exc:
+        mutate_pod(pod({ann.REF: _models(MAX_MODELS + 1)}), "ml", None, EMPTY, SETTINGS)
+    assert exc.value.message == (
+        f"model.cache/ref names {MAX_MODELS + 1} models, over this webhook's limit of {MAX_MODELS} (model.cache"
+        " processes no pod beyond it); split the pod or remove models it does not use")
+
+
+def test_model_mounts_over_the_ceiling_are_denied_naming_the_limit():
+    # models x target containers: each pair is a mount and an env var in the target.
+    per = MAX_MODEL_MOUNTS // MAX_MODELS
+    served = pod({ann.REF: _models(MAX_MODELS)}, containers=_containers(per))
+    assert mutate_pod(served, "ml", None, EMPTY, SETTINGS).mode == ann.INIT_CONTAINER
+    with pytest.raises(Denied) as exc:
+        mutate_pod(pod({ann.REF: _models(MAX_MODELS)}, containers=_containers(per + 1)), "ml", None, EMPTY, SETTINGS)
+    assert exc.value.message == (
+        f"model.cache/ref and model.cache/containers: {MAX_MODELS} models in {per + 1} containers are"
+        f" {MAX_MODELS * (per + 1)} mounts, over this webhook's limit of {MAX_MODEL_MOUNTS}; list only the containers"
+        " that read the models in model.cache/containers")
 
 
 @pytest.mark.parametrize("key", [ann.REF, ann.MOUNT_PATH, ann.CONTAINERS, ann.MODE, ann.CACHE])

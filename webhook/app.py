@@ -32,6 +32,7 @@ from typing import Any
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.requests import ClientDisconnect
 
 from webhook import admission
 from webhook import annotations as ann
@@ -138,6 +139,25 @@ class _Inflight:
         self.bytes = 0
 
 
+LOG_EVERY_SECONDS = 10.0
+
+
+class Throttled:
+    """At most one log line per ``seconds`` for an event that repeats, with the count of those not logged since."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds, self.next, self.dropped = seconds, 0.0, 0
+
+    def due(self) -> int | None:
+        """The number dropped since the last line when a line is due now, else None (and this one is dropped)."""
+        now = time.monotonic()
+        if now < self.next:
+            self.dropped += 1
+            return None
+        dropped, self.dropped, self.next = self.dropped, 0, now + self.seconds
+        return dropped
+
+
 async def _read_body(request: Request, deadline: float, inflight: _Inflight) -> bytearray:
     """The request body; _TooLarge when it exceeds MAX_BODY_BYTES (Content-Length checked first, then counted while
     reading, so at most MAX_BODY_BYTES plus one chunk is ever held); _Busy when the bodies being received would
@@ -223,6 +243,8 @@ def create_app(
 
     # One runner per event loop (uvicorn runs one; tests may run the app on several in turn).
     inflight = _Inflight()
+    # Under attack these come by the thousand: a line every few seconds says as much.
+    busy_log, slow_log = Throttled(LOG_EVERY_SECONDS), Throttled(LOG_EVERY_SECONDS)
     runners: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, FifoRunner] = weakref.WeakKeyDictionary()
 
     def runner() -> FifoRunner:
@@ -280,15 +302,26 @@ def create_app(
             )
         except _Busy:
             metrics.reviews.labels("unknown", "none", "error").inc()
-            log.warning("a review body on /%s was refused: bodies being received exceed %d bytes", endpoint, MAX_INFLIGHT_BYTES)
+            dropped = busy_log.due()
+            if dropped is not None:
+                log.warning("a review body on /%s was refused: bodies being received exceed %d bytes (%d more refused"
+                            " since the last line)", endpoint, MAX_INFLIGHT_BYTES, dropped)
             return JSONResponse(
                 {"message": f"the webhook is receiving more than {MAX_INFLIGHT_BYTES} bytes of review bodies; retry"},
                 status_code=503,
                 headers=_CLOSE,
             )
+        except ClientDisconnect:
+            # The client went away mid-body (an upload given up, an attacker's abort): nobody to answer, and not an
+            # error of ours (uncaught, each one logged a 2 KB "Exception in ASGI application" traceback).
+            metrics.reviews.labels("unknown", "none", "malformed").inc()
+            return Response(status_code=400, headers=_CLOSE)
         except TimeoutError:
             metrics.reviews.labels("unknown", "none", "malformed").inc()
-            log.info("a review body on /%s did not arrive within %s s", endpoint, settings.review_read_seconds)
+            dropped = slow_log.due()
+            if dropped is not None:
+                log.info("a review body on /%s did not arrive within %s s (%d more since the last line)", endpoint,
+                         settings.review_read_seconds, dropped)
             return JSONResponse(
                 {"message": f"malformed AdmissionReview: the body did not arrive within {settings.review_read_seconds} s"},
                 status_code=408,

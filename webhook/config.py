@@ -10,6 +10,8 @@ takes the same forms of list, of ``host`` or ``host:port`` only.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import posixpath
 import re
@@ -20,6 +22,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from loader import contract
+from loader.policy import PolicyError, Rule, parse_rules
 from loader.reference import ReferenceError, parse
 from webhook.annotations import parse_cache
 from webhook.errors import ConfigError
@@ -108,6 +111,13 @@ class Settings(BaseSettings):
     # every loader; a model from one is never "verified over TLS" for the shared cache's access rule.
     plain_http_registries: Annotated[list[str], NoDecode] = Field(default_factory=list)
     loader_run_as_user: int = Field(default=65532, ge=1, le=2**31 - 1)
+    # The cluster's signature policy (issue 13; loader/policy.py's JSON: rules of prefix, keys, identities): a model
+    # whose longest matching rule names keys or identities is served only once a signature verifies. The webhook
+    # keeps such models off image volumes (the runtime checks no signature) and passes each loader the rules its
+    # models match; the node agent enforces the same document (--signature-policy) on CSI volumes.
+    signature_policy: Annotated[tuple[Rule, ...], NoDecode] = ()
+    # base64 of the Sigstore trusted root JSON that keyless identities in the policy are verified against.
+    trusted_root: str = ""
     # Weight (1-100) of the preferred node affinity toward nodes whose node agent holds the pod's model complete
     # (label contract.warm_label), added on the CSI and node-cache paths while some node carries that label; the
     # scheduler then places replicas on warm nodes when they fit. 0: never.
@@ -194,6 +204,38 @@ class Settings(BaseSettings):
             )
         return v
 
+    @field_validator("signature_policy", mode="before")
+    @classmethod
+    def _policy(cls, v: object) -> object:
+        if not isinstance(v, str):
+            return v
+        try:
+            rules = parse_rules(v, "signature_policy")
+        except PolicyError as exc:
+            raise ValueError(str(exc)) from None
+        from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+        for i, rule in enumerate(rules):
+            for j, pem in enumerate(rule.keys):
+                try:
+                    load_pem_public_key(pem.encode())
+                except (ValueError, TypeError) as exc:
+                    raise ValueError(f"signature_policy[{i}].keys[{j}] does not load as a public key ({exc}): give"
+                                     " the PEM of an ECDSA, Ed25519 or RSA public key") from None
+        return rules
+
+    @field_validator("trusted_root")
+    @classmethod
+    def _trusted_root(cls, v: str) -> str:
+        text = v.strip()
+        if text:
+            try:
+                json.loads(base64.b64decode(text, validate=True))
+            except (binascii.Error, ValueError):
+                raise ValueError("trusted_root is not base64 of a JSON document: give `base64 -w0 trusted_root.json`"
+                                 ) from None
+        return text
+
     @field_validator("allowed_registries", "plain_http_registries", mode="before")
     @classmethod
     def _split(cls, v: object) -> object:
@@ -245,6 +287,9 @@ class Settings(BaseSettings):
         ):
             if parse_quantity(req) > parse_quantity(lim):
                 raise ValueError(f"loader_{what}_request {req} is larger than loader_{what}_limit {lim}")
+        if any(rule.identities for rule in self.signature_policy) and not self.trusted_root:
+            raise ValueError("signature_policy names keyless identities but trusted_root is empty: set"
+                             " MODEL_CACHE_TRUSTED_ROOT to base64 of the Sigstore trusted root JSON")
         return self
 
     @property

@@ -43,6 +43,7 @@ a claim used as a cache must be writable by that uid (or by the pod's fsGroup).
 
 from __future__ import annotations
 
+import json
 import math
 import operator
 import posixpath
@@ -53,6 +54,7 @@ from decimal import Decimal
 from typing import Any
 
 from loader import contract
+from loader.policy import Rule, rule_for
 from loader.reference import Reference, ReferenceError, parse
 from webhook import annotations as ann
 from webhook.config import Settings, parse_quantity
@@ -84,6 +86,11 @@ MAX_PULL_SECRETS = 256  # spec.imagePullSecrets (not validated by Kubernetes at 
 #: tag, a digest and a 63-character name) fit in 16 KiB.
 MAX_ANNOTATION_CHARS = 16 * 1024
 MAX_WARNED = 8  # unknown model.cache/* annotations warned about one by one
+#: Models per pod, and models x target containers: each pair is one mount and one env var in the target, so the patch
+#: grows with the product, not with the review (256 targets x 458 short references in 16 KiB: a 53 MB patch after
+#: 0.54 s on the event loop; bench/admission.py --attacks ceiling-pods). Real pods mount a few models in a few containers.
+MAX_MODELS = 32
+MAX_MODEL_MOUNTS = 1024
 #: Secret names are DNS-1123 subdomains (what the API server requires of a Secret's name), matched whole.
 _SECRET_NAME = re.compile(r"[a-z0-9](?:[-a-z0-9]*[a-z0-9])?(?:\.[a-z0-9](?:[-a-z0-9]*[a-z0-9])?)*")
 _MODEL_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,61}[A-Za-z0-9])?")
@@ -161,6 +168,11 @@ def read_models(value: str, settings: Settings) -> tuple[Model, ...]:
     entries = [e for e in entries if e]
     if not entries:
         raise Denied(f"{ann.REF} is empty: set it to a model reference such as registry.example.com/models/phi3:v1")
+    if len(entries) > MAX_MODELS:
+        raise Denied(
+            f"{ann.REF} names {len(entries)} models, over this webhook's limit of {MAX_MODELS} (model.cache processes no"
+            " pod beyond it); split the pod or remove models it does not use"
+        )
     models: list[Model] = []
     for entry in entries:
         name, eq, text = entry.partition("=")
@@ -264,6 +276,12 @@ def read_plan(annotations: Mapping[str, str], spec: Mapping[str, Any], settings:
     models = read_models(annotations.get(ann.REF, ""), settings)
     mount_path = _read_mount_path(annotations, settings)
     containers = _read_containers(annotations, spec)
+    if len(models) * len(containers) > MAX_MODEL_MOUNTS:
+        raise Denied(
+            f"{ann.REF} and {ann.CONTAINERS}: {len(models)} models in {len(containers)} containers are"
+            f" {len(models) * len(containers)} mounts, over this webhook's limit of {MAX_MODEL_MOUNTS}; list only the"
+            f" containers that read the models in {ann.CONTAINERS}"
+        )
 
     raw_mode = annotations.get(ann.MODE)
     mode = settings.default_mode if raw_mode is None else raw_mode.strip(ann.SPACE)
@@ -795,6 +813,7 @@ def _inject_loader(
 
     container_names = {name for key in _CONTAINER_KEYS for name in map(_NAME, spec.get(key) or ())}
     refs = list(dict.fromkeys(str(m.ref) for m in plan.models))
+    policy_args, policy_env = _policy_for_loader(plan, settings)
     loader = {
         "name": unique_name(LOADER_NAME, container_names),
         "image": settings.loader_image,
@@ -816,8 +835,10 @@ def _inject_loader(
             str(settings.loader_concurrency),
             *([contract.FLAG_CHECK_ACCESS] if settings.loader_check_access and cache != ann.CACHE_POD else []),
             *config_args,
+            *policy_args,
         ],
-        "env": [_field_env(contract.ENV_POD_UID, "metadata.uid"), _field_env(contract.ENV_NODE_NAME, "spec.nodeName")],
+        "env": [_field_env(contract.ENV_POD_UID, "metadata.uid"), _field_env(contract.ENV_NODE_NAME, "spec.nodeName"),
+                *policy_env],
         "resources": loader_resources(spec, settings),
         "securityContext": loader_security_context(cache == ann.CACHE_NODE, settings),
         "terminationMessagePolicy": "FallbackToLogsOnError",
@@ -873,8 +894,45 @@ def plan_pod(
     check_bounds(annotations, spec)
     check_volume_references(spec, settings)
     plan, warnings = read_plan(annotations, spec, settings)
-    choice = choose_mode(plan.mode, spec, snapshot, settings, explicit=plan.mode_explicit)
+    signed = [(m, rule) for m, rule in matched_rules(plan, settings) if rule.required]
+    if signed and plan.mode == ann.IMAGE_VOLUME:
+        model, rule = signed[0]
+        where = f"{ann.MODE} is 'image-volume'" if plan.mode_explicit else "the cluster default mode is image-volume"
+        raise Denied(
+            f"{where}, but model {model.name!r} ({model.ref}) must be signed (the cluster's signature policy for"
+            f" {rule.prefix}) and an image volume is mounted by the container runtime, which checks no signature; set"
+            f" {ann.MODE} to auto, csi or init-container (the node agent or the loader verifies the signature)"
+        )
+    choice = choose_mode(plan.mode, spec, snapshot, settings, explicit=plan.mode_explicit, signed=bool(signed))
     return plan, choice, warnings
+
+
+def matched_rules(plan: Plan, settings: Settings) -> list[tuple[Model, Rule]]:
+    """Each model with the signature-policy rule its reference matches (the longest prefix), models no rule matches
+    left out."""
+    out = []
+    for model in plan.models:
+        rule = rule_for(model.ref.registry, model.ref.repository, settings.signature_policy)
+        if rule is not None:
+            out.append((model, rule))
+    return out
+
+
+def _policy_for_loader(plan: Plan, settings: Settings) -> tuple[list[str], list[dict[str, Any]]]:
+    """The loader's arguments and env for the pod's models' signature rules: the rules they match (exempting ones
+    too, so the loader's longest-prefix choice is the webhook's) as inline JSON, and the trusted root when a rule
+    names keyless identities. Nothing when no model needs a signature."""
+    rules = list(dict.fromkeys(rule for _, rule in matched_rules(plan, settings)))
+    if not any(rule.required for rule in rules):
+        return [], []
+    doc = [{"prefix": r.prefix, **({"keys": list(r.keys)} if r.keys else {}),
+            **({"identities": list(r.identities)} if r.identities else {})} for r in rules]
+    args = [contract.FLAG_SIGNATURE_POLICY_DATA, f"$({contract.ENV_SIGNATURE_POLICY})"]
+    env: list[dict[str, Any]] = [{"name": contract.ENV_SIGNATURE_POLICY, "value": json.dumps(doc, separators=(",", ":"))}]
+    if any(r.identities for r in rules):
+        args += [contract.FLAG_TRUSTED_ROOT_DATA, f"$({contract.ENV_TRUSTED_ROOT})"]
+        env.append({"name": contract.ENV_TRUSTED_ROOT, "value": settings.trusted_root})
+    return args, env
 
 
 def mutate_pod(

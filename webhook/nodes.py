@@ -276,22 +276,26 @@ def _scheduling_key(pod_spec: Mapping[str, Any]) -> bytes | str:
     return json.dumps(parts, sort_keys=True, separators=(",", ":"))
 
 
-def choose_mode(mode: str, pod_spec: Mapping[str, Any], snapshot: Snapshot, settings: Settings, explicit: bool = True) -> Choice:
+def choose_mode(mode: str, pod_spec: Mapping[str, Any], snapshot: Snapshot, settings: Settings, explicit: bool = True,
+                signed: bool = False) -> Choice:
     """Pick the path for a pod: returns Choice(mode, reason, warnings), or raises Denied.
 
     ``mode`` is what was asked for (auto, image-volume or init-container); ``explicit`` says whether the pod's
     annotation asked (True) or the cluster default did, which only changes the wording. ``auto`` takes the image
     volume only when every candidate node is capable. An explicit ``image-volume`` is denied when some candidate
     is not; when the inventory cannot tell (not synced, empty, no node matches: a pool scaled to zero) the
-    request is honoured with a warning, because denying would block scale-from-zero pools.
+    request is honoured with a warning, because denying would block scale-from-zero pools. ``signed``: some model
+    must be signed (the cluster's signature policy), so ``auto`` never takes the image volume (the runtime checks
+    no signature); the caller denies an explicit ``image-volume`` for such a pod, naming the model.
     """
     # The settings' version strings, not their parsed values: the messages quote them as written.
-    key = (mode, explicit, settings.image_volume_min_crio, settings.image_volume_min_kubelet, _scheduling_key(pod_spec))
+    key = (mode, explicit, signed, settings.image_volume_min_crio, settings.image_volume_min_kubelet,
+           _scheduling_key(pod_spec))
     memo = snapshot.memo
     hit = memo.get(key)
     if hit is None:
         try:
-            hit = _choose(mode, pod_spec, snapshot, settings, explicit)
+            hit = _choose(mode, pod_spec, snapshot, settings, explicit, signed)
         except Denied as exc:
             hit = exc
         if len(memo) >= _MEMO_LIMIT:
@@ -302,7 +306,8 @@ def choose_mode(mode: str, pod_spec: Mapping[str, Any], snapshot: Snapshot, sett
     return hit
 
 
-def _choose(mode: str, pod_spec: Mapping[str, Any], snapshot: Snapshot, settings: Settings, explicit: bool) -> Choice:
+def _choose(mode: str, pod_spec: Mapping[str, Any], snapshot: Snapshot, settings: Settings, explicit: bool,
+            signed: bool) -> Choice:
     asked = f"requested by {ann.MODE}" if explicit else f"the cluster default mode is {mode}"
     if mode == ann.INIT_CONTAINER:
         return Choice(ann.INIT_CONTAINER, asked, ())
@@ -358,11 +363,14 @@ def _choose(mode: str, pod_spec: Mapping[str, Any], snapshot: Snapshot, settings
             )
         return Choice(ann.CSI, f"{asked}; {_grouped([(n, _AGENT) for n in candidates], total, True)}", ())
 
-    if not incapable:
+    if not incapable and not signed:
         reason = _grouped(capable, total, all_capable=True)
         return Choice(ann.IMAGE_VOLUME, f"{asked}; {reason}" if mode == ann.IMAGE_VOLUME else reason, ())
 
-    reason = _grouped(incapable, total, all_capable=False)
+    if incapable:
+        reason = _grouped(incapable, total, all_capable=False)
+    else:
+        reason = "the cluster's signature policy requires a signature, which an image volume does not check"
     if mode == ann.IMAGE_VOLUME:
         where = f"{ann.MODE} is 'image-volume'" if explicit else "the cluster default mode is image-volume"
         raise Denied(
@@ -377,7 +385,7 @@ def _choose(mode: str, pod_spec: Mapping[str, Any], snapshot: Snapshot, settings
         agents = _grouped([(n, _AGENT) for n in candidates], total, True)
         return Choice(ann.CSI, f"{reason}; {agents}", ())
     warnings: tuple[str, ...] = ()
-    if capable:
+    if capable and incapable and not signed:
         # A mixed set is actionable: the app team can narrow the pod to the capable pool.
         warnings = (
             f"model.cache: using an init container: {reason} ({_names(incapable, detail=False)});"
