@@ -416,3 +416,34 @@ def test_restrict_node_policy_admits_only_the_taint_removal_and_warm_labels_on_i
     assert admitted(policy, {"username": me["username"]}, old, good) == [
         "the agent may change only the node its pod runs on"]
     assert admitted(policy, {"username": "system:node:node-a"}, old, node("node-a", [])) == ["not matched"]
+
+
+def test_the_signature_policy_component_gives_the_agent_the_policy_file(tmp_path):
+    from loader.cli import build_parser
+    from loader.commands import agent as agent_command
+    from loader.commands.common import signature_table
+    from loader.config import LoaderSettings
+    from loader.policy import parse_rules
+
+    rel = os.path.relpath(OVERLAY, tmp_path)
+    (tmp_path / "kustomization.yaml").write_text(f"resources: [{rel}]\ncomponents: [{rel}/signature-policy]\n")
+    objs = render(tmp_path)
+    for o in objs:
+        assert kubernetes_validate.validate(o, "1.37", strict=True) == "1.37"
+    [ds] = [o for o in objs if o["kind"] == "DaemonSet"]
+    [cm] = [o for o in objs if o["kind"] == "ConfigMap" and o["metadata"]["name"].startswith("model-cache-agent-signature")]
+    container = ds["spec"]["template"]["spec"]["containers"][0]
+    assert container["args"][-2:] == ["--signature-policy", "/etc/model-cache/signature/policy.json"]
+    assert {"name": "signature-policy", "mountPath": "/etc/model-cache/signature", "readOnly": True} in container[
+        "volumeMounts"]
+    assert {"name": "signature-policy", "configMap": {"name": cm["metadata"]["name"]}} in ds["spec"]["template"][
+        "spec"]["volumes"]
+    # The file as kubelet would project it, read by the agent's own flags into a table of loaded keys.
+    (tmp_path / "policy.json").write_text(cm["data"]["policy.json"])
+    args = build_parser(LoaderSettings(), [agent_command]).parse_args(
+        [*container["args"][:-1], str(tmp_path / "policy.json")])
+    table = signature_table(args)
+    assert table is not None
+    assert [rule.prefix for rule, _ in table.rules] == [r.prefix for r in parse_rules(cm["data"]["policy.json"], "p")]
+    assert table.for_ref("registry.example.com", "models/phi3") is not None
+    assert table.for_ref("registry.example.com", "models/scratch/x") is None
