@@ -166,3 +166,24 @@ def test_the_loader_the_webhook_injects_enforces_the_policy(capsys, pusher, regi
             assert code == 10, err
             assert "is not signed as the policy requires" in err
             assert snapshot(tmp_path / "cache") == before
+
+
+def test_kubectl_apply_of_a_workload_asking_an_image_volume_for_a_signed_model_is_denied(tmp_path):
+    from tests.test_admission import denied, fresh_snapshot, review
+    from webhook import annotations as ann
+    from webhook.admission import validate_review
+    from webhook.config import Settings
+
+    key = Key(tmp_path, "k")
+    settings = Settings(signature_policy=json.dumps([{"prefix": "registry.example.com/models",
+                                                      "keys": [key.pub_pem.decode()]}]))
+    template = {"metadata": {"annotations": {ann.REF: "registry.example.com/models/phi3:v1", ann.MODE: "image-volume"}},
+                "spec": {"containers": [{"name": "server", "image": "registry.example.com/vllm:1"}],
+                         "nodeSelector": {"pool": "crio"}}}
+    deployment = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "chat"},
+                  "spec": {"template": template}}
+    assert validate_review(review(deployment, kind="Deployment", namespace="open"), fresh_snapshot(), settings) == denied(
+        "model.cache/mode is 'image-volume', but model 'phi3' (registry.example.com/models/phi3:v1) must be signed (the"
+        " cluster's signature policy for registry.example.com/models) and an image volume is mounted by the container"
+        " runtime, which checks no signature; set model.cache/mode to auto, csi or init-container (the node agent or"
+        " the loader verifies the signature)")
