@@ -492,7 +492,7 @@ SHARED_BY_REQUIREMENT = {"typing-extensions": "grpcio", "pydantic": "sigstore"}
 # The webhook image holds none of these (its install set is [project].dependencies and the webhook extra).
 LOADER_ONLY = {"grpcio", "protobuf", "sigstore", "sigstore-models", "model-signing", "pyopenssl", "tuf"}
 # The webhook extra's distributions that must never reach the loader image.
-WEBHOOK_ONLY = {"fastapi", "uvicorn", "httptools", "uvloop", "orjson", "pydantic-settings", "kubernetes",
+WEBHOOK_ONLY = {"fastapi", "starlette", "uvicorn", "httptools", "uvloop", "orjson", "pydantic-settings", "kubernetes",
                 "pyyaml", "jsonpatch"}
 # Declared in the webhook extra but never imported by name: uvicorn loads them (webhook/server.py's Config: uvloop
 # by name, httptools through uvicorn's httptools protocol, which server.py subclasses to bound request heads).
