@@ -608,7 +608,7 @@ def test_a_signed_model_on_an_image_volume_is_denied_naming_it():
         " the loader verifies the signature)"
     )
     default = Settings(signature_policy=SIGNING_POLICY, default_mode="image-volume")
-    with pytest.raises(Denied, match="^the cluster default mode is image-volume, but model 'phi3'"):
+    with pytest.raises(Denied, match=r"^the cluster default mode is image-volume, but model 'phi3'"):
         mutate_pod(_pod_with({}), "ml", None, fleet("crio"), default)
 
 

@@ -39,7 +39,7 @@ EXIT_USAGE = 2
 WEBHOOK_EXTRA = frozenset(
     {
         "fastapi", "uvicorn", "httptools", "uvloop", "orjson", "pydantic", "pydantic_settings", "typing_extensions",
-        "kubernetes", "cryptography", "yaml", "jsonpatch",
+        "kubernetes", "starlette", "yaml", "jsonpatch",
     }
 )
 
