@@ -54,6 +54,7 @@ from typing import Any
 from loader import contract
 from loader.digest import Digest, hash_file, is_digest
 from loader.errors import LoaderError, LockTimeout, NoSpaceError, UsageError
+from loader.fsutil import fsync_dir, write_atomic
 from loader.reference import Reference, cache_key
 
 META_DIR = "meta"
@@ -260,7 +261,7 @@ class Cache:
             change(meta)
             after = json.dumps(meta, sort_keys=True)
             if after != before:
-                _write_atomic(self.meta_path(digest), after.encode(), self.tmp_dir())
+                write_atomic(self.meta_path(digest), after.encode(), self.tmp_dir(), FILE_MODE)
 
     def verify_after_reboot(self, digest: str) -> bool:
         """True when the model's blobs can be trusted on this boot.
@@ -289,7 +290,7 @@ class Cache:
                         path.unlink(missing_ok=True)
                 return False
         meta["boot_id"] = boot
-        _write_atomic(self.meta_path(digest), json.dumps(meta, sort_keys=True).encode(), self.tmp_dir())
+        write_atomic(self.meta_path(digest), json.dumps(meta, sort_keys=True).encode(), self.tmp_dir(), FILE_MODE)
         return True
 
     def new_staging(self) -> Path:
@@ -310,8 +311,8 @@ class Cache:
         _make_read_only(staging, top=False)
         os.rename(staging, final)
         os.chmod(final, 0o555)
-        _fsync_dir(final.parent)
-        _write_atomic(self.meta_path(digest), json.dumps(meta, sort_keys=True).encode(), self.tmp_dir())
+        fsync_dir(final.parent)
+        write_atomic(self.meta_path(digest), json.dumps(meta, sort_keys=True).encode(), self.tmp_dir(), FILE_MODE)
         return final
 
     def link_ref(self, ref: Reference | str, digest: str) -> Path:
@@ -335,7 +336,7 @@ class Cache:
         if node:
             node_file = pod / contract.POD_NODE_FILE
             if _read_small(node_file) != node:
-                _write_atomic(node_file, node.encode(), self.tmp_dir())
+                write_atomic(node_file, node.encode(), self.tmp_dir(), FILE_MODE)
         link = self.root / contract.pod_entry(ref, pod_uid)
         self._place_link(link, os.path.join("..", "..", contract.MODELS_DIR, _hex(digest)))
         return link
@@ -396,7 +397,7 @@ class Cache:
         tmp = link.with_name(f".{link.name}.{uuid.uuid4().hex[:8]}")
         os.symlink(target, tmp)
         os.replace(tmp, link)
-        _fsync_dir(link.parent)
+        fsync_dir(link.parent)
 
     def add_ref_to_meta(self, digest: str, ref: str) -> None:
         meta = self.read_meta(digest)
@@ -415,7 +416,7 @@ class Cache:
             os.utime(fd)
         except PermissionError:
             # Another uid's file without the group's write bit (an older loader's 0644): a new one of ours instead.
-            _write_atomic(path, b"", self.tmp_dir())
+            write_atomic(path, b"", self.tmp_dir(), FILE_MODE)
         finally:
             os.close(fd)
 
@@ -532,21 +533,6 @@ def _hex(digest: str) -> str:
 
 def _mb(n: int) -> str:
     return f"{n / 1e6:.1f} MB"
-
-
-def _write_atomic(path: Path, data: bytes, tmpdir: Path) -> None:
-    tmp = tmpdir / f".{path.name}.{uuid.uuid4().hex[:8]}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, FILE_MODE)
-    try:
-        os.fchmod(fd, FILE_MODE)  # the umask's bits off again: the group rewrites it
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
 
 
 def check_pod_uid(uid: str) -> str:
@@ -719,14 +705,6 @@ def record_verification(meta: dict[str, Any], policy: str, rec: dict[str, Any]) 
     verified[policy] = rec
     newest = sorted(verified.items(), key=lambda kv: kv[1].get("at", 0), reverse=True)[:MAX_VERIFICATIONS]
     meta["verified"] = dict(sorted(newest))
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _make_read_only(root: Path, top: bool) -> None:

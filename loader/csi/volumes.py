@@ -13,9 +13,10 @@ import contextlib
 import hashlib
 import json
 import os
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from loader.fsutil import fsync_dir, write_atomic
 
 MAX_RECORD_BYTES = 64 * 1024
 
@@ -60,24 +61,13 @@ class Volumes:
         return rec if rec is not None and rec.volume_id == volume_id else None
 
     def put(self, rec: Record) -> None:
-        path = self._path(rec.volume_id)
-        tmp = self.root / f".{path.name}.{uuid.uuid4().hex[:8]}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(json.dumps(asdict(rec), sort_keys=True).encode())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-        _fsync_dir(self.root)
+        write_atomic(self._path(rec.volume_id), json.dumps(asdict(rec), sort_keys=True).encode(), self.root, 0o600)
+        fsync_dir(self.root)
 
     def remove(self, volume_id: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._path(volume_id))
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
 
     def all(self) -> list[Record]:
         out = []
@@ -100,9 +90,3 @@ class Volumes:
             return parse_record(f.read(MAX_RECORD_BYTES + 1))
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
