@@ -9,6 +9,13 @@ and other OCI tools read it too::
                                io.containerd.image.name = the full reference
     blobs/sha256/<hex>         every manifest (index children too), config and layer of every ref, once each
 
+Signatures travel with their models (``export --with-signatures``, the default): what the verification search
+(loader.sign) finds for a ref's digest, in the places a registry keeps them, so ``import`` runs the same search on
+the bundle, offline. cosign's tag ``sha256-<hex>.sig`` becomes an index.json entry of that tag (its manifest, config
+and payloads in blobs/); the referrers (cosign key signatures, Sigstore bundles) become OCI 1.1's fallback tag
+``sha256-<hex>``: an index of the referrer manifests, written by export (a tarball has no referrers API). Both
+entries carry io.containerd.image.name = <repository>:<tag>, which ties them to their model's repository.
+
 The bundle is a content store like a registry repository: :class:`Bundle` reads it (``open_blob`` serves any
 byte range of a member, so the copy engine reads it exactly as it reads a registry), :class:`TarWriter` writes it.
 
@@ -29,7 +36,14 @@ verifies every manifest and blob it uses against its digest before anything is p
   by (an admin imported it under that name): the shared cache's outage fallback grants it to pods naming that
   reference, and online pods prove possession against their registry (docs/architecture.md).
 * ``--to REGISTRY[/prefix]`` verifies the whole bundle first, then pushes each ref's blobs (HEAD-skipping what
-  the registry has) and manifests, children before parents, to ``REGISTRY/prefix/<original repository>:<tag>``.
+  the registry has) and manifests, children before parents, to ``REGISTRY/prefix/<original repository>:<tag>``,
+  and its signatures beside it: the ``.sig`` tag as is, each referrer by digest (listed in the target's fallback
+  tag when the target has no referrers API), so ``pull --verify-key`` verifies against the target.
+
+With a signature policy (the verify flags, as pull takes them) each model is verified from the signatures inside
+the bundle before anything is published or pushed: one that does not verify stops the import (exit 10, naming
+the ref, the digest and what did not match) and nothing is imported. ``--cache`` records the verification in the
+model's meta as pull does, so a later pull under the same policy hits with no signature request.
 
 A corrupt bundle (a flipped byte) is refused with the blob, the bundle and the two digests named; nothing is
 published.
@@ -47,11 +61,11 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, TypeVar
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
-from loader import layout, oci, retry
+from loader import layout, oci, retry, sign
 from loader.access import ANONYMOUS, Source
-from loader.cache import Cache
+from loader.cache import Cache, record_verification
 from loader.digest import Digest
 from loader.errors import ArtifactError, AuthError, DigestMismatch, UsageError
 from loader.fetch import BLOB_POLICY, Blob, Fetcher, transfer
@@ -60,6 +74,9 @@ from loader.reference import Reference, parse
 from loader.registry import RegistryClient
 from loader.retry import Attempts, Deadline
 from loader.upload import Uploader, file_source, push_auth_error, run_parallel
+
+if TYPE_CHECKING:
+    from loader.signing import Policy, PolicyTable, Verified
 
 REF_NAME = "org.opencontainers.image.ref.name"
 IMAGE_NAME = "io.containerd.image.name"
@@ -147,13 +164,18 @@ class ExportResult:
     blobs: int
     bytes: int
     seconds: float
+    signatures: int = 0  # signature manifests carried (cosign's .sig tags and referrers; in the JSON when any)
 
     def as_json(self) -> dict[str, Any]:
-        return {"bundle": self.bundle, "refs": [{"ref": r, "digest": d} for r, d in self.refs], "blobs": self.blobs,
-                "bytes": self.bytes, "seconds": round(self.seconds, 3)}
+        out = {"bundle": self.bundle, "refs": [{"ref": r, "digest": d} for r, d in self.refs], "blobs": self.blobs,
+               "bytes": self.bytes, "seconds": round(self.seconds, 3)}
+        if self.signatures:
+            out["signatures"] = self.signatures
+        return out
 
 
-def export(refs: list[str], out: str | Path, opts: RegistryOptions, log: Any) -> ExportResult:
+def export(refs: list[str], out: str | Path, opts: RegistryOptions, log: Any,
+           with_signatures: bool = True) -> ExportResult:
     t0 = time.monotonic()
     out = Path(out)
     parsed = [_parse(r) for r in refs]
@@ -164,6 +186,8 @@ def export(refs: list[str], out: str | Path, opts: RegistryOptions, log: Any) ->
         manifests: dict[Digest, bytes] = {}  # digest -> bytes, in the order met
         blobs: dict[Digest, tuple[int, RegistryClient]] = {}
         results: list[tuple[str, str]] = []
+        searched: set[tuple[str, str, Digest]] = set()  # (registry, repository, digest) whose signatures are in
+        signatures = 0
         for ref in parsed:
             client = opts.client(ref, log)
             clients.append(client)
@@ -193,6 +217,15 @@ def export(refs: list[str], out: str | Path, opts: RegistryOptions, log: Any) ->
                                   "annotations": ann})
             results.append((label, str(digest)))
             log.info("export.ref", ref=label, digest=digest, media_type=parsed_top.media_type)
+            if with_signatures and (ref.registry, ref.repository, digest) not in searched:
+                searched.add((ref.registry, ref.repository, digest))
+                sig_entries, sig_manifests, sig_blobs, n = _signatures_of(client, ref, digest, log)
+                signatures += n
+                index_entries.extend(sig_entries)
+                for mdigest, mdata in sig_manifests.items():
+                    manifests.setdefault(mdigest, mdata)
+                for bdigest, size in sig_blobs.items():
+                    blobs.setdefault(bdigest, (size, client))
         index = {"schemaVersion": 2, "mediaType": oci.OCI_INDEX, "manifests": index_entries}
         total = 0
         with open(tmp, "wb") as f:
@@ -219,8 +252,53 @@ def export(refs: list[str], out: str | Path, opts: RegistryOptions, log: Any) ->
             c.close()
     secs = time.monotonic() - t0
     nblobs = len(set(manifests) | set(blobs))
-    log.info("export.done", bundle=str(out), refs=len(results), blobs=nblobs, bytes=total, seconds=round(secs, 3))
-    return ExportResult(str(out), results, nblobs, total, secs)
+    log.info("export.done", bundle=str(out), refs=len(results), blobs=nblobs, bytes=total, seconds=round(secs, 3),
+             signatures=signatures)
+    return ExportResult(str(out), results, nblobs, total, secs, signatures)
+
+
+def _signatures_of(client: RegistryClient, ref: Reference, digest: Digest,
+                   log: Any) -> tuple[list[dict[str, Any]], dict[Digest, bytes], dict[Digest, int], int]:
+    """What the verification search (loader.sign.find) finds for ``digest`` in the registry, every kind, as bundle
+    content: (index.json entries, manifests, blobs, signature manifests carried). cosign's tag stays a tag; the
+    referrers become the fallback tag's index, since a bundle has no referrers API."""
+    label = str(ref)
+    name = f"{ref.registry}/{ref.repository}"
+    found = sign.find(sign.RegistrySignatures(client, log, label), sign.ALL_KINDS, digest, label, [], [])
+    entries: list[dict[str, Any]] = []
+    manifests: dict[Digest, bytes] = {}
+    blobs: dict[Digest, int] = {}
+    referrers: list[dict[str, Any]] = []
+    for m in found:
+        try:
+            parsed = oci.parse_manifest(m.data, m.digest, m.media_type, f"signature {m.digest} of {label}")
+            if isinstance(parsed, oci.ImageIndex):
+                raise ArtifactError("an index, not a signature manifest")
+        except ArtifactError as exc:  # not carried: import would refuse it anyway
+            log.warning("export.signature_skipped", ref=label, signature=m.digest, reason=str(exc))
+            continue
+        manifests[m.digest] = m.data
+        for d in parsed.blobs():
+            blobs.setdefault(d.digest, d.size)
+        desc = {"mediaType": parsed.media_type, "digest": str(m.digest), "size": len(m.data)}
+        if m.where == "tag":
+            entries.append(_tag_entry(desc, name, sign.sig_tag(digest)))
+        else:
+            referrers.append({**desc, "artifactType": m.artifact_type})
+    if referrers:
+        index = json.dumps({"schemaVersion": 2, "mediaType": oci.OCI_INDEX, "manifests": referrers},
+                           separators=(",", ":")).encode()
+        manifests[Digest.of(index)] = index
+        entries.append(_tag_entry({"mediaType": oci.OCI_INDEX, "digest": str(Digest.of(index)), "size": len(index)},
+                                  name, sign.referrers_tag(digest)))
+    n = len(manifests) - (1 if referrers else 0)
+    if n:
+        log.info("export.signatures", ref=label, digest=digest, signatures=n)
+    return entries, manifests, blobs, n
+
+
+def _tag_entry(desc: dict[str, Any], name: str, tag: str) -> dict[str, Any]:
+    return {**desc, "annotations": {IMAGE_NAME: f"{name}:{tag}", REF_NAME: tag}}
 
 
 def _export_blob(w: TarWriter, client: RegistryClient, digest: Digest, size: int, log: Any) -> None:
@@ -340,7 +418,7 @@ class Bundle:
         assert f is not None
         return f.read()
 
-    def refs(self) -> list[BundleRef]:
+    def _entries(self) -> list[BundleRef]:
         children = self.index.get("manifests")
         if not isinstance(children, list):
             raise ArtifactError(f"{self.path}: index.json has no manifests list")
@@ -349,6 +427,11 @@ class Bundle:
             d = oci.Descriptor.parse(obj, f"{self.path}: index.json entry {i}")
             out.append(BundleRef(d.annotations.get(IMAGE_NAME), d.annotations.get(REF_NAME), d.digest,
                                  d.media_type or oci.OCI_MANIFEST, d.size))
+        return out
+
+    def refs(self) -> list[BundleRef]:
+        """The models: every index.json entry but the signatures' tags."""
+        out = [e for e in self._entries() if not sign.is_signature_tag(e.tag)]
         if not out:
             raise ArtifactError(f"{self.path}: index.json lists no manifests")
         return out
@@ -372,6 +455,11 @@ class Bundle:
         self.bytes_read += n
 
     def manifest(self, digest: Digest, media_type: str, size: int | None, label: str) -> tuple[bytes, oci.Manifest]:
+        data = self.manifest_bytes(digest, size)
+        return data, oci.parse_manifest(data, digest, media_type, f"{label} in {self.path}")
+
+    def manifest_bytes(self, digest: Digest, size: int | None) -> bytes:
+        """A manifest's bytes, bounded and verified against its digest (not parsed)."""
         m = self.member(digest, size)
         if m.size > oci.MAX_MANIFEST_BYTES:
             raise ArtifactError(f"{self.path}: manifest {digest} is {m.size} bytes, over the limit")
@@ -380,7 +468,31 @@ class Bundle:
         if got != digest:
             raise DigestMismatch(f"{self.path}: manifest {digest} hashes to {got}; the bundle is corrupt,"
                                  " nothing was imported")
-        return data, oci.parse_manifest(data, digest, media_type, f"{label} in {self.path}")
+        return data
+
+    def small_blob(self, digest: Digest, size: int) -> bytes:
+        """A small blob (a signature payload or bundle, its size bounded by the parser), whole, verified."""
+        m = self.member(digest)
+        if m.size != size:
+            raise ArtifactError(f"{self.path}: blob {digest} is {m.size} bytes, its descriptor says {size}")
+        data = os.pread(self._fd, size, m.offset_data)
+        if Digest.of(data) != digest:
+            raise ArtifactError(f"{self.path}: blob {digest} hashes to {Digest.of(data)}")
+        return data
+
+    def signatures(self, ref: Reference | None) -> dict[str, BundleRef]:
+        """The signature entries (cosign's ``.sig`` tags, referrers fallback tags) of ``ref``'s repository, by tag
+        (``ref`` None: the entries that name no repository). Each must point at a manifest or an index."""
+        out: dict[str, BundleRef] = {}
+        for e in self._entries():
+            if not sign.is_signature_tag(e.tag) or _repository(e) != _repository_of(ref):
+                continue
+            if e.media_type not in oci.MANIFEST_TYPES:
+                raise ArtifactError(f"{self.path}: signature entry {e.label} has media type {e.media_type[:100]!r},"
+                                    " not a manifest or an index: the bundle is malformed, nothing was imported")
+            assert e.tag is not None
+            out.setdefault(e.tag, e)
+        return out
 
     def verify_blob(self, digest: Digest, size: int) -> None:
         """Read a blob with the engine's read loop and check its sha256; DigestMismatch if not."""
@@ -412,6 +524,86 @@ class Bundle:
         return top
 
 
+class BundleSignatures:
+    """One repository's signatures in a bundle, as the verification search reads them (loader.sign.SignatureSource):
+    tags are its index.json signature entries, digests its members, every read verified; no referrers API (export
+    writes the referrers as the fallback tag's index)."""
+
+    def __init__(self, bundle: Bundle, ref: Reference | None):
+        self.bundle = bundle
+        self.tags = bundle.signatures(ref)
+
+    def referrers(self, digest: Digest) -> bytes | None:
+        return None
+
+    def manifest(self, reference: str) -> tuple[bytes, str] | None:
+        e = self.tags.get(reference)
+        if e is not None:
+            return self.bundle.manifest_bytes(e.digest, e.size), e.media_type
+        if not reference.startswith("sha256:"):
+            return None
+        digest = Digest.parse(reference, f"{self.bundle.path}: a signature's digest")
+        if f"blobs/sha256/{digest.hex}" not in self.bundle.members:
+            return None
+        data = self.bundle.manifest_bytes(digest, None)
+        try:
+            declared = json.loads(data).get("mediaType")
+        except (ValueError, AttributeError):
+            declared = None
+        return data, declared if isinstance(declared, str) else oci.OCI_MANIFEST
+
+    def small_blob(self, digest: Digest, size: int) -> bytes:
+        return self.bundle.small_blob(digest, size)
+
+
+def _repository(e: BundleRef) -> tuple[str, str] | None:
+    return _repository_of(_ref_of(e))
+
+
+def _repository_of(ref: Reference | None) -> tuple[str, str] | None:
+    return (ref.registry, ref.repository) if ref is not None else None
+
+
+# ---- signature policy -----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Verification:
+    """What an import must verify: one policy for every model (the verify flags), or the cluster's table by prefix."""
+
+    policy: Policy | None = None
+    table: PolicyTable | None = None
+
+    def policy_for(self, e: BundleRef) -> Policy | None:
+        if self.table is None:
+            return self.policy if self.policy is not None and self.policy.required else None
+        ref = _ref_of(e)
+        if ref is None:
+            from loader.signing import SignatureError
+
+            raise SignatureError(f"{e.label}: model {e.digest} carries no repository name in the bundle, so the"
+                                 " signature policy's rules cannot say what it must be signed by; nothing was"
+                                 " imported")
+        return self.table.for_ref(ref.registry, ref.repository)
+
+
+def verify_signatures(b: Bundle, entries: list[BundleRef], verification: Verification | None,
+                      log: Any) -> dict[Digest, Verified]:
+    """Every model's signature, from the bundle, offline, before anything is published: {model digest: what
+    verified it}; SignatureError (exit 10) for the first model none verifies."""
+    out: dict[Digest, Verified] = {}
+    if verification is None:
+        return out
+    for e in entries:
+        policy = verification.policy_for(e)
+        if policy is None:
+            continue
+        if policy.model_signature:
+            raise UsageError("import verifies cosign and Sigstore signatures over the manifest digest; an OpenSSF"
+                             " model signature (--verify-model-signature, over the files) is checked by pull only")
+        out[e.digest] = sign.verify_in(BundleSignatures(b, _ref_of(e)), policy, e.digest, e.label, log,
+                                       event="import.signature_verified")
+    return out
+
+
 # ---- import into a cache --------------------------------------------------------------------------------------------
 @dataclass
 class ImportResult:
@@ -422,18 +614,26 @@ class ImportResult:
     bytes: int = 0
     files: int = 0
     warnings: list[str] = field(default_factory=list)
+    verified: Verified | None = None  # what verified the model's signature (a policy was set)
+    signatures: int = 0  # signature manifests pushed beside it (registry; in the JSON when any)
 
     def as_json(self) -> dict[str, Any]:
         d: dict[str, Any] = {"ref": self.ref, "digest": self.digest, "source": self.source}
         if self.path is not None:
             d.update(path=self.path, bytes=self.bytes, files=self.files)
+        if self.signatures:
+            d["signatures"] = self.signatures
+        if self.verified is not None:
+            d["verified"] = self.verified.as_json()
         return d
 
 
-def import_to_cache(bundle_path: str | Path, cache_dir: str | Path, log: Any,
-                    concurrency: int = 4) -> list[ImportResult]:
+def import_to_cache(bundle_path: str | Path, cache_dir: str | Path, log: Any, concurrency: int = 4,
+                    verification: Verification | None = None) -> list[ImportResult]:
     cache = Cache(cache_dir).ensure()
     with Bundle(bundle_path) as b, cache.gc_lock(shared=True):
+        # First, before the cache is written to: every model's signature, from the bundle.
+        verified = verify_signatures(b, b.refs(), verification, log)
         plans = []
         for e in b.refs():
             image = b.image(e)
@@ -464,17 +664,20 @@ def import_to_cache(bundle_path: str | Path, cache_dir: str | Path, log: Any,
         log.info("import.start", bundle=str(b.path), refs=len(plans), blobs=len(missing),
                  bytes=sum(x.size for x in missing))
         fetcher.fetch(todo)
-        return [_publish(cache, e, image, entries, log) for e, image, entries in plans]
+        return [_publish(cache, e, image, entries, verified.get(e.digest), log) for e, image, entries in plans]
 
 
 def _publish(cache: Cache, e: BundleRef, image: oci.ImageManifest, entries: list[layout.Entry],
-             log: Any) -> ImportResult:
+             verified: Verified | None, log: Any) -> ImportResult:
     """What pull does after its fetch: materialise, publish under the model lock, link the ref, record use."""
     ref = _ref_of(e)
     # Vouched for by the admin who imported it (tls=True: as good as the registry's TLS for the access rule).
     sources = [Source(ref.registry, ref.repository, ANONYMOUS, tls=True)] if ref is not None else []
     model = publish_model(cache, e.digest, entries, dict(image.raw), image.media_type, [str(ref)] if ref else [],
                           e.label, sources)
+    if verified is not None:  # as pull records it: a later pull under this policy needs no signature request
+        cache.update_meta(e.digest, lambda meta: record_verification(meta, verified.policy,
+                                                                     verified.record(time.time())))
     warnings = []
     if ref is not None:
         cache.link_ref(ref, e.digest)
@@ -486,7 +689,7 @@ def _publish(cache: Cache, e: BundleRef, image: oci.ImageManifest, entries: list
     log.info("import.model", ref=str(ref) if ref else None, digest=e.digest, path=str(model.path), bytes=model.bytes,
              files=model.files)
     return ImportResult(str(ref) if ref else e.digest, e.digest, e.label, str(model.path), model.bytes, model.files,
-                        warnings)
+                        warnings, verified)
 
 
 def _ref_of(e: BundleRef) -> Reference | None:
@@ -521,32 +724,77 @@ def target_ref(target: str, e: BundleRef) -> Reference:
     return ref
 
 
-def import_to_registry(bundle_path: str | Path, target: str, opts: RegistryOptions, log: Any) -> list[ImportResult]:
+def import_to_registry(bundle_path: str | Path, target: str, opts: RegistryOptions, log: Any,
+                       verification: Verification | None = None) -> list[ImportResult]:
     with Bundle(bundle_path) as b:
+        refs = b.refs()
+        # First, before the registry is written to: every model's signature, from the bundle.
+        checked = verify_signatures(b, refs, verification, log)
         jobs = []
-        for e in b.refs():
+        for e in refs:
             dest = target_ref(target, e)
             manifests, blobs = b.closure(e.digest, e.media_type, e.size, e.label)
-            jobs.append((e, dest, manifests, blobs))
+            sigs = _signature_pushes(b, e)
+            for s in sigs:
+                for digest, size in s.blobs.items():
+                    blobs.setdefault(digest, size)
+            jobs.append((e, dest, manifests, blobs, sigs))
         # Verify everything before the first upload: a corrupt bundle leaves the registry untouched.
         verified: set[Digest] = set()
-        for _, _, _, blobs in jobs:
+        for _, _, _, blobs, _ in jobs:
             for digest, size in blobs.items():
                 if digest not in verified:
                     b.verify_blob(digest, size)
                     verified.add(digest)
         results = []
-        for e, dest, manifests, blobs in jobs:
+        for e, dest, manifests, blobs, sigs in jobs:
             try:
-                results.append(_push_entry(b, e, dest, manifests, blobs, opts, log))
+                results.append(_push_entry(b, e, dest, manifests, blobs, sigs, checked.get(e.digest), opts, log))
             except AuthError as exc:
                 raise push_auth_error(dest, exc) from exc
         return results
 
 
+@dataclass(frozen=True)
+class _SignaturePush:
+    """One signature entry of a model, as it goes to a registry: cosign's ``.sig`` tag (its manifest put under the
+    tag) or the referrers fallback tag (each referrer put by digest, then listed where the target keeps them)."""
+
+    tag: str
+    manifests: list[tuple[Digest, str, bytes]]  # children before parents; the entry's own manifest last
+    blobs: dict[Digest, int]
+    referrers: list[tuple[Digest, int, str]]  # fallback tag: (digest, size, artifactType) of each referrer
+
+    @property
+    def is_sig_tag(self) -> bool:
+        return self.tag.endswith(".sig")
+
+
+def _signature_pushes(b: Bundle, e: BundleRef) -> list[_SignaturePush]:
+    out = []
+    tags = b.signatures(_ref_of(e))
+    for tag in (sign.sig_tag(e.digest), sign.referrers_tag(e.digest)):
+        s = tags.get(tag)
+        if s is None:
+            continue
+        manifests, blobs = b.closure(s.digest, s.media_type, s.size, f"{s.label} (signatures of {e.label})")
+        referrers: list[tuple[Digest, int, str]] = []
+        if not tag.endswith(".sig"):
+            index = json.loads(manifests[-1][2])  # parsed as an index by closure
+            for i, d in enumerate(index.get("manifests", [])):
+                artifact_type = d.get("artifactType") if isinstance(d, dict) else None
+                if artifact_type in sign.ALL_KINDS:
+                    desc = oci.Descriptor.parse(d, f"{b.path}: {s.label} entry {i}")
+                    referrers.append((desc.digest, desc.size, str(artifact_type)))
+        out.append(_SignaturePush(tag, manifests, blobs, referrers))
+    return out
+
+
 def _push_entry(b: Bundle, e: BundleRef, dest: Reference, manifests: list[tuple[Digest, str, bytes]],
-                blobs: dict[Digest, int], opts: RegistryOptions, log: Any) -> ImportResult:
-    """One ref into the target registry: its blobs in parallel, then its manifests, children before parents."""
+                blobs: dict[Digest, int], sigs: list[_SignaturePush], verified: Verified | None,
+                opts: RegistryOptions, log: Any) -> ImportResult:
+    """One ref into the target registry: its blobs (and its signatures') in parallel, then its manifests, children
+    before parents, then its signatures' manifests."""
     with opts.client(dest, log, actions="pull,push") as client:
         up = Uploader(client, log=log)
         run_parallel([functools.partial(up.ensure, d, s, file_source(b.path, b.member(d).offset_data), d)
@@ -554,6 +802,18 @@ def _push_entry(b: Bundle, e: BundleRef, dest: Reference, manifests: list[tuple[
         for digest, mt, data in manifests:
             reference = digest if digest != e.digest else (dest.tag or digest)
             _retrying(functools.partial(client.put_manifest, reference, data, mt), log, str(dest))
+        pushed = 0
+        for s in sigs:
+            own = s.manifests[-1][0]
+            for digest, mt, data in s.manifests:
+                if digest == own and not s.is_sig_tag:
+                    continue  # the bundle's fallback index: the target keeps its own list (below)
+                reference = s.tag if digest == own else digest
+                _retrying(functools.partial(client.put_manifest, reference, data, mt), log, str(dest))
+                pushed += 1
+            if s.referrers and _retrying(lambda: client.get_referrers(e.digest), log, str(dest)) is None:
+                for digest, size, artifact_type in s.referrers:
+                    sign.add_to_referrers_tag(client, e.digest, digest, size, artifact_type, log)
         log.info("import.pushed", source=e.label, ref=str(dest), digest=e.digest, blobs=len(blobs),
-                 uploaded=up.counts["uploaded"], skipped=up.counts["exists"])
-    return ImportResult(str(dest), e.digest, e.label)
+                 uploaded=up.counts["uploaded"], skipped=up.counts["exists"], signatures=pushed)
+    return ImportResult(str(dest), e.digest, e.label, verified=verified, signatures=pushed)

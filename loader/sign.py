@@ -1,4 +1,4 @@
-"""Signatures in a registry: find them for a digest (verification), and push them (``model-loader sign``).
+"""Signatures in a registry: find them for a digest (verification, export), and push them (``model-loader sign``).
 
 In the registry client's terms (loader.registry): manifests by tag or digest, the referrers API, small blobs. The
 decisions (what a signature manifest holds, whether a payload signs the digest, whether a key verifies it) are in
@@ -10,13 +10,19 @@ Where signatures are looked for, in this order, stopping at the first that verif
    artifactType; when the registry answers 404 (no referrers API: Distribution 2.8), the OCI 1.1 fallback tag
    ``sha256-<hex>`` (an index of the referrers, kept by the clients that push them);
 2. cosign's tag scheme, ``sha256-<hex>.sig`` in the same repository.
+
+The search reads a :class:`SignatureSource`: a registry repository (:class:`RegistrySignatures`) or a bundle's copy
+of one (loader.bundle), so ``pull`` and ``import`` verify with the same search, and ``export`` carries exactly what
+that search finds (:func:`find`).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+import re
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
 
 from loader import oci, retry, signing
 from loader.digest import Digest
@@ -26,6 +32,9 @@ from loader.signing import Candidate, Policy, Verified
 from loader.upload import Uploader, bytes_source
 
 T = TypeVar("T")
+#: Every kind of signature the search knows (what export carries).
+ALL_KINDS = (signing.COSIGN_SIG_ARTIFACT, signing.SIGSTORE_BUNDLE)
+_SIGNATURE_TAG = re.compile(r"sha256-[0-9a-f]{64}(\.sig)?")
 
 
 def sig_tag(digest: Digest) -> str:
@@ -38,30 +47,108 @@ def referrers_tag(digest: Digest) -> str:
     return f"sha256-{digest.hex}"
 
 
+def is_signature_tag(tag: str | None) -> bool:
+    """A tag the search reads (cosign's ``.sig`` tag or the referrers fallback tag), not a model's."""
+    return tag is not None and _SIGNATURE_TAG.fullmatch(tag) is not None
+
+
+class SignatureSource(Protocol):
+    """Where the search reads: one repository's referrers, manifests and small blobs."""
+
+    def referrers(self, digest: Digest) -> bytes | None:
+        """The referrers API's index for ``digest``; None when there is no referrers API."""
+
+    def manifest(self, reference: str) -> tuple[bytes, str] | None:
+        """A manifest by tag or digest (verified against the digest): (bytes, media type); None when absent."""
+
+    def small_blob(self, digest: Digest, size: int) -> bytes:
+        """A small blob, whole, checked against ``digest`` and ``size`` (ArtifactError or NotFoundError if not)."""
+
+
+class RegistrySignatures:
+    """A registry repository as a SignatureSource, every request retried under the small-request policy."""
+
+    def __init__(self, client: RegistryClient, log: Any, label: str):
+        self.client, self.log, self.label = client, log, label
+
+    def referrers(self, digest: Digest) -> bytes | None:
+        return _retrying(lambda: self.client.get_referrers(digest), self.log, self.label)
+
+    def manifest(self, reference: str) -> tuple[bytes, str] | None:
+        try:
+            m = _retrying(lambda: self.client.get_manifest(reference), self.log, self.label)
+        except NotFoundError:
+            return None
+        assert m.data is not None
+        return m.data, m.media_type
+
+    def small_blob(self, digest: Digest, size: int) -> bytes:
+        """A small blob (a payload or a bundle, its size bounded by the parser), whole, checked against its digest."""
+
+        def read() -> bytes:
+            buf = bytearray(size + 1)
+            mv = memoryview(buf)
+            n = 0
+            resp = self.client.open_blob(digest, size=size)
+            try:
+                while n < len(buf):
+                    k = resp.readinto(mv[n:])
+                    if not k:
+                        break
+                    n += k
+            finally:
+                resp.close(reusable=n <= size)
+            return bytes(buf[:n])
+
+        data = _retrying(read, self.log, self.label)
+        if len(data) != size or Digest.of(data) != digest:
+            raise ArtifactError(f"the registry served {len(data)}+ bytes hashing to {Digest.of(data)} for a"
+                                f" {size}-byte blob {digest}")
+        return data
+
+
+@dataclass(frozen=True)
+class SignatureManifest:
+    """A signature manifest the search found for a digest: where, its bytes, and its kind (artifactType)."""
+
+    where: str  # "referrers", "referrers-tag" or "tag" (signing.WHERE)
+    digest: Digest
+    media_type: str
+    data: bytes
+    artifact_type: str
+
+
 def verify(client: RegistryClient, policy: Policy, digest: Digest, label: str, log: Any) -> Verified:
-    """The signature that verifies ``digest`` under ``policy``, or SignatureError (nothing verifies)."""
+    """The signature in the registry that verifies ``digest`` under ``policy``, or SignatureError."""
+    return verify_in(RegistrySignatures(client, log, label), policy, digest, label, log)
+
+
+def verify_in(source: SignatureSource, policy: Policy, digest: Digest, label: str, log: Any,
+              event: str = "pull.signature_verified") -> Verified:
+    """The signature in ``source`` that verifies ``digest`` under ``policy``, or SignatureError (nothing verifies)."""
     looked: list[str] = []
     problems: list[str] = []
-    found = _signatures(client, policy, digest, label, log, looked, problems)
+    kinds = ((signing.COSIGN_SIG_ARTIFACT,) if policy.keys else ()) + (
+        (signing.SIGSTORE_BUNDLE,) if policy.identities else ())
+    found = _signatures(source, find(source, kinds, digest, label, looked, problems), label, problems)
     verified = signing.check(found, policy, digest, label, looked, problems)
-    log.info("pull.signature_verified", ref=label, digest=digest, signer=verified.signer, where=verified.where,
+    log.info(event, ref=label, digest=digest, signer=verified.signer, where=verified.where,
              signature=verified.signature, policy=verified.policy)
     return verified
 
 
-def _signatures(client: RegistryClient, policy: Policy, digest: Digest, label: str, log: Any, looked: list[str],
-                problems: list[str]) -> Iterator[Candidate]:
-    """Signatures the policy can verify, lazily: cosign signatures when it names keys, Sigstore bundles when it
-    names identities."""
-    kinds = ((signing.COSIGN_SIG_ARTIFACT,) if policy.keys else ()) + (
-        (signing.SIGSTORE_BUNDLE,) if policy.identities else ())
-    index = _retrying(lambda: client.get_referrers(digest), log, label)
+def find(source: SignatureSource, kinds: Sequence[str], digest: Digest, label: str, looked: list[str],
+         problems: list[str]) -> Iterator[SignatureManifest]:
+    """The signature manifests of ``digest`` of the given kinds, lazily, in search order: referrers (the API, else
+    the fallback tag), then cosign's tag (key signatures only). ``looked`` and ``problems`` are filled as it goes."""
+    index = source.referrers(digest)
     where = "referrers"
     looked.append("the referrers API")
     if index is None:
         where = "referrers-tag"
         looked[-1] = f"the referrers API (absent) and tag {referrers_tag(digest)}"
-        index = _manifest_or_none(client, referrers_tag(digest), log, label)
+        got = source.manifest(referrers_tag(digest))
+        index = got[0] if got is not None else None
     if index is not None:
         try:
             manifests = signing.parse_referrers(index, digest, kinds, f"{where} of {label}")
@@ -69,22 +156,30 @@ def _signatures(client: RegistryClient, policy: Policy, digest: Digest, label: s
             problems.append(str(exc))
             manifests = []
         for m, artifact_type in manifests:
-            data = _manifest_or_none(client, m, log, label)
-            if data is None:
+            got = source.manifest(m)
+            if got is None:
                 problems.append(f"referrer {m} is listed but the registry has no such manifest")
-            elif artifact_type == signing.SIGSTORE_BUNDLE:
-                yield from _bundles(client, data, Digest.of(data), where, label, log, problems)
             else:
-                yield from _candidates(client, data, Digest.of(data), where, label, log, problems)
-    if not policy.keys:  # cosign's tag holds key signatures only
+                yield SignatureManifest(where, Digest.of(got[0]), got[1], got[0], artifact_type)
+    if signing.COSIGN_SIG_ARTIFACT not in kinds:  # cosign's tag holds key signatures only
         return
     looked.append(f"tag {sig_tag(digest)}")
-    data = _manifest_or_none(client, sig_tag(digest), log, label)
-    if data is not None:
-        yield from _candidates(client, data, Digest.of(data), "tag", label, log, problems)
+    got = source.manifest(sig_tag(digest))
+    if got is not None:
+        yield SignatureManifest("tag", Digest.of(got[0]), got[1], got[0], signing.COSIGN_SIG_ARTIFACT)
 
 
-def _bundles(client: RegistryClient, data: bytes, manifest: Digest, where: str, label: str, log: Any,
+def _signatures(source: SignatureSource, manifests: Iterator[SignatureManifest], label: str,
+                problems: list[str]) -> Iterator[Candidate]:
+    """The signatures the found manifests hold, lazily: Sigstore bundles, cosign payloads with their signatures."""
+    for m in manifests:
+        if m.artifact_type == signing.SIGSTORE_BUNDLE:
+            yield from _bundles(source, m.data, m.digest, m.where, problems)
+        else:
+            yield from _candidates(source, m.data, m.digest, m.where, problems)
+
+
+def _bundles(source: SignatureSource, data: bytes, manifest: Digest, where: str,
              problems: list[str]) -> Iterator[Candidate]:
     try:
         layers = signing.parse_bundle_manifest(data, f"bundle manifest {manifest} ({where})")
@@ -95,14 +190,14 @@ def _bundles(client: RegistryClient, data: bytes, manifest: Digest, where: str, 
         problems.append(f"bundle manifest {manifest} ({where}) has no {signing.SIGSTORE_BUNDLE} layer")
     for digest, size in layers:
         try:
-            bundle = _small_blob(client, digest, size, log, label)
+            bundle = source.small_blob(digest, size)
         except (ArtifactError, NotFoundError) as exc:
             problems.append(f"bundle {manifest} ({where}): layer {digest}: {exc}")
             continue
         yield Candidate(where, manifest, bundle, kind="bundle")
 
 
-def _candidates(client: RegistryClient, data: bytes, manifest: Digest, where: str, label: str, log: Any,
+def _candidates(source: SignatureSource, data: bytes, manifest: Digest, where: str,
                 problems: list[str]) -> Iterator[Candidate]:
     try:
         layers, skipped = signing.parse_signature_manifest(data, f"signature manifest {manifest} ({where})")
@@ -112,7 +207,7 @@ def _candidates(client: RegistryClient, data: bytes, manifest: Digest, where: st
     problems.extend(skipped)
     for layer in layers:
         try:
-            payload = _small_blob(client, layer.payload, layer.size, log, label)
+            payload = source.small_blob(layer.payload, layer.size)
         except (ArtifactError, NotFoundError) as exc:
             problems.append(f"signature {manifest} ({where}): payload {layer.payload}: {exc}")
             continue
@@ -120,36 +215,8 @@ def _candidates(client: RegistryClient, data: bytes, manifest: Digest, where: st
 
 
 def _manifest_or_none(client: RegistryClient, reference: str, log: Any, label: str) -> bytes | None:
-    try:
-        m = _retrying(lambda: client.get_manifest(reference), log, label)
-    except NotFoundError:
-        return None
-    return m.data
-
-
-def _small_blob(client: RegistryClient, digest: Digest, size: int, log: Any, label: str) -> bytes:
-    """A small blob (a payload or a bundle, its size bounded by the parser), whole, checked against its digest."""
-
-    def read() -> bytes:
-        buf = bytearray(size + 1)
-        mv = memoryview(buf)
-        n = 0
-        resp = client.open_blob(digest, size=size)
-        try:
-            while n < len(buf):
-                k = resp.readinto(mv[n:])
-                if not k:
-                    break
-                n += k
-        finally:
-            resp.close(reusable=n <= size)
-        return bytes(buf[:n])
-
-    data = _retrying(read, log, label)
-    if len(data) != size or Digest.of(data) != digest:
-        raise ArtifactError(f"the registry served {len(data)}+ bytes hashing to {Digest.of(data)} for a {size}-byte"
-                            f" blob {digest}")
-    return data
+    got = RegistrySignatures(client, log, label).manifest(reference)
+    return got[0] if got is not None else None
 
 
 # ---- pushing (model-loader sign) -----------------------------------------------------------------------------
@@ -172,7 +239,7 @@ def push_signature(client: RegistryClient, target: RegistryManifest, payload: by
         data = _json(manifest)
         sig = _retrying(lambda: client.put_manifest(str(Digest.of(data)), data, oci.OCI_MANIFEST), log, "sign")
         if _retrying(lambda: client.get_referrers(digest), log, "sign") is None:
-            _add_to_referrers_tag(client, digest, Digest(sig), len(data), log)
+            add_to_referrers_tag(client, digest, Digest(sig), len(data), signing.COSIGN_SIG_ARTIFACT, log)
             return "referrers-tag", Digest(sig)
         return "referrers", Digest(sig)
     layers: list[dict[str, Any]] = []
@@ -202,7 +269,8 @@ class RegistryManifest:
         self.digest, self.media_type, self.size = digest, media_type, size
 
 
-def _add_to_referrers_tag(client: RegistryClient, subject: Digest, sig: Digest, size: int, log: Any) -> None:
+def add_to_referrers_tag(client: RegistryClient, subject: Digest, sig: Digest, size: int, artifact_type: str,
+                        log: Any) -> None:
     """OCI 1.1's client side of the referrers fallback: list the new referrer in the index at ``sha256-<hex>``."""
     old = _manifest_or_none(client, referrers_tag(subject), log, "sign")
     entries: list[Any] = []
@@ -211,8 +279,7 @@ def _add_to_referrers_tag(client: RegistryClient, subject: Digest, sig: Digest, 
             entries = [m for m in json.loads(old).get("manifests", []) if isinstance(m, dict)]
         except (ValueError, AttributeError):
             entries = []
-    entry = {"mediaType": oci.OCI_MANIFEST, "digest": str(sig), "size": size,
-             "artifactType": signing.COSIGN_SIG_ARTIFACT}
+    entry = {"mediaType": oci.OCI_MANIFEST, "digest": str(sig), "size": size, "artifactType": artifact_type}
     if any(m.get("digest") == str(sig) for m in entries):
         return
     index = _json({"schemaVersion": 2, "mediaType": oci.OCI_INDEX, "manifests": [*entries, entry]})

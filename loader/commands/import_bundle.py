@@ -2,12 +2,16 @@
 
     model-loader import models.tar --cache /var/lib/model-cache
     model-loader import models.tar --to registry.local:5000/mirror [--plain-http] [--docker-config PATH]
+    model-loader import models.tar --cache /var/lib/model-cache --verify-key cosign.pub   (or the keyless flags,
+        or --signature-policy: the verify flags pull takes)
 
 ``--cache`` puts every model straight into a node cache (every digest verified, published as a pull would), so
 ``pull --offline REF`` and tag pulls hit it with no registry at all. ``--to`` pushes every ref of the bundle to
-``REGISTRY/prefix/<original repository>:<tag>``. A corrupt bundle is refused and nothing is published. With
-``--output json`` one object per ref: ref, digest, source (and path, bytes, files for --cache). See
-loader.bundle.
+``REGISTRY/prefix/<original repository>:<tag>``, with the signatures the bundle carries. A corrupt bundle is
+refused and nothing is published. With a signature policy, every model must verify from the signatures inside the
+bundle, offline, before anything is published or pushed (exit 10 otherwise); ``--cache`` records the verification
+as pull does. With ``--output json`` one object per ref: ref, digest, source (and path, bytes, files for --cache;
+signatures pushed for --to, when any; verified when a policy was set). See loader.bundle.
 """
 
 from __future__ import annotations
@@ -20,9 +24,12 @@ from typing import TYPE_CHECKING
 from loader.commands.common import (
     SubParsers,
     add_registry_flags,
+    add_verify_flags,
     check_concurrency,
     load_credentials,
     registry_settings,
+    signature_policy,
+    signature_table,
 )
 from loader.config import LoaderSettings
 
@@ -39,21 +46,26 @@ def add_parser(sub: SubParsers, settings: LoaderSettings) -> None:
     where.add_argument("--cache", metavar="DIR", help="node cache directory to load the models into")
     where.add_argument("--to", metavar="REGISTRY[/prefix]", help="registry (and path prefix) to push every ref to")
     add_registry_flags(p, settings)
+    add_verify_flags(p)
     p.add_argument("--output", choices=["text", "json"], default="text")
 
 
 def run(args: argparse.Namespace, settings: LoaderSettings, log: Logger) -> int:
-    from loader.bundle import RegistryOptions, import_to_cache, import_to_registry
+    from loader.bundle import RegistryOptions, Verification, import_to_cache, import_to_registry
 
+    # Keys and roots loaded and checked before the bundle is opened or the cache touched.
+    table = signature_table(args)
+    policy = signature_policy(args)
+    verification = Verification(policy, table) if policy is not None or table is not None else None
     if args.cache:
-        results = import_to_cache(args.bundle, args.cache, log)
+        results = import_to_cache(args.bundle, args.cache, log, verification=verification)
     else:
         check_concurrency(args.concurrency)
         ca_files, plain_hosts = registry_settings(args)
         opts = RegistryOptions(plain_http=args.plain_http, insecure=args.insecure_skip_tls_verify,
                                credentials=load_credentials(args.docker_config, settings), timeout=args.timeout,
                                concurrency=args.concurrency, ca_files=ca_files, plain_http_registries=plain_hosts)
-        results = import_to_registry(args.bundle, args.to, opts, log)
+        results = import_to_registry(args.bundle, args.to, opts, log, verification=verification)
     for r in results:
         if args.output == "json":
             print(json.dumps(r.as_json()), flush=True)
