@@ -572,6 +572,11 @@ class Verification:
     policy: Policy | None = None
     table: PolicyTable | None = None
 
+    def __post_init__(self) -> None:
+        if self.policy is not None and self.policy.model_signature:
+            raise UsageError("import verifies cosign and Sigstore signatures over the manifest digest; an OpenSSF"
+                             " model signature (--verify-model-signature, over the files) is checked by pull only")
+
     def policy_for(self, e: BundleRef) -> Policy | None:
         if self.table is None:
             return self.policy if self.policy is not None and self.policy.required else None
@@ -596,11 +601,10 @@ def verify_signatures(b: Bundle, entries: list[BundleRef], verification: Verific
         policy = verification.policy_for(e)
         if policy is None:
             continue
-        if policy.model_signature:
-            raise UsageError("import verifies cosign and Sigstore signatures over the manifest digest; an OpenSSF"
-                             " model signature (--verify-model-signature, over the files) is checked by pull only")
         out[e.digest] = sign.verify_in(BundleSignatures(b, _ref_of(e)), policy, e.digest, e.label, log,
-                                       event="import.signature_verified")
+                                       event="import.signature_verified",
+                                       then=f"export it again with its signatures (model-loader export {e.label}"
+                                            " -o BUNDLE.tar) and import that")
     return out
 
 
@@ -630,41 +634,47 @@ class ImportResult:
 
 def import_to_cache(bundle_path: str | Path, cache_dir: str | Path, log: Any, concurrency: int = 4,
                     verification: Verification | None = None) -> list[ImportResult]:
-    cache = Cache(cache_dir).ensure()
-    with Bundle(bundle_path) as b, cache.gc_lock(shared=True):
-        # First, before the cache is written to: every model's signature, from the bundle.
+    with Bundle(bundle_path) as b:
+        # First, before the cache is touched: every model's signature, from the bundle.
         verified = verify_signatures(b, b.refs(), verification, log)
-        plans = []
-        for e in b.refs():
-            image = b.image(e)
-            entries = layout.layer_entries(image, e.label, log=log)  # refuses unsafe names before anything is written
-            if not entries:
-                raise ArtifactError(f"{e.label}: no layer has an {layout.TITLE} or {layout.MODELPACK_FILEPATH}"
-                                    " annotation, so the model would be empty")
-            if image.config is not None and f"blobs/sha256/{image.config.digest.hex}" in b.members:
-                b.verify_blob(image.config.digest, image.config.size)
-            plans.append((e, image, entries))
+        cache = Cache(cache_dir).ensure()
+        with cache.gc_lock(shared=True):
+            return _import_to_cache(b, cache, verified, log, concurrency)
 
-        blobs: dict[Digest, int] = {}
-        for _, _, entries in plans:
-            for en in entries:
-                blobs[en.digest] = en.size
-        fetcher = Fetcher(b, cache, concurrency=concurrency, log=log, label=str(b.path), source_name=str(b.path))
-        todo = [Blob(d, s) for d, s in blobs.items()]
-        missing = fetcher.missing(todo)
-        # As pull estimates it: the missing blobs, plus room for what tar layers extract to (at least their size).
-        # First: it costs nothing, the reads below may take minutes.
-        extracted = sum(en.size for _, _, entries in plans for en in entries if en.kind == "tar")
-        cache.check_space(sum(x.size for x in missing) + extracted, f"bundle {b.path} ({len(missing)} blobs)")
-        # Every blob a model names is read from the bundle and verified before anything is copied, also the ones
-        # the cache already has: a bundle must hold what it names (it is recorded as a source of the model, so it
-        # must prove possession like any source), and a corrupt one is refused before anything becomes visible.
-        for x in todo:
-            b.verify_blob(x.digest, x.size)
-        log.info("import.start", bundle=str(b.path), refs=len(plans), blobs=len(missing),
-                 bytes=sum(x.size for x in missing))
-        fetcher.fetch(todo)
-        return [_publish(cache, e, image, entries, verified.get(e.digest), log) for e, image, entries in plans]
+
+def _import_to_cache(b: Bundle, cache: Cache, verified: dict[Digest, Verified], log: Any,
+                     concurrency: int) -> list[ImportResult]:
+    plans = []
+    for e in b.refs():
+        image = b.image(e)
+        entries = layout.layer_entries(image, e.label, log=log)  # refuses unsafe names before anything is written
+        if not entries:
+            raise ArtifactError(f"{e.label}: no layer has an {layout.TITLE} or {layout.MODELPACK_FILEPATH}"
+                                " annotation, so the model would be empty")
+        if image.config is not None and f"blobs/sha256/{image.config.digest.hex}" in b.members:
+            b.verify_blob(image.config.digest, image.config.size)
+        plans.append((e, image, entries))
+
+    blobs: dict[Digest, int] = {}
+    for _, _, entries in plans:
+        for en in entries:
+            blobs[en.digest] = en.size
+    fetcher = Fetcher(b, cache, concurrency=concurrency, log=log, label=str(b.path), source_name=str(b.path))
+    todo = [Blob(d, s) for d, s in blobs.items()]
+    missing = fetcher.missing(todo)
+    # As pull estimates it: the missing blobs, plus room for what tar layers extract to (at least their size).
+    # First: it costs nothing, the reads below may take minutes.
+    extracted = sum(en.size for _, _, entries in plans for en in entries if en.kind == "tar")
+    cache.check_space(sum(x.size for x in missing) + extracted, f"bundle {b.path} ({len(missing)} blobs)")
+    # Every blob a model names is read from the bundle and verified before anything is copied, also the ones
+    # the cache already has: a bundle must hold what it names (it is recorded as a source of the model, so it
+    # must prove possession like any source), and a corrupt one is refused before anything becomes visible.
+    for x in todo:
+        b.verify_blob(x.digest, x.size)
+    log.info("import.start", bundle=str(b.path), refs=len(plans), blobs=len(missing),
+             bytes=sum(x.size for x in missing))
+    fetcher.fetch(todo)
+    return [_publish(cache, e, image, entries, verified.get(e.digest), log) for e, image, entries in plans]
 
 
 def _publish(cache: Cache, e: BundleRef, image: oci.ImageManifest, entries: list[layout.Entry],

@@ -124,14 +124,15 @@ def verify(client: RegistryClient, policy: Policy, digest: Digest, label: str, l
 
 
 def verify_in(source: SignatureSource, policy: Policy, digest: Digest, label: str, log: Any,
-              event: str = "pull.signature_verified") -> Verified:
-    """The signature in ``source`` that verifies ``digest`` under ``policy``, or SignatureError (nothing verifies)."""
+              event: str = "pull.signature_verified", then: str = "pull again") -> Verified:
+    """The signature in ``source`` that verifies ``digest`` under ``policy``, or SignatureError (nothing verifies;
+    ``then`` is the refusal's advice after signing)."""
     looked: list[str] = []
     problems: list[str] = []
     kinds = ((signing.COSIGN_SIG_ARTIFACT,) if policy.keys else ()) + (
         (signing.SIGSTORE_BUNDLE,) if policy.identities else ())
     found = _signatures(source, find(source, kinds, digest, label, looked, problems), label, problems)
-    verified = signing.check(found, policy, digest, label, looked, problems)
+    verified = signing.check(found, policy, digest, label, looked, problems, then)
     log.info(event, ref=label, digest=digest, signer=verified.signer, where=verified.where,
              signature=verified.signature, policy=verified.policy)
     return verified

@@ -448,12 +448,13 @@ def signature_layer(payload: bytes, signature: bytes) -> dict[str, Any]:
 
 # ---- the verdict ---------------------------------------------------------------------------------------------
 def check(candidates: Iterable[Candidate], policy: Policy, digest: Digest, label: str,
-          looked: Sequence[str] = (), problems: list[str] | None = None) -> Verified:
+          looked: Sequence[str] = (), problems: list[str] | None = None, then: str = "pull again") -> Verified:
     """The first candidate whose payload signs ``digest`` and whose signature verifies with one of the policy's
     keys; else SignatureError naming the reference, the digest and what did not match (at most MAX_PROBLEMS
     reasons). ``candidates`` is consumed lazily, so the search stops at the first signature that verifies.
     ``looked`` names where signatures were looked for, ``problems`` what was refused while finding them: both are
-    filled by the finder while ``candidates`` is consumed, and read once it is exhausted."""
+    filled by the finder while ``candidates`` is consumed, and read once it is exhausted. ``then``: what the
+    refusal advises after signing (import: export again with the signatures)."""
     found = 0
     seen: list[str] = problems if problems is not None else []
     for c in candidates:
@@ -486,7 +487,7 @@ def check(candidates: Iterable[Candidate], policy: Policy, digest: Digest, label
             what += f"; and {len(seen) - MAX_PROBLEMS} more"
     raise SignatureError(f"{label}: model {digest} is not signed as the policy requires ({policy.describe()}):"
                          f" {what}. Nothing was published; sign it (model-loader sign {label} --key KEY, or cosign"
-                         " sign) and pull again")
+                         f" sign) and {then}")
 
 
 # ---- keyless: Sigstore bundles ---------------------------------------------------------------------------------

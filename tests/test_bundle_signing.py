@@ -392,3 +392,61 @@ def test_hand_made_signature_at_the_tag_travels(capsys, pusher, registry, tmp_pa
     code, res, err = import_(capsys, bundle, ("--cache", str(cache)), keys["right"].pub)
     assert code == 0, err
     assert (res[0]["verified"]["where"], res[0]["verified"]["signature"]) == ("tag", sig)
+
+
+# ---- the cluster's policy by prefix, and what import does not verify ------------------------------------------------
+def test_the_cluster_policy_decides_per_model(capsys, pusher, registry, tmp_path, cache, sentinel, keys):
+    """--signature-policy (the agent's and webhook's table): each model of one bundle under its own rule. A signed
+    model under a rule, and an unsigned one under an exempt prefix, import; the same bundle with the unsigned model
+    under the rule is refused whole."""
+    signed = f"{registry.host}/bsig/table/signed:v1"
+    exempt = f"{registry.host}/bsig/table/scratch/unsigned:v1"
+    s_digest = pusher.push_artifact("bsig/table/signed", "v1", _layers(FILES))
+    u_digest = pusher.push_artifact("bsig/table/scratch/unsigned", "v1", _layers({"u.bin": b"unsigned"}))
+    sig = sign(capsys, signed, keys["right"])["signature"]
+    bundle = tmp_path / "b.tar"
+    export(capsys, bundle, signed, exempt)
+    pem = keys["right"].pub_pem.decode()
+
+    def table(*rules: dict) -> tuple[str, str]:
+        return (contract.FLAG_SIGNATURE_POLICY_DATA, json.dumps(list(rules)))
+
+    strict = table({"prefix": f"{registry.host}/bsig/table", "keys": [pem]})
+    before, sent = snapshot(cache), snapshot(sentinel)
+    code, res, err = import_(capsys, bundle, ("--cache", str(cache)), extra=strict)
+    assert (code, res) == (contract.ExitCode.SIGNATURE, [])
+    assert f"{exempt}: model {u_digest} is not signed as the policy requires" in err
+    assert f"export it again with its signatures (model-loader export {exempt} -o BUNDLE.tar)" in err
+    assert (snapshot(cache), snapshot(sentinel)) == (before, sent)
+
+    code, res, err = import_(capsys, bundle, ("--cache", str(cache)), extra=table(
+        {"prefix": f"{registry.host}/bsig/table", "keys": [pem]}, {"prefix": f"{registry.host}/bsig/table/scratch"}))
+    assert code == 0, err
+    assert [(r["digest"], r.get("verified", {}).get("signature")) for r in res] == [(s_digest, sig), (u_digest, None)]
+
+
+def test_an_unnamed_model_under_the_cluster_policy_is_refused(capsys, pusher, registry, tmp_path, cache, keys):
+    """A bundle entry without io.containerd.image.name: no rule can be chosen for it, so it is refused rather than
+    let through unverified."""
+    digest = pusher.push_artifact("bsig/unnamed", "v1", _layers(FILES))
+    plain = tmp_path / "plain.tar"
+    export(capsys, plain, f"{registry.host}/bsig/unnamed:v1")
+    index, blobs = bundle_tar.read(plain)
+    index["manifests"][0]["annotations"] = {REF_NAME: "v1"}
+    bundle = tmp_path / "unnamed.tar"
+    bundle_tar.write(bundle, index, blobs)
+    before = snapshot(cache)
+    code, res, err = import_(capsys, bundle, ("--cache", str(cache)), extra=(
+        contract.FLAG_SIGNATURE_POLICY_DATA, json.dumps([{"prefix": registry.host, "keys": [keys["right"].pub_pem.decode()]}])))
+    assert (code, res) == (contract.ExitCode.SIGNATURE, [])
+    assert (f"v1: model {digest} carries no repository name in the bundle, so the signature policy's rules cannot"
+            " say what it must be signed by; nothing was imported") in err
+    assert snapshot(cache) == before
+
+
+def test_an_openssf_model_signature_policy_is_refused_before_the_bundle_is_read(capsys, tmp_path, keys):
+    code, res, err = import_(capsys, tmp_path / "no-such.tar", ("--cache", str(tmp_path / "cache")),
+                             keys["right"].pub, extra=(contract.FLAG_VERIFY_MODEL_SIGNATURE,))
+    assert (code, res) == (contract.ExitCode.USAGE, [])
+    assert "an OpenSSF model signature (--verify-model-signature, over the files) is checked by pull only" in err
+    assert not (tmp_path / "cache").exists()
