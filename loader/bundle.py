@@ -591,20 +591,20 @@ class Verification:
 
 
 def verify_signatures(b: Bundle, entries: list[BundleRef], verification: Verification | None,
-                      log: Any) -> dict[Digest, Verified]:
-    """Every model's signature, from the bundle, offline, before anything is published: {model digest: what
-    verified it}; SignatureError (exit 10) for the first model none verifies."""
-    out: dict[Digest, Verified] = {}
+                      log: Any) -> dict[BundleRef, Verified]:
+    """Every model's signature, from the bundle, offline, before anything is published: {entry: what verified it}
+    (each entry under its own policy); SignatureError (exit 10) for the first model none verifies."""
+    out: dict[BundleRef, Verified] = {}
     if verification is None:
         return out
     for e in entries:
         policy = verification.policy_for(e)
         if policy is None:
             continue
-        out[e.digest] = sign.verify_in(BundleSignatures(b, _ref_of(e)), policy, e.digest, e.label, log,
-                                       event="import.signature_verified",
-                                       then=f"export it again with its signatures (model-loader export {e.label}"
-                                            " -o BUNDLE.tar) and import that")
+        out[e] = sign.verify_in(BundleSignatures(b, _ref_of(e)), policy, e.digest, e.label, log,
+                                event="import.signature_verified",
+                                then=f"export it again with its signatures (model-loader export {e.label}"
+                                     " -o BUNDLE.tar) and import that")
     return out
 
 
@@ -642,7 +642,7 @@ def import_to_cache(bundle_path: str | Path, cache_dir: str | Path, log: Any, co
             return _import_to_cache(b, cache, verified, log, concurrency)
 
 
-def _import_to_cache(b: Bundle, cache: Cache, verified: dict[Digest, Verified], log: Any,
+def _import_to_cache(b: Bundle, cache: Cache, verified: dict[BundleRef, Verified], log: Any,
                      concurrency: int) -> list[ImportResult]:
     plans = []
     for e in b.refs():
@@ -674,7 +674,7 @@ def _import_to_cache(b: Bundle, cache: Cache, verified: dict[Digest, Verified], 
     log.info("import.start", bundle=str(b.path), refs=len(plans), blobs=len(missing),
              bytes=sum(x.size for x in missing))
     fetcher.fetch(todo)
-    return [_publish(cache, e, image, entries, verified.get(e.digest), log) for e, image, entries in plans]
+    return [_publish(cache, e, image, entries, verified.get(e), log) for e, image, entries in plans]
 
 
 def _publish(cache: Cache, e: BundleRef, image: oci.ImageManifest, entries: list[layout.Entry],
@@ -759,7 +759,7 @@ def import_to_registry(bundle_path: str | Path, target: str, opts: RegistryOptio
         results = []
         for e, dest, manifests, blobs, sigs in jobs:
             try:
-                results.append(_push_entry(b, e, dest, manifests, blobs, sigs, checked.get(e.digest), opts, log))
+                results.append(_push_entry(b, e, dest, manifests, blobs, sigs, checked.get(e), opts, log))
             except AuthError as exc:
                 raise push_auth_error(dest, exc) from exc
         return results

@@ -131,7 +131,7 @@ def verify_in(source: SignatureSource, policy: Policy, digest: Digest, label: st
     problems: list[str] = []
     kinds = ((signing.COSIGN_SIG_ARTIFACT,) if policy.keys else ()) + (
         (signing.SIGSTORE_BUNDLE,) if policy.identities else ())
-    found = _signatures(source, find(source, kinds, digest, label, looked, problems), label, problems)
+    found = _signatures(source, find(source, kinds, digest, label, looked, problems), problems)
     verified = signing.check(found, policy, digest, label, looked, problems, then)
     log.info(event, ref=label, digest=digest, signer=verified.signer, where=verified.where,
              signature=verified.signature, policy=verified.policy)
@@ -159,7 +159,7 @@ def find(source: SignatureSource, kinds: Sequence[str], digest: Digest, label: s
         for m, artifact_type in manifests:
             got = source.manifest(m)
             if got is None:
-                problems.append(f"referrer {m} is listed but the registry has no such manifest")
+                problems.append(f"referrer {m} is listed but there is no such manifest")
             else:
                 yield SignatureManifest(where, Digest.of(got[0]), got[1], got[0], artifact_type)
     if signing.COSIGN_SIG_ARTIFACT not in kinds:  # cosign's tag holds key signatures only
@@ -170,7 +170,7 @@ def find(source: SignatureSource, kinds: Sequence[str], digest: Digest, label: s
         yield SignatureManifest("tag", Digest.of(got[0]), got[1], got[0], signing.COSIGN_SIG_ARTIFACT)
 
 
-def _signatures(source: SignatureSource, manifests: Iterator[SignatureManifest], label: str,
+def _signatures(source: SignatureSource, manifests: Iterator[SignatureManifest],
                 problems: list[str]) -> Iterator[Candidate]:
     """The signatures the found manifests hold, lazily: Sigstore bundles, cosign payloads with their signatures."""
     for m in manifests:
