@@ -135,6 +135,9 @@ def test_export_carries_the_signatures_in_a_layout_skopeo_reads(capsys, pusher, 
         subprocess.run(["skopeo", "copy", "--quiet", f"oci-archive:{bundle}:{tag}", f"dir:{out}"], check=True,
                        capture_output=True)
         assert (out / "manifest.json").read_bytes() == want
+    raw = subprocess.run(["skopeo", "inspect", "--raw", f"oci-archive:{bundle}:sha256-{hexd}"], check=True,
+                         capture_output=True).stdout
+    assert raw == fallback
 
     # --no-with-signatures: the model alone, as before signatures travelled.
     plain = tmp_path / "plain.tar"
