@@ -69,7 +69,7 @@ from loader.cache import Cache, record_verification
 from loader.digest import Digest
 from loader.errors import ArtifactError, AuthError, DigestMismatch, UsageError
 from loader.fetch import BLOB_POLICY, Blob, Fetcher, transfer
-from loader.publish import publish_model
+from loader.publish import publish_model, verify_staged_tree
 from loader.reference import Reference, parse
 from loader.registry import RegistryClient
 from loader.retry import Attempts, Deadline
@@ -572,11 +572,6 @@ class Verification:
     policy: Policy | None = None
     table: PolicyTable | None = None
 
-    def __post_init__(self) -> None:
-        if self.policy is not None and self.policy.model_signature:
-            raise UsageError("import verifies cosign and Sigstore signatures over the manifest digest; an OpenSSF"
-                             " model signature (--verify-model-signature, over the files) is checked by pull only")
-
     def policy_for(self, e: BundleRef) -> Policy | None:
         if self.table is None:
             return self.policy if self.policy is not None and self.policy.required else None
@@ -599,7 +594,7 @@ def verify_signatures(b: Bundle, entries: list[BundleRef], verification: Verific
         return out
     for e in entries:
         policy = verification.policy_for(e)
-        if policy is None:
+        if policy is None or policy.model_signature:  # over the files: on the staged tree, before publish
             continue
         out[e] = sign.verify_in(BundleSignatures(b, _ref_of(e)), policy, e.digest, e.label, log,
                                 event="import.signature_verified",
@@ -639,11 +634,11 @@ def import_to_cache(bundle_path: str | Path, cache_dir: str | Path, log: Any, co
         verified = verify_signatures(b, b.refs(), verification, log)
         cache = Cache(cache_dir).ensure()
         with cache.gc_lock(shared=True):
-            return _import_to_cache(b, cache, verified, log, concurrency)
+            return _import_to_cache(b, cache, verified, log, concurrency, verification)
 
 
 def _import_to_cache(b: Bundle, cache: Cache, verified: dict[BundleRef, Verified], log: Any,
-                     concurrency: int) -> list[ImportResult]:
+                     concurrency: int, verification: Verification | None = None) -> list[ImportResult]:
     plans = []
     for e in b.refs():
         image = b.image(e)
@@ -674,6 +669,11 @@ def _import_to_cache(b: Bundle, cache: Cache, verified: dict[BundleRef, Verified
     log.info("import.start", bundle=str(b.path), refs=len(plans), blobs=len(missing),
              bytes=sum(x.size for x in missing))
     fetcher.fetch(todo)
+    # OpenSSF model signatures are over the files: every model's tree is checked before any is published.
+    for e, _, entries in plans:
+        policy = verification.policy_for(e) if verification is not None else None
+        if policy is not None and policy.model_signature:
+            verified[e] = verify_staged_tree(cache, entries, e.digest, policy, e.label)
     return [_publish(cache, e, image, entries, verified.get(e), log) for e, image, entries in plans]
 
 
@@ -738,6 +738,12 @@ def import_to_registry(bundle_path: str | Path, target: str, opts: RegistryOptio
                        verification: Verification | None = None) -> list[ImportResult]:
     with Bundle(bundle_path) as b:
         refs = b.refs()
+        for e in refs:
+            policy = verification.policy_for(e) if verification is not None else None
+            if policy is not None and policy.model_signature:
+                raise UsageError(f"{e.label}: an OpenSSF model signature (--verify-model-signature) is over the model's"
+                                 " files, checked on the tree before it is published to a cache (import --cache, pull);"
+                                 " a registry target holds no tree: the loaders that pull from it check it")
         # First, before the registry is written to: every model's signature, from the bundle.
         checked = verify_signatures(b, refs, verification, log)
         jobs = []

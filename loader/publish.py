@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loader import layout
 from loader.access import Source, add_source
 from loader.cache import Cache, CachedModel, current_boot_id
 from loader.digest import Digest
 from loader.errors import ArtifactError
+
+if TYPE_CHECKING:
+    from loader.signing import Policy, Verified
 
 
 def publish_model(cache: Cache, digest: str, entries: list[layout.Entry], image: dict[str, Any], media_type: str,
@@ -43,3 +46,19 @@ def publish_model(cache: Cache, digest: str, entries: list[layout.Entry], image:
     if model is None:
         raise ArtifactError(f"{label}: model {digest} was published but cannot be read back from cache {cache.root}")
     return model
+
+
+def verify_staged_tree(cache: Cache, entries: list[layout.Entry], digest: Digest, policy: Policy,
+                       label: str) -> Verified:
+    """An OpenSSF model signature (policy.model_signature): the model's files, laid out as they will be published
+    (hard links to the verified blobs, tars extracted) in a staging tree of their own that is removed afterwards,
+    checked against the model's signature file. Before publish, by pull and by import alike; SignatureError (exit
+    10) when it does not verify."""
+    from loader import signing
+
+    staging = cache.new_staging()
+    try:
+        layout.materialize(entries, staging, cache.blob_path, label)
+        return signing.verify_model_signature(staging, policy, digest, label, cache.tmp_dir())
+    finally:
+        cache.remove_tree(staging)

@@ -30,7 +30,7 @@ from loader.digest import Digest
 from loader.errors import ArtifactError, AuthError, NetworkError, UsageError
 from loader.fetch import BLOB_POLICY, LOCK_STALL, Blob, Fetcher
 from loader.progress import Progress
-from loader.publish import publish_model
+from loader.publish import publish_model, verify_staged_tree
 from loader.reference import Reference, parse
 from loader.registry import RegistryClient
 from loader.retry import RetryPolicy
@@ -304,7 +304,8 @@ def _pull_online(ref: Reference, client: RegistryClient, cache: Cache, opts: Pul
     if model is not None:  # every blob this pod could not show is now downloaded and verified from its registry
         return hit(model, source=source, fetched=client.bytes_received, verified=verified)
     if opts.signatures_required and verified is None:  # an OpenSSF model signature: on the files, before publish
-        verified = _verify_staged_tree(cache, entries, digest, opts, label)
+        assert opts.signature_policy is not None
+        verified = verify_staged_tree(cache, entries, digest, opts.signature_policy, label)
     model = publish_model(cache, digest, entries, dict(image.raw), image.media_type, [label], label, [source])
     if verified is not None:
         cache.update_meta(digest, lambda meta: record_verification(meta, verified.policy, verified.record(time.time())))
@@ -348,21 +349,6 @@ def _require_signature(client: RegistryClient, cache: Cache, digest: Digest, mod
             return None
         return signing.verify_model_signature(model.path, policy, digest, label, cache.tmp_dir())
     return sign.verify(client, policy, digest, label, log)
-
-
-def _verify_staged_tree(cache: Cache, entries: list[layout.Entry], digest: Digest, opts: PullOptions,
-                        label: str) -> Verified:
-    """The model's files, laid out as they will be published (hard links to the verified blobs, tars extracted),
-    in a staging tree of their own that is removed afterwards, checked against the model's signature file."""
-    from loader import signing
-
-    assert opts.signature_policy is not None
-    staging = cache.new_staging()
-    try:
-        layout.materialize(entries, staging, cache.blob_path, label)
-        return signing.verify_model_signature(staging, opts.signature_policy, digest, label, cache.tmp_dir())
-    finally:
-        cache.remove_tree(staging)
 
 
 def _prove_the_rest(client: RegistryClient, fetcher: Fetcher, cache: Cache, blobs: list[Blob], proven: set[Digest],

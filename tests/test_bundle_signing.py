@@ -447,9 +447,40 @@ def test_an_unnamed_model_under_the_cluster_policy_is_refused(capsys, pusher, re
     assert snapshot(cache) == before
 
 
-def test_an_openssf_model_signature_policy_is_refused_before_the_bundle_is_read(capsys, tmp_path, keys):
-    code, res, err = import_(capsys, tmp_path / "no-such.tar", ("--cache", str(tmp_path / "cache")),
-                             keys["right"].pub, extra=(contract.FLAG_VERIFY_MODEL_SIGNATURE,))
+def test_an_openssf_model_signature_is_checked_on_the_imported_tree_before_publish(capsys, pusher, registry,
+                                                                                   tmp_path, cache, keys):
+    from tests.test_signing import _model_signed, _unchanged_but_blobs
+
+    (tmp_path / "g").mkdir()
+    (tmp_path / "b").mkdir()
+    good = _model_signed(tmp_path / "g", keys["right"], FILES)
+    bad = _model_signed(tmp_path / "b", keys["right"], FILES, change={"config.json": b'{"a": 2}'})
+    refs = {}
+    for name, files in (("good", good), ("bad", bad)):
+        refs[name] = (pusher.push_artifact(f"bundle/openssf-{name}", "v1", _layers(files)),
+                      f"{registry.host}/bundle/openssf-{name}:v1")
+        export(capsys, tmp_path / f"{name}.tar", refs[name][1])
+    flags = (contract.FLAG_VERIFY_MODEL_SIGNATURE,)
+    code, res, err = import_(capsys, tmp_path / "good.tar", ("--cache", str(cache)), keys["right"].pub, extra=flags)
+    assert code == 0, err
+    [one] = res
+    assert (one["digest"], one["verified"]["where"], one["verified"]["signer"]) == (
+        refs["good"][0], "model-signature", keys["right"].fingerprint)
+    assert tree(cache / contract.MODELS_DIR / refs["good"][0].split(":")[1]) == good
+    # A later pull under the same policy is a recorded hit.
+    code, again, err = pull(capsys, refs["good"][1], cache, keys["right"].pub, extra=flags)
+    assert code == 0 and again is not None and again["verified"]["recorded"] is True, err
+
+    before = snapshot(cache)
+    code, res, err = import_(capsys, tmp_path / "bad.tar", ("--cache", str(cache)), keys["right"].pub, extra=flags)
+    assert (code, res) == (contract.ExitCode.SIGNATURE, [])
+    assert f"{refs['bad'][1]}: model {refs['bad'][0]} is not signed as the policy requires" in err
+    _unchanged_but_blobs(before, snapshot(cache))
+
+    # A registry target holds no tree to check: refused before anything is pushed.
+    code, res, err = import_(capsys, tmp_path / "good.tar", ("--to", f"{registry.host}/elsewhere"), keys["right"].pub,
+                             extra=flags)
     assert (code, res) == (contract.ExitCode.USAGE, [])
-    assert "an OpenSSF model signature (--verify-model-signature, over the files) is checked by pull only" in err
-    assert not (tmp_path / "cache").exists()
+    assert "a registry target holds no tree: the loaders that pull from it check it" in err
+
+
