@@ -17,6 +17,7 @@ pure; :class:`LabelSync` reads the cache and talks to the node API (:class:`load
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -35,6 +36,9 @@ if TYPE_CHECKING:
     from loader.observe import PullObserver
     from loader.pull import PullResult
 
+#: The shape of a refs/ entry's name (loader.reference.cache_key: readable part, '-', 16 hex); anything else in
+#: refs/ was not made by model-loader and names no label (one bad label would get every patch refused).
+_CACHE_KEY = re.compile(r"[A-Za-z0-9_.-]+-[0-9a-f]{16}")
 #: Warm labels per node at most: a node object is read by every scheduler pass and every watch; keep it small.
 MAX_WARM_LABELS = 64
 LABEL_INTERVAL = 30.0  # seconds between label syncs (a sync that changes nothing sends nothing)
@@ -50,7 +54,7 @@ def warm_labels(cache: Cache, limit: int = MAX_WARM_LABELS) -> dict[str, str]:
     published = {d.hex for d in cache.list_models()}
     lastuse = cache.list_lastuse()
     held = [(lastuse.get(target.hex, 0.0), name) for name, target in cache.list_refs().items()
-            if target is not None and target.hex in published]
+            if target is not None and target.hex in published and _CACHE_KEY.fullmatch(name)]
     held.sort(key=lambda item: (-item[0], item[1]))
     out: dict[str, str] = {}
     for _, name in held:

@@ -12,8 +12,10 @@ which a pod can also write itself, without the webhook)::
       {"prefix": "registry.example.com/models/scratch"}
     ]
 
-The longest matching prefix decides (``host``, ``host:port``, or ``host/repository-prefix`` on ``/`` boundaries); a
-rule with neither keys nor identities exempts its prefix; a reference no rule matches needs no signature. Keyless
+The longest matching prefix decides (``host``, ``host:port``, or ``host/repository-prefix`` on ``/`` boundaries; hosts
+compared as one registry: case, ``:443`` and Docker Hub's aliases folded); a rule with neither keys nor identities
+exempts its prefix; ``{"prefix": "*"}`` matches what no other rule does (a policy that fails closed); a reference no
+rule matches needs no signature. Keyless
 identities are verified against a trusted root given beside the policy (the webhook's ``MODEL_CACHE_TRUSTED_ROOT``,
 the agent's ``--trusted-root``). The PEM texts are checked as keys by whoever loads them (loader/signing.py); here
 only their shape and size.
@@ -55,10 +57,27 @@ class Rule:
         return bool(self.keys or self.identities)
 
     def matches(self, registry: str, repository: str) -> bool:
+        if self.prefix == ANY:
+            return True
         host, _, repo = self.prefix.partition("/")
-        if registry.lower() != host:
+        if canonical_host(registry) != canonical_host(host):
             return False
         return not repo or repository == repo or repository.startswith(repo + "/")
+
+
+#: A rule for every reference no other rule matches (the longest prefix still decides): a policy that fails closed.
+ANY = "*"
+#: Names of one registry: Docker Hub's aliases, compared as one host (the default port, too, is the same host).
+_HUB_ALIASES = frozenset({"docker.io", "index.docker.io", "registry-1.docker.io", "registry.hub.docker.com"})
+
+
+def canonical_host(host: str) -> str:
+    """A registry host as a rule compares it: lowercase, without the default HTTPS port, Docker Hub's aliases as
+    ``docker.io``; so ``REGISTRY.example.com:443`` and ``registry.example.com`` are one host, as they are one registry."""
+    h = host.lower()
+    if h.endswith(":443"):
+        h = h[:-4]
+    return "docker.io" if h in _HUB_ALIASES else h
 
 
 def _shown(value: object) -> str:
@@ -102,7 +121,9 @@ def parse_rules(text: str, where: str) -> tuple[Rule, ...]:
         if not isinstance(prefix, str):
             raise PolicyError(f"{at}.prefix is {_shown(prefix)}: give host, host:port or host/repository-prefix")
         host, _, repo = prefix.partition("/")
-        if not _HOST.fullmatch(host) or (repo and not _REPO.fullmatch(repo)) or prefix != prefix.strip():
+        if prefix == ANY:
+            pass
+        elif not _HOST.fullmatch(host) or (repo and not _REPO.fullmatch(repo)) or prefix != prefix.strip():
             raise PolicyError(f"{at}.prefix is {_shown(prefix)}: give host, host:port or host/repository-prefix in"
                               " lowercase, without a scheme, a tag or a trailing '/' (e.g. registry.example.com/models)")
         if prefix in seen:
@@ -124,9 +145,13 @@ def parse_rules(text: str, where: str) -> tuple[Rule, ...]:
 
 
 def rule_for(registry: str, repository: str, rules: Sequence[Rule]) -> Rule | None:
-    """The rule for a reference: the longest prefix that matches, or None."""
+    """The rule for a reference: the longest prefix that matches (``*`` the shortest of all), or None."""
     best: Rule | None = None
     for rule in rules:
-        if rule.matches(registry, repository) and (best is None or len(rule.prefix) > len(best.prefix)):
+        if rule.matches(registry, repository) and (best is None or _rank(rule) > _rank(best)):
             best = rule
     return best
+
+
+def _rank(rule: Rule) -> int:
+    return -1 if rule.prefix == ANY else len(rule.prefix)

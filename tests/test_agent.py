@@ -72,6 +72,10 @@ def test_warm_labels_follow_what_the_cache_holds(registry, pusher, tmp_path):
     # A link that is not a model's (something else wrote it) and a dangling one count for nothing.
     (cache_dir / contract.REFS_DIR / "stray-0123456789abcdef").symlink_to("../blobs/sha256/" + "0" * 64)
     (cache_dir / contract.REFS_DIR / "gone-fedcba9876543210").symlink_to("../models/sha256/" + "1" * 64)
+    # A name not of model-loader's making, linking a real model: no label (a malformed one would fail every patch).
+    digest0 = cache.ref_target(refs[0])
+    assert digest0 is not None
+    (cache_dir / contract.REFS_DIR / "not a key!").symlink_to(f"../models/sha256/{digest0.hex}")
     assert warm_labels(cache) == {label(r): "true" for r in refs}
 
     # gc evicts warm-2 (least recently used, beyond the size): its label goes with it.
@@ -416,6 +420,18 @@ def test_restrict_node_policy_admits_only_the_taint_removal_and_warm_labels_on_i
     assert admitted(policy, {"username": me["username"]}, old, good) == [
         "the agent may change only the node its pod runs on"]
     assert admitted(policy, {"username": "system:node:node-a"}, old, node("node-a", [])) == ["not matched"]
+    spec_msg = "the agent may not change a node's owners, finalizers or spec beyond the warming taint"
+    owned = copy.deepcopy(good)
+    owned["metadata"]["ownerReferences"] = [{"apiVersion": "v1", "kind": "ConfigMap", "name": "gone", "uid": "u"}]
+    final = copy.deepcopy(good)
+    final["metadata"]["finalizers"] = ["example.com/hold"]
+    for field, value in (("podCIDR", "10.0.0.0/24"), ("podCIDRs", ["10.0.0.0/24"]), ("providerID", "fake://x"),
+                         ("configSource", {"configMap": {"name": "x"}})):
+        changed = copy.deepcopy(good)
+        changed["spec"][field] = value
+        assert admitted(policy, me, good, changed) == [spec_msg], field
+    assert admitted(policy, me, good, owned) == [spec_msg]
+    assert admitted(policy, me, good, final) == [spec_msg]
 
 
 def test_the_signature_policy_component_gives_the_agent_the_policy_file(tmp_path):

@@ -734,12 +734,31 @@ def test_at_the_connection_limit_the_longest_idle_connection_makes_room(served):
     assert (slots.evicted, slots.refused) == (1, 0)
 
 
+def test_connections_trickling_a_head_make_room_and_cannot_lock_others_out(served):
+    # A slowloris: every slot holds a connection that sent part of a head. A new one takes the oldest's slot.
+    server = served(max_connections=3)
+    heads = [server.raw() for _ in range(3)]
+    try:
+        for conn in heads:
+            conn.sendall(b"POST /mutate HTTP/1.1\r\nhost: 127.0.0.1\r\n")
+        body = review(pod("crio"))
+        with server.client() as client:
+            answered = client.post("/mutate", json=body)
+        assert answered.json() == admission.mutate_review(copy.deepcopy(body), SYNCED, SETTINGS)
+        assert _closed(heads[0])
+    finally:
+        for conn in heads:
+            conn.close()
+    slots, _ = _slots(server)
+    assert (slots.evicted, slots.refused) == (1, 0)
+
+
 def test_when_every_connection_is_busy_a_new_one_is_refused_and_probes_are_still_answered(served):
     server = served(max_connections=3, probe=True)
     busy = [server.raw() for _ in range(3)]
     try:
-        for conn in busy:  # each in the middle of a request head: not idle, not evictable
-            conn.sendall(b"POST /mutate HTTP/1.1\r\nhost: 127.0.0.1\r\n")
+        for conn in busy:  # each past its head, in the middle of a body: not idle, not evictable
+            conn.sendall(_head(1_000) + b'{"apiVersion": ')
         with server.raw() as refused:
             assert _closed(refused)
         with server.client(port=server.probe_port) as probes:

@@ -15,9 +15,11 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -31,6 +33,7 @@ from loader import contract
 from loader.access import PROOF_BYTES
 from loader.cache import Cache
 from loader.csi import DRIVER_NAME, csi_pb2, csi_pb2_grpc, mounts
+from loader.csi.jobs import Jobs, Limits, Owner, TooManyJobs
 from loader.csi.server import Running, serve, wait_budget
 from loader.log import Logger
 from tests.support.auth_registry import session_for, start_htpasswd_registry
@@ -628,3 +631,136 @@ def test_one_call_per_volume_at_a_time(node, logged):
         proxy.set(rate=None)
         first.result()
     assert node.mounted() == [str(node.target(UID_A))]
+
+
+# ---- caps on running pulls: one tenant cannot take the node's every slot -------------------------------------------
+class SilentRegistry:
+    """A "registry" on 127.0.0.1 that accepts connections and never answers; ``close()`` drops them all (the pulls
+    waiting on it then fail)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.host = f"127.0.0.1:{self.sock.getsockname()[1]}"
+        self.held: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.held.append(conn)
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the accept()
+            self.sock.close()
+            self._thread.join()
+        for conn in self.held:
+            conn.close()
+
+
+@pytest.fixture
+def silent() -> Iterator[SilentRegistry]:
+    reg = SilentRegistry()
+    yield reg
+    reg.close()
+
+
+def _uid(i: int) -> str:
+    return f"{i:08x}-0000-4000-8000-000000000000"
+
+
+def _pod_ctx(uid: str, namespace: str, ref: str) -> dict[str, str]:
+    return {"csi.storage.k8s.io/ephemeral": "true", "csi.storage.k8s.io/pod.uid": uid,
+            "csi.storage.k8s.io/pod.namespace": namespace, "csi.storage.k8s.io/pod.name": f"app-{uid[:8]}",
+            "csi.storage.k8s.io/serviceAccount.name": "default", "ref": ref}
+
+
+def _publish_to(node: Node, ref: str, uid: str, namespace: str, name: str, timeout: float = 60.0) -> None:
+    node.node.NodePublishVolume(publish_request(ref, uid, node.target(uid, name), name=name,
+                                                context=_pod_ctx(uid, namespace, ref)), timeout=timeout)
+
+
+def _hang(node: Node, silent: SilentRegistry, pods: list[tuple[str, str]], volumes: int) -> None:
+    """Each pod (uid, namespace) publishes ``volumes`` volumes of models on the silent registry, one repository
+    each, the pod's calls at once (fewer than the call threads): every call answers ABORTED "still pulling" and its
+    pull stays running."""
+    for uid, namespace in pods:
+        calls = []
+        for v in range(volumes):
+            ref = f"{silent.host}/hang/{uid[:8]}-{v}:v1"
+            req = publish_request(ref, uid, node.target(uid, f"m{v}"), name=f"m{v}",
+                                  context=_pod_ctx(uid, namespace, ref))
+            calls.append(node.node.NodePublishVolume.future(req, timeout=1.5))
+        for call in calls:
+            with pytest.raises(grpc.RpcError) as e:
+                call.result()
+            assert e.value.code() == grpc.StatusCode.ABORTED and "still pulling" in e.value.details()
+    assert node.running is not None and node.running.plugin.jobs.running() == len(pods) * volumes
+
+
+def test_one_pods_hanging_pulls_stop_at_its_cap_and_other_pods_still_publish(node, model, silent):
+    uid = _uid(1)
+    _hang(node, silent, [(uid, "team-a")], 8)
+    ref = f"{silent.host}/hang/ninth:v1"
+    code, msg = code_of(_publish_to, node, ref, uid, "team-a", "m8", timeout=30)
+    assert (code, msg) == (grpc.StatusCode.RESOURCE_EXHAUSTED,
+                           f"pod team-a/app-{uid[:8]} (uid {uid}) has 8 pulls running, the most one pod may have at"
+                           " once (8); retry later")
+    other = _uid(2)  # another pod of the same namespace
+    _publish_to(node, model[0], other, "team-a", "model")
+    assert tree(node.target(other, "model")) == FILES
+    assert node.mounted() == [str(node.target(other, "model"))]
+
+
+def test_one_namespaces_hanging_pulls_stop_at_its_cap_and_other_namespaces_still_publish(node, model, silent):
+    _hang(node, silent, [(_uid(i), "greedy") for i in range(1, 5)], 8)  # 4 pods x 8: the namespace's 32
+    fifth = _uid(5)
+    code, msg = code_of(_publish_to, node, f"{silent.host}/hang/more:v1", fifth, "greedy", "m0", timeout=30)
+    assert (code, msg) == (grpc.StatusCode.RESOURCE_EXHAUSTED,
+                           "namespace greedy has 32 pulls running, the most one namespace may have at once (32);"
+                           " retry later")
+    other = _uid(6)
+    _publish_to(node, model[0], other, "team-b", "model")
+    assert tree(node.target(other, "model")) == FILES
+
+
+def test_finished_unclaimed_pulls_count_against_no_cap(node, model, silent):
+    """The silent registry goes away: the pod's 8 pulls fail with no call to claim them, and its next volume
+    publishes."""
+    uid = _uid(1)
+    _hang(node, silent, [(uid, "team-a")], 8)
+    silent.close()
+    assert node.running is not None
+    jobs = node.running.plugin.jobs
+    deadline = time.monotonic() + 120
+    while jobs.running():
+        assert time.monotonic() < deadline, node.log_lines
+        time.sleep(0.1)
+    assert len(jobs.held()) == 8  # finished, unclaimed
+    _publish_to(node, model[0], uid, "team-a", "model")
+    assert tree(node.target(uid, "model")) == FILES
+    assert len(jobs.held()) == 8
+
+
+def test_the_nodes_bound_drops_the_oldest_finished_jobs_first():
+    jobs: Jobs[str] = Jobs(Limits(total=3, per_pod=3, per_namespace=3))
+    owner = Owner(UID_A, "team-a", "app")
+    done = [jobs.start((k,), k, owner, lambda k=k: k) for k in ("k1", "k2", "k3")]
+    assert [j.future.result(timeout=30) for j in done] == ["k1", "k2", "k3"]
+    release = threading.Event()
+    k4 = jobs.start(("k4",), "k4", owner, lambda: str(release.wait()))
+    assert jobs.held() == [("k2",), ("k3",), ("k4",)]  # k1, the oldest finished, made room
+    assert jobs.start(("k2",), "k2", owner, lambda: "again") is done[1]  # held: no room needed
+    k1 = jobs.start(("k1",), "k1", owner, lambda: str(release.wait()))
+    assert jobs.held() == [("k3",), ("k4",), ("k1",)]
+    jobs.start(("k5",), "k5", owner, lambda: str(release.wait()))
+    assert jobs.held() == [("k4",), ("k1",), ("k5",)] and jobs.running() == 3
+    with pytest.raises(TooManyJobs) as e:
+        jobs.start(("k6",), "k6", Owner(UID_B, "team-b", "other"), lambda: "k6")
+    assert str(e.value) == "3 pulls are running on this node, the most it runs at once (3)"
+    release.set()
+    assert [k4.future.result(timeout=30), k1.future.result(timeout=30)] == ["True", "True"]

@@ -214,3 +214,16 @@ def test_a_pod_without_the_token_may_put_a_model_there():
     patched = jsonpatch.apply_patch(created, decode(mutate_review(review(created, namespace="open"), SNAPSHOT, SETTINGS)))
     mounts = patched["spec"]["containers"][0]["volumeMounts"]
     assert [(m["mountPath"], m.get("readOnly")) for m in mounts] == [("/var/run/secrets/kubernetes.io/serviceaccount", True)]
+
+
+def test_a_malformed_old_object_is_not_a_crash():
+    # oldObject comes from the client like the rest: names that are not strings are no names.
+    p = mutated()
+    old = copy.deepcopy(p)
+    old["spec"]["ephemeralContainers"] = [{"name": {}}, "x", {"name": ["a"]}]
+    body = debug(p, debugger("model-cache"))
+    body["request"]["oldObject"] = old
+    response = validate_review(body, SNAPSHOT, SETTINGS)
+    assert response["response"]["allowed"] is False
+    old["spec"]["ephemeralContainers"] = {"not": "a list"}
+    assert validate_review(body, SNAPSHOT, SETTINGS)["response"]["allowed"] is False

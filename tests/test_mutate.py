@@ -163,7 +163,13 @@ CASES = [
     # signature); the loader gets the rules its models match.
     Case("signed-model-on-crio-takes-the-loader", "multi", "crio", settings={"signature_policy": SIGNING_POLICY}),
     Case("signed-model-on-crio-with-agents-takes-csi", "single", "crio", agents=("*",),
+         settings={"signature_policy": SIGNING_POLICY, "agent_enforces_signatures": True}),
+    # Agents everywhere, but not declared to enforce the policy: the loader, which the webhook hands the policy.
+    Case("signed-model-with-unenforcing-agents-takes-the-loader", "single", "crio", agents=("*",),
          settings={"signature_policy": SIGNING_POLICY}),
+    # Spelt with the default port: one registry, one rule (not an image volume past the policy).
+    Case("signed-model-spelt-with-the-default-port", "single", "crio", annotations={
+        ann.REF: "registry.example.com:443/models/phi3:v1"}, settings={"signature_policy": SIGNING_POLICY}),
     Case("exempt-prefix-keeps-the-image-volume", "single", "crio", annotations={
         ann.REF: "registry.example.com/models/scratch/phi3:v1"}, settings={"signature_policy": SIGNING_POLICY}),
     Case("keyless-identity-passes-the-trusted-root", "single", "containerd", settings={
@@ -610,6 +616,19 @@ def test_a_signed_model_on_an_image_volume_is_denied_naming_it():
     default = Settings(signature_policy=SIGNING_POLICY, default_mode="image-volume")
     with pytest.raises(Denied, match=r"^the cluster default mode is image-volume, but model 'phi3'"):
         mutate_pod(_pod_with({}), "ml", None, fleet("crio"), default)
+
+
+def test_explicit_csi_for_a_signed_model_needs_agents_that_enforce_the_policy():
+    pod = _pod_with({ann.MODE: "csi"})
+    with pytest.raises(Denied) as e:
+        mutate_pod(pod, "ml", None, fleet("crio", agents=("*",)), Settings(signature_policy=SIGNING_POLICY))
+    assert e.value.message == (
+        "model.cache/mode is 'csi', but a model of this pod must be signed (the cluster's signature policy) and the"
+        " node agents are not declared to enforce that policy (MODEL_CACHE_AGENT_ENFORCES_SIGNATURES); set"
+        " model.cache/mode to auto or init-container (the loader verifies the signature), or give every agent the"
+        " signature-policy component and set that setting")
+    enforcing = Settings(signature_policy=SIGNING_POLICY, agent_enforces_signatures=True)
+    assert mutate_pod(pod, "ml", None, fleet("crio", agents=("*",)), enforcing).mode == ann.CSI
 
 
 def test_the_csi_path_is_admissible_under_restricted_pod_security():

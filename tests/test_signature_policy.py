@@ -71,8 +71,20 @@ def test_the_longest_prefix_decides_on_path_boundaries():
     assert rule_for("registry.example.com", "models/scratch/x", rules) is scratch
     assert not scratch.required
     assert rule_for("REGISTRY.example.com", "other/x", rules) is host  # hosts compare case-blind
-    assert rule_for("registry.example.com:443", "models/phi3", rules) is None  # another host:port
+    # One registry, however it is spelt: the default port and Docker Hub's aliases cannot step around a rule.
+    assert rule_for("registry.example.com:443", "models/phi3", rules) is models
+    assert rule_for("registry.example.com:5000", "models/phi3", rules) is None  # another port: another registry
     assert rule_for("ghcr.io", "acme/m", rules) is None
+    hub = parse_rules(json.dumps([{"prefix": "docker.io/acme", "keys": [PEM]}]), "P")
+    for alias in ("docker.io", "index.docker.io", "registry-1.docker.io", "REGISTRY.hub.docker.com", "docker.io:443"):
+        assert rule_for(alias, "acme/m", hub) is hub[0], alias
+
+
+def test_a_star_rule_fails_closed_for_what_no_other_rule_matches():
+    rules = parse_rules(json.dumps([{"prefix": "*", "keys": [PEM]}, {"prefix": "registry.example.com/scratch"}]), "P")
+    star, scratch = rules
+    assert rule_for("anything.example", "x/y", rules) is star and star.required
+    assert rule_for("registry.example.com", "scratch/x", rules) is scratch
 
 
 # --- a real pull under the policy --------------------------------------------------------------------------------

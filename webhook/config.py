@@ -118,6 +118,10 @@ class Settings(BaseSettings):
     signature_policy: Annotated[tuple[Rule, ...], NoDecode] = ()
     # base64 of the Sigstore trusted root JSON that keyless identities in the policy are verified against.
     trusted_root: str = ""
+    # Whether every node agent enforces the same policy (manifests/overlays/agent/signature-policy): only then may a
+    # model the policy covers take the CSI path; otherwise it takes the init container, whose loader the webhook
+    # hands the policy itself. The webhook cannot see an agent's flags, so the admin says so.
+    agent_enforces_signatures: bool = False
     # Weight (1-100) of the preferred node affinity toward nodes whose node agent holds the pod's model complete
     # (label contract.warm_label), added on the CSI and node-cache paths while some node carries that label; the
     # scheduler then places replicas on warm nodes when they fit. 0: never.

@@ -518,7 +518,9 @@ def check_ephemeral_containers(spec: Mapping[str, Any], old_spec: Mapping[str, A
 
     Only containers that ``old_spec`` does not have are judged (an UPDATE of pods/ephemeralcontainers adds them;
     the ones already there were admitted before). Linear in the pod's volumes and references."""
-    old = {c.get("name") for c in old_spec.get("ephemeralContainers") or () if isinstance(c, dict)}
+    previous = old_spec.get("ephemeralContainers")
+    old = {c["name"] for c in previous if isinstance(c, dict) and isinstance(c.get("name"), str)} if isinstance(
+        previous, list) else set()
     cache = _host_path(settings.node_cache_path)
     guarded: dict[str, str] = {name: "a volume the model loader mounts" for name in _loader_volumes(spec)}
     for volume in spec.get("volumes") or ():

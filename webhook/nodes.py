@@ -289,8 +289,8 @@ def choose_mode(mode: str, pod_spec: Mapping[str, Any], snapshot: Snapshot, sett
     no signature); the caller denies an explicit ``image-volume`` for such a pod, naming the model.
     """
     # The settings' version strings, not their parsed values: the messages quote them as written.
-    key = (mode, explicit, signed, settings.image_volume_min_crio, settings.image_volume_min_kubelet,
-           _scheduling_key(pod_spec))
+    key = (mode, explicit, signed, settings.agent_enforces_signatures, settings.image_volume_min_crio,
+           settings.image_volume_min_kubelet, _scheduling_key(pod_spec))
     memo = snapshot.memo
     hit = memo.get(key)
     if hit is None:
@@ -352,7 +352,16 @@ def _choose(mode: str, pod_spec: Mapping[str, Any], snapshot: Snapshot, settings
     total = len(candidates)
     without_agent = [(node, _NO_AGENT) for node in candidates if node.name not in snapshot.agents]
 
+    unenforced = signed and not settings.agent_enforces_signatures
     if mode == ann.CSI:
+        if unenforced:
+            where = f"{ann.MODE} is 'csi'" if explicit else "the cluster default mode is csi"
+            raise Denied(
+                f"{where}, but a model of this pod must be signed (the cluster's signature policy) and the node agents"
+                " are not declared to enforce that policy (MODEL_CACHE_AGENT_ENFORCES_SIGNATURES); set"
+                f" {ann.MODE} to auto or init-container (the loader verifies the signature), or give every agent the"
+                " signature-policy component and set that setting"
+            )
         if without_agent:
             where = f"{ann.MODE} is 'csi'" if explicit else "the cluster default mode is csi"
             raise Denied(
@@ -379,7 +388,7 @@ def _choose(mode: str, pod_spec: Mapping[str, Any], snapshot: Snapshot, settings
             f" node affinity) to nodes running cri-o {settings.image_volume_min_crio}+ with kubelet"
             f" {settings.image_volume_min_kubelet}+"
         )
-    if not without_agent:
+    if not without_agent and not unenforced:
         # Every candidate runs the node agent: its CSI volume, which needs no hostPath, init container or secret
         # volume (so restricted namespaces keep the shared node cache).
         agents = _grouped([(n, _AGENT) for n in candidates], total, True)

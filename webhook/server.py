@@ -41,7 +41,8 @@ _TOO_LARGE = b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0
 # Open connections per listener, counted once TLS is up. The API server keeps a pool of HTTP/1.1 connections to
 # each replica (one per review in flight, reused): tens, not hundreds. At the limit the connection idle longest
 # (between requests, or connected and silent) is closed for the new one (a client retries a request on a reused
-# connection that closed before answering); when none is idle the new one is closed. So idle connections cannot
+# connection that closed before answering), else the one longest in an unfinished request head; when every one is
+# in a request past its head, the new one is closed. So idle connections cannot
 # crowd the API server out, and busy ones each end within the head and body deadlines. Connections still in
 # their TLS handshake are bounded by the file-descriptor limit set in serve (MAX_OPEN_FILES).
 MAX_CONNECTIONS = 500
@@ -55,24 +56,29 @@ MAX_OPEN_FILES = 2048
 
 
 class Slots:
-    """The open connections of one listener, at most ``limit``, and the idle ones in the order they went idle."""
+    """The open connections of one listener, at most ``limit``; the idle ones in the order they went idle, and the
+    ones sending a request head, in the order they began it."""
 
-    __slots__ = ("evicted", "idle", "limit", "open", "refused")
+    __slots__ = ("evicted", "heads", "idle", "limit", "open", "refused")
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.open = 0
         self.idle: OrderedDict[BoundedHttpTools, None] = OrderedDict()
-        self.evicted = 0  # idle connections closed for a new one
-        self.refused = 0  # new connections closed because none was idle
+        # A head arrives in one write from the API server; one still arriving is a slow client's (or a slowloris'):
+        # evictable after the idle ones, so trickled heads cannot hold every slot.
+        self.heads: OrderedDict[BoundedHttpTools, None] = OrderedDict()
+        self.evicted = 0  # connections closed for a new one
+        self.refused = 0  # new connections closed because every one was in a request (past its head)
 
     def admit(self) -> bool:
-        """Take a slot for a new connection, closing the longest-idle one at the limit; False when all are busy."""
+        """Take a slot for a new connection, closing the longest-idle one at the limit, else the one longest in its
+        head; False when every connection is in a request past its head."""
         if self.open >= self.limit:
-            if not self.idle:
+            if not self.idle and not self.heads:
                 self.refused += 1
                 return False
-            victim, _ = self.idle.popitem(last=False)
+            victim, _ = (self.idle or self.heads).popitem(last=False)
             victim.release()
             victim.transport.close()
             self.evicted += 1
@@ -116,12 +122,15 @@ class BoundedHttpTools(HttpToolsProtocol):
         """Give up this connection's slot (once)."""
         if self._slots is not None:
             self._slots.idle.pop(self, None)
+            self._slots.heads.pop(self, None)
             self._slots.open -= 1
             self._slots = None
 
     def data_received(self, data: bytes) -> None:
         if self._slots is not None:
             self._slots.idle.pop(self, None)
+            if self._in_head and self not in self._slots.heads:
+                self._slots.heads[self] = None  # until on_headers_complete
         if self._in_head:
             self._head_bytes += len(data)
             if self._head_timer is None:
@@ -135,6 +144,8 @@ class BoundedHttpTools(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._in_head = False
         self._stop_head_timer()
+        if self._slots is not None:
+            self._slots.heads.pop(self, None)
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
