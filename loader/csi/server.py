@@ -10,6 +10,7 @@ One call per volume at a time (a second one for the same volume answers ABORTED,
 calls run on a bounded thread pool, and gRPC refuses calls beyond ``max_workers * 4`` with RESOURCE_EXHAUSTED.
 At most ``max_workers - RESERVED_WORKERS`` calls wait for pulls at once; one more answers ABORTED at once (its pull
 still starts), so a burst of publishes never starves Probe (the liveness check) or unpublishes.
+Pulls are capped per pod, per namespace and per node (jobs.py); a call past a cap answers RESOURCE_EXHAUSTED.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from loader.cache import Cache
 from loader.csi import DRIVER_NAME, csi_pb2, csi_pb2_grpc, mounts
 from loader.csi import request as rq
 from loader.csi.codes import code_for
-from loader.csi.jobs import Job, Jobs, TooManyJobs
+from loader.csi.jobs import Job, Jobs, Owner, TooManyJobs
 from loader.csi.volumes import Record, Volumes
 from loader.errors import LoaderError
 from loader.log import Logger
@@ -165,7 +166,8 @@ class Plugin:
     def _pull(self, req: rq.Publish, budget: float) -> PullResult:
         opts = dataclasses.replace(self._pull_base, credentials=req.credentials, pod_uid=req.pod.uid)
         try:
-            job = self.jobs.start(req.job_key, str(req.ref), lambda: self._observed_pull(str(req.ref), opts))
+            job = self.jobs.start(req.job_key, str(req.ref), Owner(req.pod.uid, req.pod.namespace, req.pod.name),
+                                  lambda: self._observed_pull(str(req.ref), opts))
         except TooManyJobs as exc:
             raise Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{exc}; retry later") from exc
         waits = self._waiting.acquire(blocking=False)  # no free slot: do not wait at all, the pull goes on
