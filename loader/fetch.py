@@ -236,6 +236,8 @@ def transfer(source: BlobSource, digest: Digest, size: int, start: int, end: int
                 while pos < (stop_at := current_end()):
                     if stop is not None and stop.is_set():
                         return False
+                    if attempts.deadline is not None:  # a fast-enough trickle must not outlive it either
+                        attempts.deadline.check()
                     n = body.readinto(mv[:min(len(buf), stop_at - pos + skip)])
                     if n == 0:
                         raise TransientError(f"{source_name} closed the connection {stop_at - pos} bytes early")

@@ -61,6 +61,9 @@ class PullOptions:
     policy: RetryPolicy = BLOB_POLICY
     lock_stall: float = LOCK_STALL
     gc_lock_timeout: float = GC_LOCK_TIMEOUT
+    # Seconds for the whole pull, from its start (None: the download's own deadline, scaled with its size). The CSI
+    # plugin sets one: a registry may claim any size, and a running pull holds one of its pod's few slots.
+    deadline: float | None = None
     # Issue 15: the pod this pull is for (downward API metadata.uid) and its node. Each model is pinned for the
     # pod's life (pods/<uid>/<key>); a restarted pod's loader re-verifies the pinned digest, not the tag.
     pod_uid: str | None = None
@@ -297,7 +300,8 @@ def _pull_online(ref: Reference, client: RegistryClient, cache: Cache, opts: Pul
              concurrency=opts.concurrency)
     with Progress(log, label, total, already=resumable, mode=opts.progress, interval=opts.progress_interval) as prog:
         fetcher.progress = prog
-        fetcher.fetch(blobs, verify_only=verify_only)
+        fetcher.fetch(blobs, verify_only=verify_only, deadline=None if opts.deadline is None
+                      else retry.Deadline(t0 + opts.deadline, f"the pull of {label}"))
     if opts.check_access:
         _prove_the_rest(client, fetcher, cache, blobs, proven, opts, log, label)
 

@@ -409,3 +409,25 @@ def test_pull_memory_stays_flat(size_mb, registry, pusher, tmp_path):
     proc, peak_mb = run_measured(cmd)
     assert proc.returncode == 0, proc.stderr.decode()
     assert peak_mb < 150, f"peak RSS {peak_mb:.0f} MB for a {size_mb} MB model"
+
+
+def test_a_whole_pull_deadline_cuts_a_trickle_inside_one_range_and_the_next_pull_resumes(registry, pusher, tmp_path):
+    """PullOptions.deadline (the CSI plugin sets one): a registry trickling fast enough never trips the minimum-rate
+    rule, but the pull ends at its deadline, checked before every read; its partial download stays, and the next
+    pull resumes it (the bytes already there are not fetched again)."""
+    from loader.errors import DeadlineExceeded
+    from tests.support.throttle import ThrottleProxy
+
+    weights = os.urandom(3 << 20)
+    pusher.push_artifact("deadline/model", "v1", [file_layer("w.bin", weights)])
+    cache = tmp_path / "cache"
+    with ThrottleProxy(registry.url, rate=100_000) as proxy:  # 3 MB in one range at 100 KB/s: ~30 s
+        ref = f"{proxy.host}/deadline/model:v1"
+        with pytest.raises(DeadlineExceeded):
+            pull(ref, PullOptions(cache=cache, progress="none", deadline=2.0), NullLogger())
+        assert any((cache / contract.PARTIAL_DIR).iterdir())  # the partial download (sparse, with its state) stays
+        assert not (cache / contract.MODELS_DIR).exists() or not any((cache / contract.MODELS_DIR).iterdir())
+        proxy.set(rate=None)
+        res = pull(ref, PullOptions(cache=cache, progress="none", deadline=60.0), NullLogger())
+    assert tree(Path(res.path)) == {"w.bin": weights}
+    assert res.fetched_bytes < len(weights)  # resumed: the part kept was not downloaded again

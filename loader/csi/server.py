@@ -46,6 +46,9 @@ MAX_WAIT = 110.0  # a call without a deadline waits this long for its pull (kube
 MIN_MARGIN, MAX_MARGIN = 1.0, 10.0  # answered this long before the caller's deadline (10% of what it gave)
 STATE_DIR_NAME = "volumes"  # beside the socket by default: kubelet's plugin directory, a hostPath that persists
 MAX_WORKERS = 16
+#: A CSI pull's whole deadline, whatever size the registry claims: a running pull holds one of its pod's 8 slots.
+#: A pull cut by it keeps its partial download, and kubelet's retry starts one that resumes it.
+PULL_DEADLINE = 1800.0
 RESERVED_WORKERS = 2  # never taken by calls waiting for pulls: Probe, NodeUnpublishVolume and the rest still answer
 
 
@@ -97,7 +100,8 @@ class Plugin:
         self._busy_lock = threading.Lock()
         base = settings.pull or PullOptions(cache=settings.cache_dir)
         self._pull_base = dataclasses.replace(base, cache=settings.cache_dir, check_access=True, progress="none",
-                                              offline=False, node_name=settings.node_name)
+                                              offline=False, node_name=settings.node_name,
+                                              deadline=PULL_DEADLINE)
 
     # ---- health -------------------------------------------------------------------------------------------------
     def check_usable(self) -> None:
