@@ -9,7 +9,8 @@
    the shared cache's access rule (docs/architecture.md)
 7. the third path: start the node agent (model-loader agent) and call NodePublishVolume on its CSI socket as
    kubelet would for the CSI volume of step 3; show the bind-mounted, read-only tree beside the other paths'
-8. stop everything it started
+8. sign a model with `model-loader sign`; a pull requiring the signature takes it, and refuses an unsigned one
+9. stop everything it started
 
 Exits non-zero if any step fails.
 """
@@ -189,6 +190,43 @@ def csi_path(pod: dict, registry_host: str, files: dict[str, bytes]) -> None:
         shutil.rmtree(sock.parent, ignore_errors=True)
 
 
+def signed_models(registry, files: dict[str, bytes]) -> None:
+    """Step 8: a signing key, `model-loader sign`, and a pull that requires the signature (what the webhook's
+    MODEL_CACHE_SIGNATURE_POLICY makes every loader and agent do for the models it covers)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    step("8. signed models only: sign one in CI, require the signature when pulling")
+    keys = WORK / "keys"
+    keys.mkdir()
+    private = ed25519.Ed25519PrivateKey.generate()
+    (keys / "model.key").write_bytes(private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                           serialization.NoEncryption()))
+    (keys / "model.pub").write_bytes(private.public_key().public_bytes(serialization.Encoding.PEM,
+                                                                       serialization.PublicFormat.SubjectPublicKeyInfo))
+    signed, unsigned = f"{registry.host}/models/signed:v1", f"{registry.host}/models/unsigned:v1"
+    for repo in ("models/signed", "models/unsigned"):
+        Pusher(registry.url).push_artifact(repo, "v1", [file_layer(n, d) for n, d in files.items()][:2] + [
+            file_layer("origin.txt", repo.encode())], artifact_type="application/vnd.example.model.v1")
+    out = subprocess.run([BIN / "model-loader", "sign", signed, "--key", keys / "model.key", "--output", "json"],
+                         check=True, capture_output=True, text=True).stdout
+    print(f"model-loader sign {signed} --key model.key -> {json.loads(out)['where']} signature"
+          f" {json.loads(out)['signature'][:19]}...")
+    cache = WORK / "signed-cache"
+    for ref, want in ((signed, 0), (unsigned, 10)):
+        done = subprocess.run([BIN / "model-loader", "pull", ref, "--cache", cache, "--verify-key", keys / "model.pub",
+                               "--output", "json", "--progress", "none"], capture_output=True, text=True)
+        if done.returncode != want:
+            raise RuntimeError(f"pull {ref} with --verify-key: exit {done.returncode}, expected {want}: {done.stderr[-300:]}")
+        if want == 0:
+            verified = json.loads(done.stdout.splitlines()[-1])["verified"]
+            print(f"{GREEN}pull {ref} --verify-key model.pub: verified{RESET} (signer {verified['signer'][:19]}...,"
+                  f" found at the {verified['where']})")
+        else:
+            print(f"{GREEN}pull {ref} --verify-key model.pub: refused (exit 10){RESET}, nothing published:")
+            print(f"  {DIM}{done.stderr.strip().splitlines()[-1][:260]}{RESET}")
+
+
 def unmount_under(root: Path) -> None:
     """Lazily unmount whatever an interrupted run left mounted under ``root`` (step 7's bind mount), deepest first."""
     try:
@@ -341,6 +379,7 @@ def main() -> int:
               " the identity that read it (docs/architecture.md, 'The shared cache')")
         print(f"  {DIM}{last[:300]}{RESET}")
         csi_path(mutated["agent"], registry.host, moved)  # the tag has moved (step 5): a new pod gets that
+        signed_models(registry, files)
         step(f"done in {time.monotonic() - t_start:.1f}s")
         return 0
     except (subprocess.CalledProcessError, RuntimeError, httpx.HTTPError, OSError, KeyError, StopIteration) as exc:
