@@ -116,5 +116,7 @@ def test_eight_concurrent_pulls_fetch_each_blob_once(model, proxy, tmp_path):
     assert len(paths) == 1 and tree(paths.pop()) == FILES
     for name, data in FILES.items():
         # Once: each blob by one loader. A worker that takes over half of a running range shortens that range's
-        # request; what was already in flight on it is discarded (a few MB at most), hence the margin.
-        assert len(data) <= proxy.bytes_by_digest[sha256(data)] <= len(data) + (12 << 20), f"{name} fetched twice"
+        # request; what was already in flight on it is discarded: on loopback the socket buffers of the proxy's two
+        # legs hold several MB, and a 70 MB blob sees a few such steals (15 MB was seen once in nine runs), hence
+        # the margin, still far below a second copy of any blob.
+        assert len(data) <= proxy.bytes_by_digest[sha256(data)] <= len(data) + (32 << 20), f"{name} fetched twice"
