@@ -33,6 +33,7 @@ import http.client
 import re
 import ssl
 import threading
+import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -45,6 +46,9 @@ MAX_REDIRECTS = 5
 # http.client already refuses more than 100 header lines and lines over 64 KiB; this bounds their sum.
 MAX_HEADER_BYTES = 64 * 1024
 MAX_DISCARD_BYTES = 64 * 1024  # a body we do not need is read this far to keep the connection, else dropped
+#: A whole small body (a manifest, a token answer) must arrive within this; the socket timeout bounds each read only.
+BODY_SECONDS = 60.0
+READ_PIECE = 64 * 1024
 DEFAULT_PORTS = {"http": 80, "https": 443}
 _HOST_RE = re.compile(r"[a-z0-9]([a-z0-9._-]{0,252})|[0-9a-f:.]{2,45}")
 _DIGITS_RE = re.compile(r"[0-9]{1,19}")
@@ -203,11 +207,23 @@ class Response:
             self.close()
             raise ProtocolError(f"{self.name} sent {what} of {self.content_length} bytes, over the {limit} byte"
                                 " limit")
+        # A whole-time bound, not only the socket's per-read timeout: a registry sending a byte every few seconds
+        # would otherwise hold the pull (and a CSI publish slot) for as long as it likes.
+        deadline = time.monotonic() + BODY_SECONDS
+        buf = bytearray()
         try:
-            data = self._raw.read(limit + 1)
+            while len(buf) <= limit:
+                if time.monotonic() > deadline:
+                    self.close()
+                    raise TransientError(f"{self.name} sent {what} too slowly: {len(buf)} bytes in {BODY_SECONDS:g} s")
+                piece = self._raw.read1(min(READ_PIECE, limit + 1 - len(buf)))
+                if not piece:
+                    break
+                buf += piece
         except (OSError, http.client.HTTPException) as exc:
             self.close()
             raise TransientError(f"connection to {self.name} dropped while reading {what}: {_why(exc)}") from exc
+        data = bytes(buf)
         if len(data) > limit:
             self.close()
             raise ProtocolError(f"{self.name} sent {what} longer than the {limit} byte limit")

@@ -546,3 +546,23 @@ def test_relatives_that_hold(tmp_path, victim_registry, case):
         k: v for k, v in before.items() if k.startswith(("blobs", "models", "meta", "refs"))}
     if case == "victims-manifest-wrong-window":
         assert proofs, "no proof of possession was asked for"
+
+
+def test_a_trickled_manifest_is_cut_at_the_body_deadline(tmp_path, monkeypatch):
+    """A registry sending its manifest a byte at a time, each well inside the socket's per-read timeout, used to hold
+    the pull for as long as it liked (a 4 MiB manifest at one byte a second: weeks). The whole body has a deadline
+    (transport.BODY_SECONDS, here shortened): the pull fails as a network error, the cache untouched."""
+    from loader import transport
+    from loader.errors import NetworkError
+
+    monkeypatch.setattr(transport, "BODY_SECONDS", 1.0)
+    cache = tmp_path / "cache"
+    Cache(cache).ensure()
+    with CraftedRegistry() as reg:
+        serve(reg, "slow/model", "v1", {"w.bin": b"weights"})
+        reg.trickle["slow/model:v1"] = 0.05  # ~ 400 bytes of manifest: 20 s, past the deadline
+        before = snapshot(cache)
+        err = outcome(f"{reg.host}/slow/model:v1", cache, policy=FAST_STALL)
+        assert isinstance(err, NetworkError), err
+        assert "too slowly" in str(err), str(err)  # cut by the body deadline, not by the end of the trickle
+        assert snapshot(cache) == before

@@ -7,6 +7,7 @@ bytes a test crafts, including ones no honest registry would (a digest it does n
         reg.head_digest[("repo", "v1")] = "sha256:..."                 # lie in HEAD's Docker-Content-Digest
         reg.blobs["sha256:..."] = b"..."                               # served for any repository, Range honoured
         reg.trickle = {"sha256:...": 2.0}                              # one byte every 2 s for that blob
+        reg.trickle = {"repo:tag": 2.0}                                # ... or for that manifest
         reg.host, reg.requests
 
 Only what the loader's pull path asks for is implemented: ``/v2/``, manifests (GET/HEAD) and blobs (GET/HEAD with
@@ -80,7 +81,11 @@ class CraftedRegistry:
                         return self._missing(head)
                     body, media_type = found
                     digest = reg.head_digest.get((repo, ref), "sha256:" + hashlib.sha256(body).hexdigest())
-                    return self._send(200, body, {"Content-Type": media_type, "Docker-Content-Digest": digest}, head)
+                    headers = {"Content-Type": media_type, "Docker-Content-Digest": digest}
+                    delay = reg.trickle.get(f"{repo}:{ref}")
+                    if delay is None or head:
+                        return self._send(200, body, headers, head)
+                    return self._trickle(200, body, headers, delay)
                 data = reg.blobs.get(ref)
                 if data is None:
                     return self._missing(head)
@@ -107,6 +112,20 @@ class CraftedRegistry:
                         if reg._stop.wait(delay):
                             return
                         self.wfile.write(part[i:i + 1])
+                        self.wfile.flush()
+                except OSError:
+                    return
+
+            def _trickle(self, status: int, body: bytes, headers: dict[str, str], delay: float) -> None:
+                self.send_response(status)
+                for k, v in {**headers, "Content-Length": str(len(body))}.items():
+                    self.send_header(k, v)
+                self.end_headers()
+                try:
+                    for i in range(len(body)):
+                        if reg._stop.wait(delay):
+                            return
+                        self.wfile.write(body[i:i + 1])
                         self.wfile.flush()
                 except OSError:
                     return
