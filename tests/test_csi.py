@@ -34,7 +34,7 @@ from loader.access import PROOF_BYTES
 from loader.cache import Cache
 from loader.csi import DRIVER_NAME, csi_pb2, csi_pb2_grpc, mounts
 from loader.csi.jobs import Jobs, Limits, Owner, TooManyJobs
-from loader.csi.server import Running, serve, wait_budget
+from loader.csi.server import Refusal, Running, serve, wait_budget
 from loader.log import Logger
 from tests.support.auth_registry import session_for, start_htpasswd_registry
 from tests.support.files import tree
@@ -390,6 +390,106 @@ def test_a_symlink_out_of_the_pods_dir_is_refused(node, model):
                                         outside / "volumes" / "kubernetes.io~csi" / "model"]  # what the test made
     assert node.mounted() == []
 
+
+
+def test_a_symlinked_component_of_the_targets_parent_is_refused_and_nothing_is_mounted_outside(node, model):
+    ref, _ = model
+    outside = node.root / "outside"
+    outside.mkdir()
+    csi = node.pods / UID_A / "volumes" / "kubernetes.io~csi"
+    csi.mkdir(parents=True)
+    (csi / "model").symlink_to(outside)
+    code, msg = code_of(node.publish, ref, UID_A)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "through a symlink" in msg
+    assert list(outside.iterdir()) == [] and node.mounted() == []
+
+
+def test_a_symlink_that_stays_inside_the_pods_dir_is_refused_too(node, model):
+    """A symlink resolving inside the pods directory passes the check by path; the mount walks the parent without
+    following any, so it is refused all the same, and nothing is made or mounted where it points."""
+    ref, _ = model
+    inside = node.pods / UID_B / "elsewhere"
+    inside.mkdir(parents=True)
+    csi = node.pods / UID_A / "volumes" / "kubernetes.io~csi"
+    csi.mkdir(parents=True)
+    (csi / "model").symlink_to(inside)
+    code, msg = code_of(node.publish, ref, UID_A)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "through a symlink ('model')" in msg
+    assert list(inside.iterdir()) == [] and node.mounted() == [] and os.listdir(node.state) == []
+
+
+def test_a_component_swapped_for_a_symlink_after_the_check_is_refused_at_the_mount(node):
+    """The race the walk closes: every component is a directory when the request is checked, then one becomes a
+    symlink to a directory outside the pods dir before the target is made."""
+    assert node.running is not None
+    plugin = node.running.plugin
+    target = node.target(UID_A)
+    plugin._check_target(str(target))  # passes: no symlink yet
+    csi = target.parent.parent
+    outside = node.root / "outside"
+    (outside / "model").mkdir(parents=True)
+    csi.rename(node.root / "moved")
+    csi.symlink_to(outside)
+    with pytest.raises(Refusal) as e:
+        plugin._make_target(str(target))
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "through a symlink ('kubernetes.io~csi')" in e.value.message
+    assert list(outside.rglob("*")) == [outside / "model"] and node.mounted() == []
+
+
+@pytest.mark.parametrize("kind,fragment", [
+    ("file", "exists and is not a directory"),
+    ("symlink", "exists and is not a directory"),
+    ("full", "is a directory with files in it"),
+    ("no parent", "does not exist; kubelet creates it"),
+])
+def test_a_target_that_is_not_an_empty_directory_is_a_failed_precondition(node, model, kind, fragment):
+    ref, _ = model
+    target = node.target(UID_A)
+    empty = node.pods / UID_B / "empty"
+    empty.mkdir(parents=True)
+    if kind == "file":
+        target.write_text("x")
+    elif kind == "symlink":
+        target.symlink_to(empty)
+    elif kind == "full":
+        target.mkdir()
+        (target / "f").write_text("x")
+    else:
+        target.parent.rmdir()
+    code, msg = code_of(node.node.NodePublishVolume, publish_request(ref, UID_A, target), timeout=60)
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and fragment in msg
+    assert node.mounted() == [] and list(empty.iterdir()) == [] and os.listdir(node.state) == []
+
+def test_open_beneath_walks_each_component_without_following_a_symlink(tmp_path):
+    root, out = tmp_path / "pods", tmp_path / "out"
+    (root / "a" / "b").mkdir(parents=True)
+    out.mkdir()
+    (root / "a" / "out").symlink_to(out)
+    (root / "a" / "in").symlink_to(root / "a" / "b")
+    (root / "a" / "file").write_text("x")
+    (tmp_path / "alias").symlink_to(root)
+    fds = len(os.listdir("/proc/self/fd"))
+    for base in (root, tmp_path / "alias"):  # the root itself is the admin's path: a symlink there is followed
+        fd = mounts.open_beneath(str(base), str(base / "a" / "b"))
+        try:
+            assert os.path.samestat(os.fstat(fd), os.stat(root / "a" / "b"))
+        finally:
+            os.close(fd)
+    for path, component in ((root / "a" / "out", "out"), (root / "a" / "out" / "x", "out"),
+                            (root / "a" / "in" / "x", "in")):
+        with pytest.raises(mounts.NotBeneath) as e:
+            os.close(mounts.open_beneath(str(root), str(path)))
+        assert e.value.component == component
+    with pytest.raises(FileNotFoundError):
+        os.close(mounts.open_beneath(str(root), str(root / "a" / "missing")))
+    with pytest.raises(NotADirectoryError):
+        os.close(mounts.open_beneath(str(root), str(root / "a" / "file")))
+    assert len(os.listdir("/proc/self/fd")) == fds  # every descriptor the walks opened is closed
+    assert mounts.names_below("/k/pods/u/v", "/k/pods") == ["u", "v"] and mounts.names_below("/k/pods", "/k/pods") == []
+    for bad in ("/k/podsx/u", "/k/pods/u/../v", "/k/pods/u//v", "/elsewhere"):
+        with pytest.raises(mounts.NotBeneath):
+            mounts.names_below(bad, "/k/pods")
 
 # ---- loader errors ---------------------------------------------------------------------------------------------------
 def test_a_missing_model_is_not_found_with_the_loaders_message(node, registry):

@@ -151,14 +151,20 @@ class Plugin:
                           f"target {req.target} already has a mount ({here.fs_type} {here.root}) that is not"
                           f" {req.ref} ({res.digest}) read-only; unpublish the volume that owns it first")
         self.volumes.put(self._record(req, res))  # before the mount: a restarted agent can always undo it
-        self._make_target(req.target)
         try:
-            mounts.bind_read_only(res.path, req.target)
-        except mounts.MountError as exc:
+            parent = self._make_target(req.target)
+        except Refusal:
+            self.volumes.remove(req.volume_id)  # as for a failed mount: nothing was mounted, a retry starts over
+            raise
+        try:
+            mounts.bind_read_only(res.path, parent, req.target)
+        except OSError as exc:
             self.volumes.remove(req.volume_id)  # nothing to undo: a retry starts over, the pin waits for gc
             hint = (" (the agent needs CAP_SYS_ADMIN in the host's mount namespace: run it privileged)"
                     if exc.errno in (errno.EPERM, errno.EACCES) else "")
             raise Refusal(grpc.StatusCode.INTERNAL, f"{exc}{hint}") from exc
+        finally:
+            os.close(parent)
         done = mounts.mount_at(req.target)
         if done is None or not self._shows(req.target, done, res.digest):
             mounts.unmount(req.target)
@@ -226,25 +232,52 @@ class Plugin:
 
     def _check_target(self, target: str) -> None:
         if not mounts.resolves_under(target, self.pods_dir):
-            raise Refusal(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"target_path {target!r} leads out of the kubelet pods directory {self.pods_dir} through a"
-                          " symlink; the plugin publishes only inside it")
+            self._leads_out(target)
 
-    def _make_target(self, target: str) -> None:
+    def _leads_out(self, target: str, component: str = "") -> NoReturn:
+        at = f" ({component!r})" if component else ""
+        raise Refusal(grpc.StatusCode.INVALID_ARGUMENT,
+                      f"target_path {target!r} leads out of the kubelet pods directory {self.pods_dir} through a"
+                      f" symlink{at}; the plugin publishes only inside it, through no symlink")
+
+    def _make_target(self, target: str) -> int:
+        """Make the target (or find it an empty directory) in its parent, opened from the pods directory with no
+        symlink followed; the parent's descriptor, for the mount (the caller closes it)."""
+        parent_path, name = os.path.split(target)
         try:
-            os.mkdir(target, 0o750)
-        except FileExistsError:
-            if not os.path.isdir(target) or os.path.islink(target):
-                raise Refusal(grpc.StatusCode.FAILED_PRECONDITION,
-                              f"target_path {target} exists and is not a directory") from None
-            if os.listdir(target):
-                raise Refusal(grpc.StatusCode.FAILED_PRECONDITION,
-                              f"target_path {target} is a directory with files in it; the plugin mounts only on an"
-                              " empty one (kubelet leaves it empty)") from None
-        except FileNotFoundError:
+            parent = mounts.open_beneath(self.pods_dir, parent_path)
+        except mounts.NotBeneath as exc:
+            self._leads_out(target, exc.component)
+        except (FileNotFoundError, NotADirectoryError):
             raise Refusal(grpc.StatusCode.FAILED_PRECONDITION,
                           f"the parent of target_path {target} does not exist; kubelet creates it before"
                           " publishing") from None
+        try:
+            self._make_in(parent, name, target)
+        except BaseException:
+            os.close(parent)
+            raise
+        return parent
+
+    @staticmethod
+    def _make_in(parent: int, name: str, target: str) -> None:
+        try:
+            os.mkdir(name, 0o750, dir_fd=parent)
+            return
+        except FileExistsError:
+            pass
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
+        except OSError:  # a file, a symlink (ENOTDIR, ELOOP)
+            raise Refusal(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"target_path {target} exists and is not a directory") from None
+        try:
+            if os.listdir(fd):
+                raise Refusal(grpc.StatusCode.FAILED_PRECONDITION,
+                              f"target_path {target} is a directory with files in it; the plugin mounts only on an"
+                              " empty one (kubelet leaves it empty)")
+        finally:
+            os.close(fd)
 
     # ---- unpublish ----------------------------------------------------------------------------------------------
     def unpublish(self, req: rq.Unpublish) -> None:
