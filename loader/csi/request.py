@@ -103,7 +103,7 @@ def check_volume_id(value: str) -> str:
 
 def check_target_path(value: str, pods_dir: str) -> str:
     """Absolute, already normal (no '..', '.', '//' or trailing '/'), strictly under ``pods_dir``. Lexical only:
-    the server checks that no symlink on the way leads out (mounts.check_under)."""
+    the server checks that no symlink on the way leads out (mounts.resolves_under, then mounts.open_beneath)."""
     if not value:
         raise InvalidArgument("target_path is empty: the CO must give the path to publish at")
     if not value.startswith("/"):
