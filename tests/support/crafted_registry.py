@@ -103,18 +103,7 @@ class CraftedRegistry:
                 delay = reg.trickle.get(ref)
                 if delay is None or head:
                     return self._send(status, part, headers, head)
-                self.send_response(status)
-                for k, v in {**headers, "Content-Length": str(len(part))}.items():
-                    self.send_header(k, v)
-                self.end_headers()
-                try:
-                    for i in range(len(part)):
-                        if reg._stop.wait(delay):
-                            return
-                        self.wfile.write(part[i:i + 1])
-                        self.wfile.flush()
-                except OSError:
-                    return
+                return self._trickle(status, part, headers, delay)
 
             def _trickle(self, status: int, body: bytes, headers: dict[str, str], delay: float) -> None:
                 self.send_response(status)
