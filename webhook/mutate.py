@@ -128,6 +128,9 @@ class Plan:
     cache: str  # node, pod or pvc
     claim: str | None
     cache_explicit: bool
+    # Each model with the signature-policy rule its reference matches (the longest prefix); models no rule matches
+    # are left out. Read once here; the decision and the loader's arguments both use it.
+    rules: tuple[tuple[Model, Rule], ...] = ()
 
     def path(self, model: Model) -> str:
         return posixpath.join(self.mount_path, model.name)
@@ -294,7 +297,8 @@ def read_plan(annotations: Mapping[str, str], spec: Mapping[str, Any], settings:
     except ValueError as exc:
         raise Denied(f"{ann.CACHE} is {ann.shown(raw_cache or '')}: {exc}") from exc
 
-    plan = Plan(models, mount_path, containers, mode, raw_mode is not None, cache, claim, raw_cache is not None)
+    plan = Plan(models, mount_path, containers, mode, raw_mode is not None, cache, claim, raw_cache is not None,
+                _matched_rules(models, settings))
     return plan, warnings
 
 
@@ -896,7 +900,7 @@ def plan_pod(
     check_bounds(annotations, spec)
     check_volume_references(spec, settings)
     plan, warnings = read_plan(annotations, spec, settings)
-    signed = [(m, rule) for m, rule in matched_rules(plan, settings) if rule.required]
+    signed = [(m, rule) for m, rule in plan.rules if rule.required]
     if signed and plan.mode == ann.IMAGE_VOLUME:
         model, rule = signed[0]
         where = f"{ann.MODE} is 'image-volume'" if plan.mode_explicit else "the cluster default mode is image-volume"
@@ -909,22 +913,22 @@ def plan_pod(
     return plan, choice, warnings
 
 
-def matched_rules(plan: Plan, settings: Settings) -> list[tuple[Model, Rule]]:
+def _matched_rules(models: tuple[Model, ...], settings: Settings) -> tuple[tuple[Model, Rule], ...]:
     """Each model with the signature-policy rule its reference matches (the longest prefix), models no rule matches
     left out."""
     out = []
-    for model in plan.models:
+    for model in models:
         rule = rule_for(model.ref.registry, model.ref.repository, settings.signature_policy)
         if rule is not None:
             out.append((model, rule))
-    return out
+    return tuple(out)
 
 
 def _policy_for_loader(plan: Plan, settings: Settings) -> tuple[list[str], list[dict[str, Any]]]:
     """The loader's arguments and env for the pod's models' signature rules: the rules they match (exempting ones
     too, so the loader's longest-prefix choice is the webhook's) as inline JSON, and the trusted root when a rule
     names keyless identities. Nothing when no model needs a signature."""
-    rules = list(dict.fromkeys(rule for _, rule in matched_rules(plan, settings)))
+    rules = list(dict.fromkeys(rule for _, rule in plan.rules))
     if not any(rule.required for rule in rules):
         return [], []
     doc = [{"prefix": r.prefix, **({"keys": list(r.keys)} if r.keys else {}),
