@@ -7,6 +7,8 @@ import pytest
 from tests.support.oci import Pusher
 from tests.support.registry import RegistryProcess, start_registry
 
+pytest_plugins = ["tests.support.signing_fixtures"]
+
 
 @pytest.fixture(scope="session")
 def registry() -> RegistryProcess:

@@ -19,46 +19,14 @@ from loader import contract, signing
 from loader.cache import Cache
 from loader.digest import Digest
 from tests.support import bundle_tar
-from tests.support.fake_sigstore import FakeSigstore
 from tests.support.files import snapshot, tree
 from tests.support.oci import OCI_INDEX, OCI_MANIFEST, sha256
 from tests.support.referrers_proxy import ReferrersProxy
-from tests.test_signing import DEV, FILES, ISSUER, Key, _layers, _push_bundle, _push_signature, cli, keyless, sign
+from tests.support.signing_fixtures import Key
+from tests.test_signing import DEV, FILES, ISSUER, _layers, _push_bundle, _push_signature, cli, keyless, sign
 
 IMAGE = "io.containerd.image.name"
 REF_NAME = "org.opencontainers.image.ref.name"
-
-
-@pytest.fixture
-def keys(tmp_path: Path) -> dict[str, Key]:
-    return {"right": Key(tmp_path, "right"), "wrong": Key(tmp_path, "wrong")}
-
-
-@pytest.fixture
-def cache(tmp_path: Path) -> Path:
-    root = tmp_path / "cache"
-    Cache(root).ensure()
-    return root
-
-
-@pytest.fixture
-def sentinel(tmp_path: Path) -> Path:
-    d = tmp_path / "sentinel"
-    (d / "sub").mkdir(parents=True)
-    (d / "sub" / "keep.txt").write_bytes(b"untouched")
-    return d
-
-
-@pytest.fixture(scope="module")
-def fake() -> FakeSigstore:
-    return FakeSigstore()
-
-
-@pytest.fixture
-def root(tmp_path: Path, fake: FakeSigstore) -> Path:
-    path = tmp_path / "trusted_root.json"
-    path.write_bytes(fake.trusted_root())
-    return path
 
 
 def export(capsys, bundle: Path, *refs: str, extra: tuple[str, ...] = ()) -> dict:

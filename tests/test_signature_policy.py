@@ -11,7 +11,8 @@ import pytest
 from loader import contract
 from loader.policy import MAX_RULES, PolicyError, Rule, parse_rules, rule_for
 from tests.support.files import snapshot
-from tests.test_signing import FILES, Key, _layers, cli, published, sign
+from tests.support.signing_fixtures import Key
+from tests.test_signing import FILES, _layers, cli, published, sign
 
 PEM = "-----BEGIN PUBLIC KEY-----\nMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAE\n-----END PUBLIC KEY-----\n"
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 from loader import contract, signing
 from loader.cache import Cache
@@ -23,57 +23,13 @@ from tests.support.fake_sigstore import FakeSigstore
 from tests.support.files import snapshot, tree
 from tests.support.oci import OCI_MANIFEST, Pusher, file_layer
 from tests.support.referrers_proxy import ReferrersProxy
+from tests.support.signing_fixtures import Key
 
 FILES = {"model.safetensors": b"weights" * 100, "config.json": b'{"a": 1}'}
 
 
 def _layers(files: dict[str, bytes]) -> list:
     return [file_layer(name, data) for name, data in files.items()]
-
-
-def _new_key(kind: str):
-    if kind == "ecdsa-p256":
-        return ec.generate_private_key(ec.SECP256R1())
-    if kind == "ecdsa-p384":
-        return ec.generate_private_key(ec.SECP384R1())
-    if kind == "ed25519":
-        return ed25519.Ed25519PrivateKey.generate()
-    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
-
-
-class Key:
-    def __init__(self, tmp: Path, name: str, kind: str = "ecdsa-p256"):
-        self.private = _new_key(kind)
-        self.pem = tmp / f"{name}.key"
-        self.pub = tmp / f"{name}.pub"
-        self.pem.write_bytes(self.private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                        serialization.NoEncryption()))
-        self.pub_pem = self.private.public_key().public_bytes(serialization.Encoding.PEM,
-                                                              serialization.PublicFormat.SubjectPublicKeyInfo)
-        self.pub.write_bytes(self.pub_pem)
-        der = self.private.public_key().public_bytes(serialization.Encoding.DER,
-                                                     serialization.PublicFormat.SubjectPublicKeyInfo)
-        self.fingerprint = str(Digest.of(der))
-
-
-@pytest.fixture
-def keys(tmp_path: Path) -> dict[str, Key]:
-    return {"right": Key(tmp_path, "right"), "wrong": Key(tmp_path, "wrong")}
-
-
-@pytest.fixture
-def cache(tmp_path: Path) -> Path:
-    root = tmp_path / "cache"
-    Cache(root).ensure()
-    return root
-
-
-@pytest.fixture
-def sentinel(tmp_path: Path) -> Path:
-    d = tmp_path / "sentinel"
-    (d / "sub").mkdir(parents=True)
-    (d / "sub" / "keep.txt").write_bytes(b"untouched")
-    return d
 
 
 def cli(capsys, *argv: str) -> tuple[int, str, str]:
@@ -409,18 +365,6 @@ def _push_bundle(base_url: str, repo: str, subject: str, bundle: bytes, fallback
             "manifests": [{"mediaType": OCI_MANIFEST, "digest": ref, "size": len(body),
                            "artifactType": signing.SIGSTORE_BUNDLE}]})
     return ref
-
-
-@pytest.fixture(scope="module")
-def fake() -> FakeSigstore:
-    return FakeSigstore()
-
-
-@pytest.fixture
-def root(tmp_path: Path, fake: FakeSigstore) -> Path:
-    path = tmp_path / "trusted_root.json"
-    path.write_bytes(fake.trusted_root())
-    return path
 
 
 def keyless(root: Path, *identities: str) -> tuple[str, ...]:
