@@ -14,6 +14,7 @@ from loader.errors import UsageError
 from loader.reference import parse
 
 if TYPE_CHECKING:
+    from loader.bundle import RegistryOptions
     from loader.credentials import DockerConfig
     from loader.log import Logger
     from loader.signing import Policy, PolicyTable
@@ -81,6 +82,16 @@ def load_credentials(paths: list[str], settings: LoaderSettings, log: Logger | N
         return credentials.load_docker_configs(paths or None, env)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
+
+
+def registry_options(args: argparse.Namespace, settings: LoaderSettings) -> RegistryOptions:
+    """How export, import --to and sign open a repository, from the registry flags (add_registry_flags)."""
+    from loader.bundle import RegistryOptions
+
+    ca_files, plain_hosts = registry_settings(args)
+    return RegistryOptions(plain_http=args.plain_http, insecure=args.insecure_skip_tls_verify,
+                           credentials=load_credentials(args.docker_config, settings), timeout=args.timeout,
+                           concurrency=args.concurrency, ca_files=ca_files, plain_http_registries=plain_hosts)
 
 
 def registry_settings(args: argparse.Namespace) -> tuple[tuple[str, ...], frozenset[str]]:

@@ -26,8 +26,7 @@ from loader.commands.common import (
     SubParsers,
     add_registry_flags,
     check_concurrency,
-    load_credentials,
-    registry_settings,
+    registry_options,
 )
 from loader.config import LoaderSettings
 
@@ -48,13 +47,10 @@ def add_parser(sub: SubParsers, settings: LoaderSettings) -> None:
 
 
 def run(args: argparse.Namespace, settings: LoaderSettings, log: Logger) -> int:
-    from loader.bundle import RegistryOptions, export
+    from loader.bundle import export
 
     check_concurrency(args.concurrency)
-    ca_files, plain_hosts = registry_settings(args)
-    opts = RegistryOptions(plain_http=args.plain_http, insecure=args.insecure_skip_tls_verify,
-                           credentials=load_credentials(args.docker_config, settings), timeout=args.timeout,
-                           concurrency=args.concurrency, ca_files=ca_files, plain_http_registries=plain_hosts)
+    opts = registry_options(args, settings)
     res = export(args.refs, args.bundle, opts, log, with_signatures=args.with_signatures)
     if args.output == "json":
         print(json.dumps(res.as_json()), flush=True)

@@ -26,8 +26,7 @@ from loader.commands.common import (
     add_registry_flags,
     add_verify_flags,
     check_concurrency,
-    load_credentials,
-    registry_settings,
+    registry_options,
     signature_policy,
     signature_table,
 )
@@ -51,7 +50,7 @@ def add_parser(sub: SubParsers, settings: LoaderSettings) -> None:
 
 
 def run(args: argparse.Namespace, settings: LoaderSettings, log: Logger) -> int:
-    from loader.bundle import RegistryOptions, Verification, import_to_cache, import_to_registry
+    from loader.bundle import Verification, import_to_cache, import_to_registry
 
     # Keys and roots loaded and checked before the bundle is opened or the cache touched.
     table = signature_table(args)
@@ -61,10 +60,7 @@ def run(args: argparse.Namespace, settings: LoaderSettings, log: Logger) -> int:
         results = import_to_cache(args.bundle, args.cache, log, verification=verification)
     else:
         check_concurrency(args.concurrency)
-        ca_files, plain_hosts = registry_settings(args)
-        opts = RegistryOptions(plain_http=args.plain_http, insecure=args.insecure_skip_tls_verify,
-                               credentials=load_credentials(args.docker_config, settings), timeout=args.timeout,
-                               concurrency=args.concurrency, ca_files=ca_files, plain_http_registries=plain_hosts)
+        opts = registry_options(args, settings)
         results = import_to_registry(args.bundle, args.to, opts, log, verification=verification)
     for r in results:
         if args.output == "json":

@@ -21,8 +21,7 @@ from loader.commands.common import (
     SubParsers,
     add_registry_flags,
     check_concurrency,
-    load_credentials,
-    registry_settings,
+    registry_options,
 )
 from loader.config import LoaderSettings
 from loader.errors import AuthError, UsageError
@@ -47,13 +46,12 @@ def add_parser(sub: SubParsers, settings: LoaderSettings) -> None:
 def run(args: argparse.Namespace, settings: LoaderSettings, log: Logger) -> int:
     from loader import signing
     from loader.reference import parse
-    from loader.registry import RegistryClient
     from loader.retry import SMALL_REQUESTS, call
     from loader.sign import RegistryManifest, push_signature
     from loader.upload import push_auth_error
 
     check_concurrency(args.concurrency)
-    ca_files, plain_hosts = registry_settings(args)
+    options = registry_options(args, settings)
     try:
         ref = parse(args.ref)
     except ValueError as exc:
@@ -67,9 +65,7 @@ def run(args: argparse.Namespace, settings: LoaderSettings, log: Logger) -> int:
         raise UsageError(f"--key {args.key!r} is over {MAX_PRIVATE_KEY} bytes: not a PEM private key")
     key = signing.load_private_key(pem, args.key)
     public = signing.public_key_of(key)
-    with RegistryClient(ref, plain_http=args.plain_http, insecure=args.insecure_skip_tls_verify,
-                        credentials=load_credentials(args.docker_config, settings), timeout=args.timeout, log=log,
-                        actions="pull,push", ca_files=ca_files, plain_http_registries=plain_hosts) as client:
+    with options.client(ref, log, actions="pull,push") as client:
         head = call(lambda: client.get_manifest(ref.reference), SMALL_REQUESTS, str(ref), log, "sign.retry")
         target = RegistryManifest(head.digest, head.media_type, head.size)
         payload = signing.make_payload(head.digest, f"{ref.registry}/{ref.repository}")
