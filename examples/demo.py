@@ -39,6 +39,7 @@ from loader import contract  # noqa: E402
 from tests.support import kubelet  # noqa: E402  the model of kubelet's subPath and $(VAR) handling
 from tests.support.oci import Pusher, file_layer  # noqa: E402
 from tests.support.registry import free_port, start_registry  # noqa: E402
+from tests.support.unmount import unmount_all_under  # noqa: E402
 
 WORK = ROOT / ".demo"
 BIN = Path(sys.executable).parent
@@ -181,7 +182,7 @@ def csi_path(pod: dict, registry_host: str, files: dict[str, bytes]) -> None:
                                                                          target_path=str(target)), timeout=60)
             print(f"NodeUnpublishVolume -> OK: target removed ({not target.exists()})")
     finally:
-        unmount_under(pods)  # when a step above failed between publish and unpublish
+        unmount_all_under(pods)  # when a step above failed between publish and unpublish
         agent.send_signal(signal.SIGTERM)
         try:
             agent.wait(30)
@@ -227,21 +228,10 @@ def signed_models(registry, files: dict[str, bytes]) -> None:
             print(f"  {DIM}{done.stderr.strip().splitlines()[-1][:260]}{RESET}")
 
 
-def unmount_under(root: Path) -> None:
-    """Lazily unmount whatever an interrupted run left mounted under ``root`` (step 7's bind mount), deepest first."""
-    try:
-        with open("/proc/self/mountinfo") as f:
-            points = [line.split()[4] for line in f]
-    except OSError:
-        return
-    for point in sorted((p for p in points if p.startswith(f"{root}/")), reverse=True):
-        subprocess.run(["umount", "-l", point], check=False)
-
-
 def main() -> int:
     sys.stdout.reconfigure(line_buffering=True)  # keep our lines in order with the subprocesses' output
     t_start = time.monotonic()
-    unmount_under(WORK)
+    unmount_all_under(WORK)
     shutil.rmtree(WORK, ignore_errors=True)
     (WORK / "model").mkdir(parents=True)
     registry = webhook = None

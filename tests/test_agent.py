@@ -29,7 +29,8 @@ from loader.prefetch import NodeApi, NodeApiError
 from loader.pull import PullOptions, pull
 from tests.support.fake_node_api import FakeNodeApi
 from tests.support.files import tree
-from tests.test_csi import publish_request, unmount_all_under
+from tests.support.unmount import unmount_all_under
+from tests.test_csi import publish_request
 from tests.test_prefetch import GPU_TAINT, WARMING, WARMING_TAINTS, data, free_port, node, push, samples
 
 LOG = Logger(io.StringIO())

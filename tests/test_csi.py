@@ -41,6 +41,7 @@ from tests.support.files import tree
 from tests.support.logged_registry import LoggedRegistry, start_logged_registry
 from tests.support.oci import Pusher, file_layer
 from tests.support.throttle import ThrottleProxy
+from tests.support.unmount import unmount_all_under
 
 UID_A = "0f8fad5b-d9cb-469f-a165-70867728950e"
 UID_B = "7c9e6679-7425-40de-944b-e07fc1f90ae7"
@@ -154,16 +155,6 @@ def publish_request(ref: str, uid: str, target: Path | str, *, volume_id: str | 
 def dockerconfig(host: str, user: str, password: str) -> dict[str, str]:
     auth = base64.b64encode(f"{user}:{password}".encode()).decode()
     return {".dockerconfigjson": json.dumps({"auths": {host: {"auth": auth}}})}
-
-
-def unmount_all_under(root: Path) -> None:
-    for _ in range(200):
-        with open(mounts.MOUNTINFO) as f:
-            mine = [m.mount_point for m in mounts.parse_mountinfo(f.read())
-                    if m.mount_point.startswith(str(root) + "/")]
-        if not mine:
-            return
-        subprocess.run(["umount", "-l", mine[-1]], check=False)
 
 
 @pytest.fixture
