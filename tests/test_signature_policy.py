@@ -200,3 +200,26 @@ def test_kubectl_apply_of_a_workload_asking_an_image_volume_for_a_signed_model_i
         " cluster's signature policy for registry.example.com/models) and an image volume is mounted by the container"
         " runtime, which checks no signature; set model.cache/mode to auto, csi or init-container (the node agent or"
         " the loader verifies the signature)")
+
+
+# --- the webhook's settings: a bad policy stops start-up, naming what is wrong ------------------------------------
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"signature_policy": "[{"}, "MODEL_CACHE_SIGNATURE_POLICY: signature_policy is not JSON"),
+    ({"signature_policy": '[{"prefix": "A.io"}]'}, "MODEL_CACHE_SIGNATURE_POLICY: signature_policy[0].prefix is 'A.io'"),
+    ({"signature_policy": json.dumps([{"prefix": "a.io", "keys": [PEM]}])},
+     "MODEL_CACHE_SIGNATURE_POLICY: signature_policy[0].keys[0] does not load as a public key"),
+    ({"signature_policy": json.dumps([{"prefix": "a.io", "identities": ["https://i.example=dev@example.com"]}])},
+     "MODEL_CACHE_SETTINGS: signature_policy names keyless identities but trusted_root is empty: set"
+     " MODEL_CACHE_TRUSTED_ROOT to base64 of the Sigstore trusted root JSON"),
+    ({"trusted_root": "not base64!"}, "MODEL_CACHE_TRUSTED_ROOT: trusted_root is not base64 of a JSON document"),
+    ({"trusted_root": "bm90IGpzb24="}, "MODEL_CACHE_TRUSTED_ROOT: trusted_root is not base64 of a JSON document"),
+], ids=["not-json", "bad-prefix", "pem-not-a-key", "identities-without-root", "root-not-base64", "root-not-json"])
+def test_a_bad_policy_stops_the_webhook_at_start_up(overrides, message):
+    from webhook.config import load_settings
+    from webhook.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        load_settings(**overrides)
+    assert str(e.value).startswith(f"invalid model-cache settings: {message}"), str(e.value)
