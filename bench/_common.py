@@ -37,6 +37,20 @@ def remove(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
+def compile_loader() -> None:
+    """Byte-compiles the loader's own modules before anything is timed, as its image does (pip compiles the wheel
+    at install). A working tree otherwise starts every run by compiling them from source: the checkout's .pyc go
+    stale with each edit, and a machine with PYTHONDONTWRITEBYTECODE=1 (this one) never rewrites them, which
+    cost the loader ~55 ms per start here (0.20 -> 0.145 s for a 5 MB pull) that no peer pays (oras-py, the
+    floor and the tools run from compiled site-packages or native code). py_compile writes regardless of that
+    variable; the .pyc check their sources' mtimes, so an edit between runs is still picked up."""
+    import compileall
+
+    root = Path(__file__).resolve().parent.parent
+    if not compileall.compile_dir(str(root / "loader"), quiet=1):
+        raise RuntimeError(f"{root / 'loader'} does not compile")
+
+
 def install_interrupt_handlers() -> None:
     """SIGINT and SIGTERM both unwind as KeyboardInterrupt, so every `finally` (registry stop, temp dir removal)
     runs. SIGINT is set explicitly because a shell starts background jobs with it ignored."""

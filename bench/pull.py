@@ -30,6 +30,7 @@ from bench._common import (  # noqa: E402
     Blob,
     Pusher,
     Run,
+    compile_loader,
     generate_model,
     install_interrupt_handlers,
     remove,
@@ -293,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--size-mib, --files and --rounds must be at least 1")
 
     install_interrupt_handlers()
+    compile_loader()
     work = scratch_dir(args.workdir)
     reg = None
     try:

@@ -41,6 +41,7 @@ from bench._common import (  # noqa: E402
     Blob,
     Pusher,
     Run,
+    compile_loader,
     generate_model,
     install_interrupt_handlers,
     remove,
@@ -433,6 +434,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--link-mbit needs network namespaces: {why} (or run with --link-mbit 0)")
 
     install_interrupt_handlers()
+    compile_loader()
     work = scratch_dir(args.workdir)
     reg = proxy = link = None
     try:
