@@ -30,7 +30,9 @@ Errors (the loader's tree is in loader.errors; the two classes defined here exte
 from __future__ import annotations
 
 import http.client
+import io
 import re
+import socket
 import ssl
 import threading
 import time
@@ -48,6 +50,9 @@ MAX_HEADER_BYTES = 64 * 1024
 MAX_DISCARD_BYTES = 64 * 1024  # a body we do not need is read this far to keep the connection, else dropped
 #: A whole small body (a manifest, a token answer) must arrive within this; the socket timeout bounds each read only.
 BODY_SECONDS = 60.0
+#: An answer's status line and headers, whole, must arrive within this after the request was sent (the socket
+#: timeout bounds each read only: 100 header lines of 64 KiB at a byte every 29 s would take years).
+HEAD_SECONDS = 60.0
 READ_PIECE = 64 * 1024
 DEFAULT_PORTS = {"http": 80, "https": 443}
 _HOST_RE = re.compile(r"[a-z0-9]([a-z0-9._-]{0,252})|[0-9a-f:.]{2,45}")
@@ -135,6 +140,74 @@ def _short(value: str, limit: int = 80) -> str:
 def _why(exc: BaseException) -> str:
     text = (exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)) or type(exc).__name__
     return text[:200]
+
+
+class _HeadTooSlow(TimeoutError):
+    """The answer's head was not complete HEAD_SECONDS after the request."""
+
+
+class _HeadDeadlineReader(io.RawIOBase):
+    """The socket's reader for one answer. While its head is read, every read waits at most until the head's
+    deadline; after ``head_done()``, each read has only the socket's own timeout again (the body's bounds are the
+    callers': BODY_SECONDS, the engine's deadline and minimum rate)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__()
+        self._sock = sock
+        self._raw = sock.makefile("rb", buffering=0)  # the socket's own SocketIO (it counts its references)
+        self._timeout = sock.gettimeout()
+        self._deadline: float | None = time.monotonic() + HEAD_SECONDS
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Buffer) -> int | None:  # type: ignore[override]
+        if self._deadline is None:
+            return self._raw.readinto(b)
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise _HeadTooSlow()
+        self._sock.settimeout(left if self._timeout is None else min(left, self._timeout))
+        try:
+            return self._raw.readinto(b)
+        except TimeoutError:
+            if time.monotonic() >= self._deadline:
+                raise _HeadTooSlow() from None
+            raise
+
+    def head_done(self) -> None:
+        if self._deadline is not None:
+            self._deadline = None
+            self._sock.settimeout(self._timeout)
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
+
+
+class _Makefile:
+    """What http.client.HTTPResponse reads its socket through: ``makefile`` is all it calls."""
+
+    def __init__(self, raw: _HeadDeadlineReader) -> None:
+        self._raw = raw
+
+    def makefile(self, mode: str) -> io.BufferedReader:
+        return io.BufferedReader(self._raw)
+
+
+class _HTTPResponse(http.client.HTTPResponse):
+    """``HTTPResponse`` with a whole-time bound on its head (HEAD_SECONDS)."""
+
+    def __init__(self, sock: socket.socket, debuglevel: int = 0, method: str | None = None,
+                 url: str | None = None) -> None:
+        self._head_reader = _HeadDeadlineReader(sock)
+        super().__init__(_Makefile(self._head_reader), debuglevel, method, url)  # type: ignore[arg-type]
+
+    def begin(self) -> None:
+        try:
+            super().begin()
+        finally:
+            self._head_reader.head_done()
 
 
 class CAFileError(UsageError):
@@ -359,6 +432,10 @@ class Transport:
             if type(exc) is http.client.HTTPException:  # http.client's "got more than 100 headers"
                 raise ProtocolError(f"{name} sent more than 100 headers{context}") from exc
             raise TransientError(f"could not talk to {name} ({_why(exc)}){context}") from exc
+        except _HeadTooSlow as exc:
+            release(False)
+            raise TransientError(f"{name} sent the head of its answer too slowly: not complete {HEAD_SECONDS:g} s"
+                                 f" after the request{context}") from exc
         except OSError as exc:
             release(False)
             raise TransientError(f"could not talk to {name} ({_why(exc)}){context}") from exc
@@ -375,6 +452,7 @@ class Transport:
                                                    context=self._ssl)
             else:
                 conn = http.client.HTTPConnection(origin.host, origin.port, timeout=self.timeout)
+            conn.response_class = _HTTPResponse
             with self._lock:
                 self._conns.add(conn)
         held = conn

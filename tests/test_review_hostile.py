@@ -566,3 +566,34 @@ def test_a_trickled_manifest_is_cut_at_the_body_deadline(tmp_path, monkeypatch):
         assert isinstance(err, NetworkError), err
         assert "too slowly" in str(err), str(err)  # cut by the body deadline, not by the end of the trickle
         assert snapshot(cache) == before
+
+
+@pytest.mark.parametrize("what", ["manifest", "blob"])
+def test_a_trickled_answer_head_is_cut_at_the_head_deadline(tmp_path, monkeypatch, what):
+    """A registry sending the status line and headers of its answer a byte at a time, each inside the socket's
+    per-read timeout (100 header lines of 64 KiB would take years), is cut when the head is not complete
+    transport.HEAD_SECONDS (here shortened) after the request: the pull fails as a network error naming the head,
+    the cache untouched. The same for a manifest's answer and a blob's."""
+    from loader import transport
+    from loader.errors import NetworkError
+
+    monkeypatch.setattr(transport, "HEAD_SECONDS", 1.0)
+    cache = tmp_path / "cache"
+    Cache(cache).ensure()
+    with CraftedRegistry() as reg:
+        serve(reg, "slow/model", "v1", {"w.bin": b"weights"})
+        key = "slow/model:v1" if what == "manifest" else sha256(b"weights")
+        reg.trickle_head[key] = 0.05  # a head of ~150 bytes: 7 s, past the deadline
+        before = snapshot(cache)
+        err = outcome(f"{reg.host}/slow/model:v1", cache, policy=FAST_STALL)
+        assert isinstance(err, NetworkError), err
+        assert "sent the head of its answer too slowly: not complete 1 s after the request" in str(err), str(err)
+        if what == "manifest":
+            assert snapshot(cache) == before
+        else:  # the manifest's head came whole; only the blob's was cut, and its partial (kept for a resume) is empty
+            assert [r.method for r in reg.requests if "/blobs/" in r.path] == ["GET"] * FAST_STALL.attempts
+            kept = ("blobs", "models", "meta", "refs")
+            assert {k: v for k, v in snapshot(cache).items() if k.startswith(kept)} == {
+                k: v for k, v in before.items() if k.startswith(kept)}
+            partial = cache / "partial" / sha256(b"weights")[7:]
+            assert partial.read_bytes() in (b"", bytes(7))  # no byte of the body ever arrived

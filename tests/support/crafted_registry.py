@@ -8,6 +8,7 @@ bytes a test crafts, including ones no honest registry would (a digest it does n
         reg.blobs["sha256:..."] = b"..."                               # served for any repository, Range honoured
         reg.trickle = {"sha256:...": 2.0}                              # one byte every 2 s for that blob
         reg.trickle = {"repo:tag": 2.0}                                # ... or for that manifest
+        reg.trickle_head = {"sha256:...": 2.0}                         # the same for the answer's head
         reg.host, reg.requests
 
 Only what the loader's pull path asks for is implemented: ``/v2/``, manifests (GET/HEAD) and blobs (GET/HEAD with
@@ -40,6 +41,7 @@ class CraftedRegistry:
     head_digest: dict[tuple[str, str], str] = field(default_factory=dict)
     blobs: dict[str, bytes] = field(default_factory=dict)
     trickle: dict[str, float] = field(default_factory=dict)
+    trickle_head: dict[str, float] = field(default_factory=dict)
     requests: list[Seen] = field(default_factory=list)
     _server: ThreadingHTTPServer | None = None
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -82,10 +84,7 @@ class CraftedRegistry:
                     body, media_type = found
                     digest = reg.head_digest.get((repo, ref), "sha256:" + hashlib.sha256(body).hexdigest())
                     headers = {"Content-Type": media_type, "Docker-Content-Digest": digest}
-                    delay = reg.trickle.get(f"{repo}:{ref}")
-                    if delay is None or head:
-                        return self._send(200, body, headers, head)
-                    return self._trickle(200, body, headers, delay)
+                    return self._send(200, body, headers, head, key=f"{repo}:{ref}")
                 data = reg.blobs.get(ref)
                 if data is None:
                     return self._missing(head)
@@ -100,36 +99,33 @@ class CraftedRegistry:
                 if status == 206:
                     headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
                 part = data[start:end + 1]
-                delay = reg.trickle.get(ref)
-                if delay is None or head:
-                    return self._send(status, part, headers, head)
-                return self._trickle(status, part, headers, delay)
-
-            def _trickle(self, status: int, body: bytes, headers: dict[str, str], delay: float) -> None:
-                self.send_response(status)
-                for k, v in {**headers, "Content-Length": str(len(body))}.items():
-                    self.send_header(k, v)
-                self.end_headers()
-                try:
-                    for i in range(len(body)):
-                        if reg._stop.wait(delay):
-                            return
-                        self.wfile.write(body[i:i + 1])
-                        self.wfile.flush()
-                except OSError:
-                    return
+                return self._send(status, part, headers, head, key=ref)
 
             def _missing(self, head: bool) -> None:
                 body = json.dumps({"errors": [{"code": "NAME_UNKNOWN", "message": "not crafted"}]}).encode()
                 self._send(404, body, {"Content-Type": "application/json"}, head)
 
-            def _send(self, status: int, body: bytes, headers: dict[str, str], head: bool) -> None:
-                self.send_response(status)
-                for k, v in {**headers, "Content-Length": str(len(body))}.items():
-                    self.send_header(k, v)
-                self.end_headers()
-                if not head:
-                    self.wfile.write(body)
+            def _send(self, status: int, body: bytes, headers: dict[str, str], head: bool, key: str = "") -> None:
+                """The answer, its head written a byte every ``trickle_head[key]`` s and its body a byte every
+                ``trickle[key]`` s when the test asked for either (a HEAD's body is never sent)."""
+                lines = [f"HTTP/1.1 {status} {self.responses.get(status, ('',))[0]}"]
+                lines += [f"{k}: {v}" for k, v in {**headers, "Content-Length": str(len(body))}.items()]
+                try:
+                    self._write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"), reg.trickle_head.get(key))
+                    if not head:
+                        self._write(body, reg.trickle.get(key))
+                except OSError:
+                    self.close_connection = True
+
+            def _write(self, data: bytes, delay: float | None) -> None:
+                if delay is None:
+                    self.wfile.write(data)
+                    return
+                for i in range(len(data)):
+                    if reg._stop.wait(delay):
+                        raise OSError("registry stopped")
+                    self.wfile.write(data[i:i + 1])
+                    self.wfile.flush()
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
