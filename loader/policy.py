@@ -57,12 +57,7 @@ class Rule:
         return bool(self.keys or self.identities)
 
     def matches(self, registry: str, repository: str) -> bool:
-        if self.prefix == ANY:
-            return True
-        host, _, repo = self.prefix.partition("/")
-        if canonical_host(registry) != canonical_host(host):
-            return False
-        return not repo or repository == repo or repository.startswith(repo + "/")
+        return self.prefix == ANY or under_prefix(self.prefix, registry, repository)
 
 
 #: A rule for every reference no other rule matches (the longest prefix still decides): a policy that fails closed.
@@ -78,6 +73,16 @@ def canonical_host(host: str) -> str:
     if h.endswith(":443"):
         h = h[:-4]
     return "docker.io" if h in _HUB_ALIASES else h
+
+
+def under_prefix(prefix: str, registry: str, repository: str) -> bool:
+    """Whether a model of ``registry``/``repository`` is under ``prefix`` (host, host:port or host/repository-prefix):
+    the hosts as one registry (canonical_host), the repository equal to the prefix's or below it at a ``/``. One
+    rule for the signature policy and the webhook's MODEL_CACHE_ALLOWED_REGISTRIES."""
+    host, _, repo = prefix.partition("/")
+    if canonical_host(registry) != canonical_host(host):
+        return False
+    return not repo or repository == repo or repository.startswith(repo + "/")
 
 
 def _shown(value: object) -> str:

@@ -659,3 +659,26 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+@pytest.mark.parametrize(("allowed", "ref", "ok"), [
+    ("registry.example.com", "registry.example.com:443/models/phi3:v1", True),   # the default port: one registry
+    ("Registry.Example.com:443/models", "registry.example.com/models/phi3:v1", True),
+    ("docker.io/library", "index.docker.io/library/phi3:v1", True),             # Docker Hub's aliases
+    ("registry-1.docker.io", "docker.io/acme/phi3:v1", True),
+    ("registry.example.com", "registry.example.com:5000/models/phi3:v1", False),  # another port: another registry
+    ("registry.example.com/models", "registry.example.com/modelsx/phi3:v1", False),
+    ("ghcr.io/acme", "ghcr.io/acme/team/phi3:v1", True),
+])
+def test_allowed_registries_compare_hosts_as_the_signature_policy_does(allowed, ref, ok):
+    """MODEL_CACHE_ALLOWED_REGISTRIES and the signature policy answer "is this model under this prefix" with one
+    function (loader.policy.under_prefix): case, the default port and Docker Hub's aliases name one registry, so an
+    admin's allow-list neither refuses `registry.example.com:443/...` nor needs every alias listed."""
+    pod = load_pod("single")
+    pod["metadata"]["annotations"][ann.REF] = ref
+    if ok:
+        outcome = mutate_pod(pod, "ml", None, fleet("none"), Settings(allowed_registries=[allowed]))
+        assert ref in json.dumps(outcome.pod)  # accepted: the loader is told to pull it
+    else:
+        with pytest.raises(Denied, match="which is not allowed in this cluster"):
+            mutate_pod(pod, "ml", None, fleet("none"), Settings(allowed_registries=[allowed]))

@@ -54,7 +54,7 @@ from decimal import Decimal
 from typing import Any
 
 from loader import contract
-from loader.policy import Rule, rule_for
+from loader.policy import Rule, rule_for, under_prefix
 from loader.reference import Reference, ReferenceError, parse
 from webhook import annotations as ann
 from webhook.config import Settings, parse_quantity
@@ -153,16 +153,7 @@ class Outcome:
 
 
 def _registry_allowed(ref: Reference, allowed: list[str]) -> bool:
-    if not allowed:
-        return True
-    registry = ref.registry.lower()
-    for entry in allowed:
-        host, _, prefix = entry.partition("/")
-        if registry != host:
-            continue
-        if not prefix or ref.repository == prefix or ref.repository.startswith(prefix + "/"):
-            return True
-    return False
+    return not allowed or any(under_prefix(entry, ref.registry, ref.repository) for entry in allowed)
 
 
 def read_models(value: str, settings: Settings) -> tuple[Model, ...]:
