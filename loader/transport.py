@@ -332,21 +332,37 @@ class Transport:
 
     def __init__(self, *, insecure: bool = False, timeout: float = 30.0, ca_files: Sequence[str] = ()) -> None:
         self.timeout = timeout
-        self._ssl = ssl.create_default_context()
-        for path in ca_files:  # the admin's private CAs, trusted in addition to the system's
-            try:
-                self._ssl.load_verify_locations(cafile=path)
-            except (OSError, ssl.SSLError) as exc:
-                raise CAFileError(f"CA bundle {path} cannot be used ({_why(exc)}): it must be readable PEM"
-                                  " certificates (the ConfigMap named by MODEL_CACHE_REGISTRY_CA_CONFIGMAP, key ca.crt,"
-                                  " in the pod's namespace)") from exc
-        if insecure:
-            self._ssl.check_hostname = False
-            self._ssl.verify_mode = ssl.CERT_NONE
+        self._insecure = insecure
+        self._ca_files = tuple(ca_files)
+        self._ssl_lock = threading.Lock()
+        # Made at the first https connection: loading the system's CA store takes ~20 ms of a start that is ~80 ms
+        # in all (measured with cProfile on a pull), and a plain-http registry never needs it. An admin's CA files
+        # are loaded now, so a bad one is refused before anything is fetched.
+        self._ssl: ssl.SSLContext | None = None
+        if self._ca_files:
+            self._ssl_context()
         self._local = threading.local()
         self._lock = threading.Lock()
         # Every connection not yet closed (pooled or in use), for close(); one closed on release leaves it.
         self._conns: set[http.client.HTTPConnection] = set()
+
+    def _ssl_context(self) -> ssl.SSLContext:
+        with self._ssl_lock:
+            if self._ssl is not None:
+                return self._ssl
+            ctx = ssl.create_default_context()
+            for path in self._ca_files:  # the admin's private CAs, trusted in addition to the system's
+                try:
+                    ctx.load_verify_locations(cafile=path)
+                except (OSError, ssl.SSLError) as exc:
+                    raise CAFileError(f"CA bundle {path} cannot be used ({_why(exc)}): it must be readable PEM"
+                                      " certificates (the ConfigMap named by MODEL_CACHE_REGISTRY_CA_CONFIGMAP, key"
+                                      " ca.crt, in the pod's namespace)") from exc
+            if self._insecure:
+                ctx.check_hostname = False
+                ctx.verify_mode = ssl.CERT_NONE
+            self._ssl = ctx
+            return ctx
 
     def close(self) -> None:
         with self._lock:
@@ -449,7 +465,7 @@ class Transport:
         if conn is None:
             if origin.secure:
                 conn = http.client.HTTPSConnection(origin.host, origin.port, timeout=self.timeout,
-                                                   context=self._ssl)
+                                                   context=self._ssl or self._ssl_context())
             else:
                 conn = http.client.HTTPConnection(origin.host, origin.port, timeout=self.timeout)
             conn.response_class = _HTTPResponse
