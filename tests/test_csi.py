@@ -370,6 +370,31 @@ def test_bad_target_paths_are_refused(node, model, target, fragment):
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "volume_id is empty" in msg
 
 
+def test_a_pods_dir_behind_a_symlink_is_resolved_once_at_start(make_node, model):
+    """/var/lib/kubelet on another disk through a symlink: kubelet resolves its root directory, so the targets it
+    sends are under the real path, while the admin starts the plugin with the configured one (--pods-dir). The
+    plugin resolves --pods-dir once at start (the admin's own symlink, trusted) and publishes, checks and unpublishes
+    at the targets kubelet gives; no symlink below it is followed, as before."""
+    node = make_node(start=False)
+    real = node.root / "data" / "kubelet" / "pods"
+    real.mkdir(parents=True)
+    node.pods.rmdir()
+    node.pods.symlink_to(real)
+    node.start()
+    ref, _ = model
+    parent = real / UID_A / "volumes" / "kubernetes.io~csi" / "model"
+    parent.mkdir(parents=True)
+    target = parent / "mount"
+    node.node.NodePublishVolume(publish_request(ref, UID_A, target), timeout=60)
+    assert tree(target) == FILES
+    assert node.mounted() == [str(target)]
+    node.node.NodePublishVolume(publish_request(ref, UID_A, target), timeout=60)  # idempotent: found as published
+    assert node.mounted() == [str(target)]
+    node.node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(
+        volume_id=f"csi-{UID_A}-model", target_path=str(target)), timeout=30)
+    assert node.mounted() == [] and not target.exists()
+
+
 def test_a_symlink_out_of_the_pods_dir_is_refused(node, model):
     ref, _ = model
     outside = node.root / "outside"

@@ -92,7 +92,10 @@ class Plugin:
         self.settings, self.log = settings, log
         self.on_pull, self.on_publish = on_pull, on_publish  # the node agent's metrics
         self._waiting = threading.BoundedSemaphore(max_waiting)
-        self.pods_dir = os.path.normpath(settings.pods_dir)
+        # Resolved once: kubelet resolves its root directory (/var/lib/kubelet may be a symlink to another disk),
+        # so the targets it sends, and the mount table, name the real path. The admin's own symlink is trusted;
+        # below it, nothing is followed (open_beneath).
+        self.pods_dir = os.path.realpath(settings.pods_dir)
         self.cache = Cache(settings.cache_dir)
         self.volumes = Volumes(state_dir)
         self.jobs: Jobs[PullResult] = Jobs()
