@@ -66,21 +66,25 @@ ANY = "*"
 _HUB_ALIASES = frozenset({"docker.io", "index.docker.io", "registry-1.docker.io", "registry.hub.docker.com"})
 
 
-def canonical_host(host: str) -> str:
-    """A registry host as a rule compares it: lowercase, without the default HTTPS port, Docker Hub's aliases as
-    ``docker.io``; so ``REGISTRY.example.com:443`` and ``registry.example.com`` are one host, as they are one registry."""
+def canonical_host(host: str, *, https: bool = True) -> str:
+    """A registry host as a rule compares it: lowercase, without the default HTTPS port (``https`` only), Docker
+    Hub's aliases as ``docker.io``; so ``REGISTRY.example.com:443`` and ``registry.example.com`` are one host, as
+    they are one registry."""
     h = host.lower()
-    if h.endswith(":443"):
+    if https and h.endswith(":443"):
         h = h[:-4]
     return "docker.io" if h in _HUB_ALIASES else h
 
 
-def under_prefix(prefix: str, registry: str, repository: str) -> bool:
+def under_prefix(prefix: str, registry: str, repository: str, *, https: bool = True) -> bool:
     """Whether a model of ``registry``/``repository`` is under ``prefix`` (host, host:port or host/repository-prefix):
-    the hosts as one registry (canonical_host), the repository equal to the prefix's or below it at a ``/``. One
-    rule for the signature policy and the webhook's MODEL_CACHE_ALLOWED_REGISTRIES."""
+    the repository equal to the prefix's or below it at a ``/``; the hosts as one registry (canonical_host) when the
+    registry is spoken to over ``https``, where 443 is the default port. Over plain http (a loopback registry, one
+    of MODEL_CACHE_PLAIN_HTTP_REGISTRIES) ``host:443`` is another service than ``host``, so the port must be as
+    written. A signature rule leaves ``https`` True: it may only cover more. The webhook's allow-list passes what
+    the loader will speak, so naming ``localhost`` never admits ``localhost:443``."""
     host, _, repo = prefix.partition("/")
-    if canonical_host(registry) != canonical_host(host):
+    if canonical_host(registry, https=https) != canonical_host(host, https=https):
         return False
     return not repo or repository == repo or repository.startswith(repo + "/")
 

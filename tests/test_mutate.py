@@ -669,16 +669,25 @@ if __name__ == "__main__":
     ("registry.example.com", "registry.example.com:5000/models/phi3:v1", False),  # another port: another registry
     ("registry.example.com/models", "registry.example.com/modelsx/phi3:v1", False),
     ("ghcr.io/acme", "ghcr.io/acme/team/phi3:v1", True),
+    # Over plain http 443 is not the default port: another service, so the port must be as written.
+    ("localhost", "localhost:443/models/phi3:v1", False),
+    ("localhost:443", "localhost/models/phi3:v1", False),
+    ("127.0.0.1/models", "127.0.0.1:443/models/phi3:v1", False),
+    ("reg.internal", "reg.internal:443/models/phi3:v1", False),  # reg.internal:443 is listed as plain http below
+    ("localhost:5000", "LOCALHOST:5000/models/phi3:v1", True),
 ])
 def test_allowed_registries_compare_hosts_as_the_signature_policy_does(allowed, ref, ok):
     """MODEL_CACHE_ALLOWED_REGISTRIES and the signature policy answer "is this model under this prefix" with one
     function (loader.policy.under_prefix): case, the default port and Docker Hub's aliases name one registry, so an
-    admin's allow-list neither refuses `registry.example.com:443/...` nor needs every alias listed."""
+    admin's allow-list neither refuses `registry.example.com:443/...` nor needs every alias listed. Registries the
+    loader speaks plain http to (loopback, MODEL_CACHE_PLAIN_HTTP_REGISTRIES) keep their port: naming `localhost`
+    admits no `localhost:443`."""
+    settings = Settings(allowed_registries=[allowed], plain_http_registries=["reg.internal:443"])
     pod = load_pod("single")
     pod["metadata"]["annotations"][ann.REF] = ref
     if ok:
-        outcome = mutate_pod(pod, "ml", None, fleet("none"), Settings(allowed_registries=[allowed]))
+        outcome = mutate_pod(pod, "ml", None, fleet("none"), settings)
         assert ref in json.dumps(outcome.pod)  # accepted: the loader is told to pull it
     else:
         with pytest.raises(Denied, match="which is not allowed in this cluster"):
-            mutate_pod(pod, "ml", None, fleet("none"), Settings(allowed_registries=[allowed]))
+            mutate_pod(pod, "ml", None, fleet("none"), settings)

@@ -152,8 +152,10 @@ class Outcome:
 # --- reading the annotations -------------------------------------------------------------------------------------
 
 
-def _registry_allowed(ref: Reference, allowed: list[str]) -> bool:
-    return not allowed or any(under_prefix(entry, ref.registry, ref.repository) for entry in allowed)
+def _registry_allowed(ref: Reference, settings: Settings) -> bool:
+    allowed = settings.allowed_registries
+    https = not (ref.is_loopback or ref.registry in settings.plain_http_registries)  # as the loader will speak
+    return not allowed or any(under_prefix(entry, ref.registry, ref.repository, https=https) for entry in allowed)
 
 
 def read_models(value: str, settings: Settings) -> tuple[Model, ...]:
@@ -177,7 +179,7 @@ def read_models(value: str, settings: Settings) -> tuple[Model, ...]:
             ref = parse(text)
         except ReferenceError as exc:
             raise Denied(f"{ann.REF}: {exc}") from exc
-        if not _registry_allowed(ref, settings.allowed_registries):
+        if not _registry_allowed(ref, settings):
             raise Denied(
                 f"{ann.REF}: {ann.shown(text)} is in registry {ref.registry}, which is not allowed in this cluster"
                 f" (allowed: {', '.join(settings.allowed_registries)}); push the model to an allowed registry"
