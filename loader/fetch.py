@@ -36,7 +36,6 @@ import functools
 import hashlib
 import json
 import math
-import mmap
 import os
 import queue
 import threading
@@ -127,30 +126,6 @@ class BlobJob:
 class Blob:
     digest: Digest
     size: int
-
-
-HASH_WINDOW = 1 * MiB  # mapped at once: pages count in the RSS while mapped, so no more than the read buffer it replaces
-
-
-def _hash_file(hasher: hashlib._Hash, fd: int, start: int, end: int, path: Path) -> int:
-    """Hash bytes [start, end) of a file this loader wrote (they are in the page cache) and return ``end``.
-
-    Mapped, not read into a buffer: a read copies every byte once more, and with a blob's later ranges hashed after
-    they arrive that copy cost as much CPU as receiving them (perf on bench/pull.py). Mapped, a whole pull took 5%
-    less CPU and 2-5% less time at 512 MiB-1 GiB; MAP_POPULATE gained nothing. The file is a partial this process
-    holds the blob lock for (or its own private one in tmp/), sized to the blob before any byte was written (a
-    resumed one only when its size is the blob's), so nothing shortens it while it is mapped; the size is checked
-    anyway, so a shorter file is an error here and never a SIGBUS on a page past its end."""
-    if os.fstat(fd).st_size < end:
-        raise LoaderError(f"short read of {path} at {os.fstat(fd).st_size}: it ends before byte {end}")
-    while start < end:
-        base = start - start % mmap.ALLOCATIONGRANULARITY
-        length = min(end, base + HASH_WINDOW) - base
-        with mmap.mmap(fd, length, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ,
-                       offset=base) as mm, memoryview(mm) as view:
-            hasher.update(view[start - base:])
-        start = base + length
-    return end
 
 
 def plan_ranges(size: int, target_chunk: int) -> list[tuple[int, int]]:
@@ -601,6 +576,7 @@ class Fetcher:
 
     def _hash_forward(self, pool: _Pool, job: BlobJob) -> None:
         """Hash every complete range that follows what is hashed; finish the blob when all of it is."""
+        buf = self._buffer()  # the same buffer the thread downloads with: memory stays one buffer per worker
         with job.lock:
             if job.hashing or job.finished:
                 return
@@ -614,7 +590,15 @@ class Fetcher:
                             break
                         job.hashing = False
                         return
-                job.hashed_upto = _hash_file(job.hasher, job.fd, job.hashed_upto, nxt.end, job.partial)
+                pos = job.hashed_upto
+                mv = memoryview(buf)
+                while pos < nxt.end:
+                    n = os.preadv(job.fd, [mv[: min(len(buf), nxt.end - pos)]], pos)
+                    if n <= 0:
+                        raise LoaderError(f"short read of {job.partial} at {pos}")
+                    job.hasher.update(mv[:n])
+                    pos += n
+                job.hashed_upto = pos
         except BaseException:
             with job.lock:
                 job.hashing = False
