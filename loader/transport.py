@@ -29,6 +29,7 @@ Errors (the loader's tree is in loader.errors; the two classes defined here exte
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import io
 import re
@@ -142,43 +143,50 @@ def _why(exc: BaseException) -> str:
     return text[:200]
 
 
-class _HeadTooSlow(TimeoutError):
-    """The answer's head was not complete HEAD_SECONDS after the request."""
+class _TooSlow(TimeoutError):
+    """A read armed with a deadline (_DeadlineReader.arm) did not finish by it."""
 
 
-class _HeadDeadlineReader(io.RawIOBase):
-    """The socket's reader for one answer. While its head is read, every read waits at most until the head's
-    deadline; after ``head_done()``, each read has only the socket's own timeout again (the body's bounds are the
-    callers': BODY_SECONDS, the engine's deadline and minimum rate)."""
+class _DeadlineReader(io.RawIOBase):
+    """The socket's reader for one answer, under every read http.client makes. While armed, each read waits at
+    most until the deadline, however http.client loops (a status line or header, a chunk-size line or a trailer
+    read a byte at a time, ``read(n)`` filling n bytes); disarmed, each read has only the socket's own timeout.
+    The head is read armed with HEAD_SECONDS; ``Response`` arms the rest (BODY_SECONDS for a whole small body, the
+    socket timeout for each read of a chunked blob, so the engine's minimum rate gets control back)."""
 
     def __init__(self, sock: socket.socket) -> None:
         super().__init__()
         self._sock = sock
         self._raw = sock.makefile("rb", buffering=0)  # the socket's own SocketIO (it counts its references)
-        self._timeout = sock.gettimeout()
-        self._deadline: float | None = time.monotonic() + HEAD_SECONDS
+        self.timeout = sock.gettimeout()
+        self._deadline: float | None = None
 
     def readable(self) -> bool:
         return True
+
+    def arm(self, seconds: float | None = None) -> None:
+        """Reads from now on end ``seconds`` from now at the latest (the socket's timeout when None)."""
+        self._deadline = time.monotonic() + (seconds if seconds is not None else (self.timeout or BODY_SECONDS))
+
+    def disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline = None
+            with contextlib.suppress(OSError):  # already closed, after a read that failed
+                self._sock.settimeout(self.timeout)
 
     def readinto(self, b: Buffer) -> int | None:  # type: ignore[override]
         if self._deadline is None:
             return self._raw.readinto(b)
         left = self._deadline - time.monotonic()
         if left <= 0:
-            raise _HeadTooSlow()
-        self._sock.settimeout(left if self._timeout is None else min(left, self._timeout))
+            raise _TooSlow()
+        self._sock.settimeout(left if self.timeout is None else min(left, self.timeout))
         try:
             return self._raw.readinto(b)
         except TimeoutError:
             if time.monotonic() >= self._deadline:
-                raise _HeadTooSlow() from None
+                raise _TooSlow() from None
             raise
-
-    def head_done(self) -> None:
-        if self._deadline is not None:
-            self._deadline = None
-            self._sock.settimeout(self._timeout)
 
     def close(self) -> None:
         self._raw.close()
@@ -188,7 +196,7 @@ class _HeadDeadlineReader(io.RawIOBase):
 class _Makefile:
     """What http.client.HTTPResponse reads its socket through: ``makefile`` is all it calls."""
 
-    def __init__(self, raw: _HeadDeadlineReader) -> None:
+    def __init__(self, raw: _DeadlineReader) -> None:
         self._raw = raw
 
     def makefile(self, mode: str) -> io.BufferedReader:
@@ -196,18 +204,19 @@ class _Makefile:
 
 
 class _HTTPResponse(http.client.HTTPResponse):
-    """``HTTPResponse`` with a whole-time bound on its head (HEAD_SECONDS)."""
+    """``HTTPResponse`` read through a _DeadlineReader, its head within HEAD_SECONDS of the request."""
 
     def __init__(self, sock: socket.socket, debuglevel: int = 0, method: str | None = None,
                  url: str | None = None) -> None:
-        self._head_reader = _HeadDeadlineReader(sock)
-        super().__init__(_Makefile(self._head_reader), debuglevel, method, url)  # type: ignore[arg-type]
+        self.deadline = _DeadlineReader(sock)
+        self.deadline.arm(HEAD_SECONDS)
+        super().__init__(_Makefile(self.deadline), debuglevel, method, url)  # type: ignore[arg-type]
 
     def begin(self) -> None:
         try:
             super().begin()
         finally:
-            self._head_reader.head_done()
+            self.deadline.disarm()
 
 
 class CAFileError(UsageError):
@@ -221,6 +230,7 @@ class Response:
     def __init__(self, raw: http.client.HTTPResponse, url: str, origin: Origin, name: str,
                  release: Callable[[bool], None]) -> None:
         self._raw = raw
+        self._deadline: _DeadlineReader | None = getattr(raw, "deadline", None)  # every answer of Transport has one
         self._release: Callable[[bool], None] | None = release
         self.status = raw.status
         self.url = url
@@ -255,7 +265,15 @@ class Response:
             if raw.isclosed():
                 return 0
             if raw.chunked:  # read1 returns after at most one read of a chunk (readinto fills the buffer)
-                data = raw.read1(len(memoryview(buf)))
+                # ... but waits inside for a whole chunk-size line (or trailer lines): armed, one call ends within
+                # the socket's timeout however they trickle, so the engine's minimum rate gets control back.
+                if self._deadline is not None:
+                    self._deadline.arm()
+                try:
+                    data = raw.read1(len(memoryview(buf)))
+                finally:
+                    if self._deadline is not None:
+                        self._deadline.disarm()
                 memoryview(buf).cast("B")[: len(data)] = data
                 return len(data)
             view = memoryview(buf).cast("B")
@@ -270,6 +288,9 @@ class Response:
             if not n or raw.length == 0:
                 raw.close()
             return n
+        except _TooSlow as exc:
+            raise TransientError(f"{self.name} sent the framing of its chunked body too slowly: one read waited"
+                                 " longer than the socket timeout") from exc
         except (OSError, http.client.HTTPException) as exc:
             raise TransientError(f"connection to {self.name} dropped while reading: {_why(exc)}") from exc
 
@@ -281,21 +302,26 @@ class Response:
             raise ProtocolError(f"{self.name} sent {what} of {self.content_length} bytes, over the {limit} byte"
                                 " limit")
         # A whole-time bound, not only the socket's per-read timeout: a registry sending a byte every few seconds
-        # would otherwise hold the pull (and a CSI publish slot) for as long as it likes.
-        deadline = time.monotonic() + BODY_SECONDS
+        # (of the body, or of a chunked body's size lines and trailers, inside http.client's own loops) would
+        # otherwise hold the pull (and a CSI publish slot) for as long as it liked.
+        if self._deadline is not None:
+            self._deadline.arm(BODY_SECONDS)
         buf = bytearray()
         try:
             while len(buf) <= limit:
-                if time.monotonic() > deadline:
-                    self.close()
-                    raise TransientError(f"{self.name} sent {what} too slowly: {len(buf)} bytes in {BODY_SECONDS:g} s")
                 piece = self._raw.read1(min(READ_PIECE, limit + 1 - len(buf)))
                 if not piece:
                     break
                 buf += piece
+        except _TooSlow as exc:
+            self.close()
+            raise TransientError(f"{self.name} sent {what} too slowly: {len(buf)} bytes in {BODY_SECONDS:g} s") from exc
         except (OSError, http.client.HTTPException) as exc:
             self.close()
             raise TransientError(f"connection to {self.name} dropped while reading {what}: {_why(exc)}") from exc
+        finally:
+            if self._deadline is not None:
+                self._deadline.disarm()
         data = bytes(buf)
         if len(data) > limit:
             self.close()
@@ -305,10 +331,15 @@ class Response:
 
     def read_some(self, limit: int) -> bytes:
         """Up to ``limit`` bytes of a body we only quote (an error's), never an error itself; then closed."""
+        if self._deadline is not None:  # read(limit) loops until it has limit bytes: bounded as a whole
+            self._deadline.arm(BODY_SECONDS)
         try:
             data = self._raw.read(limit)  # read(0) still ends a HEAD answer, so its connection is kept
         except (OSError, http.client.HTTPException):
             data = b""
+        finally:
+            if self._deadline is not None:
+                self._deadline.disarm()
         self.close(reusable=True)
         return data
 
@@ -448,7 +479,7 @@ class Transport:
             if type(exc) is http.client.HTTPException:  # http.client's "got more than 100 headers"
                 raise ProtocolError(f"{name} sent more than 100 headers{context}") from exc
             raise TransientError(f"could not talk to {name} ({_why(exc)}){context}") from exc
-        except _HeadTooSlow as exc:
+        except _TooSlow as exc:
             release(False)
             raise TransientError(f"{name} sent the head of its answer too slowly: not complete {HEAD_SECONDS:g} s"
                                  f" after the request{context}") from exc

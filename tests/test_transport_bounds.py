@@ -1,0 +1,151 @@
+"""Every read of an answer is bounded as a whole, not only per socket read (loader.transport).
+
+A hostile server on 127.0.0.1 (a raw socket of our own: these answers are ones no HTTP server library would send)
+trickles the parts of an answer that http.client reads inside its own loops, each byte well inside the per-read
+timeout: a redirect's or a 401's body being discarded (``read(n)`` fills n bytes), a chunked body's size line, a
+chunked body's endless trailer. Each used to hold the caller for as long as the server liked (a 64 KiB discard at a
+byte every 29 s: 22 days); each now ends at its deadline (shortened here) with the error naming what was slow.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from loader import transport
+from loader.errors import TransientError
+
+LONG = 600.0  # how long each hostile script would go on if nothing cut it (seconds)
+
+
+def _trickle(conn: socket.socket, data: bytes, stop: threading.Event, every: float = 0.1) -> None:
+    for i in range(len(data)):
+        if stop.wait(every):
+            return
+        conn.sendall(data[i:i + 1])
+
+
+SCRIPTS: dict[str, Callable[[socket.socket, threading.Event], None]] = {
+    "redirect-body": lambda c, stop: (
+        c.sendall(b"HTTP/1.1 307 Temporary Redirect\r\nLocation: /v2/elsewhere\r\nContent-Length: 65536\r\n\r\n"),
+        _trickle(c, b"a" * 65536, stop)),
+    "401-body": lambda c, stop: (
+        c.sendall(b"HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Basic realm=\"r\"\r\nContent-Length: 65536\r\n\r\n"),
+        _trickle(c, b"a" * 65536, stop)),
+    "chunk-size-line": lambda c, stop: (
+        c.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"),
+        _trickle(c, b"1;" + b"e" * 65000, stop)),
+    "chunk-trailer-flood": lambda c, stop: (
+        c.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n"),
+        [c.sendall(b"X-T: y\r\n" * 512) for _ in iter(stop.is_set, True)]),
+}
+
+
+@pytest.fixture
+def hostile() -> Iterator[Callable[[str], int]]:
+    """Serves one script per connection (every connection of the test gets the same one); returns its port."""
+    stop = threading.Event()
+    listeners: list[socket.socket] = []
+
+    def start(name: str) -> int:
+        ls = socket.create_server(("127.0.0.1", 0))
+        listeners.append(ls)
+
+        def conn_loop() -> None:
+            while not stop.is_set():
+                try:
+                    c, _ = ls.accept()
+                except OSError:
+                    return
+                threading.Thread(target=serve_one, args=(c,), daemon=True).start()
+
+        def serve_one(c: socket.socket) -> None:
+            with c:
+                try:
+                    c.recv(65536)
+                    SCRIPTS[name](c, stop)
+                except OSError:
+                    pass
+
+        threading.Thread(target=conn_loop, daemon=True).start()
+        return int(ls.getsockname()[1])
+
+    yield start
+    stop.set()
+    for ls in listeners:
+        ls.close()
+
+
+def _outcome(call: Callable[[], object]) -> object:
+    """What ``call`` returned or raised; a thread so that a regression fails the test instead of hanging it."""
+    out: list[object] = []
+
+    def run() -> None:
+        try:
+            out.append(call())
+        except Exception as exc:  # noqa: BLE001  asserted on by the caller
+            out.append(exc)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(LONG / 10)
+    assert out, f"still reading after {LONG / 10:g} s: nothing bounded the read"
+    return out[0]
+
+
+@pytest.fixture(autouse=True)
+def short_bounds(monkeypatch):
+    monkeypatch.setattr(transport, "HEAD_SECONDS", 1.0)
+    monkeypatch.setattr(transport, "BODY_SECONDS", 1.0)
+
+
+@pytest.mark.parametrize("name", ["redirect-body", "401-body"])
+def test_a_trickled_body_being_discarded_is_cut_at_the_body_deadline(hostile, name):
+    """A redirect's body is discarded before the redirect is followed, a 401's before credentials are looked up:
+    at most BODY_SECONDS of it is read, then the connection is dropped (never reused) and the caller goes on."""
+    port = hostile(name)
+    t = transport.Transport(timeout=5.0)
+    try:
+        if name == "redirect-body":
+            got = _outcome(lambda: t.request("GET", f"http://127.0.0.1:{port}/v2/", {}))
+            # Followed after each cut: every hop is the same script, so it ends as a redirect loop, and only then.
+            assert isinstance(got, transport.ProtocolError), got
+            assert f"registry 127.0.0.1:{port} redirected more than {transport.MAX_REDIRECTS} times" in str(got)
+        else:
+            resp = t.request("GET", f"http://127.0.0.1:{port}/v2/", {})
+            assert resp.status == 401
+            assert _outcome(resp.discard) is None
+            assert t._conns == set()  # not read to its end: the connection was dropped, not pooled
+    finally:
+        t.close()
+
+
+@pytest.mark.parametrize("name", ["chunk-size-line", "chunk-trailer-flood"])
+def test_a_chunked_small_body_is_cut_at_the_body_deadline_inside_http_clients_loops(hostile, name):
+    port = hostile(name)
+    t = transport.Transport(timeout=5.0)
+    try:
+        resp = t.request("GET", f"http://127.0.0.1:{port}/v2/m/manifests/v1", {})
+        err = _outcome(lambda: resp.read_body(4 << 20, "the manifest of m:v1"))
+        assert isinstance(err, TransientError), err
+        assert f"registry 127.0.0.1:{port} sent the manifest of m:v1 too slowly" in str(err), str(err)
+        assert t._conns == set()
+    finally:
+        t.close()
+
+
+def test_a_chunked_blob_read_returns_within_the_socket_timeout_however_its_size_line_trickles(hostile):
+    """The engine reads a blob with Response.readinto and applies its minimum rate between reads; a chunked answer
+    whose size line trickles used to keep one readinto call (and so the engine) waiting for the whole line."""
+    port = hostile("chunk-size-line")
+    t = transport.Transport(timeout=1.0)
+    try:
+        resp = t.request("GET", f"http://127.0.0.1:{port}/v2/m/blobs/sha256:" + "a" * 64, {})
+        err = _outcome(lambda: resp.readinto(bytearray(1 << 20)))
+        assert isinstance(err, TransientError), err
+        assert "sent the framing of its chunked body too slowly" in str(err), str(err)
+    finally:
+        t.close()
