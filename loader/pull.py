@@ -31,7 +31,7 @@ from loader.errors import ArtifactError, AuthError, NetworkError, UsageError
 from loader.fetch import BLOB_POLICY, LOCK_STALL, Blob, Fetcher
 from loader.progress import Progress
 from loader.publish import publish_model, verify_staged_tree
-from loader.reference import Reference, parse
+from loader.reference import Reference, parse, speaks_plain_http
 from loader.registry import RegistryClient
 from loader.retry import RetryPolicy
 
@@ -84,7 +84,7 @@ class PullOptions:
     def is_plain_http(self, ref: Reference) -> bool:
         if self.plain_http is not None:
             return self.plain_http
-        return ref.is_loopback or ref.registry in self.plain_http_registries
+        return speaks_plain_http(ref.registry, self.plain_http_registries)
 
 
 @dataclass

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Collection
 from dataclasses import dataclass
 
 DOCKER_HUB = "docker.io"
@@ -31,6 +32,20 @@ _SPACE = " \t\r\n"
 _LOOPBACK_HOSTS = {"localhost", "127.0.0.1", "[::1]"}
 
 
+def _host_of(registry: str) -> str:
+    if registry.startswith("["):
+        return registry.split("]")[0] + "]"
+    return registry.rsplit(":", 1)[0] if ":" in registry else registry
+
+
+def speaks_plain_http(registry: str, plain_http_registries: Collection[str]) -> bool:
+    """Whether the loader speaks plain HTTP to ``registry`` (host[:port]) when not told otherwise: a loopback host,
+    or one of ``plain_http_registries`` (--plain-http-registry, MODEL_CACHE_PLAIN_HTTP_REGISTRIES). Hosts compared
+    without case, as DNS does: the loader and the webhook's allow-list decide with this one function."""
+    r = registry.lower()
+    return _host_of(r) in _LOOPBACK_HOSTS or r in {p.lower() for p in plain_http_registries}
+
+
 def _shown(value: str) -> str:
     """A value for a message: its repr, cut to a readable length (a reference may come from a pod)."""
     return repr(value) if len(value) <= 80 else f"{value[:80]!r}... ({len(value)} characters)"
@@ -50,9 +65,7 @@ class Reference:
     @property
     def host(self) -> str:
         """The host without the port (brackets kept for IPv6)."""
-        if self.registry.startswith("["):
-            return self.registry.split("]")[0] + "]"
-        return self.registry.rsplit(":", 1)[0] if ":" in self.registry else self.registry
+        return _host_of(self.registry)
 
     @property
     def endpoint_host(self) -> str:
@@ -62,7 +75,7 @@ class Reference:
     @property
     def is_loopback(self) -> bool:
         """Registries on loopback speak plain HTTP by default, as docker and containerd assume."""
-        return self.host in _LOOPBACK_HOSTS
+        return self.host.lower() in _LOOPBACK_HOSTS
 
     @property
     def reference(self) -> str:

@@ -55,7 +55,7 @@ from loader.errors import (
     UsageError,
 )
 from loader.oci import INDEX_TYPES, MANIFEST_TYPES, MAX_MANIFEST_BYTES
-from loader.reference import Reference
+from loader.reference import Reference, speaks_plain_http
 from loader.transport import (
     USER_AGENT,
     BodyFactory,
@@ -179,7 +179,7 @@ class RegistryClient:
         self.log = log
         self.transport = Transport(insecure=insecure, timeout=timeout, ca_files=ca_files)
         self.auth = Authenticator(self.transport, str(ref), log)
-        plain = plain_http if plain_http is not None else ref.is_loopback or ref.registry in plain_http_registries
+        plain = plain_http if plain_http is not None else speaks_plain_http(ref.registry, plain_http_registries)
         scheme = "http" if plain else "https"
         try:
             origin = Origin.of(f"{scheme}://{ref.endpoint_host}")

@@ -675,6 +675,10 @@ if __name__ == "__main__":
     ("127.0.0.1/models", "127.0.0.1:443/models/phi3:v1", False),
     ("reg.internal", "reg.internal:443/models/phi3:v1", False),  # reg.internal:443 is listed as plain http below
     ("localhost:5000", "LOCALHOST:5000/models/phi3:v1", True),
+    ("localhost", "LOCALHOST:443/models/phi3:v1", False),       # loopback whatever the case: plain http
+    ("reg.internal:443", "REG.INTERNAL:443/models/phi3:v1", True),  # listed as plain http, compared without case
+    ("reg.internal:443", "reg.internal/models/phi3:v1", False),  # https on 443 is not the plain http one listed
+    ("plain.internal", "plain.internal:443/models/phi3:v1", False),  # the entry is plain http (port 80), the ref https
 ])
 def test_allowed_registries_compare_hosts_as_the_signature_policy_does(allowed, ref, ok):
     """MODEL_CACHE_ALLOWED_REGISTRIES and the signature policy answer "is this model under this prefix" with one
@@ -682,7 +686,7 @@ def test_allowed_registries_compare_hosts_as_the_signature_policy_does(allowed, 
     admin's allow-list neither refuses `registry.example.com:443/...` nor needs every alias listed. Registries the
     loader speaks plain http to (loopback, MODEL_CACHE_PLAIN_HTTP_REGISTRIES) keep their port: naming `localhost`
     admits no `localhost:443`."""
-    settings = Settings(allowed_registries=[allowed], plain_http_registries=["reg.internal:443"])
+    settings = Settings(allowed_registries=[allowed], plain_http_registries=["reg.internal:443", "plain.internal"])
     pod = load_pod("single")
     pod["metadata"]["annotations"][ann.REF] = ref
     if ok:

@@ -180,6 +180,12 @@ def test_plain_http_registries_are_a_setting_and_checked(tmp_path):
     assert opts.is_plain_http(parse("registry.internal:5000/m:v1")) is True
     assert opts.is_plain_http(parse("registry.example.com/m:v1")) is False
     assert opts.is_plain_http(parse("localhost:5000/m:v1")) is True
+    # Hosts without case, as DNS compares them (the webhook's allow-list decides the scheme with the same function).
+    assert opts.is_plain_http(parse("LOCALHOST:5000/m:v1")) is True
+    assert opts.is_plain_http(parse("Registry.Internal:5000/m:v1")) is True
+    assert opts.is_plain_http(parse("registry.internal:5001/m:v1")) is False
+    with RegistryClient(parse("REGISTRY.internal:5000/m:v1"), plain_http_registries={"registry.internal:5000"}) as c:
+        assert c.upstream.scheme == "http"
     with RegistryClient(parse("registry.internal:5000/m:v1"), plain_http_registries={"registry.internal:5000"}) as c:
         assert c.upstream.scheme == "http"
     with RegistryClient(parse("registry.example.com/m:v1"), plain_http_registries={"registry.internal:5000"}) as c:

@@ -55,7 +55,7 @@ from typing import Any
 
 from loader import contract
 from loader.policy import Rule, rule_for, under_prefix
-from loader.reference import Reference, ReferenceError, parse
+from loader.reference import Reference, ReferenceError, parse, speaks_plain_http
 from webhook import annotations as ann
 from webhook.config import Settings, parse_quantity
 from webhook.errors import Denied
@@ -153,9 +153,19 @@ class Outcome:
 
 
 def _registry_allowed(ref: Reference, settings: Settings) -> bool:
-    allowed = settings.allowed_registries
-    https = not (ref.is_loopback or ref.registry in settings.plain_http_registries)  # as the loader will speak
-    return not allowed or any(under_prefix(entry, ref.registry, ref.repository, https=https) for entry in allowed)
+    """Under an entry of MODEL_CACHE_ALLOWED_REGISTRIES, spoken to as the loader will: an entry names a scheme too
+    (plain http for a loopback or listed host, else https), so naming `reg.internal` (listed as plain http, port 80)
+    admits no `reg.internal:443` (https, another service)."""
+    if not settings.allowed_registries:
+        return True
+    plain = settings.plain_http_registries
+    https = not speaks_plain_http(ref.registry, plain)
+
+    def admits(entry: str) -> bool:
+        entry_https = not speaks_plain_http(entry.partition("/")[0], plain)
+        return entry_https == https and under_prefix(entry, ref.registry, ref.repository, https=https)
+
+    return any(admits(entry) for entry in settings.allowed_registries)
 
 
 def read_models(value: str, settings: Settings) -> tuple[Model, ...]:
