@@ -143,6 +143,10 @@ class BlobResponse:
     def readinto(self, buf: Buffer) -> int:
         return self._resp.readinto(buf)
 
+    def read_all(self, limit: int, what: str) -> bytes:
+        """The whole (small) body, at most ``limit`` bytes and within transport.BODY_SECONDS (Response.read_body)."""
+        return self._resp.read_body(limit, what)
+
     def close(self, reusable: bool = False) -> None:
         self._resp.close(reusable)
 

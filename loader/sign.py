@@ -86,23 +86,13 @@ class RegistrySignatures:
         """A small blob (a payload or a bundle, its size bounded by the parser), whole, checked against its digest."""
 
         def read() -> bytes:
-            buf = bytearray(size + 1)
-            mv = memoryview(buf)
-            n = 0
-            resp = self.client.open_blob(digest, size=size)
-            try:
-                while n < len(buf):
-                    k = resp.readinto(mv[n:])
-                    if not k:
-                        break
-                    n += k
-            finally:
-                resp.close(reusable=n <= size)
-            return bytes(buf[:n])
+            # Whole, bounded in bytes and in time (a payload trickled a byte at a time inside the socket timeout
+            # would otherwise hold the pull that verifies it).
+            return self.client.open_blob(digest, size=size).read_all(size, f"the {size}-byte signature blob {digest}")
 
         data = _retrying(read, self.log, self.label)
         if len(data) != size or Digest.of(data) != digest:
-            raise ArtifactError(f"the registry served {len(data)}+ bytes hashing to {Digest.of(data)} for a"
+            raise ArtifactError(f"the registry served {len(data)} bytes hashing to {Digest.of(data)} for a"
                                 f" {size}-byte blob {digest}")
         return data
 

@@ -58,6 +58,8 @@ READ_PIECE = 64 * 1024
 DEFAULT_PORTS = {"http": 80, "https": 443}
 _HOST_RE = re.compile(r"[a-z0-9]([a-z0-9._-]{0,252})|[0-9a-f:.]{2,45}")
 _DIGITS_RE = re.compile(r"[0-9]{1,19}")
+_CHUNK_SIZE_RE = re.compile(rb"[0-9A-Fa-f]{1,16}")
+MAX_LINE = 65536  # http.client's own bound on a status, header or chunk-size line
 
 Buffer = bytes | bytearray | memoryview
 Body = bytes | Iterable[Buffer]
@@ -218,6 +220,18 @@ class _HTTPResponse(http.client.HTTPResponse):
         finally:
             self.deadline.disarm()
 
+    def _read_next_chunk_size(self) -> int:
+        # http.client's own reads int(line, 16), which takes "-1" (read(n) then reads until the connection closes,
+        # all of it held in memory) and "+1" or " 1_0": only hex digits are a chunk size (RFC 9112 7.1).
+        line = self.fp.readline(MAX_LINE + 1)
+        if len(line) > MAX_LINE:
+            raise http.client.LineTooLong("chunk size")
+        size = line.split(b";", 1)[0].strip(b" \t\r\n")
+        if not _CHUNK_SIZE_RE.fullmatch(size):
+            self._close_conn()  # type: ignore[attr-defined]
+            raise ValueError(f"chunk size {size[:20]!r} is not hexadecimal digits")
+        return int(size, 16)
+
 
 class CAFileError(UsageError):
     """A CA bundle given with --ca-file is missing or not PEM (exit 2)."""
@@ -274,6 +288,8 @@ class Response:
                 finally:
                     if self._deadline is not None:
                         self._deadline.disarm()
+                if len(data) > len(memoryview(buf).cast("B")):  # read1 never gives more than asked; guarded anyway
+                    raise ProtocolError(f"{self.name} sent a chunk larger than the read asked for")
                 memoryview(buf).cast("B")[: len(data)] = data
                 return len(data)
             view = memoryview(buf).cast("B")
@@ -333,14 +349,17 @@ class Response:
         """Up to ``limit`` bytes of a body we only quote (an error's), never an error itself; then closed."""
         if self._deadline is not None:  # read(limit) loops until it has limit bytes: bounded as a whole
             self._deadline.arm(BODY_SECONDS)
+        reusable = True
         try:
             data = self._raw.read(limit)  # read(0) still ends a HEAD answer, so its connection is kept
         except (OSError, http.client.HTTPException):
-            data = b""
+            # http.client marks the answer closed when a read fails, which must not pass for "read to its end":
+            # the connection is out of step (the rest of a body may follow), so it is dropped, never pooled.
+            data, reusable = b"", False
         finally:
             if self._deadline is not None:
                 self._deadline.disarm()
-        self.close(reusable=True)
+        self.close(reusable=reusable)
         return data
 
     def discard(self) -> None:

@@ -9,6 +9,7 @@ byte every 29 s: 22 days); each now ends at its deadline (shortened here) with t
 
 from __future__ import annotations
 
+import io
 import socket
 import threading
 from collections.abc import Callable, Iterator
@@ -16,6 +17,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from loader import transport
+from loader.digest import Digest
 from loader.errors import TransientError
 
 LONG = 600.0  # how long each hostile script would go on if nothing cut it (seconds)
@@ -38,6 +40,14 @@ SCRIPTS: dict[str, Callable[[socket.socket, threading.Event], None]] = {
     "chunk-size-line": lambda c, stop: (
         c.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"),
         _trickle(c, b"1;" + b"e" * 65000, stop)),
+    # A chunk size of "-1": http.client's int(line, 16) takes it, and read(n) then reads until the connection
+    # closes, all of it in memory; a read1 gives back more than the buffer it fills.
+    "negative-chunk": lambda c, stop: (
+        c.sendall(b"HTTP/1.1 302 Found\r\nLocation: /v2/next\r\nTransfer-Encoding: chunked\r\n\r\n-1\r\n"),
+        [c.sendall(b"x" * 65536) for _ in iter(stop.is_set, True)]),
+    "negative-chunk-200": lambda c, stop: (
+        c.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n-1\r\n"),
+        [c.sendall(b"x" * 65536) for _ in iter(stop.is_set, True)]),
     "chunk-trailer-flood": lambda c, stop: (
         c.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n"),
         [c.sendall(b"X-T: y\r\n" * 512) for _ in iter(stop.is_set, True)]),
@@ -149,3 +159,49 @@ def test_a_chunked_blob_read_returns_within_the_socket_timeout_however_its_size_
         assert "sent the framing of its chunked body too slowly" in str(err), str(err)
     finally:
         t.close()
+
+
+def test_a_chunk_size_that_is_not_hex_digits_is_refused_wherever_it_is_read(hostile):
+    """"-1" (or "+1", "1_0") as a chunk size: refused as broken framing, never read as "until the connection closes"
+    (a discarded redirect body would be held in memory whole) nor handed on as more bytes than a read asked for (a
+    ValueError, a traceback, exit 1). The connection is dropped, never pooled."""
+    redirect = hostile("negative-chunk")
+    t = transport.Transport(timeout=5.0)
+    try:
+        got = _outcome(lambda: t.request("GET", f"http://127.0.0.1:{redirect}/v2/", {}))
+        assert isinstance(got, transport.ProtocolError), got  # each hop's body dropped at its first chunk: a loop
+        assert f"registry 127.0.0.1:{redirect} redirected more than {transport.MAX_REDIRECTS} times" in str(got)
+        assert t._conns == set()
+        port = hostile("negative-chunk-200")
+        resp = t.request("GET", f"http://127.0.0.1:{port}/v2/m/manifests/v1", {})
+        err = _outcome(lambda: resp.read_body(4 << 20, "the manifest of m:v1"))
+        assert isinstance(err, TransientError) and "IncompleteRead" in str(err), err
+        resp = t.request("GET", f"http://127.0.0.1:{port}/v2/m/blobs/sha256:" + "a" * 64, {})
+        err = _outcome(lambda: resp.readinto(bytearray(300)))
+        assert isinstance(err, TransientError) and "IncompleteRead" in str(err), err
+        resp.close()  # as the engine does after a failed read
+        assert t._conns == set()
+    finally:
+        t.close()
+
+
+def test_a_trickled_signature_blob_is_cut_at_the_body_deadline(tmp_path):
+    """A cosign payload or Sigstore bundle (a small blob read whole before a pull may publish) trickled a byte at a
+    time used to hold the verifying pull, and a CSI publish slot, for as long as the registry liked."""
+    from loader.errors import NetworkError
+    from loader.log import Logger
+    from loader.reference import parse
+    from loader.registry import RegistryClient
+    from loader.sign import RegistrySignatures
+    from tests.support.crafted_registry import CraftedRegistry
+    from tests.support.oci import sha256
+
+    payload = b'{"critical": {"image": {"docker-manifest-digest": "sha256:' + b"0" * 64 + b'"}}}'
+    with CraftedRegistry() as reg:
+        reg.blobs[sha256(payload)] = payload
+        reg.trickle[sha256(payload)] = 0.2  # ~100 bytes: 20 s a try
+        with RegistryClient(parse(f"{reg.host}/m/model:v1"), timeout=5.0) as client:
+            source = RegistrySignatures(client, Logger(io.StringIO()), "m/model:v1")
+            err = _outcome(lambda: source.small_blob(Digest.parse(sha256(payload), "test"), len(payload)))
+    assert isinstance(err, NetworkError), err
+    assert f"sent the {len(payload)}-byte signature blob {sha256(payload)} too slowly" in str(err), str(err)
