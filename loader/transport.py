@@ -342,6 +342,8 @@ class Response:
         if len(data) > limit:
             self.close()
             raise ProtocolError(f"{self.name} sent {what} longer than the {limit} byte limit")
+        if self._raw.length == 0:  # read1 never marks a Content-Length body finished: the connection may be reused
+            self._raw.close()
         self.close(reusable=True)
         return data
 

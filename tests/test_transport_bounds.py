@@ -205,3 +205,25 @@ def test_a_trickled_signature_blob_is_cut_at_the_body_deadline(tmp_path):
             err = _outcome(lambda: source.small_blob(Digest.parse(sha256(payload), "test"), len(payload)))
     assert isinstance(err, NetworkError), err
     assert f"sent the {len(payload)}-byte signature blob {sha256(payload)} too slowly" in str(err), str(err)
+
+
+def test_a_small_body_read_whole_gives_its_connection_back():
+    """The bounds cost no connection: a manifest read to its Content-Length goes back to the pool (with its
+    socket's own timeout again) and the next request uses it; http.client's read1 never marks such a body finished,
+    so every manifest used to cost a new connection."""
+    from tests.support.crafted_registry import CraftedRegistry
+
+    with CraftedRegistry() as reg:
+        reg.manifests[("m", "v1")] = (b'{"a": 1}', "application/json")
+        t = transport.Transport(timeout=5.0)
+        try:
+            seen = []
+            for _ in range(3):
+                resp = t.request("GET", f"http://{reg.host}/v2/m/manifests/v1", {})
+                assert resp.read_body(1000, "the manifest of m:v1") == b'{"a": 1}'
+                (conn,) = t._conns
+                assert conn.sock is not None and conn.sock.gettimeout() == 5.0
+                seen.append(conn)
+            assert seen[0] is seen[1] is seen[2]
+        finally:
+            t.close()
