@@ -220,6 +220,16 @@ class _HTTPResponse(http.client.HTTPResponse):
         finally:
             self.deadline.disarm()
 
+    def _read_status(self) -> tuple[str, int, str]:
+        # http.client skips 100 Continue only: any other informational answer (102 Processing, 103 Early Hints,
+        # which CDNs in front of registries send) passed for the final one, and the real answer was left on the
+        # pooled connection for the next request to read as its own. Skipped like 100, under the head's deadline.
+        while True:
+            version, status, reason = super()._read_status()  # type: ignore[misc]
+            if not 100 < status < 200 or status == 101:
+                return str(version), int(status), str(reason)
+            http.client._read_headers(self.fp)  # type: ignore[attr-defined]
+
     def _read_next_chunk_size(self) -> int:
         # http.client's own reads int(line, 16), which takes "-1" (read(n) then reads until the connection closes,
         # all of it held in memory) and "+1" or " 1_0": only hex digits are a chunk size (RFC 9112 7.1).

@@ -30,6 +30,13 @@ def _trickle(conn: socket.socket, data: bytes, stop: threading.Event, every: flo
         conn.sendall(data[i:i + 1])
 
 
+def _answer_each(conn: socket.socket, stop: threading.Event, answer: bytes) -> None:
+    """The same answer to every request on the connection (the first one was read by the server already)."""
+    conn.sendall(answer)
+    while not stop.is_set() and conn.recv(65536):
+        conn.sendall(answer)
+
+
 SCRIPTS: dict[str, Callable[[socket.socket, threading.Event], None]] = {
     "redirect-body": lambda c, stop: (
         c.sendall(b"HTTP/1.1 307 Temporary Redirect\r\nLocation: /v2/elsewhere\r\nContent-Length: 65536\r\n\r\n"),
@@ -48,6 +55,10 @@ SCRIPTS: dict[str, Callable[[socket.socket, threading.Event], None]] = {
     "negative-chunk-200": lambda c, stop: (
         c.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n-1\r\n"),
         [c.sendall(b"x" * 65536) for _ in iter(stop.is_set, True)]),
+    # Informational answers before the real one, for every request on the connection (a CDN's 103 Early Hints).
+    "early-hints": lambda c, stop: _answer_each(c, stop, b"HTTP/1.1 102 Processing\r\n\r\n"
+                                                b"HTTP/1.1 103 Early Hints\r\nLink: </v2/>; rel=preload\r\n\r\n"
+                                                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"),
     "chunk-trailer-flood": lambda c, stop: (
         c.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n"),
         [c.sendall(b"X-T: y\r\n" * 512) for _ in iter(stop.is_set, True)]),
@@ -227,3 +238,17 @@ def test_a_small_body_read_whole_gives_its_connection_back():
             assert seen[0] is seen[1] is seen[2]
         finally:
             t.close()
+
+
+def test_informational_answers_before_the_real_one_are_skipped_and_the_connection_stays_in_step(hostile):
+    """http.client skips 100 Continue only: a 102 or a 103 Early Hints passed for the final answer, and the real
+    one stayed on the pooled connection, to be read by the next request as its own answer."""
+    port = hostile("early-hints")
+    t = transport.Transport(timeout=5.0)
+    try:
+        for _ in range(3):
+            resp = t.request("GET", f"http://127.0.0.1:{port}/v2/m/manifests/v1", {})
+            assert (resp.status, resp.read_body(100, "the manifest of m:v1")) == (200, b"{}")
+        assert len(t._conns) == 1  # one connection, in step, reused for all three
+    finally:
+        t.close()
