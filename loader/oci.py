@@ -95,9 +95,11 @@ class ImageIndex:
 Manifest = ImageManifest | ImageIndex
 
 
-def load_json(data: bytes, where: str) -> dict[str, Any]:
-    if len(data) > MAX_MANIFEST_BYTES:
-        raise ArtifactError(f"{where} is {len(data)} bytes, over the {MAX_MANIFEST_BYTES} byte limit")
+def load_json(data: bytes, where: str, limit: int = MAX_MANIFEST_BYTES) -> dict[str, Any]:
+    """A JSON object of at most ``limit`` bytes from outside (a manifest, a signature's payload or index), or
+    ArtifactError naming ``where``."""
+    if len(data) > limit:
+        raise ArtifactError(f"{where} is {len(data)} bytes, over the {limit} byte limit")
     try:
         obj = json.loads(data)
     except ValueError as exc:

@@ -36,6 +36,7 @@ from typing import Any
 from loader.contract import ExitCode
 from loader.digest import Digest
 from loader.errors import ArtifactError, LoaderError, UsageError
+from loader.oci import load_json
 from loader.policy import Rule, rule_for
 
 # ---- formats (the only place they are spelled) --------------------------------------------------------------
@@ -307,22 +308,10 @@ class Candidate:
     kind: str = "cosign"
 
 
-def _load(data: bytes, limit: int, where: str) -> dict[str, Any]:
-    if len(data) > limit:
-        raise ArtifactError(f"{where} is {len(data)} bytes, over the {limit} byte limit")
-    try:
-        obj = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ArtifactError(f"{where} is not valid JSON: {exc}") from None
-    if not isinstance(obj, dict):
-        raise ArtifactError(f"{where} is not a JSON object")
-    return obj
-
-
 def parse_signature_manifest(data: bytes, where: str) -> tuple[list[SignatureLayer], list[str]]:
     """The simple-signing layers of a signature manifest (at most MAX_SIGNATURE_LAYERS), and what was skipped and
     why (other media types, missing or malformed signatures)."""
-    obj = _load(data, MAX_SIGNATURE_MANIFEST, where)
+    obj = load_json(data, where, MAX_SIGNATURE_MANIFEST)
     layers = obj.get("layers")
     if not isinstance(layers, list):
         raise ArtifactError(f"{where} has no layers list")
@@ -360,7 +349,7 @@ def parse_signature_manifest(data: bytes, where: str) -> tuple[list[SignatureLay
 def parse_referrers(data: bytes, subject: Digest, artifact_types: Sequence[str], where: str) -> list[tuple[Digest, str]]:
     """The manifests of a referrers index (the API's answer, or the fallback tag's index) whose artifactType is one
     of ``artifact_types``, as (digest, artifactType), at most MAX_SIGNATURE_MANIFESTS, in the order listed."""
-    obj = _load(data, MAX_REFERRERS_INDEX, where)
+    obj = load_json(data, where, MAX_REFERRERS_INDEX)
     manifests = obj.get("manifests")
     if not isinstance(manifests, list):
         raise ArtifactError(f"{where} (referrers of {subject}) has no manifests list")
@@ -376,7 +365,7 @@ def parse_referrers(data: bytes, subject: Digest, artifact_types: Sequence[str],
 
 def parse_bundle_manifest(data: bytes, where: str) -> list[tuple[Digest, int]]:
     """The bundle layers of a Sigstore bundle referrer (cosign's new bundle format): (digest, size) each."""
-    obj = _load(data, MAX_SIGNATURE_MANIFEST, where)
+    obj = load_json(data, where, MAX_SIGNATURE_MANIFEST)
     layers = obj.get("layers")
     if not isinstance(layers, list):
         raise ArtifactError(f"{where} has no layers list")
@@ -408,7 +397,7 @@ class Payload:
 
 
 def parse_payload(data: bytes, where: str) -> Payload:
-    obj = _load(data, MAX_PAYLOAD, where)
+    obj = load_json(data, where, MAX_PAYLOAD)
     critical = _field(obj, "critical", where)
     if not isinstance(critical, dict):
         raise ArtifactError(f"{where} has no 'critical' object")
@@ -599,7 +588,7 @@ def _check_statement(payload_type: str, payload: bytes, digest: Digest) -> None:
     """A verified DSSE payload must be an in-toto statement with ``digest`` among its subjects."""
     if payload_type != IN_TOTO:
         raise ArtifactError(f"its DSSE payload is {payload_type[:80]!r}, not an in-toto statement ({IN_TOTO})")
-    obj = _load(payload, MAX_BUNDLE, "its in-toto statement")
+    obj = load_json(payload, "its in-toto statement", MAX_BUNDLE)
     subjects = obj.get("subject")
     if not isinstance(subjects, list):
         raise ArtifactError("its in-toto statement has no subject list")

@@ -23,7 +23,7 @@ from tests.support.files import snapshot, tree
 from tests.support.oci import OCI_INDEX, OCI_MANIFEST, sha256
 from tests.support.referrers_proxy import ReferrersProxy
 from tests.support.signing_fixtures import Key
-from tests.test_signing import DEV, FILES, ISSUER, _layers, _push_bundle, _push_signature, cli, keyless, sign
+from tests.test_signing import DEV, FILES, ISSUER, _layers, _push_bundle, _push_signature, cli, keyless, pull, sign
 
 IMAGE = "io.containerd.image.name"
 REF_NAME = "org.opencontainers.image.ref.name"
@@ -42,14 +42,6 @@ def import_(capsys, bundle: Path, where: tuple[str, ...], *keys: Path,
         argv += [contract.FLAG_VERIFY_KEY, str(k)]
     code, out, err = cli(capsys, *argv)
     return code, [json.loads(line) for line in out.splitlines()], err
-
-
-def pull(capsys, ref: str, cache: Path, *keys: Path, extra: tuple[str, ...] = ()) -> tuple[int, dict | None, str]:
-    argv = ["pull", ref, "--cache", str(cache), "--output", "json", "--progress", "none", *extra]
-    for k in keys:
-        argv += [contract.FLAG_VERIFY_KEY, str(k)]
-    code, out, err = cli(capsys, *argv)
-    return code, (json.loads(out) if code == 0 else None), err
 
 
 def closure(pusher, repo: str, *manifests: str) -> set[str]:
