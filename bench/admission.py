@@ -812,6 +812,14 @@ def wait_ready(port: int, ctx: ssl.SSLContext, proc: subprocess.Popen) -> None:
     raise SystemExit("the webhook did not become ready")
 
 
+def serving_tls(directory: Path) -> ssl.SSLContext:
+    """A serving certificate for 127.0.0.1 written to ``directory`` (start_server's --tls-dir), and a client context
+    that trusts its CA."""
+    bundle = certs.generate("model-cache", "bench", extra_sans=["localhost", "127.0.0.1"])
+    certs.write_bundle(bundle, directory)
+    return ssl.create_default_context(cadata=bundle.ca_cert.decode())
+
+
 def attack_main(args: argparse.Namespace) -> int:
     """The attack series: /noop and /mutate without an attack, then /mutate under each attack, on one server, in
     interleaved rounds; latency ratios against the /mutate without an attack, the server's peak RSS per series."""
@@ -824,9 +832,7 @@ def attack_main(args: argparse.Namespace) -> int:
     chunk = -(-args.requests // rounds)
     with tempfile.TemporaryDirectory(prefix="bench-admission-") as tmp_s:
         tmp = Path(tmp_s)
-        bundle = certs.generate("model-cache", "bench", extra_sans=["localhost", "127.0.0.1"])
-        certs.write_bundle(bundle, tmp / "tls")
-        ctx = ssl.create_default_context(cadata=bundle.ca_cert.decode())
+        ctx = serving_tls(tmp / "tls")
         nodes_file = tmp / "nodes.json"
         nodes_file.write_text(json.dumps(make_nodes(args.attack_inventory, random.Random(1))))
         proc, port = start_server(tmp, nodes_file, tmp / "tls")
@@ -923,9 +929,7 @@ def main() -> int:
     chunk = -(-args.requests // rounds)
     with tempfile.TemporaryDirectory(prefix="bench-admission-") as tmp_s:
         tmp = Path(tmp_s)
-        bundle = certs.generate("model-cache", "bench", extra_sans=["localhost", "127.0.0.1"])
-        certs.write_bundle(bundle, tmp / "tls")
-        ctx = ssl.create_default_context(cadata=bundle.ca_cert.decode())
+        ctx = serving_tls(tmp / "tls")
         rng = random.Random(1)
         procs, phases = [], []
         try:
