@@ -39,8 +39,8 @@ def _host_of(registry: str) -> str:
 
 
 def speaks_plain_http(registry: str, plain_http_registries: Collection[str]) -> bool:
-    """Whether the loader speaks plain HTTP to ``registry`` (host[:port]) when not told otherwise: a loopback host,
-    or one of ``plain_http_registries`` (--plain-http-registry, MODEL_CACHE_PLAIN_HTTP_REGISTRIES). Hosts compared
+    """Whether the loader speaks plain HTTP to ``registry`` (host[:port]) when not told otherwise: a loopback host
+    (as docker and containerd assume), or one of ``plain_http_registries`` (--plain-http-registry, MODEL_CACHE_PLAIN_HTTP_REGISTRIES). Hosts compared
     without case, as DNS does: the loader and the webhook's allow-list decide with this one function."""
     r = registry.lower()
     return _host_of(r) in _LOOPBACK_HOSTS or r in {p.lower() for p in plain_http_registries}
@@ -71,11 +71,6 @@ class Reference:
     def endpoint_host(self) -> str:
         """Where the registry API lives (Docker Hub's API is not on docker.io itself)."""
         return DOCKER_HUB_ENDPOINT if self.registry == DOCKER_HUB else self.registry
-
-    @property
-    def is_loopback(self) -> bool:
-        """Registries on loopback speak plain HTTP by default, as docker and containerd assume."""
-        return self.host.lower() in _LOOPBACK_HOSTS
 
     @property
     def reference(self) -> str:

@@ -1,6 +1,6 @@
 import pytest
 
-from loader.reference import Reference, ReferenceError, cache_key, parse
+from loader.reference import Reference, ReferenceError, cache_key, parse, speaks_plain_http
 
 H = "a" * 64
 
@@ -44,8 +44,8 @@ def test_parse_errors_name_value_and_fix(text, fragment):
 def test_roundtrip_and_loopback():
     r = parse("127.0.0.1:5000/models/phi3:v1")
     assert str(r) == "127.0.0.1:5000/models/phi3:v1"
-    assert r.is_loopback and r.name == "phi3" and r.reference == "v1"
-    assert not parse("r.io/x").is_loopback
+    assert speaks_plain_http(r.registry, ()) and r.name == "phi3" and r.reference == "v1"
+    assert not speaks_plain_http(parse("r.io/x").registry, ())
 
 
 def test_cache_key_is_one_component_stable_and_distinct():
