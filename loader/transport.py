@@ -38,7 +38,7 @@ import ssl
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from loader.errors import ConnectError, RegistryError, TransientError, UsageError
@@ -271,6 +271,19 @@ class Response:
             self.close()
             raise
 
+    @contextlib.contextmanager
+    def _bounded(self, seconds: float | None) -> Iterator[None]:
+        """Reads inside end ``seconds`` from now at the latest (the socket's timeout when None), however
+        http.client loops (_DeadlineReader.arm); the socket's own timeout again after."""
+        if self._deadline is None:
+            yield
+            return
+        self._deadline.arm(seconds)
+        try:
+            yield
+        finally:
+            self._deadline.disarm()
+
     def header(self, name: str) -> str | None:
         """A header's value (several of the same name joined by ``, ``), or None."""
         return self._raw.getheader(name)
@@ -289,18 +302,14 @@ class Response:
             if raw.isclosed():
                 return 0
             if raw.chunked:  # read1 returns after at most one read of a chunk (readinto fills the buffer)
-                # ... but waits inside for a whole chunk-size line (or trailer lines): armed, one call ends within
+                # ... but waits inside for a whole chunk-size line (or trailer lines): bounded, one call ends within
                 # the socket's timeout however they trickle, so the engine's minimum rate gets control back.
-                if self._deadline is not None:
-                    self._deadline.arm()
-                try:
-                    data = raw.read1(len(memoryview(buf)))
-                finally:
-                    if self._deadline is not None:
-                        self._deadline.disarm()
-                if len(data) > len(memoryview(buf).cast("B")):  # read1 never gives more than asked; guarded anyway
+                view = memoryview(buf).cast("B")
+                with self._bounded(None):
+                    data = raw.read1(len(view))
+                if len(data) > len(view):  # read1 never gives more than asked; guarded anyway
                     raise ProtocolError(f"{self.name} sent a chunk larger than the read asked for")
-                memoryview(buf).cast("B")[: len(data)] = data
+                view[: len(data)] = data
                 return len(data)
             view = memoryview(buf).cast("B")
             if raw.length is not None and len(view) > raw.length:
@@ -330,24 +339,20 @@ class Response:
         # A whole-time bound, not only the socket's per-read timeout: a registry sending a byte every few seconds
         # (of the body, or of a chunked body's size lines and trailers, inside http.client's own loops) would
         # otherwise hold the pull (and a CSI publish slot) for as long as it liked.
-        if self._deadline is not None:
-            self._deadline.arm(BODY_SECONDS)
         buf = bytearray()
         try:
-            while len(buf) <= limit:
-                piece = self._raw.read1(min(READ_PIECE, limit + 1 - len(buf)))
-                if not piece:
-                    break
-                buf += piece
+            with self._bounded(BODY_SECONDS):
+                while len(buf) <= limit:
+                    piece = self._raw.read1(min(READ_PIECE, limit + 1 - len(buf)))
+                    if not piece:
+                        break
+                    buf += piece
         except _TooSlow as exc:
             self.close()
             raise TransientError(f"{self.name} sent {what} too slowly: {len(buf)} bytes in {BODY_SECONDS:g} s") from exc
         except (OSError, http.client.HTTPException) as exc:
             self.close()
             raise TransientError(f"connection to {self.name} dropped while reading {what}: {_why(exc)}") from exc
-        finally:
-            if self._deadline is not None:
-                self._deadline.disarm()
         data = bytes(buf)
         if len(data) > limit:
             self.close()
@@ -359,18 +364,14 @@ class Response:
 
     def read_some(self, limit: int) -> bytes:
         """Up to ``limit`` bytes of a body we only quote (an error's), never an error itself; then closed."""
-        if self._deadline is not None:  # read(limit) loops until it has limit bytes: bounded as a whole
-            self._deadline.arm(BODY_SECONDS)
         reusable = True
         try:
-            data = self._raw.read(limit)  # read(0) still ends a HEAD answer, so its connection is kept
+            with self._bounded(BODY_SECONDS):  # read(limit) loops until it has limit bytes: bounded as a whole
+                data = self._raw.read(limit)  # read(0) still ends a HEAD answer, so its connection is kept
         except (OSError, http.client.HTTPException):
             # http.client marks the answer closed when a read fails, which must not pass for "read to its end":
             # the connection is out of step (the rest of a body may follow), so it is dropped, never pooled.
             data, reusable = b"", False
-        finally:
-            if self._deadline is not None:
-                self._deadline.disarm()
         self.close(reusable=reusable)
         return data
 
