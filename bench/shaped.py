@@ -150,12 +150,13 @@ def verify(c: Contender, out: Path, run: Run, layers: list[Blob]) -> None:
 
 # --- command lines and the streams each keeps busy -----------------------------------------------------------------
 
-def loader_streams(layers: list[Blob], shards: list[Blob], concurrency: int) -> int:
-    """How many ranges of the weights the loader fetches at once: its own plan (loader.fetch)."""
-    from loader.fetch import plan_ranges, target_chunk
+def loader_streams(shards: list[Blob], concurrency: int) -> int:
+    """How many ranges of the weights the loader fetches at once on slow connections: ``concurrency``, as long as
+    the weights split into that many ranges of at least STEAL_MIN (loader.fetch: it starts with about half and
+    splits running ranges while connections are slow)."""
+    from loader.fetch import STEAL_MIN
 
-    chunk = target_chunk(sum(b.size for b in layers), concurrency)
-    return min(concurrency, sum(len(plan_ranges(b.size, chunk)) for b in shards))
+    return min(concurrency, sum(max(1, b.size // STEAL_MIN) for b in shards))
 
 
 def aria2_split(shards: list[Blob], total_conns: int) -> int:
@@ -194,7 +195,7 @@ def build_contenders(host: str, layers: list[Blob], shards: list[Blob], concurre
             f"{LOADER} c={c}",
             lambda d, c=c: [loader_bin(), "pull", ref, "--cache", str(d / "cache"), "--output", "json",
                             "--progress", "none", "--plain-http", "--concurrency", str(c)],
-            by_title(layers, loader_tree), loader_streams(layers, shards, c), is_loader=True))
+            by_title(layers, loader_tree), loader_streams(shards, c), is_loader=True))
     if "oras" in peers:
         out.append(Contender(ORAS, lambda d: [sys.executable, "-c", ORAS_SNIPPET, ref, str(d)],
                              by_title(layers, lambda d, run: d), 1))
@@ -481,8 +482,8 @@ def main(argv: list[str] | None = None) -> int:
         if link:
             print("tbf at the end: " + " | ".join(ln.strip() for ln in link.qdisc().splitlines()[:2]))
         print(table(summary_rows(contenders, net, model_bytes)))
-        print("streams: connections carrying the weights at once by the contender's own plan (loader: its range plan "
-              "at that concurrency; skopeo: <= 6 layers; aria2c: -x per shard; curl: one per shard); cap: the lower "
+        print("streams: connections carrying the weights at once by the contender's own plan (loader: --concurrency, its "
+              "ranges split while connections are slow; skopeo: <= 6 layers; aria2c: -x per shard; curl: one per shard); cap: the lower "
               "of the link rate and streams x the per-connection rate; x cap and MB/s count payload against the "
               "link's nominal rate (TCP/IP framing takes ~4% of it); x oras-py: oras-py s / contender s. "
               f"From the proxy's records of connections carrying >= {min_bytes / 1e6:.0f} MB: 1st byte: spawn to the "

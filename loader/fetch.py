@@ -2,8 +2,18 @@
 
 How a pull spends its time on a 2-core node decides the design:
 
-* Work is a queue of *range tasks* served by ``concurrency`` threads. A blob smaller than the target chunk is one
-  task; a large blob, when there are fewer blobs than workers, is split into HTTP Range requests fetched at once.
+* Work is a queue of *range tasks*: a blob smaller than the target chunk is one task, a large blob, when there are
+  fewer blobs than workers, is split into HTTP Range requests. The queue hands out every blob's first range
+  before any blob's second (``Range.index`` orders it), so a range usually starts where its blob's hashing stands
+  and hashes as it arrives too.
+* A pull starts with half of ``concurrency`` workers and adds the rest only while they pay: every TICK, once
+  connections have been measured for PROBE_SECONDS, when what is left would take over SPLIT_SECONDS at their
+  rate (``worth_widening``). Against a registry whose connections are slow (a per-connection cap, a long path)
+  every worker is soon busy; on a fast link where the node's CPU is the limit, more connections would only add
+  ranges hashed a second time from the page cache and threads contending for the GIL (bench/pull.py,
+  bench/shaped.py; docs/benchmarks.md). When the queue is empty, an idle worker takes over the second half of the
+  running range with the longest time left at its own rate, while that is over SPLIT_SECONDS
+  (``worth_splitting``): the end of a download is not one slow connection alone while the others idle.
   Each worker reads with ``readinto`` into its own reused buffer and ``pwrite``s at the offset, so memory stays at
   ``concurrency`` buffers whatever the model size, and the GIL is released for every recv, write and hash.
 * Every byte is hashed. The first range of a blob hashes its bytes as they arrive; the other ranges are hashed
@@ -55,6 +65,9 @@ from loader.retry import Attempts, Deadline, RateWatch, RetryPolicy
 MiB = 1 << 20
 MIN_CHUNK = 16 * MiB  # below this a Range split costs more in requests than it gains
 STEAL_MIN = 4 * MiB  # an idle worker takes over half of a running range only when both halves are at least this
+PROBE_SECONDS = 0.05  # a connection's rate is judged after this long since its first byte
+SPLIT_SECONDS = 1.0  # workers are added, or a range split, only when what is left would take longer at that rate
+TICK = 0.05  # how often the pull looks at its connections' rates
 BUF_SIZE = 1 * MiB
 STATE_EVERY = 32 * MiB  # resume granularity after a crash
 LOCK_STALL = 120.0  # the window over which a blob lock holder's progress is judged
@@ -95,6 +108,15 @@ class Range:
     start: int
     end: int  # exclusive
     done: int = 0  # bytes written from start
+    started: bool = False  # a worker has taken it (in this process)
+    began: float | None = None  # monotonic time of its first byte in this process: its rate is measured from there
+    base: int = 0  # ``done`` at ``began``
+
+    def rate(self, now: float) -> float | None:
+        """Bytes per second since its first byte, once PROBE_SECONDS have passed; None before."""
+        if self.began is None or now - self.began < PROBE_SECONDS:
+            return None
+        return (self.done - self.base) / (now - self.began)
 
     @property
     def complete(self) -> bool:
@@ -143,27 +165,62 @@ def target_chunk(total: int, concurrency: int) -> int:
     return max(MIN_CHUNK, math.ceil(total / max(1, 2 * concurrency)))
 
 
-class _Pool:
-    """A queue of callables served by N threads; the first exception stops the rest and is re-raised."""
+def worth_widening(left: int, rate: float | None) -> bool:
+    """Whether ``left`` bytes would take over SPLIT_SECONDS at the pull's measured rate (all connections)."""
+    return rate is not None and left / max(rate, 1.0) > SPLIT_SECONDS
 
-    def __init__(self, n: int, stop: threading.Event):
-        self.q: queue.Queue[Callable[[], object] | None] = queue.Queue()
+
+def worth_splitting(left: int, rate: float | None) -> float:
+    """How long a running range would still take at its measured rate, when splitting it is worth a new request
+    (both halves at least STEAL_MIN and over SPLIT_SECONDS to go); 0.0 when it is not, or not measured yet."""
+    if rate is None or left < 2 * STEAL_MIN:
+        return 0.0
+    seconds = left / max(rate, 1.0)
+    return seconds if seconds > SPLIT_SECONDS else 0.0
+
+
+class _Pool:
+    """A queue of callables served by ``width`` threads (``widen`` raises it to ``size``), lowest ``order`` first
+    and in order of submission among equals; the first exception stops the rest and is re-raised. Threads start
+    when a task would otherwise wait for one."""
+
+    def __init__(self, size: int, width: int, stop: threading.Event):
+        self.q: queue.PriorityQueue[tuple[float, int, Callable[[], object] | None]] = queue.PriorityQueue()
         self.cv = threading.Condition()
-        self.pending = 0
+        self.seq = 0
+        self.pending = 0  # submitted and not finished: queued or running
         self.error: BaseException | None = None
         self.stop = stop
-        self.threads = [threading.Thread(target=self._work, name=f"fetch-{i}", daemon=True) for i in range(n)]
-        for t in self.threads:
-            t.start()
+        self.size = size
+        self.width = min(width, size)
+        self.threads: list[threading.Thread] = []
 
-    def submit(self, fn: Callable[[], object]) -> None:
+    def submit(self, fn: Callable[[], object], order: float = 0) -> None:
         with self.cv:
             self.pending += 1
-        self.q.put(fn)
+            self.seq += 1
+            self.q.put((order, self.seq, fn))
+            self._start_threads()
+
+    def widen(self) -> None:
+        with self.cv:
+            self.width = self.size
+            self._start_threads()
+
+    def idle(self) -> int:
+        """Threads that would start a task submitted now."""
+        with self.cv:
+            return max(0, self.width - self.pending)
+
+    def _start_threads(self) -> None:  # under self.cv
+        while len(self.threads) < min(self.pending, self.width):
+            t = threading.Thread(target=self._work, name=f"fetch-{len(self.threads)}", daemon=True)
+            self.threads.append(t)
+            t.start()
 
     def _work(self) -> None:
         while True:
-            fn = self.q.get()
+            fn = self.q.get()[2]
             if fn is None:
                 return
             try:
@@ -179,17 +236,23 @@ class _Pool:
                     self.pending -= 1
                     self.cv.notify_all()
 
-    def wait(self) -> None:
+    def wait(self, timeout: float | None = None) -> bool:
+        """True when every task has finished (raising the first error), False when ``timeout`` passed first."""
         with self.cv:
-            while self.pending:
-                self.cv.wait()
+            if self.pending and not self.cv.wait_for(lambda: not self.pending, timeout):
+                return False
         if self.error:
             raise self.error
+        return True
 
     def close(self) -> None:
-        for _ in self.threads:
-            self.q.put(None)
-        for t in self.threads:
+        with self.cv:
+            self.size = self.width = 0  # no thread starts after this
+            threads = list(self.threads)
+            for _ in threads:
+                self.seq += 1
+                self.q.put((-math.inf, self.seq, None))  # before any task still queued
+        for t in threads:
             t.join()
 
 
@@ -288,7 +351,10 @@ class Fetcher:
         self._local = threading.local()
         self._jobs: list[BlobJob] = []
         self._jobs_lock = threading.Lock()
-        self._inflight: dict[int, tuple[BlobJob, Range]] = {}  # ranges being downloaded, for _steal
+        self._inflight: dict[int, tuple[BlobJob, Range]] = {}  # ranges being downloaded, for _widen
+        # For the pull's rate (_widen): its first byte's time, and the bytes fetched in jobs already closed.
+        self._first_byte: float | None = None
+        self._closed_bytes = 0
         self.verify_only: frozenset[Digest] = frozenset()
         # Blobs whose every byte this Fetcher downloaded from its source and verified: the access rule's proof that
         # the source holds them. Blobs it skipped (present, or published meanwhile by another loader) and blobs it
@@ -329,28 +395,36 @@ class Fetcher:
         self.deadline = deadline or Deadline.after(fetch_deadline(total_missing), f"the download of {self.label}")
         self._stop = stop = threading.Event()
         self._jobs = []
+        self._first_byte, self._closed_bytes = None, 0
         chunk = target_chunk(total_missing, self.concurrency)
-        pool = _Pool(min(self.concurrency, max(1, sum(len(plan_ranges(b.size, chunk)) for b in todo))), stop)
+        pool = _Pool(self.concurrency, math.ceil(self.concurrency / 2), stop)
         # At most `concurrency` blobs open at once: each holds a lock fd and a partial fd until it finishes.
         slots = threading.BoundedSemaphore(self.concurrency)
         deferred: list[Blob] = []
+        batch: list[BlobJob] = []  # opened, not yet queued: queued together, every first range before any second
         try:
             # Largest first, so the long tail is a small blob, not a big one.
             for b in sorted(todo, key=lambda b: -b.size):
-                if not self._take_slot(slots, stop):
-                    break
+                if not slots.acquire(blocking=False):
+                    self._submit_jobs(pool, batch)  # the open blobs download while this waits for a slot
+                    batch = []
+                    if not self._take_slot(slots, stop):
+                        break
                 job = self._start_job(b, chunk, slots, wait=False)
                 if job is None:
                     if self._wanted(b):
                         deferred.append(b)
                     continue
-                self._submit_job(pool, job)
+                batch.append(job)
+            self._submit_jobs(pool, batch)
             # Blobs other loaders were fetching: wait for their locks (in parallel), then fetch what is still missing.
             for b in deferred:
                 if not self._take_slot(slots, stop):
                     break
-                pool.submit(functools.partial(self._after_wait, pool, b, chunk, slots))
-            pool.wait()
+                # After the ranges already queued: a worker waiting for a lock does not hold them up.
+                pool.submit(functools.partial(self._after_wait, pool, b, chunk, slots), order=math.inf)
+            while not pool.wait(TICK):
+                self._widen(pool)
         finally:
             stop.set()
             pool.close()
@@ -376,7 +450,7 @@ class Fetcher:
     def _after_wait(self, pool: _Pool, b: Blob, chunk: int, slots: threading.Semaphore) -> None:
         job = self._start_job(b, chunk, slots, wait=True)
         if job is not None:
-            self._submit_job(pool, job)
+            self._submit_jobs(pool, [job])
 
     def _start_job(self, b: Blob, chunk: int, slots: threading.Semaphore, wait: bool) -> BlobJob | None:
         """Lock the blob and open its partial file; None (slot released) when another loader has it or had it."""
@@ -489,19 +563,41 @@ class Fetcher:
             self.log.info("fetch.resume", ref=self.label, blob=b.digest, bytes_on_disk=done, size=b.size)
         return job
 
-    def _submit_job(self, pool: _Pool, job: BlobJob) -> None:
-        if job.size == 0 or all(r.complete for r in job.ranges):
-            job.inline, job.hashing = None, False
-            pool.submit(lambda: self._hash_forward(pool, job))
-            return
-        if job.inline is None:
-            # Resumed: hash what is already on disk while the rest downloads.
-            pool.submit(lambda: self._hash_forward(pool, job))
-        for r in job.ranges:
-            if not r.complete:
-                pool.submit(functools.partial(self._run_range, pool, job, r))
+    def _submit_jobs(self, pool: _Pool, jobs: list[BlobJob]) -> None:
+        """Queue the jobs' ranges, every job's first range before any job's second (and so on): each worker then
+        starts a blob of its own and goes on with that blob's next range, hashing every range as it arrives."""
+        todo: list[tuple[BlobJob, Range]] = []
+        for job in jobs:
+            if job.size == 0 or all(r.complete for r in job.ranges):
+                job.inline, job.hashing = None, False
+                pool.submit(functools.partial(self._hash_forward, pool, job))
+                continue
+            if job.inline is None:
+                # Resumed: hash what is already on disk while the rest downloads.
+                pool.submit(functools.partial(self._hash_forward, pool, job))
+            todo += [(job, r) for r in job.ranges if not r.complete]
+        for job, r in sorted(todo, key=lambda t: t[1].index):
+            pool.submit(functools.partial(self._run_range, pool, job, r), order=r.index)
 
-    def _run_range(self, pool: _Pool, job: BlobJob, r: Range) -> None:
+    def _run_range(self, pool: _Pool, job: BlobJob, r: Range | None) -> None:
+        """Fetch a range, then go on with the next range of the same blob if no worker has taken it yet: it starts
+        where the blob's hashing stands, so it is hashed as it arrives rather than read back from the page cache
+        (when every blob has a worker, each fetches its blob in order)."""
+        while r is not None:
+            with job.lock:
+                if r.started or job.finished:
+                    return
+                r.started = True
+                if job.inline is None and not job.hashing and job.hashed_upto == r.start + r.done:
+                    job.inline, job.hashing = r, True  # everything before it is hashed: hash as it arrives
+            if not self._fetch_range(job, r):
+                return
+            self._hash_forward(pool, job)
+            with job.lock:
+                r = next((x for x in job.ranges if x.start == r.end and not x.started), None)
+
+    def _fetch_range(self, job: BlobJob, r: Range) -> bool:
+        """Download a range into the blob's partial file; False when the pull was stopped first."""
         attempts = Attempts(self.policy, f"blob {job.digest} of {self.label}", self.deadline,
                             hint="The partial download is kept and resumes on the next pull.")
 
@@ -513,6 +609,10 @@ class Fetcher:
                     raise no_space(exc, self.cache, job.digest) from exc
                 raise
             n = len(chunk)
+            if r.began is None:
+                r.began, r.base = time.monotonic(), r.done
+                if self._first_byte is None:  # two threads may both set it, microseconds apart
+                    self._first_byte = r.began
             if job.inline is r:
                 job.hasher.update(chunk)
                 job.hashed_upto = off + n
@@ -539,40 +639,56 @@ class Fetcher:
             with self._jobs_lock:
                 self._inflight.pop(id(r), None)
         if not done:
-            return
+            return False
         with job.lock:
             self._save_state(job)
-        self._steal(pool)
-        if job.inline is r:
-            with job.lock:
+            if job.inline is r:
                 job.inline = None
                 job.hashing = False
-        self._hash_forward(pool, job)
+        return True
 
-    def _steal(self, pool: _Pool) -> None:
-        """A worker with nothing queued takes the second half of the in-flight range with the most left (any
-        blob's): the end of a download is then not one slow connection running alone while the others idle (on a
-        shared link connections get unequal shares; measured with bench/shaped.py)."""
-        if not pool.q.empty():
-            return
+    def _widen(self, pool: _Pool) -> None:
+        """Every TICK: all workers once the connections turn out slow (``worth_widening``); then, with nothing
+        queued, idle workers take over halves of running ranges that would still take long (``worth_splitting``):
+        on a shared link connections get unequal shares, and the end of a download is then not one slow connection
+        running alone while the others idle (bench/shaped.py)."""
+        now = time.monotonic()
         with self._jobs_lock:
-            candidates = [(r.end - (r.start + r.done), job, r) for job, r in self._inflight.values()]
-        if not candidates:
+            flights = [(job, r, r.rate(now)) for job, r in self._inflight.values()]
+            live = [r for job in self._jobs for r in job.ranges]
+        if pool.width < pool.size:
+            left = sum(r.end - r.start - r.done for r in live)
+            got = self._closed_bytes + sum(r.done - r.base for r in live if r.began is not None)
+            first = self._first_byte
+            rate = got / (now - first) if first is not None and now - first >= PROBE_SECONDS else None
+            if worth_widening(left, rate):
+                pool.widen()
+                if self.log:
+                    self.log.debug("fetch.widen", ref=self.label, workers=pool.size, bytes_left=left)
             return
-        left, job, r = max(candidates, key=lambda c: c[0])
-        if left < 2 * STEAL_MIN:
-            return
+        for _ in range(pool.idle() if pool.q.empty() else 0):
+            seconds, job, r = max(((worth_splitting(r.end - r.start - r.done, rate), job, r)
+                                   for job, r, rate in flights), key=lambda f: f[0], default=(0.0, None, None))
+            if not seconds or job is None or r is None or not self._split(pool, job, r):
+                return
+            if self.log:
+                self.log.debug("fetch.split", ref=self.label, blob=job.digest.short, at=r.end,
+                               seconds_left=round(seconds, 2))
+
+    def _split(self, pool: _Pool, job: BlobJob, r: Range) -> bool:
+        """An idle worker takes over the second half of a running range."""
         with job.lock:
             pos = r.start + r.done
             mid = math.ceil((pos + (r.end - pos) // 2) / MiB) * MiB
             if mid - pos < STEAL_MIN or r.end - mid < STEAL_MIN or job.finished:
-                return
+                return False
             new = Range(len(job.ranges), mid, r.end)
             r.end = mid  # the other worker stops there (transfer reads the end before every read)
             job.ranges.append(new)
             job.ranges.sort(key=lambda x: x.start)
             self._save_state(job)
         pool.submit(functools.partial(self._run_range, pool, job, new))
+        return True
 
     def _hash_forward(self, pool: _Pool, job: BlobJob) -> None:
         """Hash every complete range that follows what is hashed; finish the blob when all of it is."""
@@ -612,6 +728,7 @@ class Fetcher:
         with self._jobs_lock:
             if job in self._jobs:
                 self._jobs.remove(job)
+                self._closed_bytes += sum(r.done - r.base for r in job.ranges if r.began is not None)
 
     def _finish(self, pool: _Pool, job: BlobJob) -> None:
         got = Digest.from_hasher(job.hasher)
@@ -647,7 +764,7 @@ class Fetcher:
                 stack.close()
                 raise
             fresh.lock_stack, job.lock_stack = stack, None
-            self._submit_job(pool, fresh)
+            self._submit_jobs(pool, [fresh])
             return
         stack.close()
         raise DigestMismatch(
