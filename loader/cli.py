@@ -8,6 +8,7 @@ import importlib
 import os
 import sys
 from types import ModuleType
+from typing import NoReturn
 
 from loader import contract
 from loader.config import LoaderSettings, SettingsError
@@ -58,6 +59,20 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def entry() -> NoReturn:
+    """The console script: main(), then out without the interpreter's teardown. Freeing ~200 modules one by one
+    took ~15 ms of a ~0.13 s cache-hit pull, on every pod start; every command has closed what it opened by the
+    time it returns (files through ``with``, locks and descriptors in ``finally``), and registers nothing to run
+    at exit, so the teardown had nothing left to do but free memory the kernel frees anyway."""
+    code = main()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except OSError:  # a reader that went away (a closed pipe): the exit code still says what happened
+        code = code or 1
+    os._exit(code)
+
+
 def _permission_problem(exc: PermissionError) -> LoaderError:
     from loader.cache import permission_problem  # here: only a failed run pays for the import
 
@@ -74,4 +89,4 @@ def _termination_failure(path: str, exc: LoaderError) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -19,6 +19,7 @@ FLAG_CACHE = "--cache"
 FLAG_DOCKER_CONFIG = "--docker-config"
 FLAG_OUTPUT = "--output"
 FLAG_CONCURRENCY = "--concurrency"
+MAX_CONCURRENCY = 64  # connections (and threads, each with a 1 MiB buffer) per loader; the webhook injects at most this
 FLAG_PLAIN_HTTP = "--plain-http"
 FLAG_INSECURE = "--insecure-skip-tls-verify"
 FLAG_MIRROR = "--mirror"

@@ -7,7 +7,7 @@ How a pull spends its time on a 2-core node decides the design:
   before any blob's second (``Range.index`` orders it), so a range usually starts where its blob's hashing stands
   and hashes as it arrives too.
 * A pull starts with half of ``concurrency`` workers and adds the rest only while they pay: every TICK, once
-  connections have been measured for PROBE_SECONDS, when what is left would take over SPLIT_SECONDS at their
+  connections have been measured for PROBE_SECONDS, when what is left would take over WIDEN_SECONDS at their
   rate (``worth_widening``). Against a registry whose connections are slow (a per-connection cap, a long path)
   every worker is soon busy; on a fast link where the node's CPU is the limit, more connections would only add
   ranges hashed a second time from the page cache and threads contending for the GIL (bench/pull.py,
@@ -66,7 +66,9 @@ MiB = 1 << 20
 MIN_CHUNK = 16 * MiB  # below this a Range split costs more in requests than it gains
 STEAL_MIN = 4 * MiB  # an idle worker takes over half of a running range only when both halves are at least this
 PROBE_SECONDS = 0.05  # a connection's rate is judged after this long since its first byte
-SPLIT_SECONDS = 1.0  # workers are added, or a range split, only when what is left would take longer at that rate
+WIDEN_SECONDS = 1.0  # the other half of the workers start only when what is left would take longer at that rate
+SPLIT_SECONDS = 0.25  # a range is split only when it would take longer than this at its own rate: four first
+#                       bytes of a 60 ms round trip, while a range on loopback (~250 MB/s) has at most ~0.15 s left
 TICK = 0.05  # how often the pull looks at its connections' rates
 BUF_SIZE = 1 * MiB
 STATE_EVERY = 32 * MiB  # resume granularity after a crash
@@ -166,8 +168,8 @@ def target_chunk(total: int, concurrency: int) -> int:
 
 
 def worth_widening(left: int, rate: float | None) -> bool:
-    """Whether ``left`` bytes would take over SPLIT_SECONDS at the pull's measured rate (all connections)."""
-    return rate is not None and left / max(rate, 1.0) > SPLIT_SECONDS
+    """Whether ``left`` bytes would take over WIDEN_SECONDS at the pull's measured rate (all connections)."""
+    return rate is not None and left / max(rate, 1.0) > WIDEN_SECONDS
 
 
 def worth_splitting(left: int, rate: float | None) -> float:

@@ -38,6 +38,8 @@ def _pull(host: str, cache, concurrency: int) -> tuple[object, str]:
     (100 * MiB, None, 0.0),  # not measured yet: never split on a guess
     (100 * MiB, 1e9, 0.0),  # 0.1 s to go: a new request and a second read for hashing would not pay
     (100 * MiB, 50e6, 100 * MiB / 50e6),  # 2.1 s to go
+    (32 * MiB, 250e6, 0.0),  # a loopback range: 0.13 s to go
+    (32 * MiB, 100e6, 32 * MiB / 100e6),  # 0.34 s to go
     (8 * MiB, 1e6, 8 * MiB / 1e6),  # the smallest range that splits: two halves of STEAL_MIN
     (8 * MiB - 1, 1e3, 0.0),  # a half would be under STEAL_MIN, however slow
     (16 * MiB, 0.0, 16 * MiB / 1.0),  # nothing arrived since the first byte: as slow as can be
@@ -88,3 +90,34 @@ def test_a_fast_registry_gets_one_request_per_planned_range(model, registry, tmp
     assert tree(res.path) == {"w.bin": BLOB}
     assert [(r.range, r.body_bytes) for r in requests] == [(f"bytes=0-{len(BLOB) - 1}", len(BLOB))]
     assert "event=fetch.split" not in log and "event=fetch.widen" not in log
+
+
+@pytest.mark.parametrize("value", ["0", "65", "100000"])
+def test_concurrency_is_bounded_everywhere_it_is_set(value, tmp_path, capsys, monkeypatch):
+    """One bound (contract.MAX_CONCURRENCY) for the flag, the loader's setting and the webhook's: each worker is a
+    thread with a 1 MiB buffer and a connection, so --concurrency 100000 is refused, not attempted."""
+    from pydantic import ValidationError
+
+    from loader import cli, contract
+    from loader.config import LoaderSettings, SettingsError
+    from webhook.config import Settings
+
+    assert cli.main(["pull", "127.0.0.1:1/m:v1", "--cache", str(tmp_path), "--concurrency", value]) == 2
+    assert capsys.readouterr().err.endswith(
+        f'error="--concurrency {value} must be between 1 and {contract.MAX_CONCURRENCY} (connections per loader)"\n')
+    with pytest.raises(SettingsError, match="CONCURRENCY"):
+        LoaderSettings.from_env({"MODEL_LOADER_CONCURRENCY": value})
+    monkeypatch.setenv("MODEL_CACHE_LOADER_CONCURRENCY", value)
+    with pytest.raises(ValidationError, match="loader_concurrency"):
+        Settings()
+    assert os.listdir(tmp_path) == []
+
+
+def test_concurrency_at_the_bound_is_taken(monkeypatch):
+    from loader import contract
+    from loader.config import LoaderSettings
+    from webhook.config import Settings
+
+    assert LoaderSettings.from_env({"MODEL_LOADER_CONCURRENCY": str(contract.MAX_CONCURRENCY)}).concurrency == 64
+    monkeypatch.setenv("MODEL_CACHE_LOADER_CONCURRENCY", "64")
+    assert Settings().loader_concurrency == 64

@@ -41,8 +41,9 @@ def add_registry_flags(p: argparse.ArgumentParser, settings: LoaderSettings) -> 
 
 
 def check_concurrency(n: int) -> None:
-    if n < 1:
-        raise UsageError(f"{contract.FLAG_CONCURRENCY} {n} must be at least 1")
+    if not 1 <= n <= contract.MAX_CONCURRENCY:
+        raise UsageError(f"{contract.FLAG_CONCURRENCY} {n} must be between 1 and {contract.MAX_CONCURRENCY}"
+                         " (connections per loader)")
 
 
 def parse_mirrors(values: list[str]) -> dict[str, list[str]]:
