@@ -43,23 +43,23 @@ what is wrong with it.
 from __future__ import annotations
 
 import errno
-import gzip
 import os
 import posixpath
 import stat
-import tarfile
-import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Literal, Protocol
-
-import zstandard
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from loader.digest import Digest
 from loader.errors import ArtifactError, NoSpaceError
 from loader.oci import MAX_LAYERS, Descriptor, ImageManifest
+
+if TYPE_CHECKING:
+    import tarfile
+
+    from loader.tarlayer import TarReader
 
 TITLE = "org.opencontainers.image.title"
 MODELPACK_FILEPATH = "org.cncf.model.filepath"
@@ -71,8 +71,6 @@ MAX_TAR_ENTRIES = 200_000  # tar entries (files, dirs, links) in one model, over
 MAX_NAME_BYTES = 4095  # a name or symlink target, UTF-8 encoded (PATH_MAX less the NUL)
 MAX_COMPONENT_BYTES = 255  # one path component (NAME_MAX)
 MAX_DEPTH = 128  # path components in a name or symlink target; bounds the directory walk per entry
-MAX_EXTENSION_HEADER_BYTES = 1 << 20  # one pax or GNU long-name header (tarfile reads each into memory)
-MAX_EXTENSION_CHAIN = 16  # extension headers before one entry (tarfile reads a chain by recursion)
 MAX_SYMLINK_HOPS = 40  # links inside links, as the kernel's MAXSYMLINKS
 
 # ---- the expansion budget --------------------------------------------------------------------------------------
@@ -558,102 +556,14 @@ class _Tree:
 
 
 # ---- tar layers ------------------------------------------------------------------------------------------------
-class _Readable(Protocol):
-    def read(self, n: int = ..., /) -> bytes: ...
-
-
-class _Stream(Protocol):
-    """What tarfile.open wants of a stream (the decompressors have all of it)."""
-
-    def read(self, size: int, /) -> bytes: ...
-    def write(self, b: bytes, /) -> object: ...
-    def tell(self) -> int: ...
-    def seek(self, pos: int, /) -> object: ...
-    def close(self) -> object: ...
-
-
-class _TarLimit(tarfile.TarError):
-    """An extension header over our bounds. Not a HeaderError, so tarfile passes it on unchanged."""
-
-
-class _BoundedTarInfo(tarfile.TarInfo):
-    """tarfile reads a pax or GNU long-name header whole into memory, and a chain of them by recursion: bound both
-    before it does (``_proc_member`` is where tarfile dispatches on the header type)."""
-
-    def _proc_member(self, tf: tarfile.TarFile) -> tarfile.TarInfo:
-        if self.type in _EXTENSION_TYPES:
-            chain = getattr(tf, "_model_cache_chain", 0) + 1
-            tf._model_cache_chain = chain  # type: ignore[attr-defined]  # reset by the member the chain belongs to
-            if self.size > MAX_EXTENSION_HEADER_BYTES:
-                raise _TarLimit(f"an extension header of {self.size} bytes, over {MAX_EXTENSION_HEADER_BYTES}")
-            if chain > MAX_EXTENSION_CHAIN:
-                raise _TarLimit(f"more than {MAX_EXTENSION_CHAIN} extension headers in a row")
-        else:
-            tf._model_cache_chain = 0  # type: ignore[attr-defined]
-        proc: Callable[[tarfile.TarFile], tarfile.TarInfo] = super()._proc_member  # type: ignore[misc]
-        return proc(tf)
-
-
-_EXTENSION_TYPES = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE, tarfile.GNUTYPE_LONGNAME,
-                    tarfile.GNUTYPE_LONGLINK)
-_UNREADABLE = (tarfile.TarError, EOFError, zstandard.ZstdError, zlib.error, gzip.BadGzipFile)
-
-
-def _open_decompressed(path: Path, comp: Compression) -> tuple[_Stream, BinaryIO]:
-    raw = os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), "rb")
-    head = raw.read(4)
-    raw.seek(0)
-    if comp == "gzip" or head[:2] == b"\x1f\x8b":
-        return gzip.GzipFile(fileobj=raw, mode="rb"), raw
-    if comp == "zstd" or head == b"\x28\xb5\x2f\xfd":
-        return zstandard.ZstdDecompressor().stream_reader(raw, read_size=_CHUNK), raw
-    return raw, raw
-
-
-class _TarReader:
-    """One streaming pass over a tar layer (``with`` it, iterate members, ``extractfile`` the current one)."""
-
-    def __init__(self, blob: Path, e: Entry) -> None:
-        self.stream, self.raw = _open_decompressed(blob, e.compression)
-        try:
-            # Closed in __exit__, with the streams under it.
-            self.tf = tarfile.open(fileobj=self.stream, mode="r|", tarinfo=_BoundedTarInfo)  # noqa: SIM115
-        except BaseException:
-            self.raw.close()
-            raise
-
-    def __enter__(self) -> _TarReader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        try:
-            self.tf.close()
-            self.stream.close()
-        finally:
-            self.raw.close()
-
-    def __iter__(self) -> _TarReader:
-        return self
-
-    def __next__(self) -> tarfile.TarInfo:
-        m = self.tf.next()
-        if m is None:
-            raise StopIteration
-        # A stream keeps every member it has read (public, but not in the stubs); we never ask tarfile to resolve a
-        # link, so nothing needs them, and a layer of many entries would otherwise hold them all in memory.
-        self.tf.members.clear()  # type: ignore[attr-defined]
-        return m
-
-    def data(self, m: tarfile.TarInfo) -> _Readable:
-        f = self.tf.extractfile(m)
-        assert f is not None
-        return f
-
-
 def _extract_tar(root: _Tree, blob: Path, e: Entry, ref: str, budget: ExpansionBudget, counter: _Counter,
                  symlinks: list[tuple[str, str]]) -> tuple[int, int]:
     # A tar whose entries all live under the layer's name (oras directories, modctl's one-file tars) is
     # extracted at the root; any other tar is extracted into a directory named by the layer.
+    # Here, not at the top: tarfile, gzip and zstandard cost ~6 ms of every loader's start, and most models have no
+    # tar layer.
+    from loader import tarlayer
+
     layer = f"layer {e.name!r}"
     try:
         names = _scan(blob, e, ref, budget, counter)
@@ -666,9 +576,9 @@ def _extract_tar(root: _Tree, blob: Path, e: Entry, ref: str, budget: ExpansionB
         finally:
             if base is not root:
                 base.close()
-    except _TarLimit as exc:
+    except tarlayer.TarLimit as exc:
         raise ArtifactError(f"{ref}: {layer} ({e.media_type}) has {exc}; refused") from None
-    except _UNREADABLE as exc:
+    except tarlayer.UNREADABLE as exc:
         raise ArtifactError(f"{ref}: {layer} ({e.media_type}) is not a readable tar archive: {exc}") from exc
 
 
@@ -677,7 +587,9 @@ def _scan(blob: Path, e: Entry, ref: str, budget: ExpansionBudget, counter: _Cou
     refused against the budget before anything is written or the rest of a bomb is even decompressed."""
     names: list[str] = []
     declared, room = 0, -1
-    with _TarReader(blob, e) as tar:
+    from loader.tarlayer import TarReader
+
+    with TarReader(blob, e.compression) as tar:
         for m in tar:
             counter.n += 1
             if counter.n > counter.limit:
@@ -704,7 +616,9 @@ def _disk_bytes(m: tarfile.TarInfo) -> int:
 def _extract_into(base: _Tree, blob: Path, e: Entry, ref: str, budget: ExpansionBudget,
                   symlinks: list[tuple[str, str]]) -> tuple[int, int]:
     total_bytes = total_files = 0
-    with _TarReader(blob, e) as tar:
+    from loader.tarlayer import TarReader
+
+    with TarReader(blob, e.compression) as tar:
         for m in tar:
             if m.isdir() and posixpath.normpath(m.name) == ".":
                 continue  # "./" from `tar -C dir .`
@@ -713,7 +627,7 @@ def _extract_into(base: _Tree, blob: Path, e: Entry, ref: str, budget: Expansion
             try:
                 if m.isdev() or m.isfifo():
                     raise ArtifactError(f"{who} is a device or fifo; refused")
-                if m.sparse is not None or m.type == tarfile.GNUTYPE_SPARSE:
+                if m.sparse is not None or m.type == b"S":  # tarfile.GNUTYPE_SPARSE
                     raise ArtifactError(f"{who} is a GNU sparse file; refused (repack without --sparse)")
                 if m.isdir():
                     base.dir(name, who, create=True, budget=budget)  # refuses a symlink or a file in the way
@@ -747,7 +661,7 @@ def _written_twice(who: str) -> str:
     return f"{who} is written twice: an entry of that name already exists, and entries never replace one another; refused"
 
 
-def _write_file(tar: _TarReader, m: tarfile.TarInfo, parent: int, leaf: str, who: str, budget: ExpansionBudget) -> int:
+def _write_file(tar: TarReader, m: tarfile.TarInfo, parent: int, leaf: str, who: str, budget: ExpansionBudget) -> int:
     budget.charge(-m.size % BLOCK, who)
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC  # O_EXCL: never through a link
     try:
