@@ -11,14 +11,15 @@ How a pull spends its time on a 2-core node decides the design:
   rate (``worth_widening``). Against a registry whose connections are slow (a per-connection cap, a long path)
   every worker is soon busy; on a fast link where the node's CPU is the limit, more connections would only add
   ranges hashed a second time from the page cache and threads contending for the GIL (bench/pull.py,
-  bench/shaped.py; docs/benchmarks.md). When the queue is empty, an idle worker takes over the second half of the
-  running range with the longest time left at its own rate, while that is over SPLIT_SECONDS
-  (``worth_splitting``): the end of a download is not one slow connection alone while the others idle.
+  bench/shaped.py; docs/benchmarks.md). Once all workers run and nothing is queued, every TICK an idle worker gets
+  the second half of the running range with the longest time left at its own rate, while that is over
+  SPLIT_SECONDS (``worth_splitting``): the end of a download is not one slow connection alone while the others
+  idle. The ticks run on the pull's own thread, also while it waits for a blob slot.
   Each worker reads with ``readinto`` into its own reused buffer and ``pwrite``s at the offset, so memory stays at
   ``concurrency`` buffers whatever the model size, and the GIL is released for every recv, write and hash.
-* Every byte is hashed. The first range of a blob hashes its bytes as they arrive; the other ranges are hashed
-  from the page cache in order as soon as the ranges before them are complete, so hashing overlaps the download
-  instead of following it. A blob whose sha256 does not match its descriptor is fetched once more from scratch,
+* Every byte is hashed. A range that starts where its blob's hashing stands (a blob's first range, and the next
+  range a worker goes on with) hashes its bytes as they arrive; the other ranges are hashed from the page cache in
+  order as soon as the ranges before them are complete, so hashing overlaps the download instead of following it. A blob whose sha256 does not match its descriptor is fetched once more from scratch,
   then the pull fails; a registry that reports another size than the descriptor's (Content-Range total, or a 416
   past the real end) fails it at once, as asking again cannot help (a mirror that does is passed over for the
   registry). A mismatching file is never published.
@@ -174,7 +175,8 @@ def worth_widening(left: int, rate: float | None) -> bool:
 
 def worth_splitting(left: int, rate: float | None) -> float:
     """How long a running range would still take at its measured rate, when splitting it is worth a new request
-    (both halves at least STEAL_MIN and over SPLIT_SECONDS to go); 0.0 when it is not, or not measured yet."""
+    (it takes over SPLIT_SECONDS, and each half would be at least STEAL_MIN); 0.0 when it is not, or not measured
+    yet."""
     if rate is None or left < 2 * STEAL_MIN:
         return 0.0
     seconds = left / max(rate, 1.0)
@@ -354,9 +356,10 @@ class Fetcher:
         self._jobs: list[BlobJob] = []
         self._jobs_lock = threading.Lock()
         self._inflight: dict[int, tuple[BlobJob, Range]] = {}  # ranges being downloaded, for _widen
-        # For the pull's rate (_widen): its first byte's time, and the bytes fetched in jobs already closed.
+        # For the pull's rate (_widen): its first byte's time, the bytes fetched in jobs already closed, and all.
         self._first_byte: float | None = None
         self._closed_bytes = 0
+        self._total = 0  # bytes of the blobs this fetch downloads
         self.verify_only: frozenset[Digest] = frozenset()
         # Blobs whose every byte this Fetcher downloaded from its source and verified: the access rule's proof that
         # the source holds them. Blobs it skipped (present, or published meanwhile by another loader) and blobs it
@@ -397,7 +400,7 @@ class Fetcher:
         self.deadline = deadline or Deadline.after(fetch_deadline(total_missing), f"the download of {self.label}")
         self._stop = stop = threading.Event()
         self._jobs = []
-        self._first_byte, self._closed_bytes = None, 0
+        self._first_byte, self._closed_bytes, self._total = None, 0, total_missing
         chunk = target_chunk(total_missing, self.concurrency)
         pool = _Pool(self.concurrency, math.ceil(self.concurrency / 2), stop)
         # At most `concurrency` blobs open at once: each holds a lock fd and a partial fd until it finishes.
@@ -410,8 +413,11 @@ class Fetcher:
                 if not slots.acquire(blocking=False):
                     self._submit_jobs(pool, batch)  # the open blobs download while this waits for a slot
                     batch = []
-                    if not self._take_slot(slots, stop):
+                    if not self._take_slot(pool, slots, stop):
                         break
+                elif stop.is_set():
+                    slots.release()
+                    break
                 job = self._start_job(b, chunk, slots, wait=False)
                 if job is None:
                     if self._wanted(b):
@@ -419,9 +425,12 @@ class Fetcher:
                     continue
                 batch.append(job)
             self._submit_jobs(pool, batch)
-            # Blobs other loaders were fetching: wait for their locks (in parallel), then fetch what is still missing.
+            # Blobs other loaders were fetching: wait for their locks (in parallel, on all the workers: a wait is not a
+            # connection), then fetch what is still missing.
+            if deferred:
+                pool.widen()
             for b in deferred:
-                if not self._take_slot(slots, stop):
+                if not self._take_slot(pool, slots, stop):
                     break
                 # After the ranges already queued: a worker waiting for a lock does not hold them up.
                 pool.submit(functools.partial(self._after_wait, pool, b, chunk, slots), order=math.inf)
@@ -439,11 +448,12 @@ class Fetcher:
     def _wanted(self, b: Blob) -> bool:
         return b.digest in self.verify_only or not self.cache.has_blob(b.digest, b.size)
 
-    @staticmethod
-    def _take_slot(slots: threading.Semaphore, stop: threading.Event) -> bool:
-        while not slots.acquire(timeout=0.2):
+    def _take_slot(self, pool: _Pool, slots: threading.Semaphore, stop: threading.Event) -> bool:
+        """Wait for a blob slot (at most ``concurrency`` blobs open), looking at the connections meanwhile."""
+        while not slots.acquire(timeout=TICK):
             if stop.is_set():
                 return False
+            self._widen(pool)
         if stop.is_set():
             slots.release()
             return False
@@ -517,7 +527,7 @@ class Fetcher:
                 self.deadline.check(now)
             self._stop.wait(LOCK_POLL)
 
-    def _open_private_job(self, b: Blob, chunk: int) -> BlobJob:
+    def _open_private_job(self, b: Blob, chunk: int, attempt: int = 0) -> BlobJob:
         """A download of its own, beside another loader's slow one: a partial file in tmp/ (no lock, no resume
         state), published only if it verifies and the blob is still absent."""
         path = self.cache.tmp_dir() / f"ingest-{b.digest.hex[:16]}-{uuid.uuid4().hex}"
@@ -529,7 +539,8 @@ class Fetcher:
             path.unlink(missing_ok=True)
             raise
         ranges = [Range(i, s, e) for i, (s, e) in enumerate(plan_ranges(b.size, chunk))]
-        job = BlobJob(b.digest, b.size, path, path.with_name(path.name + ".state"), ranges, fd, private=True)
+        job = BlobJob(b.digest, b.size, path, path.with_name(path.name + ".state"), ranges, fd, attempt=attempt,
+                      private=True)
         with self._jobs_lock:
             self._jobs.append(job)
         job.inline = ranges[0]
@@ -659,8 +670,8 @@ class Fetcher:
             flights = [(job, r, r.rate(now)) for job, r in self._inflight.values()]
             live = [r for job in self._jobs for r in job.ranges]
         if pool.width < pool.size:
-            left = sum(r.end - r.start - r.done for r in live)
             got = self._closed_bytes + sum(r.done - r.base for r in live if r.began is not None)
+            left = self._total - got  # blobs not opened yet included; resumed bytes make it an overestimate
             first = self._first_byte
             rate = got / (now - first) if first is not None and now - first >= PROBE_SECONDS else None
             if worth_widening(left, rate):
@@ -689,7 +700,7 @@ class Fetcher:
             job.ranges.append(new)
             job.ranges.sort(key=lambda x: x.start)
             self._save_state(job)
-        pool.submit(functools.partial(self._run_range, pool, job, new))
+        pool.submit(functools.partial(self._run_range, pool, job, new))  # order 0: splits happen with nothing queued
         return True
 
     def _hash_forward(self, pool: _Pool, job: BlobJob) -> None:
@@ -738,7 +749,15 @@ class Fetcher:
             job.finished = True
         stack = job.lock_stack
         assert stack is not None
+        hashed = os.fstat(job.fd) if job.fd >= 0 else None
         self._close_job(job)
+        if got == job.digest and not _same_file(hashed, job.partial):
+            # Only this loader writes its partial (the blob's lock, or a private name in tmp/); a path that now
+            # names another file is never published in its place, whatever that file holds.
+            stack.close()
+            raise DigestMismatch(
+                f"the partial download of blob {job.digest} of {self.label} ({job.partial}) was replaced while it"
+                " downloaded: something else writes into this cache; nothing was published. Pull again")
         if got == job.digest:
             if not job.resumed:
                 self.downloaded.add(job.digest)
@@ -761,7 +780,9 @@ class Fetcher:
             if self.progress:
                 self.progress.add(-job.size)
             try:
-                fresh = self._open_job(Blob(job.digest, job.size), target_chunk(job.size, self.concurrency), attempt=1)
+                b, chunk = Blob(job.digest, job.size), target_chunk(job.size, self.concurrency)
+                # A private download is fetched again privately: partial/<hex> belongs to the lock's holder.
+                fresh = self._open_private_job(b, chunk, attempt=1) if job.private else self._open_job(b, chunk, attempt=1)
             except BaseException:
                 stack.close()
                 raise
@@ -845,6 +866,17 @@ def _preallocate(fd: int, size: int, cache: Cache, digest: str) -> None:
         if is_no_space(exc):
             raise no_space(exc, cache, f"blob {digest} ({size} bytes)") from exc
         raise
+
+
+def _same_file(st: os.stat_result | None, path: Path) -> bool:
+    """Whether ``path`` still names the file ``st`` describes (a blob's partial, as hashed)."""
+    if st is None:
+        return True  # nothing was open: an empty blob, or one verified from a complete earlier download
+    try:
+        now = os.lstat(path)
+    except OSError:
+        return False
+    return (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino)
 
 
 def _declared_size(partial: Path) -> int | None:

@@ -99,6 +99,18 @@ def victim_registry():
         yield reg
 
 
+@pytest.fixture
+def registry_files_slowly():
+    """An honest registry behind a 0.5 MB/s per-connection cap (a blob lock holder under the 1 MiB/s share rate)."""
+    from tests.support.throttle import ThrottleProxy
+
+    files = {"w.bin": os.urandom(3 << 20)}
+    with CraftedRegistry() as reg:
+        serve(reg, "honest/m", "v1", files)
+        with ThrottleProxy(f"http://{reg.host}", rate=500_000) as proxy:
+            yield proxy.host, files
+
+
 # ---- 1. a crashed loader's partial download ----------------------------------------------------------------------
 def test_a_complete_partial_left_by_a_killed_victim_loader_is_not_taken_without_proof(tmp_path):
     """A victim loader SIGKILLed between its last write and the rename (OOM, pod deleted, node drain) leaves
@@ -330,6 +342,45 @@ def test_a_tenant_downloading_a_blob_slowly_does_not_starve_another_tenants_pull
     v.join(60)
     assert victim and not isinstance(victim[0], BaseException), victim
     assert waited < 12, f"the victim's pull was held {waited:.0f}s (and counting) by another tenant's download"
+
+
+def test_a_private_download_that_fails_its_digest_is_fetched_again_privately(tmp_path, registry_files_slowly):
+    """An honest loader holds a blob's lock and downloads it slowly (under 1 MiB/s, so a waiter stops waiting);
+    another tenant's manifest names the same digest and size on a registry that serves zeros. That pull downloads
+    privately into tmp/, hashes wrong, and fetched again: into partial/<hex>, the holder's file, without the lock
+    (review, seventh session). The holder then published the file at that path, which was no longer the one it
+    had hashed: zeros in blobs/ for every tenant. Now the second try is private too, and a partial that names
+    another file than the one hashed is never published."""
+    host, files = registry_files_slowly
+    data = files["w.bin"]
+    digest = sha256(data)
+    cache = tmp_path / "cache"
+    sentinel = tmp_path / "outside"
+    sentinel.mkdir()
+    (sentinel / "keep").write_bytes(b"untouched")
+    evil = CraftedRegistry().__enter__()
+    serve(evil, "mallory/m", "v1", files)
+    evil.blobs[digest] = bytes(len(data))  # the right size, and zeros
+    honest: list[object] = []
+    holder = threading.Thread(target=lambda: honest.append(outcome(f"{host}/honest/m:v1", cache, check_access=False)))
+    holder.start()
+    try:
+        partial = cache / "partial" / digest[7:]
+        deadline = time.monotonic() + 20
+        while not (partial.exists() and partial.stat().st_blocks) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert partial.exists(), "the honest download never started"
+        mallory = outcome(f"{evil.host}/mallory/m:v1", cache, lock_stall=0.5, check_access=False)
+    finally:
+        evil.__exit__(None, None, None)
+        holder.join(60)
+    assert isinstance(mallory, LoaderError) and "hashed to" in str(mallory) and "twice" in str(mallory), mallory
+    assert honest and not isinstance(honest[0], BaseException), honest
+    assert tree(honest[0].path) == files  # type: ignore[union-attr]
+    assert (cache / "blobs/sha256" / digest[7:]).read_bytes() == data
+    assert sorted(os.listdir(cache / "partial")) == [] and sorted(os.listdir(cache / "tmp")) == []
+    assert trees_holding(cache, data) == [Path(honest[0].path).name]  # type: ignore[union-attr]
+    assert tree(sentinel) == {"keep": b"untouched"}
 
 
 def test_a_chunked_trickle_is_cut_by_the_minimum_rate(tmp_path):

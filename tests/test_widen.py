@@ -121,3 +121,19 @@ def test_concurrency_at_the_bound_is_taken(monkeypatch):
     assert LoaderSettings.from_env({"MODEL_LOADER_CONCURRENCY": str(contract.MAX_CONCURRENCY)}).concurrency == 64
     monkeypatch.setenv("MODEL_CACHE_LOADER_CONCURRENCY", "64")
     assert Settings().loader_concurrency == 64
+
+
+def test_a_model_of_more_files_than_workers_widens_while_it_waits_for_blob_slots(registry, pusher, tmp_path):
+    """Six files, concurrency 4: the pull holds four blobs open and waits for a slot for the other two, and looks at
+    its connections while it waits (review, seventh session: it only did once every blob was open, so a many-file
+    model on a capped registry ran on half its workers until the end)."""
+    files = {f"part-{i}.bin": os.urandom(2 * MiB) for i in range(6)}
+    pusher.push_artifact("widen/many", "v1", [file_layer(n, d) for n, d in files.items()])
+    with ThrottleProxy(registry.url, rate=1 * MB) as proxy:
+        stream = io.StringIO()
+        opts = PullOptions(cache=tmp_path / "cache", progress="none", concurrency=4, plain_http=True)
+        res = pull(f"{proxy.host}/widen/many:v1", opts, Logger(stream, level="debug"))
+        stats = proxy.stats()
+    assert tree(res.path) == files
+    assert stats.peak_active >= 4, stats  # four workers (and the idle connection that fetched the manifest)
+    assert "event=fetch.widen" in stream.getvalue()

@@ -97,7 +97,7 @@ class Settings(BaseSettings):
     loader_cpu_limit: str = "2"
     loader_memory_request: str = "64Mi"
     loader_memory_limit: str = "512Mi"
-    loader_concurrency: int = Field(default=8, ge=1, le=256)
+    loader_concurrency: int = Field(default=8, ge=1, le=contract.MAX_CONCURRENCY)
     # On a shared cache (node hostPath, pvc:) the loader asks the registry even for an already cached digest, so
     # a pod cannot read another tenant's private model just by knowing its digest. Costs one manifest HEAD per
     # pod start; a registry outage still falls back to the cache. Off only for single-tenant clusters.
