@@ -551,7 +551,11 @@ class Fetcher:
         partial = self.cache.partial_path(b.digest)
         state_path = partial.with_name(partial.name + ".state")
         # A download to prove access starts from scratch: resuming would count another loader's bytes as its own.
-        ranges = _load_state(partial, b) if attempt == 0 and b.digest not in self.verify_only else None
+        # Another uid's partial (tenants' loaders may run as different users of the cache's group) is not resumed
+        # either: publishing makes a blob read-only, which only its owner may do (it failed with EPERM at every
+        # pull, the state saying the blob was complete).
+        own = _owned(partial)
+        ranges = _load_state(partial, b) if own and attempt == 0 and b.digest not in self.verify_only else None
         resumed = ranges is not None
         if ranges is None:
             for p in (partial, *_state_files(state_path)):
@@ -759,21 +763,29 @@ class Fetcher:
                 f"the partial download of blob {job.digest} of {self.label} ({job.partial}) was replaced while it"
                 " downloaded: something else writes into this cache; nothing was published. Pull again")
         if got == job.digest:
-            if not job.resumed:
-                self.downloaded.add(job.digest)
-            if job.digest in self.verify_only or (job.private and self.cache.has_blob(job.digest, job.size)):
-                job.partial.unlink()  # proven; the cached file (identical, and hard-linked by trees) stays
-            elif job.private:
-                self.cache.publish_blob_if_absent(job.partial, job.digest, job.size)
-            else:
-                self.cache.publish_blob(job.partial, job.digest)
-            for p in _state_files(job.state):
-                p.unlink(missing_ok=True)
-            stack.close()
+            with stack:  # the blob's lock and slot, whatever publishing meets
+                if not job.resumed:
+                    self.downloaded.add(job.digest)
+                if job.digest in self.verify_only or (job.private and self.cache.has_blob(job.digest, job.size)):
+                    job.partial.unlink()  # proven; the cached file (identical, and hard-linked by trees) stays
+                elif job.private:
+                    self.cache.publish_blob_if_absent(job.partial, job.digest, job.size)
+                else:
+                    self.cache.publish_blob(job.partial, job.digest)
+                for p in _state_files(job.state):
+                    p.unlink(missing_ok=True)
             return
         job.partial.unlink(missing_ok=True)
         for p in _state_files(job.state):
             p.unlink(missing_ok=True)
+        if not self._wanted(Blob(job.digest, job.size)):
+            # A lock holder published it meanwhile (verified): this pull needs no copy of its own; what it proves
+            # about its registry is the access rule's to ask (it is not in self.downloaded).
+            if self.log:
+                self.log.warning("fetch.digest_mismatch", ref=self.label, blob=job.digest, got=got,
+                                 action="none: another loader published it meanwhile")
+            stack.close()
+            return
         if job.attempt == 0:
             if self.log:
                 self.log.warning("fetch.digest_mismatch", ref=self.label, blob=job.digest, got=got, action="refetch")
@@ -866,6 +878,14 @@ def _preallocate(fd: int, size: int, cache: Cache, digest: str) -> None:
         if is_no_space(exc):
             raise no_space(exc, cache, f"blob {digest} ({size} bytes)") from exc
         raise
+
+
+def _owned(path: Path) -> bool:
+    """Whether ``path`` is missing or this process's user owns it."""
+    try:
+        return os.lstat(path).st_uid == os.geteuid()
+    except FileNotFoundError:
+        return True
 
 
 def _same_file(st: os.stat_result | None, path: Path) -> bool:

@@ -190,6 +190,34 @@ def test_uid_0_and_uid_65532_loaders_share_a_node_cache_through_one_group(area, 
 
 
 @pytest.mark.parametrize("first, second", [(0, LOADER), (LOADER, 0)], ids=["uid0-then-65532", "65532-then-uid0"])
+def test_another_uids_partial_download_is_downloaded_again_not_resumed(area, registry, pusher, first, second):
+    """A loader killed after its last byte leaves partial/<hex> with a state saying every range is done. A loader of
+    another uid resumed it, hashed it, and could not publish it: making the blob read-only is for its owner alone
+    (EPERM, exit 9, at every pull until the owner came back or gc removed it after 24 h; review, seventh session).
+    Now it downloads the blob itself; the other uid's partial is replaced (the group may remove it)."""
+    refs = push_models(registry, pusher, "seed", "xuid")
+    cache = area / "cache"
+    cache.mkdir(mode=0o755)
+    os.chown(cache, first, LOADER)
+    code, _, _ = pull(first, LOADER, area, cache, refs["seed"])
+    assert code == 0
+    data = b"weights of xuid"
+    hexd = __import__("hashlib").sha256(data).hexdigest()
+    partial = cache / contract.PARTIAL_DIR / hexd
+    partial.write_bytes(data)
+    partial.with_name(hexd + ".state").write_text(json.dumps(
+        {"digest": f"sha256:{hexd}", "size": len(data), "ranges": [[0, len(data), len(data)]]}))
+    for path in (partial, partial.with_name(hexd + ".state")):
+        os.chown(path, first, LOADER)
+        os.chmod(path, 0o664)
+    code, res, term = pull(second, LOADER, area, cache, refs["xuid"])
+    assert code == 0 and res is not None, term
+    assert (Path(res["path"]) / "w.bin").read_bytes() == data
+    assert _owner(cache / "blobs/sha256" / hexd) == (second, LOADER, "0444")
+    assert sorted(os.listdir(cache / contract.PARTIAL_DIR)) == []
+
+
+@pytest.mark.parametrize("first, second", [(0, LOADER), (LOADER, 0)], ids=["uid0-then-65532", "65532-then-uid0"])
 def test_a_model_sharing_a_blob_another_uid_published_gets_a_copy_of_it(area, registry, pusher, first, second):
     # fs.protected_hardlinks (on by default, and here) lets a process hard-link only a file it owns or may write
     # (or with CAP_FOWNER, which the injected loader drops): a blob another uid published is neither (0444, theirs), so
