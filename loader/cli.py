@@ -64,12 +64,16 @@ def entry() -> NoReturn:
     took ~15 ms of a ~0.13 s cache-hit pull, on every pod start; every command has closed what it opened by the
     time it returns (files through ``with``, locks and descriptors in ``finally``), and registers nothing to run
     at exit, so the teardown had nothing left to do but free memory the kernel frees anyway."""
-    code = main()
     try:
-        sys.stdout.flush()
-        sys.stderr.flush()
-    except OSError:  # a reader that went away (a closed pipe): the exit code still says what happened
-        code = code or 1
+        code = int(main() or 0)
+    except BrokenPipeError:  # the reader went away (`model-loader ls | head -1`): nothing left to say to it
+        code = 128 + 13  # as a shell reports SIGPIPE
+    for stream in (sys.stdout, sys.stderr):  # None when the process started with it closed
+        try:
+            if stream is not None:
+                stream.flush()
+        except (OSError, ValueError):  # a reader that went away, or a closed stream: the exit code still tells
+            code = code or 1
     os._exit(code)
 
 

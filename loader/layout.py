@@ -31,7 +31,7 @@ extraction never resolves a path through the filesystem's own name lookup:
   chains as well.
 * Hard-link sources must be regular files already in the tree; devices, fifos, sparse files, absolute names,
   ``..``, NUL and non-UTF-8 names are refused, and the number of entries, the length of names, their depth and the
-  size of tar extension headers are bounded (``MAX_*`` below).
+  size of tar extension headers are bounded (``MAX_*`` below, and in loader.tarlayer).
 * Expanded bytes are charged to an :class:`ExpansionBudget` as they are written (and, from the tar headers, before
   any is), which stops with :class:`~loader.errors.NoSpaceError` (exit 6) while the filesystem still has its
   reserve; an ENOSPC or EDQUOT that happens anyway becomes the same error, never a traceback.

@@ -22,7 +22,7 @@ def _fmt(v: object) -> str:
 
 class Logger:
     def __init__(self, stream: TextIO | None = None, level: str = "info") -> None:
-        self.stream: TextIO = stream or sys.stderr
+        self.stream: TextIO | None = stream or sys.stderr  # None: the process started with stderr closed
         self.levels = {"debug": 10, "info": 20, "warning": 30, "error": 40}
         self.min = self.levels.get(level, 20)
         self._lock = threading.Lock()
@@ -37,8 +37,13 @@ class Logger:
         with self._lock:
             if self.before_write:
                 self.before_write()
-            self.stream.write(" ".join(parts) + "\n")
-            self.stream.flush()
+            if self.stream is None:
+                return
+            try:
+                self.stream.write(" ".join(parts) + "\n")
+                self.stream.flush()
+            except (OSError, ValueError):  # nobody reads it any more (a closed pipe): the work goes on, as
+                pass  # logging's own handlers do; the exit code and the termination log still say how it ended
 
     def debug(self, event: str, **f: Any) -> None:
         self._emit("debug", event, f)

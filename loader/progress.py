@@ -22,9 +22,11 @@ class Progress:
         self.total = total
         self.done = already
         self._start_done = already
-        self.stream: TextIO = stream or sys.stderr
+        self.stream: TextIO | None = stream or sys.stderr  # None: the process started with stderr closed
         if mode == "auto":
             mode = "bar" if getattr(self.stream, "isatty", lambda: False)() else "log"
+        if mode == "bar" and self.stream is None:
+            mode = "none"
         self.mode = mode
         self.interval = interval if mode == "log" else 0.2
         self._lock = threading.Lock()
@@ -81,12 +83,13 @@ class Progress:
         eta = f"{s['eta_s']}s" if s["eta_s"] is not None else "?"
         line = (f"\r{self.label[:40]:40} [{'#' * filled}{'.' * (width - filled)}] {s['percent']:5.1f}% "
                 f"{s['done_mb']:.0f}/{s['total_mb']:.0f} MB {s['mbps']:.0f} MB/s ETA {eta}")
-        self.stream.write(line)
-        self.stream.flush()
-        self._bar_shown = True
+        if self.stream is not None:
+            self.stream.write(line)
+            self.stream.flush()
+            self._bar_shown = True
 
     def _clear(self) -> None:
-        if self._bar_shown:
+        if self._bar_shown and self.stream is not None:
             self.stream.write("\r\x1b[2K")
             self.stream.flush()
             self._bar_shown = False

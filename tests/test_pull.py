@@ -317,6 +317,30 @@ def test_cli_json_output_and_termination_log(registry, pusher, tmp_path, monkeyp
     assert term.read_text().startswith(f"loaded {registry.host}/m/cli:v1@{d[:19]} 2 files, cache hit in ")
 
 
+def test_cli_exit_code_survives_closed_or_gone_output_streams(registry, pusher, tmp_path):
+    """The console script ends with os._exit after flushing (loader.cli.entry): a stream closed from the start (None
+    in Python) or a reader that went away must not turn the command's own exit code into a traceback (review,
+    seventh session)."""
+    pusher.push_artifact("m/streams", "v1", [file_layer("w", b"abc")])
+    cache = tmp_path / "c"
+    base = [sys.executable, "-m", "loader.cli"]
+    pull_ok = [*base, "pull", f"{registry.host}/m/streams:v1", "--cache", str(cache), "--progress", "none"]
+    unreachable = [*base, "pull", "127.0.0.1:1/m/x:v1", "--cache", str(cache), "--timeout", "1", "--progress", "none"]
+    ls = [*base, "ls", "--cache", str(cache)]
+    assert subprocess.run(pull_ok, capture_output=True, check=False).returncode == 0
+    bar = [*pull_ok, "--progress", "bar", "--pod-uid", "p1"]  # a progress bar with nowhere to draw it
+    for cmd, code in ((ls, 0), (unreachable, int(contract.ExitCode.NETWORK)), (bar, 0)):
+        for closed in ("1>&-", "2>&-"):  # stdout closed, stderr closed
+            done = subprocess.run(["bash", "-c", 'exec "$@" ' + closed, "-", *cmd], capture_output=True, text=True,
+                                  check=False)
+            assert (done.returncode, "Traceback" in done.stderr) == (code, False), (cmd, closed, done.stderr)
+    r, w = os.pipe()
+    os.close(r)  # the reader is gone before the first line: every write is EPIPE
+    done = subprocess.run(ls, stdout=w, stderr=subprocess.PIPE, text=True, check=False)
+    os.close(w)
+    assert (done.returncode, done.stderr) == (141, "")
+
+
 @pytest.mark.parametrize(
     "args,code,fragment",
     [

@@ -102,9 +102,10 @@ def test_concurrency_is_bounded_everywhere_it_is_set(value, tmp_path, capsys, mo
     from loader.config import LoaderSettings, SettingsError
     from webhook.config import Settings
 
-    assert cli.main(["pull", "127.0.0.1:1/m:v1", "--cache", str(tmp_path), "--concurrency", value]) == 2
-    assert capsys.readouterr().err.endswith(
-        f'error="--concurrency {value} must be between 1 and {contract.MAX_CONCURRENCY} (connections per loader)"\n')
+    for argv in (["pull", "127.0.0.1:1/m:v1"], ["import", str(tmp_path / "none.tar")]):
+        assert cli.main([*argv, "--cache", str(tmp_path), "--concurrency", value]) == 2
+        assert capsys.readouterr().err.endswith(
+            f'error="--concurrency {value} must be between 1 and {contract.MAX_CONCURRENCY} (connections per loader)"\n')
     with pytest.raises(SettingsError, match="CONCURRENCY"):
         LoaderSettings.from_env({"MODEL_LOADER_CONCURRENCY": value})
     monkeypatch.setenv("MODEL_CACHE_LOADER_CONCURRENCY", value)

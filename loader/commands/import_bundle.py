@@ -56,10 +56,11 @@ def run(args: argparse.Namespace, settings: LoaderSettings, log: Logger) -> int:
     table = signature_table(args)
     policy = signature_policy(args)
     verification = Verification(policy, table) if policy is not None or table is not None else None
+    check_concurrency(args.concurrency)
     if args.cache:
-        results = import_to_cache(args.bundle, args.cache, log, verification=verification)
+        results = import_to_cache(args.bundle, args.cache, log, concurrency=args.concurrency,
+                                  verification=verification)
     else:
-        check_concurrency(args.concurrency)
         opts = registry_options(args, settings)
         results = import_to_registry(args.bundle, args.to, opts, log, verification=verification)
     for r in results:
