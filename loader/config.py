@@ -22,7 +22,8 @@ _CHOICES = {
     "progress": ("auto", "bar", "log", "none"),
     "log_level": ("debug", "info", "warning", "error"),
 }
-_RANGES = {"concurrency": (1, contract.MAX_CONCURRENCY), "timeout": (0.001, 3600.0), "progress_interval": (0.01, 3600.0)}
+_RANGES = {"concurrency": (1, contract.MAX_CONCURRENCY), "timeout": (0.001, 3600.0),
+           "progress_interval": (0.01, 3600.0)}
 #: Where a failed command leaves its one-line reason: kubelet's default terminationMessagePath, which the pod
 #: status shows. The loader alone writes it (the webhook leaves the containers' default), so it is not in contract.
 TERMINATION_LOG = "/dev/termination-log"

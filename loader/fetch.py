@@ -19,10 +19,11 @@ How a pull spends its time on a 2-core node decides the design:
   ``concurrency`` buffers whatever the model size, and the GIL is released for every recv, write and hash.
 * Every byte is hashed. A range that starts where its blob's hashing stands (a blob's first range, and the next
   range a worker goes on with) hashes its bytes as they arrive; the other ranges are hashed from the page cache in
-  order as soon as the ranges before them are complete, so hashing overlaps the download instead of following it. A blob whose sha256 does not match its descriptor is fetched once more from scratch,
-  then the pull fails; a registry that reports another size than the descriptor's (Content-Range total, or a 416
-  past the real end) fails it at once, as asking again cannot help (a mirror that does is passed over for the
-  registry). A mismatching file is never published.
+  order as soon as the ranges before them are complete, so hashing overlaps the download instead of following it.
+  A blob whose sha256 does not match its descriptor is fetched once more from scratch, then the pull fails; a
+  registry that reports another size than the descriptor's (Content-Range total, or a 416 past the real end) fails
+  it at once, as asking again cannot help (a mirror that does is passed over for the registry). A mismatching file
+  is never published.
 * A dropped connection resumes from the last byte written (a Range request); failures back off exponentially and
   honour ``Retry-After``; a stalled socket times out. Retries are bounded by attempts without progress.
 * ``partial/<hex>`` is sized up front (the pull checks free space before any download) and ``partial/<hex>.state`` records
@@ -407,16 +408,15 @@ class Fetcher:
         slots = threading.BoundedSemaphore(self.concurrency)
         deferred: list[Blob] = []
         batch: list[BlobJob] = []  # opened, not yet queued: queued together, every first range before any second
+
+        def submit_batch() -> None:  # the open blobs download while the next one waits for a slot
+            self._submit_jobs(pool, batch)
+            batch.clear()
+
         try:
             # Largest first, so the long tail is a small blob, not a big one.
             for b in sorted(todo, key=lambda b: -b.size):
-                if not slots.acquire(blocking=False):
-                    self._submit_jobs(pool, batch)  # the open blobs download while this waits for a slot
-                    batch = []
-                    if not self._take_slot(pool, slots, stop):
-                        break
-                elif stop.is_set():
-                    slots.release()
+                if not self._take_slot(pool, slots, stop, before_waiting=submit_batch):
                     break
                 job = self._start_job(b, chunk, slots, wait=False)
                 if job is None:
@@ -424,7 +424,7 @@ class Fetcher:
                         deferred.append(b)
                     continue
                 batch.append(job)
-            self._submit_jobs(pool, batch)
+            submit_batch()
             # Blobs other loaders were fetching: wait for their locks (in parallel, on all the workers: a wait is not a
             # connection), then fetch what is still missing.
             if deferred:
@@ -448,12 +448,17 @@ class Fetcher:
     def _wanted(self, b: Blob) -> bool:
         return b.digest in self.verify_only or not self.cache.has_blob(b.digest, b.size)
 
-    def _take_slot(self, pool: _Pool, slots: threading.Semaphore, stop: threading.Event) -> bool:
-        """Wait for a blob slot (at most ``concurrency`` blobs open), looking at the connections meanwhile."""
-        while not slots.acquire(timeout=TICK):
-            if stop.is_set():
-                return False
-            self._widen(pool)
+    def _take_slot(self, pool: _Pool, slots: threading.Semaphore, stop: threading.Event,
+                   before_waiting: Callable[[], None] | None = None) -> bool:
+        """Take a blob slot (at most ``concurrency`` blobs open); when none is free, call ``before_waiting``, then
+        wait, looking at the connections meanwhile. False when the pull stopped."""
+        if not slots.acquire(blocking=False):
+            if before_waiting is not None:
+                before_waiting()
+            while not slots.acquire(timeout=TICK):
+                if stop.is_set():
+                    return False
+                self._widen(pool)
         if stop.is_set():
             slots.release()
             return False
@@ -554,8 +559,8 @@ class Fetcher:
         # Another uid's partial (tenants' loaders may run as different users of the cache's group) is not resumed
         # either: publishing makes a blob read-only, which only its owner may do (it failed with EPERM at every
         # pull, the state saying the blob was complete).
-        own = _owned(partial)
-        ranges = _load_state(partial, b) if own and attempt == 0 and b.digest not in self.verify_only else None
+        resumable = attempt == 0 and b.digest not in self.verify_only and _owned(partial)
+        ranges = _load_state(partial, b) if resumable else None
         resumed = ranges is not None
         if ranges is None:
             for p in (partial, *_state_files(state_path)):
@@ -755,15 +760,15 @@ class Fetcher:
         assert stack is not None
         hashed = os.fstat(job.fd) if job.fd >= 0 else None
         self._close_job(job)
-        if got == job.digest and not _same_file(hashed, job.partial):
-            # Only this loader writes its partial (the blob's lock, or a private name in tmp/); a path that now
-            # names another file is never published in its place, whatever that file holds.
-            stack.close()
-            raise DigestMismatch(
-                f"the partial download of blob {job.digest} of {self.label} ({job.partial}) was replaced while it"
-                " downloaded: something else writes into this cache; nothing was published. Pull again")
         if got == job.digest:
             with stack:  # the blob's lock and slot, whatever publishing meets
+                if not _same_file(hashed, job.partial):
+                    # Only this loader writes its partial (the blob's lock, or a private name in tmp/); a path that
+                    # now names another file is never published in its place, whatever that file holds.
+                    raise DigestMismatch(
+                        f"the partial download of blob {job.digest} of {self.label} ({job.partial}) was replaced"
+                        " while it downloaded: something else writes into this cache; nothing was published. Pull"
+                        " again")
                 if not job.resumed:
                     self.downloaded.add(job.digest)
                 if job.digest in self.verify_only or (job.private and self.cache.has_blob(job.digest, job.size)):
@@ -794,7 +799,8 @@ class Fetcher:
             try:
                 b, chunk = Blob(job.digest, job.size), target_chunk(job.size, self.concurrency)
                 # A private download is fetched again privately: partial/<hex> belongs to the lock's holder.
-                fresh = self._open_private_job(b, chunk, attempt=1) if job.private else self._open_job(b, chunk, attempt=1)
+                reopen = self._open_private_job if job.private else self._open_job
+                fresh = reopen(b, chunk, attempt=1)
             except BaseException:
                 stack.close()
                 raise

@@ -83,13 +83,14 @@ class Progress:
         eta = f"{s['eta_s']}s" if s["eta_s"] is not None else "?"
         line = (f"\r{self.label[:40]:40} [{'#' * filled}{'.' * (width - filled)}] {s['percent']:5.1f}% "
                 f"{s['done_mb']:.0f}/{s['total_mb']:.0f} MB {s['mbps']:.0f} MB/s ETA {eta}")
-        if self.stream is not None:
-            self.stream.write(line)
-            self.stream.flush()
-            self._bar_shown = True
+        assert self.stream is not None  # bar mode only with a stream (__init__)
+        self.stream.write(line)
+        self.stream.flush()
+        self._bar_shown = True
 
     def _clear(self) -> None:
-        if self._bar_shown and self.stream is not None:
+        if self._bar_shown:
+            assert self.stream is not None  # drawn, so there is one
             self.stream.write("\r\x1b[2K")
             self.stream.flush()
             self._bar_shown = False

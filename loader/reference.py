@@ -40,8 +40,9 @@ def _host_of(registry: str) -> str:
 
 def speaks_plain_http(registry: str, plain_http_registries: Collection[str]) -> bool:
     """Whether the loader speaks plain HTTP to ``registry`` (host[:port]) when not told otherwise: a loopback host
-    (as docker and containerd assume), or one of ``plain_http_registries`` (--plain-http-registry, MODEL_CACHE_PLAIN_HTTP_REGISTRIES). Hosts compared
-    without case, as DNS does: the loader and the webhook's allow-list decide with this one function."""
+    (as docker and containerd assume), or one of ``plain_http_registries`` (--plain-http-registry,
+    MODEL_CACHE_PLAIN_HTTP_REGISTRIES). Hosts compared without case, as DNS does: the loader and the webhook's
+    allow-list decide with this one function."""
     r = registry.lower()
     return _host_of(r) in _LOOPBACK_HOSTS or r in {p.lower() for p in plain_http_registries}
 

@@ -251,10 +251,10 @@ class Response:
     """One answer. Its connection goes back to the pool once the body has been read to the end (``read_body``,
     ``discard``), or is closed (``close``). ``origin`` and ``url`` are those of the last hop."""
 
-    def __init__(self, raw: http.client.HTTPResponse, url: str, origin: Origin, name: str,
+    def __init__(self, raw: _HTTPResponse, url: str, origin: Origin, name: str,
                  release: Callable[[bool], None]) -> None:
         self._raw = raw
-        self._deadline: _DeadlineReader | None = getattr(raw, "deadline", None)  # every answer of Transport has one
+        self._deadline = raw.deadline
         self._release: Callable[[bool], None] | None = release
         self.status = raw.status
         self.url = url
@@ -275,9 +275,6 @@ class Response:
     def _bounded(self, seconds: float | None) -> Iterator[None]:
         """Reads inside end ``seconds`` from now at the latest (the socket's timeout when None), however
         http.client loops (_DeadlineReader.arm); the socket's own timeout again after."""
-        if self._deadline is None:
-            yield
-            return
         self._deadline.arm(seconds)
         try:
             yield
@@ -500,6 +497,7 @@ class Transport:
         try:
             conn.request(method, target, body=body() if body is not None else None, headers=headers)
             raw = conn.getresponse()
+            assert isinstance(raw, _HTTPResponse)  # every connection's response_class (below)
         except http.client.InvalidURL as exc:  # a Location with spaces or control characters
             release(False)
             raise ProtocolError(f"{name} sent a location that is not a valid request target{context}") from exc
@@ -528,7 +526,7 @@ class Transport:
         if conn is None:
             if origin.secure:
                 conn = http.client.HTTPSConnection(origin.host, origin.port, timeout=self.timeout,
-                                                   context=self._ssl or self._ssl_context())
+                                                   context=self._ssl_context())
             else:
                 conn = http.client.HTTPConnection(origin.host, origin.port, timeout=self.timeout)
             conn.response_class = _HTTPResponse

@@ -77,6 +77,14 @@ def outcome(ref: str, cache: Path, **kw):
         return exc
 
 
+def wait_until_downloading(partial: Path, whose: str) -> None:
+    """Until a blob's partial file has bytes on disk (a download under way), at most 20 s."""
+    deadline = time.monotonic() + 20
+    while not (partial.exists() and partial.stat().st_blocks) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert partial.exists(), f"{whose} download never started"
+
+
 def trees_holding(cache: Path, data: bytes) -> list[str]:
     """Every published model tree (by digest hex) with a file whose bytes are ``data``."""
     found = []
@@ -325,11 +333,7 @@ def test_a_tenant_downloading_a_blob_slowly_does_not_starve_another_tenants_pull
         f"{evil.host}/mallory/m:v1", cache, policy=RetryPolicy(attempts=1))))
     a.start()
     try:
-        partial = cache / "partial" / digest[7:]
-        deadline = time.monotonic() + 20
-        while not (partial.exists() and partial.stat().st_blocks) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert partial.exists(), "the attacker's download never started"
+        wait_until_downloading(cache / "partial" / digest[7:], "the attacker's")
         t0 = time.monotonic()
         v = threading.Thread(target=lambda: victim.append(outcome(
             f"{victim_registry.host}/victim/private:v1", cache, lock_stall=2.0)))
@@ -358,22 +362,17 @@ def test_a_private_download_that_fails_its_digest_is_fetched_again_privately(tmp
     sentinel = tmp_path / "outside"
     sentinel.mkdir()
     (sentinel / "keep").write_bytes(b"untouched")
-    evil = CraftedRegistry().__enter__()
-    serve(evil, "mallory/m", "v1", files)
-    evil.blobs[digest] = bytes(len(data))  # the right size, and zeros
     honest: list[object] = []
     holder = threading.Thread(target=lambda: honest.append(outcome(f"{host}/honest/m:v1", cache, check_access=False)))
-    holder.start()
-    try:
-        partial = cache / "partial" / digest[7:]
-        deadline = time.monotonic() + 20
-        while not (partial.exists() and partial.stat().st_blocks) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert partial.exists(), "the honest download never started"
-        mallory = outcome(f"{evil.host}/mallory/m:v1", cache, lock_stall=0.5, check_access=False)
-    finally:
-        evil.__exit__(None, None, None)
-        holder.join(60)
+    with CraftedRegistry() as evil:
+        serve(evil, "mallory/m", "v1", files)
+        evil.blobs[digest] = bytes(len(data))  # the right size, and zeros
+        holder.start()
+        try:
+            wait_until_downloading(cache / "partial" / digest[7:], "the honest")
+            mallory = outcome(f"{evil.host}/mallory/m:v1", cache, lock_stall=0.5, check_access=False)
+        finally:
+            holder.join(60)
     assert isinstance(mallory, LoaderError) and "hashed to" in str(mallory) and "twice" in str(mallory), mallory
     assert honest and not isinstance(honest[0], BaseException), honest
     assert tree(honest[0].path) == files  # type: ignore[union-attr]
